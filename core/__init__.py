@@ -1,0 +1,4 @@
+"""Workbench engine: EfficientNet family, weights, ingest, recommender, training, evaluation, export.
+
+Never imports streamlit or storage; reports progress through callbacks.
+"""

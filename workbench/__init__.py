@@ -1,0 +1,1 @@
+"""Workbench wiring: settings, database access, job runner, CLI and the Streamlit entry point."""
