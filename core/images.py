@@ -1,0 +1,209 @@
+"""Decode any supported image file into an 8-bit RGB PIL image.
+
+``load_rgb(path)`` is the one function ingest, training and prediction all call, so a
+given file always becomes exactly the same pixels everywhere.
+
+Supported: JPEG, PNG (incl. 16-bit, palette, RGBA/LA), BMP, TIFF, WebP, DICOM.
+GIF is deliberately unsupported (mostly animations/placeholders in practice).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Larger than any sensible training image (10k x 10k), small enough that decoding
+# cannot exhaust memory (a 100 MP RGB image is ~300 MB).
+DEFAULT_MAX_PIXELS = 100_000_000
+
+# PIL format name -> canonical store extension.
+SUPPORTED_FORMATS: dict[str, str] = {
+    "JPEG": ".jpg",
+    "MPO": ".jpg",  # multi-picture JPEG from phones: first frame is a normal JPEG
+    "PNG": ".png",
+    "BMP": ".bmp",
+    "TIFF": ".tif",
+    "WEBP": ".webp",
+    "DICOM": ".dcm",
+}
+
+GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "DICOM"}
+ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+
+PathLike = Union[str, Path]
+
+
+class ImageDecodeError(ValueError):
+    """The file is not a supported, intact image. ``str(err)`` is a user-facing reason."""
+
+
+@dataclass
+class DecodedImage:
+    image: Image.Image  # 8-bit RGB, EXIF orientation applied
+    format: str  # key of SUPPORTED_FORMATS
+    mode: str  # original PIL mode, or 'DICOM'
+    width: int  # after EXIF orientation
+    height: int
+    bit_depth: int  # 8 or 16 (16 for 16-bit PNG/TIFF and >8-bit DICOM)
+
+    @property
+    def ext(self) -> str:
+        return SUPPORTED_FORMATS[self.format]
+
+
+def is_dicom(path: PathLike) -> bool:
+    """DICOM Part 10 files carry 'DICM' at byte 128."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"image is {width}x{height} = {width * height:,} pixels, over the limit of "
+            f"{max_pixels:,} (possible decompression bomb)"
+        )
+
+
+def _to_uint8_gray(arr: np.ndarray, max_value: float) -> np.ndarray:
+    arr = np.clip(arr.astype(np.float64), 0, max_value)
+    return np.round(arr * (255.0 / max_value)).astype(np.uint8)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode == "I":
+        # 16-bit samples scaled linearly (full range 0..65535 -> 0..255): faithful to
+        # the file, and identical for every image so intensities stay comparable.
+        arr = np.asarray(img)
+        return Image.fromarray(_to_uint8_gray(arr, 65535.0), "L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(np.round(scaled * 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "P" or mode == "PA":
+        # Palette images may carry transparency: go through RGBA, then composite.
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        # Transparent pixels become white (not black, which is what a plain convert gives).
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    # L, 1, CMYK, YCbCr, LAB, HSV, RGBX ...
+    return img.convert("RGB")
+
+
+def _decode_dicom(path: PathLike, max_pixels: int) -> DecodedImage:
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError as e:  # pragma: no cover - pydicom is a hard dependency
+        raise ImageDecodeError(f"DICOM support needs pydicom: {e}") from e
+    try:
+        ds = pydicom.dcmread(str(path))
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        _check_pixels(cols, rows, max_pixels)
+        arr = ds.pixel_array
+    except ImageDecodeError:
+        raise
+    except Exception as e:  # pydicom raises many types for broken/compressed files
+        raise ImageDecodeError(f"unreadable DICOM file: {e}") from e
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if frames > 1:
+        arr = arr[0]  # first frame of a multi-frame series
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
+    bits = int(getattr(ds, "BitsStored", 8) or 8)
+    if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") and arr.ndim == 3:
+        rgb = arr.astype(np.uint8) if arr.dtype != np.uint8 else arr
+        img = Image.fromarray(rgb, "RGB")
+    else:
+        values = apply_modality_lut(arr, ds)
+        if "WindowCenter" in ds and "WindowWidth" in ds:
+            # Use the window the modality chose (e.g. soft tissue for CT).
+            values = apply_voi_lut(values, ds)
+        values = np.asarray(values, dtype=np.float64)
+        lo, hi = float(values.min()), float(values.max())
+        scaled = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+        if photometric == "MONOCHROME1":  # 0 = white in MONOCHROME1
+            scaled = 1.0 - scaled
+        img = Image.fromarray(np.round(scaled * 255).astype(np.uint8), "L").convert("RGB")
+    return DecodedImage(
+        image=img, format="DICOM", mode="DICOM", width=img.width, height=img.height,
+        bit_depth=16 if bits > 8 else 8,
+    )
+
+
+def decode(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Fully decode ``path`` (so truncated files are caught) and describe the original.
+
+    Raises ImageDecodeError with a user-facing reason for anything unusable.
+    """
+    if is_dicom(path):
+        return _decode_dicom(path, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            # We enforce our own pixel limit; silence PIL's DecompressionBombWarning.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                fmt = im.format or "unknown"
+                if fmt == "GIF":
+                    raise ImageDecodeError("GIF images are not supported (convert to PNG)")
+                if fmt not in SUPPORTED_FORMATS:
+                    raise ImageDecodeError(f"unsupported image format {fmt}")
+                # Header-only size check before decoding any pixels.
+                _check_pixels(im.width, im.height, max_pixels)
+                if getattr(im, "n_frames", 1) > 1:
+                    im.seek(0)
+                mode = im.mode
+                im.load()
+                bit_depth = 16 if mode in SIXTEEN_BIT_MODES else 8
+                oriented = ImageOps.exif_transpose(im)
+                rgb = _to_rgb(oriented)
+                if rgb is im:
+                    rgb = im.copy()  # detach from the file handle closed below
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(f"image exceeds the pixel limit (possible decompression bomb): {e}") from e
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not an image (unrecognised file content)") from None
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageDecodeError(f"corrupt or truncated image: {e}") from e
+    return DecodedImage(
+        image=rgb, format=fmt, mode=mode, width=rgb.width, height=rgb.height, bit_depth=bit_depth
+    )
+
+
+def load_rgb(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """THE image loader: any supported file -> 8-bit RGB PIL image, EXIF orientation applied."""
+    return decode(path, max_pixels=max_pixels).image
+
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "SUPPORTED_FORMATS",
+    "GRAYSCALE_MODES",
+    "ALPHA_MODES",
+    "SIXTEEN_BIT_MODES",
+    "ImageDecodeError",
+    "DecodedImage",
+    "decode",
+    "load_rgb",
+    "is_dicom",
+]

@@ -1,0 +1,129 @@
+"""Engine / session factory and programmatic Alembic migrations.
+
+storage must not import workbench: callers pass the database URL
+(``workbench.settings.get_settings().database_url``).
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+# Several processes (UI, worker, CLI) write to one SQLite file: wait for locks
+# rather than failing immediately with "database is locked".
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+_lock = threading.Lock()
+_sessionmakers: dict[str, sessionmaker[Session]] = {}
+
+
+def _is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """Path of the SQLite file for a URL, or None for in-memory databases."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix):
+        return None
+    rest = url[len(prefix):].split("?", 1)[0]
+    if rest in ("", ":memory:"):
+        return None
+    return Path(rest)
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """Create an Engine; for SQLite enable FKs, WAL and a busy timeout on every connection."""
+    if _is_sqlite(url):
+        f = _sqlite_file(url)
+        if f is not None:
+            f.parent.mkdir(parents=True, exist_ok=True)
+        connect_args = dict(kwargs.pop("connect_args", {}))
+        connect_args.setdefault("timeout", SQLITE_BUSY_TIMEOUT_MS / 1000)
+        # Streamlit runs callbacks on several threads.
+        connect_args.setdefault("check_same_thread", False)
+        engine = create_engine(url, connect_args=connect_args, **kwargs)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            if f is not None:  # WAL is meaningless (and refused) for in-memory DBs
+                cur.execute("PRAGMA journal_mode=WAL")
+            cur.close()
+
+        return engine
+    return create_engine(url, **kwargs)
+
+
+def alembic_config(url: str) -> Config:
+    """Alembic config built in code, so no alembic.ini is needed at the repo root."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # '%' must be escaped for ConfigParser interpolation.
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def _run_alembic(engine: Engine, action: str, revision: str) -> None:
+    cfg = alembic_config(str(engine.url.render_as_string(hide_password=False)))
+    with engine.begin() as conn:
+        # env.py reuses this connection (keeps our PRAGMAs, works for in-memory DBs).
+        cfg.attributes["connection"] = conn
+        getattr(command, action)(cfg, revision)
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    engine = make_engine(url)
+    try:
+        _run_alembic(engine, "upgrade", revision)
+    finally:
+        engine.dispose()
+
+
+def downgrade(url: str, revision: str) -> None:
+    engine = make_engine(url)
+    try:
+        _run_alembic(engine, "downgrade", revision)
+    finally:
+        engine.dispose()
+
+
+def init_db(url: str) -> sessionmaker[Session]:
+    """Migrate the database to head and return a sessionmaker bound to it."""
+    kwargs: dict[str, Any] = {}
+    if _is_sqlite(url) and _sqlite_file(url) is None:
+        from sqlalchemy.pool import StaticPool
+
+        kwargs["poolclass"] = StaticPool  # one shared connection keeps the in-memory DB alive
+    engine = make_engine(url, **kwargs)
+    _run_alembic(engine, "upgrade", "head")
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def get_sessionmaker(url: str) -> sessionmaker[Session]:
+    """Process-wide sessionmaker per URL; migrates on first use."""
+    with _lock:
+        sm = _sessionmakers.get(url)
+        if sm is None:
+            sm = init_db(url)
+            _sessionmakers[url] = sm
+        return sm
+
+
+def reset_sessionmakers() -> None:
+    """Dispose cached engines (tests switch data dirs between cases)."""
+    with _lock:
+        for sm in _sessionmakers.values():
+            bind = sm.kw.get("bind")
+            if isinstance(bind, Engine):
+                bind.dispose()
+        _sessionmakers.clear()

@@ -1,0 +1,249 @@
+"""SQLAlchemy models: the whole Workbench schema.
+
+Every table is created by the first Alembic revision (storage/migrations/versions).
+Paths stored here are always RELATIVE to the data dir, so a data dir can be moved.
+Timestamps are timezone-aware UTC.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+# Stable constraint names so Alembic batch migrations on SQLite can find and alter them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """DateTime that always comes back timezone-aware UTC.
+
+    SQLite has no timezone type and returns naive datetimes; this keeps every
+    value comparable with ``datetime.now(timezone.utc)``.
+    """
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: Optional[datetime], dialect: Any) -> Optional[datetime]:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: Optional[datetime], dialect: Any) -> Optional[datetime]:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    source: Mapped[str] = mapped_column(String(1000))
+    num_images: Mapped[int] = mapped_column(Integer, default=0)
+    num_classes: Mapped[int] = mapped_column(Integer, default=0)
+    # Sorted class names; list index = class id used by training and export.
+    classes: Mapped[list[str]] = mapped_column(JSON, default=list)
+    health: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    split_config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    skipped: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)
+
+    images: Mapped[list["Image"]] = relationship(
+        back_populates="dataset", cascade="all, delete-orphan", passive_deletes=True
+    )
+    runs: Mapped[list["Run"]] = relationship(
+        back_populates="dataset", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class Image(Base):
+    __tablename__ = "images"
+    __table_args__ = (Index("ix_images_dataset_id_split", "dataset_id", "split"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    store_path: Mapped[str] = mapped_column(String(300))  # e.g. store/ab/abcdef...png
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    phash: Mapped[str] = mapped_column(String(32))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    mode: Mapped[str] = mapped_column(String(20))  # original PIL mode, or 'DICOM'
+    label: Mapped[str] = mapped_column(String(200))
+    split: Mapped[str] = mapped_column(String(10))  # train | val | test
+    group: Mapped[Optional[str]] = mapped_column(String(300), nullable=True)
+    original_name: Mapped[str] = mapped_column(String(1000))
+
+    dataset: Mapped[Dataset] = relationship(back_populates="images")
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(
+        ForeignKey("datasets.id", ondelete="CASCADE"), index=True
+    )
+    variant: Mapped[str] = mapped_column(String(100))
+    resolution: Mapped[int] = mapped_column(Integer)
+    preset: Mapped[str] = mapped_column(String(50))
+    status: Mapped[str] = mapped_column(String(20), default="queued")
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime, nullable=True)
+    worker_pid: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    checkpoint_path: Mapped[Optional[str]] = mapped_column(String(1000), nullable=True)
+    best_metrics: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
+    summary: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
+    batch_label: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
+    train_seconds: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+
+    dataset: Mapped[Dataset] = relationship(back_populates="runs")
+    metrics: Mapped[list["RunMetric"]] = relationship(
+        back_populates="run", cascade="all, delete-orphan", passive_deletes=True
+    )
+    events: Mapped[list["RunEvent"]] = relationship(
+        back_populates="run", cascade="all, delete-orphan", passive_deletes=True
+    )
+    evaluations: Mapped[list["Evaluation"]] = relationship(
+        back_populates="run", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class RunMetric(Base):
+    __tablename__ = "run_metrics"
+    __table_args__ = (UniqueConstraint("run_id", "epoch", "phase"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    epoch: Mapped[int] = mapped_column(Integer)
+    phase: Mapped[str] = mapped_column(String(50))
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    run: Mapped[Run] = relationship(back_populates="metrics")
+
+
+class RunEvent(Base):
+    __tablename__ = "run_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    level: Mapped[str] = mapped_column(String(20), default="info")
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
+
+    run: Mapped[Run] = relationship(back_populates="events")
+
+
+class Evaluation(Base):
+    __tablename__ = "evaluations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    split: Mapped[str] = mapped_column(String(10))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    tta: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+
+    run: Mapped[Run] = relationship(back_populates="evaluations")
+
+
+class Artifact(Base):
+    __tablename__ = "artifacts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[Optional[int]] = mapped_column(
+        ForeignKey("runs.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    dataset_id: Mapped[Optional[int]] = mapped_column(
+        ForeignKey("datasets.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    # checkpoint, onnx_fp32, onnx_fp16, onnx_int8, bundle, plot, eval_json, report, ...
+    kind: Mapped[str] = mapped_column(String(50))
+    path: Mapped[str] = mapped_column(String(1000))  # relative to the data dir
+    sha256: Mapped[str] = mapped_column(String(64))
+    bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    meta: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
+
+
+class Benchmark(Base):
+    __tablename__ = "benchmarks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(50))  # e.g. 'latency'
+    key: Mapped[str] = mapped_column(String(300), index=True)
+    machine: Mapped[str] = mapped_column(String(300))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(50))  # train | evaluate | export | ...
+    status: Mapped[str] = mapped_column(String(20), default="queued", index=True)
+    run_id: Mapped[Optional[int]] = mapped_column(
+        ForeignKey("runs.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime, nullable=True)
+    worker_pid: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    progress: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
+
+
+__all__ = [
+    "Base",
+    "Dataset",
+    "Image",
+    "Run",
+    "RunMetric",
+    "RunEvent",
+    "Evaluation",
+    "Artifact",
+    "Benchmark",
+    "Job",
+    "utcnow",
+    "UTCDateTime",
+]

@@ -1,0 +1,87 @@
+"""Shared fixtures. Keep this general: area-specific fixtures live in their own test files."""
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO_ROOT.parent / "shared" / "datasets"
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh WORKBENCH_DATA_DIR (SQLite DB inside it) for one test."""
+    from storage.db import reset_sessionmakers
+
+    d = tmp_path / "workbench-data"
+    d.mkdir()
+    monkeypatch.setenv("WORKBENCH_DATA_DIR", str(d))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    reset_sessionmakers()
+    yield d
+    reset_sessionmakers()  # release the SQLite file before tmp_path is removed
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> Path:
+    """Read-only real datasets in ../shared/datasets (never copy them into the repo)."""
+    if not SHARED_DATASETS.is_dir():
+        pytest.skip(f"shared datasets not found at {SHARED_DATASETS} (needed for real-data tests)")
+    return SHARED_DATASETS
+
+
+def png_bytes(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (32, 32),
+              mode: str = "RGB", pattern: int = 0) -> bytes:
+    """A small, valid PNG; ``pattern`` makes images perceptually different."""
+    from PIL import Image
+
+    import numpy as np
+
+    if pattern:
+        # Seeded random 8x8 blocks, upscaled: perceptually distinct images per pattern.
+        grid = np.random.default_rng(pattern).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        im = Image.fromarray(grid, "RGB").resize(size, Image.NEAREST).convert(mode)
+    else:
+        im = Image.new(mode, size, color if mode != "L" else color[0])
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def make_zip(tmp_path: Path) -> Callable[..., Path]:
+    """make_zip({"cats/a.png": b"...", ...}, name="x.zip") -> path of a new zip in tmp_path."""
+    counter = {"n": 0}
+
+    def _make(files: dict[str, bytes], name: str | None = None) -> Path:
+        counter["n"] += 1
+        path = tmp_path / (name or f"upload{counter['n']}.zip")
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+            for entry, data in files.items():
+                if entry.endswith("/"):
+                    zf.writestr(zipfile.ZipInfo(entry), b"")
+                else:
+                    zf.writestr(entry, data)
+        return path
+
+    return _make
+
+
+def zip_folder(src: Path, dest: Path, *, prefix: str = "", limit_per_dir: int | None = None,
+               include: Callable[[Path], bool] | None = None) -> Path:
+    """Zip (a subset of) a real dataset folder into ``dest`` (a tmp path)."""
+    per_dir: dict[Path, int] = {}
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_STORED) as zf:
+        for p in sorted(src.rglob("*")):
+            if not p.is_file() or (include is not None and not include(p)):
+                continue
+            if limit_per_dir is not None:
+                per_dir[p.parent] = per_dir.get(p.parent, 0) + 1
+                if per_dir[p.parent] > limit_per_dir:
+                    continue
+            zf.write(p, prefix + p.relative_to(src).as_posix())
+    return dest

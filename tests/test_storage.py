@@ -1,0 +1,174 @@
+"""Schema, migrations, SQLite settings, cascades, repositories and artifact checks (real SQLite)."""
+from __future__ import annotations
+
+from datetime import timezone
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect, select, text
+from sqlalchemy.exc import IntegrityError
+
+from storage import repositories as repo
+from storage.artifacts import ArtifactError, register_artifact, verify_artifact
+from storage.db import downgrade, get_sessionmaker, init_db, make_engine, upgrade
+from storage.models import (
+    Artifact, Base, Benchmark, Dataset, Evaluation, Image, Job, Run, RunEvent, RunMetric,
+)
+
+TABLES = {"datasets", "images", "runs", "run_metrics", "run_events", "evaluations",
+          "artifacts", "benchmarks", "jobs"}
+
+
+def _url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'wb.db'}"
+
+
+def _tables(url: str) -> set[str]:
+    eng = make_engine(url)
+    try:
+        return set(inspect(eng).get_table_names()) - {"alembic_version"}
+    finally:
+        eng.dispose()
+
+
+def test_upgrade_from_empty_creates_schema_matching_models(tmp_path: Path) -> None:
+    url = _url(tmp_path)
+    init_db(url)
+    assert _tables(url) == TABLES
+    eng = make_engine(url)
+    with eng.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001_initial"
+    eng.dispose()
+    assert diff == [], f"models and migrations drifted: {diff}"
+
+
+def test_upgrade_downgrade_upgrade_roundtrip(tmp_path: Path) -> None:
+    url = _url(tmp_path)
+    upgrade(url)
+    downgrade(url, "base")
+    assert _tables(url) == set()
+    upgrade(url)
+    assert _tables(url) == TABLES
+    upgrade(url)  # idempotent at head
+
+
+def test_sqlite_pragmas_on_every_connection(tmp_path: Path) -> None:
+    sm = init_db(_url(tmp_path))
+    with sm() as s:
+        assert s.execute(text("PRAGMA foreign_keys")).scalar() == 1
+        assert s.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert s.execute(text("PRAGMA busy_timeout")).scalar() >= 1000
+
+
+def test_in_memory_database_works(tmp_path: Path) -> None:
+    sm = init_db("sqlite://")
+    with sm.begin() as s:
+        s.add(Dataset(name="m", source="x"))
+    with sm() as s:
+        assert repo.get_dataset_by_name(s, "m") is not None
+
+
+def test_get_sessionmaker_cached_per_url(tmp_path: Path) -> None:
+    a = get_sessionmaker(f"sqlite:///{tmp_path / 'a.db'}")
+    assert get_sessionmaker(f"sqlite:///{tmp_path / 'a.db'}") is a
+    assert get_sessionmaker(f"sqlite:///{tmp_path / 'b.db'}") is not a
+
+
+def _populate(sm) -> int:  # type: ignore[no-untyped-def]
+    with sm.begin() as s:
+        ds = repo.add_dataset(s, name="d", source="src", classes=["a", "b"], health={"ok": 1},
+                              split_config={}, skipped=[], num_images=2)
+        repo.add_images(s, ds.id, [
+            dict(store_path="store/aa/x.png", sha256="a" * 64, phash="0" * 16, width=1, height=1,
+                 mode="RGB", label=lbl, split="train", group=None, original_name=f"{lbl}/x.png")
+            for lbl in ("a", "b")
+        ])
+        run = Run(dataset_id=ds.id, variant="efficientnet_b0", resolution=224, preset="fast")
+        s.add(run)
+        s.flush()
+        s.add_all([
+            RunMetric(run_id=run.id, epoch=1, phase="val", metrics={"acc": 0.5}),
+            RunEvent(run_id=run.id, message="started"),
+            Evaluation(run_id=run.id, split="test", metrics={"acc": 0.5}),
+            Job(kind="train", run_id=run.id, payload={}),
+            Artifact(run_id=run.id, kind="checkpoint", path="runs/1/best.pt", sha256="b" * 64, bytes=3),
+            Artifact(dataset_id=ds.id, kind="report", path="r.json", sha256="c" * 64, bytes=3),
+            Benchmark(kind="latency", key="k", machine="m", result={"ms": 1.0}),
+        ])
+        return ds.id
+
+
+def test_deleting_a_dataset_cascades_to_every_child_table(tmp_path: Path) -> None:
+    sm = init_db(_url(tmp_path))
+    ds_id = _populate(sm)
+    with sm.begin() as s:
+        repo.delete_dataset(s, ds_id)
+    with sm() as s:
+        for model in (Dataset, Image, Run, RunMetric, RunEvent, Evaluation, Job, Artifact):
+            assert s.scalars(select(model)).all() == [], model.__tablename__
+        assert len(s.scalars(select(Benchmark)).all()) == 1  # not dataset-owned
+
+
+def test_run_metrics_unique_per_epoch_and_phase(tmp_path: Path) -> None:
+    sm = init_db(_url(tmp_path))
+    _populate(sm)
+    with pytest.raises(IntegrityError):
+        with sm.begin() as s:
+            run_id = s.scalars(select(Run.id)).one()
+            s.add(RunMetric(run_id=run_id, epoch=1, phase="val", metrics={}))
+
+
+def test_foreign_keys_enforced(tmp_path: Path) -> None:
+    sm = init_db(_url(tmp_path))
+    with pytest.raises(IntegrityError):
+        with sm.begin() as s:
+            s.add(Run(dataset_id=999, variant="v", resolution=224, preset="p"))
+
+
+def test_timestamps_are_utc_aware_and_defaults_apply(tmp_path: Path) -> None:
+    sm = init_db(_url(tmp_path))
+    _populate(sm)
+    with sm() as s:
+        ds = repo.get_dataset_by_name(s, "d")
+        assert ds is not None and ds.created_at.tzinfo == timezone.utc
+        run = s.scalars(select(Run)).one()
+        assert run.status == "queued" and run.cancel_requested is False
+        assert run.created_at.tzinfo == timezone.utc
+        assert repo.get_dataset_by_name_or_id(s, str(ds.id)) is ds
+        assert [i.label for i in repo.images_for_dataset(s, ds.id, "train")] == ["a", "b"]
+        assert repo.split_counts(s, ds.id) == {"train": {"a": 1, "b": 1}}
+        assert repo.store_paths_used_elsewhere(s, ["store/aa/x.png"], exclude_dataset_id=ds.id) == set()
+        assert repo.store_paths_used_elsewhere(s, ["store/aa/x.png"]) == {"store/aa/x.png"}
+
+
+def test_artifact_register_and_verify(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "runs" / "1").mkdir(parents=True)
+    f = data / "runs" / "1" / "model.onnx"
+    f.write_bytes(b"onnx-bytes")
+    sm = init_db(f"sqlite:///{data / 'wb.db'}")
+    with sm.begin() as s:
+        art = register_artifact(s, f, data, kind="onnx_fp32", meta={"opset": 17})
+        assert art.path == "runs/1/model.onnx" and art.bytes == 10
+    assert verify_artifact(art, data) == f.resolve()
+
+    f.write_bytes(b"onnx-bytez")  # same size, different content
+    with pytest.raises(ArtifactError, match="altered.*sha256"):
+        verify_artifact(art, data)
+    f.write_bytes(b"short")
+    with pytest.raises(ArtifactError, match="altered.*5 bytes, expected 10"):
+        verify_artifact(art, data)
+    f.unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        verify_artifact(art, data)
+
+    outside = tmp_path / "elsewhere.bin"
+    outside.write_bytes(b"x")
+    with sm.begin() as s, pytest.raises(ArtifactError, match="not inside the data dir"):
+        register_artifact(s, outside, data, kind="plot")
+    escaped = Artifact(id=9, kind="plot", path="../elsewhere.bin", sha256="x", bytes=1)
+    with pytest.raises(ArtifactError, match="escapes the data dir"):
+        verify_artifact(escaped, data)

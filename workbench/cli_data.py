@@ -1,0 +1,162 @@
+"""`workbench data ...` commands: add, report, list, delete.
+
+``workbench/cli.py`` calls ``register(subparsers)`` and dispatches to ``args.func(args)``.
+Every handler returns an exit code: 0 ok, 2 bad input (message on stderr, no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from tqdm import tqdm
+
+from workbench import datasets as svc
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn user errors (ValueError family, missing files) into exit code 2 with a message."""
+
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except (ValueError, FileNotFoundError) as e:
+            return _fail(str(e))
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+@_guard
+def cmd_add(args: argparse.Namespace) -> int:
+    bar: Optional[tqdm] = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="img", desc=f"ingest {args.name}", file=sys.stderr,
+                       disable=args.quiet)
+        bar.update(done - bar.n)
+
+    try:
+        info = svc.add_dataset(
+            Path(args.source), args.name, csv=args.csv, group_regex=args.group_regex,
+            seed=args.seed, progress=progress,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    counts = info.split_config.get("counts", {})
+    print(
+        f"dataset {info.name!r} (id {info.id}): {info.num_images} images, "
+        f"{info.num_classes} classes, split train/val/test = "
+        f"{counts.get('train', 0)}/{counts.get('val', 0)}/{counts.get('test', 0)}, "
+        f"{len(info.skipped)} skipped"
+    )
+    for w in info.health.get("warnings", []):
+        print(f"  warning: {w}")
+    return EXIT_OK
+
+
+def _print_report(r: dict[str, Any]) -> None:
+    h = r["health"]
+    print(f"{r['name']} (id {r['id']}) from {r['source']}")
+    print(f"  {r['num_images']} images, {r['num_classes']} classes, created {r['created_at']}")
+    sc = r["split_config"]
+    print(f"  split mode: {sc.get('mode')}, seed {sc.get('seed')}, counts {sc.get('counts')}")
+    splits = [s for s in ("train", "val", "test") if s in h["split_counts"]]
+    width = max([len(c) for c in r["classes"]] + [5])
+    print("  " + "class".ljust(width) + "".join(s.rjust(8) for s in splits) + "total".rjust(8))
+    for c in r["classes"]:
+        row = [h["split_counts"][s].get(c, 0) for s in splits]
+        print("  " + c.ljust(width) + "".join(str(n).rjust(8) for n in row)
+              + str(h["class_counts"].get(c, 0)).rjust(8))
+    print(f"  imbalance ratio: {h['imbalance_ratio']}")
+    sz = h["sizes"]
+    if sz.get("width"):
+        print(f"  median size: {sz['width']['p50']:g}x{sz['height']['p50']:g}; "
+              f"{sz['share_smaller_than_input']:.0%} smaller than {sz['input_size']}px")
+    d = h["duplicates"]
+    print(f"  exact duplicate groups: {d['exact_groups']} ({d['exact_cross_split_groups']} cross-split), "
+          f"near-duplicate groups: {d['near_groups']} ({d['near_cross_split_groups']} cross-split)")
+    for w in h["warnings"]:
+        print(f"  warning: {w}")
+    if r["skipped"]:
+        print(f"  skipped files ({len(r['skipped'])}):")
+        for s in r["skipped"][:20]:
+            print(f"    {s['path']}: {s['reason']}")
+        if len(r["skipped"]) > 20:
+            print(f"    ... and {len(r['skipped']) - 20} more (use --json)")
+
+
+@_guard
+def cmd_report(args: argparse.Namespace) -> int:
+    report = svc.dataset_report(args.name)
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        _print_report(report)
+    return EXIT_OK
+
+
+@_guard
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = svc.list_datasets()
+    if not rows:
+        print("no datasets yet: add one with `workbench data add PATH_OR_ZIP --name NAME`")
+        return EXIT_OK
+    print(f"{'id':>4}  {'name':<30} {'images':>7} {'classes':>7}  created")
+    for d in rows:
+        print(f"{d.id:>4}  {d.name:<30} {d.num_images:>7} {d.num_classes:>7}  "
+              f"{d.created_at:%Y-%m-%d %H:%M}")
+    return EXIT_OK
+
+
+@_guard
+def cmd_delete(args: argparse.Namespace) -> int:
+    res = svc.delete_dataset(args.name)
+    print(f"deleted dataset {res.name!r}: {res.images} images, {res.files_removed} store files removed")
+    return EXIT_OK
+
+
+def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:
+    """Add the `data` command group to the top-level CLI."""
+    data = subparsers.add_parser("data", help="add, inspect and delete datasets")
+    sub = data.add_subparsers(dest="data_command", metavar="{add,report,list,delete}")
+    sub.required = True
+
+    p = sub.add_parser("add", help="ingest a zip, folder or CSV manifest as a dataset")
+    p.add_argument("source", metavar="PATH_OR_ZIP")
+    p.add_argument("--name", required=True, help="unique dataset name")
+    p.add_argument("--csv", type=Path, default=None,
+                   help="manifest with columns path,label[,split][,group] (paths relative to the source)")
+    p.add_argument("--group-regex", default=None,
+                   help="regex on file names whose first capture group is the group id "
+                        "(e.g. patient), so a group never spans two splits")
+    p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_add)
+
+    p = sub.add_parser("report", help="show a dataset's health report")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("list", help="list datasets")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("delete", help="delete a dataset and its unshared store files")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_delete)
+    return data
