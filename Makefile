@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-export WORKBENCH_DATA_DIR ?= $(CURDIR)/workbench-data
 PORT ?= 8501
 
 .PHONY: run test bench install install-dev browser clean
@@ -33,8 +32,8 @@ browser:
 	    || echo "warning: could not install chromium; the browser test will be skipped"; \
 	fi
 
+# Data in ./workbench-data unless WORKBENCH_DATA_DIR says otherwise (see workbench/settings.py).
 run: install
-	mkdir -p "$(WORKBENCH_DATA_DIR)"
 	$(VENV)/bin/streamlit run workbench/app.py --server.address 127.0.0.1 --server.port $(PORT) \
 	  --server.headless true --browser.gatherUsageStats false
 

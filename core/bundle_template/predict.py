@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Classify images with this Workbench bundle. Needs only: onnxruntime, numpy, Pillow.
+
+    python predict.py IMAGE_OR_FOLDER [...] [--csv predictions.csv] [--top-k 3] [--model model.onnx]
+
+Writes a CSV with columns: path, predicted_label, confidence, top_k (label:prob;...).
+Folders are searched recursively. Preprocessing is read from preprocessing.json next to this file
+and is an exact copy of Workbench's (a Workbench test checks the arrays are identical).
+DICOM files are not supported here: convert them to PNG first.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+HERE = Path(__file__).resolve().parent
+EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+_PIL_INTERP = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+# --- image decoding: same rules as Workbench's core.images.load_rgb -------------------------
+def load_rgb(path: str | Path) -> Image.Image:
+    """8-bit RGB with EXIF orientation applied; transparency composited on white."""
+    with Image.open(path) as im:
+        if getattr(im, "n_frames", 1) > 1:
+            im.seek(0)
+        im.load()
+        img = ImageOps.exif_transpose(im)
+        mode = img.mode
+        if mode == "RGB":
+            return img.copy()
+        if mode.startswith("I;16") or mode == "I":
+            arr = np.clip(np.asarray(img).astype(np.float64), 0, 65535.0)  # full 16-bit range -> 0..255
+            return Image.fromarray(np.round(arr * (255.0 / 65535.0)).astype(np.uint8), "L").convert("RGB")
+        if mode == "F":
+            arr = np.asarray(img, dtype=np.float64)
+            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+            scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+            return Image.fromarray(np.round(scaled * 255).astype(np.uint8), "L").convert("RGB")
+        if mode in ("P", "PA"):
+            img, mode = img.convert("RGBA"), "RGBA"
+        if mode in ("RGBA", "LA", "RGBa", "La"):
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return img.convert("RGB")
+
+
+# --- preprocessing: copy of core.preprocessing.resize_and_crop / normalize ------------------
+def resize_and_crop(img: Image.Image, pre: dict) -> Image.Image:
+    """Shorter side to resize_shorter_to keeping aspect, then a centred square crop."""
+    res = int(pre["resolution"])
+    resize_to = int(round(res / float(pre.get("crop_pct", 1.0))))
+    img = img.convert("RGB")
+    w, h = img.size
+    scale = resize_to / min(w, h)
+    nw, nh = max(res, round(w * scale)), max(res, round(h * scale))
+    img = img.resize((nw, nh), _PIL_INTERP[pre.get("interpolation", "bicubic")])
+    left, top = (nw - res) // 2, (nh - res) // 2
+    return img.crop((left, top, left + res, top + res))
+
+
+def preprocess(img: Image.Image, pre: dict) -> np.ndarray:
+    """PIL image -> float32 (3, R, R): x/255, (x - mean) / std, CHW."""
+    x = np.asarray(resize_and_crop(img, pre), dtype=np.uint8).astype(np.float32) / 255.0
+    x = (x - np.asarray(pre["mean"], np.float32)) / np.asarray(pre["std"], np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64) - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def find_images(inputs: list[str]) -> list[Path]:
+    out: list[Path] = []
+    for s in inputs:
+        p = Path(s)
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in EXTENSIONS)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise SystemExit(f"error: {s} is not a file or folder")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Classify images with a Workbench ONNX bundle.")
+    ap.add_argument("images", nargs="+", help="image files and/or folders")
+    ap.add_argument("--csv", default="predictions.csv", help="output CSV (default predictions.csv)")
+    ap.add_argument("--top-k", type=int, default=3)
+    ap.add_argument("--model", default=str(HERE / "model.onnx"), help="ONNX file (default model.onnx beside this script)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    args = ap.parse_args(argv)
+
+    import onnxruntime as ort
+
+    labels = json.loads((HERE / "labels.json").read_text())
+    pre = json.loads((HERE / "preprocessing.json").read_text())
+    sess = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    paths = find_images(args.images)
+    if not paths:
+        print("error: no images found", file=sys.stderr)
+        return 2
+    k = max(1, min(args.top_k, len(labels)))
+    rows, failed = [], 0
+    for i in range(0, len(paths), args.batch_size):
+        batch, ok = [], []
+        for p in paths[i:i + args.batch_size]:
+            try:
+                batch.append(preprocess(load_rgb(p), pre))
+                ok.append(p)
+            except Exception as e:  # one unreadable file must not stop the rest
+                print(f"skipped {p}: {e}", file=sys.stderr)
+                failed += 1
+        if not batch:
+            continue
+        probs = softmax(sess.run(None, {name: np.stack(batch)})[0])
+        for p, pr in zip(ok, probs):
+            order = np.argsort(-pr, kind="stable")[:k]
+            rows.append([str(p), labels[order[0]], f"{pr[order[0]]:.6f}",
+                         ";".join(f"{labels[j]}:{pr[j]:.6f}" for j in order)])
+    with open(args.csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "predicted_label", "confidence", "top_k"])
+        w.writerows(rows)
+    print(f"{len(rows)} images classified -> {args.csv}" + (f" ({failed} skipped)" if failed else ""))
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

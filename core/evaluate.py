@@ -1,0 +1,450 @@
+"""Honest evaluation on the held-out test split.
+
+Two layers, so the arithmetic is easy to test against sklearn and hand-computed cases:
+
+* pure metric functions (numpy in, JSON-ready dict out): ``classification_metrics``,
+  ``calibration``, ``fit_temperature``, ``threshold_for_sensitivity``, ``softmax``;
+* the model-running part: ``predict_logits`` (optional horizontal-flip TTA),
+  ``evaluate_model`` (metrics + plots + misclassified gallery with Grad-CAM).
+
+The test split is never used for model selection: temperature scaling is fitted on the
+validation split only and then applied to the test logits.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.preprocessing import Preprocessing, preprocess
+
+ProgressCb = Callable[[str, float], None]
+
+
+# ------------------------------------------------------------------------------------------
+# Pure metric functions
+# ------------------------------------------------------------------------------------------
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    z = z - z.max(axis=1, keepdims=True)  # numerically stable
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of the true class."""
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(len(y)), y].mean())
+
+
+def per_sample_loss(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return -logp[np.arange(len(y)), y]
+
+
+def _binary_curve(y_bin: np.ndarray, score: np.ndarray) -> dict[str, Any]:
+    """ROC and PR points for one positive class (sklearn does the sweeping)."""
+    from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
+
+    if y_bin.min() == y_bin.max():  # class absent (or only class) in this split: undefined
+        return {"auc": None, "ap": None, "fpr": [], "tpr": [], "precision": [], "recall": []}
+    fpr, tpr, _ = roc_curve(y_bin, score)
+    prec, rec, _ = precision_recall_curve(y_bin, score)
+    return {"auc": float(auc(fpr, tpr)), "ap": float(average_precision_score(y_bin, score)),
+            "fpr": fpr.tolist(), "tpr": tpr.tolist(), "precision": prec.tolist(), "recall": rec.tolist()}
+
+
+def classification_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, classes: Sequence[str],
+                           top_k: Sequence[int] = (1, 3, 5)) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, macro-F1, per-class P/R/F1/support, confusion matrix
+    (counts and row-normalised), one-vs-rest ROC-AUC and PR curves, top-k accuracy."""
+    y = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(probs, dtype=np.float64)
+    k = len(classes)
+    if p.ndim != 2 or p.shape != (len(y), k):
+        raise ValueError(f"probs must have shape ({len(y)}, {k}), got {p.shape}")
+    if len(y) == 0:
+        raise ValueError("cannot compute metrics on an empty split")
+    pred = p.argmax(1)
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (y, pred), 1)
+    support = cm.sum(1)
+    predicted = cm.sum(0)
+    tp = np.diag(cm).astype(np.float64)
+    # Zero-division convention (as sklearn's zero_division=0): an undefined ratio counts as 0.
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
+    present = support > 0
+    cm_norm = np.divide(cm, support[:, None], out=np.zeros((k, k)), where=support[:, None] > 0)
+
+    order = np.argsort(-p, axis=1, kind="stable")
+    topk = {}
+    for kk in top_k:
+        if kk <= k:
+            topk[f"top{kk}"] = float((order[:, :kk] == y[:, None]).any(1).mean())
+
+    per_class = []
+    roc_pr: dict[str, Any] = {}
+    for i, name in enumerate(classes):
+        curve = _binary_curve((y == i).astype(int), p[:, i])
+        roc_pr[name] = curve
+        per_class.append({"class": name, "precision": float(precision[i]), "recall": float(recall[i]),
+                          "f1": float(f1[i]), "support": int(support[i]), "roc_auc": curve["auc"],
+                          "average_precision": curve["ap"]})
+    aucs = [c["auc"] for c in roc_pr.values() if c["auc"] is not None]
+    return {
+        "n": int(len(y)),
+        "classes": list(classes),
+        "accuracy": float((pred == y).mean()),
+        # Mean recall over the classes present in the split (sklearn's balanced_accuracy_score).
+        "balanced_accuracy": float(recall[present].mean()),
+        "macro_f1": float(f1.mean()),
+        "macro_roc_auc": float(np.mean(aucs)) if aucs else None,
+        "top_k": topk,
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+        "confusion_matrix_normalized": cm_norm.tolist(),
+        "curves": roc_pr,
+    }
+
+
+def calibration(probs: np.ndarray, y_true: Sequence[int] | np.ndarray, n_bins: int = 15) -> dict[str, Any]:
+    """Expected calibration error (top-1 confidence, equal-width bins) plus the bins for a
+    reliability diagram. ECE = sum_b |B|/n * |acc(B) - conf(B)|."""
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(y_true, dtype=np.int64)
+    conf = p.max(1)
+    correct = (p.argmax(1) == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # Bin b holds conf in (edges[b], edges[b+1]]; conf==0 is impossible for a softmax max.
+    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+    bins = []
+    ece = 0.0
+    for b in range(n_bins):
+        m = idx == b
+        cnt = int(m.sum())
+        if cnt:
+            acc_b, conf_b = float(correct[m].mean()), float(conf[m].mean())
+            ece += cnt / len(y) * abs(acc_b - conf_b)
+        else:
+            acc_b = conf_b = None
+        bins.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": cnt,
+                     "accuracy": acc_b, "confidence": conf_b})
+    return {"ece": float(ece), "n_bins": n_bins, "bins": bins,
+            "mean_confidence": float(conf.mean()), "accuracy": float(correct.mean())}
+
+
+def fit_temperature(logits: np.ndarray, y_true: Sequence[int] | np.ndarray,
+                    bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """Temperature T minimising validation NLL of softmax(logits / T).
+
+    NLL is unimodal in log T for a fixed set of logits, so a bounded 1-D search suffices.
+    """
+    from scipy.optimize import minimize_scalar
+
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(y_true, dtype=np.int64)
+    if len(y) == 0:
+        raise ValueError("cannot fit a temperature on an empty validation split")
+    res = minimize_scalar(lambda lt: nll(z, y, math.exp(lt)), bounds=(math.log(bounds[0]), math.log(bounds[1])),
+                          method="bounded", options={"xatol": 1e-4})
+    return float(math.exp(res.x))
+
+
+def threshold_for_sensitivity(y_true_binary: Sequence[int] | np.ndarray, scores: np.ndarray,
+                              target_sensitivity: float = 0.95) -> dict[str, Any]:
+    """Highest threshold t such that 'score >= t => positive' reaches the target sensitivity
+    (recall of the positive class); reports the specificity it gives on the same data."""
+    y = np.asarray(y_true_binary, dtype=np.int64)
+    s = np.asarray(scores, dtype=np.float64)
+    if not 0.0 < target_sensitivity <= 1.0:
+        raise ValueError(f"target sensitivity must be in (0, 1], got {target_sensitivity}")
+    pos, neg = s[y == 1], s[y == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("threshold needs both positive and negative examples in the split")
+    # Keep at least ceil(target * P) positives at or above t: t = the k-th largest positive score.
+    need = int(math.ceil(target_sensitivity * len(pos) - 1e-9))
+    t = float(np.sort(pos)[::-1][need - 1])
+    sens = float((pos >= t).mean())
+    spec = float((neg < t).mean())
+    return {"target_sensitivity": float(target_sensitivity), "threshold": t, "sensitivity": sens,
+            "specificity": spec, "positives": int(len(pos)), "negatives": int(len(neg))}
+
+
+# ------------------------------------------------------------------------------------------
+# Model-running part
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalItem:
+    """One labelled image to evaluate (path on disk + class index)."""
+
+    path: Path
+    label: int
+    name: str = ""  # shown in the gallery (e.g. the original file name)
+
+
+def load_batch(paths: Sequence[Path], pre: Preprocessing) -> np.ndarray:
+    from core.images import load_rgb
+
+    return np.stack([preprocess(load_rgb(p), pre) for p in paths]).astype(np.float32)
+
+
+def iter_batches(paths: Sequence[Path], pre: Preprocessing, batch_size: int = 32):
+    """Yield preprocessed float32 (B,3,R,R) arrays, in order (one decode per image)."""
+    for i in range(0, len(paths), batch_size):
+        yield load_batch(paths[i:i + batch_size], pre)
+
+
+def predict_logits(model: Any, paths: Sequence[Path], pre: Preprocessing, *, tta: bool = False,
+                   batch_size: int = 32, progress: ProgressCb | None = None) -> dict[str, np.ndarray]:
+    """PyTorch logits for every image; with ``tta`` also the flip-averaged logits.
+
+    Returns {"plain": (N,K)} and, with TTA, {"tta": (N,K)} (mean of plain and h-flipped logits).
+    """
+    import torch
+
+    model.eval()
+    plain, flipped = [], []
+    done = 0
+    with torch.inference_mode():
+        for x in iter_batches(paths, pre, batch_size):
+            t = torch.from_numpy(x)
+            plain.append(model(t).float().numpy())
+            if tta:
+                flipped.append(model(torch.flip(t, dims=[3])).float().numpy())
+            done += len(x)
+            if progress:
+                progress(f"predicted {done}/{len(paths)} images", done / max(1, len(paths)))
+    k = getattr(model, "num_classes", 0)
+    out = {"plain": np.concatenate(plain) if plain else np.zeros((0, k), np.float32)}
+    if tta:
+        out["tta"] = (out["plain"] + np.concatenate(flipped)) / 2.0 if flipped else out["plain"]
+    return out
+
+
+@dataclass
+class EvaluationResult:
+    metrics: dict[str, Any]
+    plots: dict[str, Path] = field(default_factory=dict)  # name -> PNG path
+    test_logits: np.ndarray | None = None
+
+
+def _summary(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc")}
+
+
+def evaluate_model(model: Any, pre: Preprocessing, classes: Sequence[str], test: Sequence[EvalItem],
+                   val: Sequence[EvalItem] = (), *, out_dir: str | Path | None = None, tta: bool = False,
+                   sensitivity: float = 0.95, positive_class: str | None = None, gallery_size: int = 12,
+                   n_bins: int = 15, batch_size: int = 32, test_logits: np.ndarray | None = None,
+                   progress: ProgressCb | None = None) -> EvaluationResult:
+    """Evaluate on ``test`` (never used for selection); temperature fitted on ``val``.
+
+    ``test_logits`` may pass already-computed plain PyTorch logits (post-run verification
+    computes them anyway) to avoid a second pass. Plots are written to ``out_dir`` if given.
+    """
+    if not test:
+        raise ValueError("the test split is empty: nothing to evaluate (re-split the dataset with a test share)")
+    k = len(classes)
+    y = np.array([it.label for it in test], dtype=np.int64)
+    paths = [it.path for it in test]
+    if test_logits is None or tta:
+        out = predict_logits(model, paths, pre, tta=tta, batch_size=batch_size, progress=progress)
+        plain = out["plain"] if test_logits is None else test_logits
+    else:
+        out, plain = {}, test_logits
+    logits = out["tta"] if tta else plain
+    probs = softmax(logits)
+    m = classification_metrics(y, probs, classes)
+    m["split"] = "test"
+    m["tta"] = bool(tta)
+    if tta:
+        base = classification_metrics(y, softmax(plain), classes)
+        m["tta_effect"] = {"without": _summary(base), "with": _summary(m),
+                           "accuracy_delta": m["accuracy"] - base["accuracy"],
+                           "changed_predictions": int((plain.argmax(1) != logits.argmax(1)).sum())}
+
+    # Calibration: ECE before, temperature fitted on validation only, ECE after (on test).
+    m["calibration"] = {"before": calibration(probs, y, n_bins)}
+    yv = np.array([it.label for it in val], dtype=np.int64)
+    val_logits = None
+    if val:
+        vl = predict_logits(model, [it.path for it in val], pre, tta=tta, batch_size=batch_size)
+        val_logits = vl["tta"] if tta else vl["plain"]
+        temp = fit_temperature(val_logits, yv)
+        m["calibration"].update(temperature=temp, fitted_on="val", n_val=int(len(yv)),
+                                after=calibration(softmax(logits, temp), y, n_bins),
+                                nll_before=nll(logits, y), nll_after=nll(logits, y, temp))
+        if temp < 0.051 or temp > 19.9:
+            m["calibration"]["warning"] = (f"temperature {temp:.3g} hit the search bound: the validation split is "
+                                           "too small or the model too wrong for reliable calibration")
+    else:
+        m["calibration"].update(temperature=None, fitted_on=None,
+                                note="no validation images: temperature scaling skipped")
+
+    if k == 2:
+        pos_name = positive_class if positive_class is not None else classes[1]
+        if pos_name not in classes:
+            raise ValueError(f"positive class {pos_name!r} is not one of {list(classes)}")
+        pi = list(classes).index(pos_name)
+        try:
+            # Chosen on the validation split when there is one (choosing on test is optimistic),
+            # then reported on test; the test-chosen threshold is kept for reference.
+            th = threshold_for_sensitivity((y == pi).astype(int), probs[:, pi], sensitivity)
+            th.update(positive_class=pos_name, chosen_on="test")
+            if val_logits is not None and len(set(yv == pi)) == 2:
+                tv = threshold_for_sensitivity((yv == pi).astype(int), softmax(val_logits)[:, pi], sensitivity)
+                pos_t, neg_t = probs[y == pi, pi], probs[y != pi, pi]
+                th = {**tv, "positive_class": pos_name, "chosen_on": "val",
+                      "val_sensitivity": tv["sensitivity"], "val_specificity": tv["specificity"],
+                      "sensitivity": float((pos_t >= tv["threshold"]).mean()),
+                      "specificity": float((neg_t < tv["threshold"]).mean()), "test_chosen": th}
+        except ValueError as e:
+            th = {"positive_class": pos_name, "error": str(e)}
+        m["operating_point"] = th
+    elif positive_class is not None:
+        m["operating_point"] = {"error": "a sensitivity threshold is only defined for two-class tasks"}
+
+    # Misclassified gallery: the highest-loss test images.
+    loss = per_sample_loss(logits, y)
+    wrong = np.flatnonzero(probs.argmax(1) != y)
+    worst = wrong[np.argsort(-loss[wrong], kind="stable")][:gallery_size]
+    m["misclassified"] = [{"index": int(i), "path": str(test[i].path), "name": test[i].name or Path(test[i].path).name,
+                           "true": classes[y[i]], "predicted": classes[int(probs[i].argmax())],
+                           "confidence": float(probs[i].max()), "loss": float(loss[i])} for i in worst]
+
+    res = EvaluationResult(metrics=m, test_logits=plain)
+    if out_dir is not None:
+        from core import gradcam
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        res.plots["confusion_matrix"] = plot_confusion(m, out_dir / "confusion_matrix.png")
+        res.plots["roc"] = plot_curves(m, "roc", out_dir / "roc.png")
+        res.plots["pr"] = plot_curves(m, "pr", out_dir / "pr.png")
+        res.plots["reliability"] = plot_reliability(m["calibration"], out_dir / "reliability.png")
+        if len(worst):
+            cams = [gradcam.grad_cam(model, load_batch([test[i].path], pre), int(probs[i].argmax())) for i in worst]
+            res.plots["misclassified"] = plot_gallery(m["misclassified"], [test[i].path for i in worst], cams, pre,
+                                                      out_dir / "misclassified.png")
+        metrics_path = out_dir / "metrics.json"
+        metrics_path.write_text(json.dumps(m, indent=1))
+        res.plots["metrics_json"] = metrics_path
+    return res
+
+
+# ------------------------------------------------------------------------------------------
+# Plots (matplotlib, Agg: no display needed on a server)
+# ------------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+    return path
+
+
+def plot_confusion(m: dict[str, Any], path: Path) -> Path:
+    plt = _plt()
+    cm = np.asarray(m["confusion_matrix"])
+    cmn = np.asarray(m["confusion_matrix_normalized"])
+    classes = m["classes"]
+    size = max(4.0, 0.6 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(cmn, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f"{cm[i, j]}\n{cmn[i, j]:.0%}", ha="center", va="center", fontsize=8,
+                    color="white" if cmn[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"Confusion matrix (test, n={m['n']})")
+    return _save(fig, path)
+
+
+def plot_curves(m: dict[str, Any], kind: str, path: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for name, c in m["curves"].items():
+        if c["auc"] is None:
+            continue
+        if kind == "roc":
+            ax.plot(c["fpr"], c["tpr"], label=f"{name} (AUC {c['auc']:.3f})")
+        else:
+            ax.plot(c["recall"], c["precision"], label=f"{name} (AP {c['ap']:.3f})")
+    if kind == "roc":
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate (sensitivity)")
+        ax.set_title("ROC, one-vs-rest (test)")
+    else:
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_title("Precision-recall, one-vs-rest (test)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, loc="lower right" if kind == "roc" else "lower left")
+    return _save(fig, path)
+
+
+def plot_reliability(cal: dict[str, Any], path: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
+    for key, style in (("before", "o-"), ("after", "s-")):
+        c = cal.get(key)
+        if not c:
+            continue
+        pts = [(b["confidence"], b["accuracy"]) for b in c["bins"] if b["count"]]
+        label = f"{key} (ECE {c['ece']:.3f})" if key == "before" else f"T={cal['temperature']:.2f} (ECE {c['ece']:.3f})"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title("Reliability diagram (test)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_gallery(entries: list[dict[str, Any]], paths: Sequence[Path], cams: Sequence[np.ndarray],
+                 pre: Preprocessing, path: Path) -> Path:
+    """Misclassified images: the model's input crop with the Grad-CAM of the predicted class."""
+    from core.gradcam import overlay
+    from core.images import load_rgb
+    from core.preprocessing import resize_and_crop
+
+    plt = _plt()
+    n = len(entries)
+    cols = min(4, n)
+    rows = int(math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, e, p, cam in zip(axes.flat, entries, paths, cams):
+        crop = np.asarray(resize_and_crop(load_rgb(p), pre))
+        ax.imshow(overlay(crop, cam))
+        ax.set_title(f"true: {e['true']}\npred: {e['predicted']} ({e['confidence']:.0%})", fontsize=8)
+    fig.suptitle("Highest-loss test errors (Grad-CAM of the predicted class)", fontsize=10)
+    return _save(fig, path)

@@ -1,0 +1,47 @@
+"""Grad-CAM on the last feature map (``EfficientNet.forward_features``).
+
+cam = ReLU(sum_c w_c * A_c), w_c = spatial mean of d logit_target / d A_c, upsampled to the
+input size. The last stage has the best class semantics (coarse: 1/32 of the input).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def grad_cam(model: Any, x: np.ndarray, target: int) -> np.ndarray:
+    """Heatmap in [0, 1] with shape (R, R) for one preprocessed image ``x`` (1,3,R,R) or (3,R,R)."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.asarray(x, dtype=np.float32))
+    if t.ndim == 3:
+        t = t[None]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            feats = model.forward_features(t)  # (1, C, h, w)
+            feats.retain_grad()
+            logits = model.forward_head(model.pool(feats))
+            model.zero_grad(set_to_none=True)
+            logits[0, int(target)].backward()
+            weights = feats.grad.mean(dim=(2, 3), keepdim=True)
+            cam = F.relu((weights * feats).sum(1, keepdim=True)).detach()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    cam = F.interpolate(cam, size=t.shape[-2:], mode="bilinear", align_corners=False)[0, 0].numpy()
+    hi = float(cam.max())
+    return (cam / hi).astype(np.float32) if hi > 0 else np.zeros_like(cam, dtype=np.float32)
+
+
+def overlay(rgb_uint8: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Blend a jet-coloured heatmap over an RGB image (both H x W); returns uint8 RGB."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["jet"]
+    heat = (cmap(np.clip(cam, 0, 1))[..., :3] * 255.0).astype(np.float32)
+    out = (1 - alpha) * rgb_uint8.astype(np.float32) + alpha * heat
+    return np.clip(out, 0, 255).astype(np.uint8)

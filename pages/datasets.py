@@ -1,0 +1,182 @@
+"""Datasets: upload a zip (or CSV), watch the ingest, read the health report, delete."""
+from datetime import datetime, timedelta, timezone
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from workbench import ui
+
+ui.header("Datasets", "Upload labelled images, check their health, and see how they were split.")
+datasets = ui.service("datasets")
+if not ui.require(datasets, "list_datasets", "get_dataset", "delete_dataset", "add_dataset"):
+    st.stop()
+
+# --- upload ---------------------------------------------------------------------------
+with st.expander("Upload a dataset", expanded=False, icon=":material/upload:"):
+    st.markdown(
+        "A **zip** with one folder per class (`cats/img1.jpg`, `dogs/…`; optional `train/`, `val/`, `test/` "
+        "folders above them), or a zip holding a **CSV** with columns `path,label[,split][,group]`. "
+        "A CSV alone works for images already on this server."
+    )
+    with st.form("upload", clear_on_submit=True):
+        upload = st.file_uploader("Zip or CSV", type=["zip", "csv", "tsv"], key="upload_file")
+        name = st.text_input("Dataset name", placeholder="e.g. beans-2026", key="upload_name")
+        with st.expander("Options"):
+            manifest = st.file_uploader("CSV manifest for the zip (optional)", type=["csv", "tsv"],
+                                        key="upload_manifest")
+            group_regex = st.text_input(
+                "Group regex (optional)", placeholder=r"^(patient\d+)_",
+                help="Images whose names share the captured group (e.g. one patient) stay in one split.")
+            seed = st.number_input("Split seed", min_value=0, value=0, step=1)
+        submitted = st.form_submit_button("Upload and check", type="primary", icon=":material/upload:")
+    if submitted:
+        if upload is None:
+            st.error("Choose a zip or CSV file first.")
+        else:
+            with ui.errors("Could not start the upload"):
+                ui.start_ingest(upload, upload.name, name or upload.name.rsplit(".", 1)[0],
+                                         csv_upload=manifest, group_regex=group_regex, seed=int(seed))
+                st.toast(f"Checking {upload.name}… you can leave this page; the work continues.")
+
+
+@ui.live_fragment(1, "Could not read the ingest jobs")
+def ingest_progress() -> None:
+    jobs = ui.ingest_jobs(limit=5)
+    recent = datetime.now(timezone.utc) - timedelta(minutes=30)
+    dismissed = st.session_state.setdefault("dismissed_jobs", set())
+    shown = [j for j in jobs if j["status"] in ui.ACTIVE_STATUSES
+             or (j["id"] not in dismissed and j["finished_at"] and j["finished_at"] > recent)]
+    for j in shown:
+        p = j["progress"]
+        label = f"**{j['name']}** ({j['filename']})"
+        if j["status"] in ui.ACTIVE_STATUSES:
+            total, done = p.get("total") or 0, p.get("done") or 0
+            frac = done / total if total else 0.0
+            st.progress(frac, text=f"{label}: {p.get('phase', 'working')} — {done} / {total or '?'} files")
+        elif j["status"] == "succeeded":
+            c1, c2 = st.columns([6, 1])
+            c1.success(f"{label}: ingested {p.get('done', 0)} images.", icon=":material/check_circle:")
+            if c2.button("Dismiss", key=f"dismiss{j['id']}"):
+                dismissed.add(j["id"])
+                st.rerun()
+        else:
+            c1, c2 = st.columns([6, 1])
+            c1.error(f"{label}: {j['error'] or 'failed'}")
+            if c2.button("Dismiss", key=f"dismiss{j['id']}"):
+                dismissed.add(j["id"])
+                st.rerun()
+    if any(j["status"] in ui.ACTIVE_STATUSES for j in jobs):
+        st.session_state["_ingest_was_running"] = True
+    elif st.session_state.pop("_ingest_was_running", False):
+        st.rerun()  # an ingest just finished: refresh the list below
+
+
+ingest_progress()
+
+# --- list -----------------------------------------------------------------------------
+try:
+    items = datasets.list_datasets()
+except Exception as exc:  # noqa: BLE001
+    ui.show_error("Could not list datasets", exc)
+    st.stop()
+if not items:
+    ui.empty_state("No datasets yet: upload a zip above.")
+    st.stop()
+
+st.subheader("Your datasets")
+st.dataframe(
+    pd.DataFrame([{"name": d.name, "images": d.num_images, "classes": d.num_classes,
+                   "warnings": len(d.health.get("warnings", [])), "created": d.created_at,
+                   "source": d.source.rsplit("/", 1)[-1]} for d in items]),
+    hide_index=True, width="stretch",
+)
+names = [d.name for d in items]
+choice = st.selectbox("Dataset", names, index=len(names) - 1, key="dataset_choice")
+ds = next(d for d in items if d.name == choice)
+h = ds.health or {}
+
+c = st.columns(5)
+c[0].metric("Images", ds.num_images)
+c[1].metric("Classes", ds.num_classes)
+c[2].metric("Imbalance", f"{h.get('imbalance_ratio') or 1:g}×")
+dups = h.get("duplicates", {})
+c[3].metric("Duplicate groups", dups.get("exact_groups", 0) + dups.get("near_groups", 0))
+c[4].metric("Skipped files", len(ds.skipped))
+for w in h.get("warnings", []):
+    st.warning(w, icon=":material/warning:")
+if not h.get("warnings"):
+    st.success("No problems found.", icon=":material/check_circle:")
+
+tab_split, tab_dups, tab_samples, tab_sizes, tab_skipped, tab_delete = st.tabs(
+    ["Classes & splits", "Duplicates & leakage", "Samples", "Sizes & colour", "Skipped", "Delete"])
+
+with tab_split:
+    rows = [{"class": cls, "split": split, "images": n}
+            for split, counts in (h.get("split_counts") or {}).items() for cls, n in counts.items()]
+    if rows:
+        df = pd.DataFrame(rows)
+        st.altair_chart(
+            alt.Chart(df).mark_bar().encode(
+                x=alt.X("images:Q", title="images"), y=alt.Y("class:N", sort="-x", title=None),
+                color=alt.Color("split:N", sort=["train", "val", "test"]),
+                tooltip=["class", "split", "images"]),
+            width="stretch")
+        table = df.pivot_table(index="class", columns="split", values="images", fill_value=0)
+        table = table.reindex(columns=[s for s in ("train", "val", "test") if s in table.columns])
+        table["total"] = table.sum(axis=1)
+        st.dataframe(table, width="stretch")
+    cfg = ds.split_config or {}
+    if cfg:
+        st.caption("Split: " + ", ".join(f"{k} = {v}" for k, v in cfg.items() if not isinstance(v, (dict, list))))
+
+with tab_dups:
+    groups = [("exact", g) for g in dups.get("exact", [])] + [("near", g) for g in dups.get("near", [])]
+    if not groups:
+        st.success("No exact or near-duplicate images.")
+    else:
+        st.caption(f"{dups.get('exact_groups', 0)} exact and {dups.get('near_groups', 0)} near-duplicate groups "
+                   f"(perceptual hash distance ≤ {dups.get('near_threshold', '?')}). Groups spanning splits "
+                   "(leakage) and groups with conflicting labels come first.")
+        offset, limit = ui.paginate(len(groups), 10, key="dup_page")
+        page = groups[offset:offset + limit]
+        paths = ui.store_paths_for(ds.id, [f["sha256"] for _, g in page for f in g["files"][:6]])
+        for kind, g in page:
+            flags = (" · **leakage across splits**" if g["cross_split"] else "") + \
+                    (" · **conflicting labels**" if g["label_conflict"] else "")
+            st.markdown(f"{kind} duplicates · {g['size']} files · splits {', '.join(g['splits'])}{flags}")
+            ui.thumbnail_grid([(paths[f["sha256"]], f"{f['label']} · {f['split']} · {f['name'].rsplit('/', 1)[-1]}")
+                               for f in g["files"][:6] if f["sha256"] in paths], columns=6, size=110)
+
+with tab_samples:
+    per_class = st.slider("Images per class", 2, 12, 6)
+    ui.thumbnail_grid(ui.dataset_sample(ds.id, ds.classes[:30], per_class), columns=6, size=120)
+    if len(ds.classes) > 30:
+        st.caption(f"Showing the first 30 of {len(ds.classes)} classes.")
+
+with tab_sizes:
+    sizes = h.get("sizes", {})
+    if sizes:
+        st.dataframe(pd.DataFrame({k: sizes[k] for k in ("width", "height", "aspect_ratio") if k in sizes}).T,
+                     width="stretch")
+        st.caption(f"{sizes.get('smaller_than_input', 0)} images are smaller than {sizes.get('input_size')} px "
+                   "on their short side.")
+    modes = h.get("modes", {})
+    if modes:
+        st.altair_chart(alt.Chart(pd.DataFrame({"mode": list(modes), "images": list(modes.values())}))
+                        .mark_bar().encode(x="images:Q", y=alt.Y("mode:N", title="colour mode")), width="stretch")
+
+with tab_skipped:
+    if ds.skipped:
+        st.dataframe(pd.DataFrame(ds.skipped[:1000]), hide_index=True, width="stretch")
+    else:
+        st.caption("No files were skipped.")
+
+with tab_delete:
+    st.markdown(f"Delete **{ds.name}**, its runs, and the stored images no other dataset uses.")
+    sure = st.checkbox(f"Yes, delete {ds.name}", key=f"sure{ds.id}")
+    if st.button("Delete dataset", type="primary", disabled=not sure, icon=":material/delete:"):
+        with ui.errors("Could not delete the dataset"):
+            res = datasets.delete_dataset(ds.id)
+            st.toast(f"Deleted {res.name}: {res.images} images, {res.files_removed} files removed.")
+            st.rerun()

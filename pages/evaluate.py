@@ -1,0 +1,113 @@
+"""Evaluate: honest test-split metrics, confusion matrix, ROC/PR, calibration, errors with Grad-CAM."""
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from workbench import ui
+
+ui.header("Evaluate", "Metrics on the held-out test split (never used for training or model selection).")
+evaluation = ui.service("evaluation")
+if not ui.require(evaluation, "latest_evaluation", "list_artifacts", "artifact_for_download"):
+    st.stop()
+
+choices = ui.run_choices(statuses=["succeeded", "completed", "done"])
+if not choices:
+    ui.empty_state("No finished runs yet: train one first.", "train.py", "Train a model")
+    st.stop()
+run_id = ui.pick_run("Run", choices, key="eval_run")
+
+c1, c2, _ = st.columns([1, 1, 2])
+if c1.button("Evaluate again", icon=":material/refresh:", help="Re-run the test-split evaluation."):
+    with ui.errors("Could not start the evaluation"):
+        ui.start_evaluate(run_id)
+if c2.button("With test-time augmentation", icon=":material/flip:",
+             help="Average the predictions on each image and its mirror; shows the effect on accuracy."):
+    with ui.errors("Could not start the evaluation"):
+        ui.start_evaluate(run_id, tta=True)
+
+
+@ui.live_fragment(1, "Could not read the evaluation jobs")
+def evaluation_jobs() -> None:
+    ui.job_progress_panel(["ui-evaluate"], run_id, "Evaluation", "_eval_was_running")
+
+
+evaluation_jobs()
+
+with ui.errors("Could not load the evaluation"):
+    ev = evaluation.latest_evaluation(run_id, tta=None)
+    if ev is None:
+        st.info("This run has no evaluation yet. Runs are evaluated automatically when training finishes; "
+                "if it just finished, wait a few seconds, or press “Evaluate again”.", icon=":material/hourglass_top:")
+        st.stop()
+    m = ev["metrics"]
+    cal = m.get("calibration", {})
+    c = st.columns(5)
+    c[0].metric("Accuracy", ui.fmt_num(m.get("accuracy")))
+    c[1].metric("Balanced accuracy", ui.fmt_num(m.get("balanced_accuracy")))
+    c[2].metric("Macro-F1", ui.fmt_num(m.get("macro_f1")))
+    c[3].metric("Macro ROC-AUC", ui.fmt_num(m.get("macro_roc_auc")))
+    c[4].metric("ECE", ui.fmt_num((cal.get("before") or {}).get("ece")),
+                delta=None if not cal.get("after") else
+                f"{cal['after']['ece'] - cal['before']['ece']:+.3f} after temperature", delta_color="inverse")
+    st.caption(f"{m.get('n', '?')} test images · evaluated {ev['created_at']:%Y-%m-%d %H:%M} UTC"
+               + (" · with test-time augmentation" if ev.get("tta") else ""))
+    effect = m.get("tta_effect")
+    if effect:
+        st.caption(f"Test-time augmentation changed {effect['changed_predictions']} prediction(s); accuracy "
+                   f"{effect['without']['accuracy']:.3f} → {effect['with']['accuracy']:.3f}.")
+
+    tab_metrics, tab_cm, tab_curves, tab_cal, tab_errors = st.tabs(
+        ["Metrics", "Confusion matrix", "ROC & PR", "Calibration", "Misclassified & Grad-CAM"])
+    plots = ui.evaluation_plots(evaluation, run_id, ev["id"])
+    with tab_metrics:
+        st.dataframe(pd.DataFrame(m.get("per_class", [])), hide_index=True, width="stretch",
+                     column_config={k: st.column_config.NumberColumn(format="%.3f")
+                                    for k in ("precision", "recall", "f1", "roc_auc", "average_precision")})
+        if m.get("top_k"):
+            st.caption("Top-k accuracy: " + ", ".join(f"{k} = {v:.3f}" for k, v in m["top_k"].items()))
+        op = m.get("operating_point")
+        if op and "error" not in op:
+            st.caption("Operating point for a sensitivity target: " + ", ".join(
+                f"{k.replace('_', ' ')} = {ui.fmt_num(v)}" for k, v in op.items() if not isinstance(v, (dict, list))))
+    with tab_cm:
+        classes = m.get("classes", [])
+        normalized = st.toggle("Normalise by true class", value=True, key="cm_norm")
+        cm = m.get("confusion_matrix_normalized" if normalized else "confusion_matrix", [])
+        if cm and len(classes) <= 60:
+            cells = pd.DataFrame([{"true": classes[i], "predicted": classes[j], "value": v}
+                                  for i, row in enumerate(cm) for j, v in enumerate(row)])
+            side = min(60 * len(classes) + 40, 900)
+            heat = alt.Chart(cells).mark_rect().encode(
+                x=alt.X("predicted:N", sort=classes, axis=alt.Axis(labelAngle=-30 if len(classes) > 6 else 0)),
+                y=alt.Y("true:N", sort=classes),
+                color=alt.Color("value:Q", scale=alt.Scale(scheme="blues")), tooltip=["true", "predicted", "value"])
+            text = alt.Chart(cells).mark_text(fontSize=12).encode(
+                x=alt.X("predicted:N", sort=classes), y=alt.Y("true:N", sort=classes),
+                text=alt.Text("value:Q", format=".2f" if normalized else "d"),
+                color=alt.condition(alt.datum.value > (0.5 if normalized else max(map(max, cm)) / 2),
+                                    alt.value("white"), alt.value("black")))
+            st.altair_chart((heat + text).properties(height=side), width="stretch")
+        else:
+            ui.show_plot(plots, "confusion_matrix")
+    with tab_curves:
+        left, right = st.columns(2)
+        with left:
+            ui.show_plot(plots, "roc", "ROC, one class vs rest")
+        with right:
+            ui.show_plot(plots, "pr", "Precision-recall, one class vs rest")
+    with tab_cal:
+        ui.show_plot(plots, "reliability", "Reliability diagram", width="content")
+        if cal.get("temperature"):
+            st.caption(f"Temperature {cal['temperature']:.3f} fitted on {cal.get('n_val', '?')} validation images: "
+                       f"ECE {cal['before']['ece']:.3f} → {cal['after']['ece']:.3f}.")
+        elif cal.get("note"):
+            st.caption(cal["note"])
+    with tab_errors:
+        wrong = m.get("misclassified", [])
+        if not wrong:
+            st.success("No misclassified test images.")
+        else:
+            st.caption("The highest-loss mistakes, with Grad-CAM: where the model looked for its (wrong) answer.")
+            ui.show_plot(plots, "misclassified", width="content")
+            st.dataframe(pd.DataFrame(wrong).drop(columns=["path", "index"], errors="ignore"),
+                         hide_index=True, width="stretch")

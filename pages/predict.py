@@ -1,0 +1,56 @@
+"""Predict: drop images, get the top-k classes with confidence and a Grad-CAM overlay."""
+import streamlit as st
+
+from workbench import ui
+
+ui.header("Predict", "Try a trained model on new images. Grad-CAM shows where the model looked.")
+choices = ui.run_choices(statuses=["succeeded", "completed", "done"])
+if not choices:
+    ui.empty_state("No trained models yet: train one first.", "train.py", "Train a model")
+    st.stop()
+run_id = ui.pick_run("Model", choices, key="predict_run")
+
+with st.form("predict_form", clear_on_submit=True):
+    files = st.file_uploader("Images", type=["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "dcm"],
+                             accept_multiple_files=True, key="predict_files")
+    c1, c2 = st.columns(2)
+    top_k = c1.slider("Top-k", 1, 5, 3, key="predict_topk")
+    cam = c2.toggle("Grad-CAM overlay", value=True, key="predict_cam")
+    go = st.form_submit_button("Predict", type="primary", icon=":material/image_search:")
+if go:
+    with ui.errors("Could not start the prediction"):
+        st.session_state["predict_job"] = ui.start_predict(run_id, files or [], top_k=top_k, gradcam=cam)
+
+
+@ui.live_fragment(1, "Could not show the predictions")
+def results() -> None:
+    job_id = st.session_state.get("predict_job")
+    if job_id is None:
+        st.caption("Drop images above and press Predict.")
+        return
+    j = ui.job(job_id)
+    if j is None:
+        return
+    if j["status"] in ui.ACTIVE_STATUSES:
+        p = j["progress"]
+        st.progress(min(max(float(p.get("fraction") or 0), 0.0), 1.0), text=f"Predicting: {p.get('phase', '…')}")
+        return
+    if j["status"] == "failed":
+        st.error(f"Prediction failed: {j['error']}")
+        return
+    for r in j["payload"].get("results", []):
+        with st.container(border=True):
+            left, right = st.columns([1, 2])
+            if r.get("error"):
+                st.error(f"{r['name']}: {r['error']}")
+                continue
+            with left:
+                if r.get("overlay"):
+                    st.image(r["overlay"], caption=f"Grad-CAM for {r['top'][0]['class']}", width=224)
+            with right:
+                st.markdown(f"**{r['name']}** → **{r['top'][0]['class']}** ({r['top'][0]['p']:.1%})")
+                for t in r["top"]:
+                    st.progress(t["p"], text=f"{t['class']}: {t['p']:.1%}")
+
+
+results()

@@ -1,0 +1,122 @@
+"""Recommend: which EfficientNet fits a latency / memory / size budget on a target device."""
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from workbench import ui
+
+ui.header("Recommend", "Say where the model will run and what it may cost; get the most accurate variant that fits.")
+rs = ui.service("recommend_service")
+if not ui.require(rs, "recommend_for", "list_devices"):
+    st.stop()
+
+try:
+    devices = {d["name"]: d for d in ui.cached_devices()}
+except Exception as exc:  # noqa: BLE001
+    ui.show_error("Could not load the device profiles", exc)
+    st.stop()
+datasets = ui.service("datasets", quiet=True)
+ds_items = datasets.list_datasets() if datasets is not None else []
+
+with st.form("budget"):
+    c1, c2 = st.columns([1, 2])
+    device = c1.selectbox("Target device", list(devices), key="rec_device",
+                          format_func=lambda n: f"{n} ({devices[n]['kind']})")
+    c2.caption(devices[device]["description"] if device in devices else "")
+    c = st.columns(4)
+    latency = c[0].number_input("Latency p50 (ms, 0 = no limit)", min_value=0.0, value=20.0, step=1.0,
+                                key="rec_latency")
+    p95 = c[1].number_input("Latency p95 (ms, 0 = no limit)", min_value=0.0, value=0.0, step=1.0, key="rec_p95")
+    memory = c[2].number_input("Memory (MB, 0 = no limit)", min_value=0.0, value=0.0, step=64.0, key="rec_memory")
+    size = c[3].number_input("File size (MB, 0 = no limit)", min_value=0.0, value=0.0, step=1.0, key="rec_size")
+    c = st.columns(4)
+    precision = c[0].selectbox("Precision", ["fp32", "fp16", "int8"], key="rec_precision")
+    params = c[1].number_input("Max parameters (M, 0 = no limit)", min_value=0.0, value=0.0, step=1.0,
+                               key="rec_params")
+    min_res = c[2].number_input("Min resolution (px, 0 = any)", min_value=0, value=0, step=16, key="rec_minres")
+    ds_name = c[3].selectbox("For dataset (optional)", [None] + [d.name for d in ds_items], key="rec_dataset",
+                             help="Uses its number of classes and training images: small data favours small models.")
+    st.form_submit_button("Recommend", type="primary", icon=":material/recommend:")
+
+ds = next((d for d in ds_items if d.name == ds_name), None)
+budget = {
+    "device": device, "latency_ms": latency or None, "latency_p95_ms": p95 or None, "memory_mb": memory or None,
+    "size_mb": size or None, "precision": precision, "max_params_m": params or None,
+    "min_resolution": int(min_res) or None,
+    "train_images": ((ds.health.get("split_counts") or {}).get("train") and
+                     sum(ds.health["split_counts"]["train"].values())) if ds else None,
+    "num_classes": ds.num_classes if ds and ds.num_classes else 1000,
+}
+
+try:
+    rec = ui.cached_recommendation(budget)
+except Exception as exc:  # noqa: BLE001 - BudgetError etc. carry readable messages
+    ui.show_error("Could not make a recommendation", exc)
+    st.stop()
+
+best = rec.get("recommended")
+if best:
+    with st.container(border=True):
+        st.markdown(f"### Recommended: `{best['key']}`")
+        st.markdown(rec["reason"])
+        c = st.columns(5)
+        c[0].metric("Expected ImageNet top-1", f"{best['prior_top1']:.1f} %")
+        c[1].metric("Latency p50", f"{best['latency_p50_ms']:.1f} ms")
+        c[2].metric("File", f"{best['file_mb']:.1f} MB")
+        c[3].metric("Memory", f"{best['memory_mb']:.0f} MB")
+        c[4].metric("Parameters", f"{best['params'] / 1e6:.2f} M")
+        if best.get("base"):
+            st.page_link(str(ui.PAGES_DIR / "train.py"), label=f"Train {best['key']}", icon=":material/model_training:",
+                         query_params={"variant": best["base"], "resolution": best["resolution"]})
+else:
+    st.error(f"Nothing fits this budget. {rec.get('message', '')}")
+for note in rec.get("notes", []):
+    st.caption(f"ℹ️ {note}")
+
+
+def table(cands: list[dict]) -> pd.DataFrame:
+    rows = []
+    for cnd in cands:
+        row = {"model": cnd["key"], "top-1 prior %": cnd["prior_top1"], "latency p50 ms": cnd["latency_p50_ms"],
+               "latency p95 ms": cnd["latency_p95_ms"], "file MB": cnd["file_mb"], "memory MB": cnd["memory_mb"],
+               "params M": cnd["params"] / 1e6, "GMACs": cnd["gmacs"], "weights": cnd["weights_available"],
+               "latency from": cnd["latency_source"]}
+        for ch in cnd["checks"]:
+            row[f"margin {ch['name']} %"] = ch["margin_pct"]
+        if cnd.get("broken"):
+            row["why excluded"] = "; ".join(
+                f"{ch['name']} {ch['value']:.3g} {ch['unit']} vs {ch['limit']:.3g}" for ch in cnd["checks"]
+                if not ch["ok"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+fmt = {k: st.column_config.NumberColumn(format="%.2f") for k in
+       ("latency p50 ms", "latency p95 ms", "file MB", "memory MB", "params M", "GMACs", "top-1 prior %")}
+st.subheader(f"Fits the budget ({len(rec['ranked'])})")
+if rec["ranked"]:
+    st.dataframe(table(rec["ranked"]), hide_index=True, width="stretch", column_config=fmt)
+st.subheader(f"Excluded ({len(rec['excluded'])})")
+if rec["excluded"]:
+    st.dataframe(table(rec["excluded"]), hide_index=True, width="stretch", column_config=fmt)
+
+st.subheader("Accuracy prior vs latency")
+pts = pd.DataFrame(
+    [{"model": x["key"], "latency ms": x["latency_p50_ms"], "top-1 prior %": x["prior_top1"],
+      "status": "recommended" if best and x["key"] == best["key"] else "fits"} for x in rec["ranked"]]
+    + [{"model": x["key"], "latency ms": x["latency_p50_ms"], "top-1 prior %": x["prior_top1"],
+        "status": "excluded"} for x in rec["excluded"]])
+if not pts.empty:
+    chart = alt.Chart(pts).mark_circle(size=110).encode(
+        x=alt.X("latency ms:Q", scale=alt.Scale(type="log"), title="predicted latency p50 (ms, log scale)"),
+        y=alt.Y("top-1 prior %:Q", scale=alt.Scale(zero=False), title="expected ImageNet top-1 (%)"),
+        color=alt.Color("status:N", scale=alt.Scale(domain=["recommended", "fits", "excluded"],
+                                                    range=["#d62728", "#2e7d5b", "#bdbdbd"])),
+        tooltip=["model", "latency ms", "top-1 prior %", "status"])
+    if budget["latency_ms"]:
+        rule = alt.Chart(pd.DataFrame({"budget": [budget["latency_ms"]]})).mark_rule(
+            color="#d62728", strokeDash=[6, 4], size=2).encode(x="budget:Q")
+        chart = chart + rule
+    st.altair_chart(chart, width="stretch")
+    st.caption("Dashed line: the latency budget. Latencies are predictions for the chosen device"
+               + (" (backed by measurements where shown as 'measured')." if device == "this-machine" else "."))

@@ -1,0 +1,89 @@
+"""Runs: leaderboard, accuracy-vs-latency front, overlaid training curves."""
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from workbench import ui
+
+ui.header("Runs", "Every training run, measured the same way: test metrics, ONNX Runtime latency and size.")
+datasets = ui.service("datasets")
+ds_filter = None
+if datasets is not None:
+    with ui.errors("Could not list datasets"):
+        ds_names = {d.id: d.name for d in datasets.list_datasets()}
+        if ds_names:
+            ds_filter = st.selectbox("Dataset", [None, *ds_names], format_func=lambda i: "All" if i is None
+                                     else ds_names[i], key="runs_dataset")
+
+c1, c2, c3, c4 = st.columns([2, 1, 2, 1])
+sort = c1.selectbox("Sort by", list(ui.LEADERBOARD_SORTS), key="runs_sort")
+descending = c2.toggle("Descending", value=sort not in ("latency ms", "size MB", "training time"),
+                       key=f"runs_desc_{sort}")
+statuses = c3.multiselect("Status", ["succeeded", "running", "queued", "failed", "cancelled"], key="runs_status")
+page_size = c4.selectbox("Rows", [25, 50, 100], key="runs_rows")
+
+with ui.errors("Could not read the runs"):
+    total = ui.count_runs(dataset_id=ds_filter, statuses=statuses)
+    if total == 0:
+        ui.empty_state("No runs yet: launch one from the Train page.", "train.py", "Train a model")
+        st.stop()
+    offset, limit = ui.paginate(total, page_size, key="runs_page")
+    _, rows = ui.runs_table(offset=offset, limit=limit, sort=sort, descending=descending,
+                            dataset_id=ds_filter, statuses=statuses)
+    df = pd.DataFrame(rows)
+    event = st.dataframe(
+        df.drop(columns=["error"]), hide_index=True, width="stretch", on_select="rerun",
+        selection_mode="multi-row", key="runs_table",
+        column_config={
+            "macro-F1": st.column_config.NumberColumn(format="%.3f"),
+            "accuracy": st.column_config.NumberColumn(format="%.3f"),
+            "val accuracy": st.column_config.NumberColumn(format="%.3f"),
+            "latency ms": st.column_config.NumberColumn(format="%.2f"),
+            "size MB": st.column_config.NumberColumn(format="%.1f"),
+            "params M": st.column_config.NumberColumn(format="%.2f"),
+            "training s": st.column_config.NumberColumn(format="%.0f"),
+            "created": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm"),
+        },
+    )
+    st.caption(f"Runs {offset + 1}–{offset + len(rows)} of {total}. Select rows to overlay their curves below; "
+               "latency is ONNX Runtime fp32, batch 1, median, on this machine.")
+    selected = [int(df.iloc[i]["run"]) for i in event.selection.rows] if event and event.selection else []
+
+st.subheader("Accuracy vs latency")
+with ui.errors("Could not draw the accuracy-vs-latency chart"):
+    points = ui.run_points(dataset_id=ds_filter)
+    if not points:
+        st.caption("Finished, evaluated runs appear here.")
+    else:
+        pts = pd.DataFrame(points)
+        front = ui.pareto_front(points)
+        pts["Pareto front"] = pts["run"].isin(front)
+        base = alt.Chart(pts).encode(
+            x=alt.X("latency ms:Q", title="ORT latency (ms, p50)"),
+            y=alt.Y("accuracy:Q", title="test accuracy", scale=alt.Scale(zero=False)))
+        dots = base.mark_circle(size=90).encode(
+            color=alt.Color("Pareto front:N", scale=alt.Scale(domain=[True, False], range=["#d62728", "#9e9e9e"])),
+            tooltip=["run", "model", "accuracy", "macro-F1", "latency ms", "size MB"])
+        line = alt.Chart(pts[pts["Pareto front"]].sort_values("latency ms")).mark_line(
+            color="#d62728", strokeDash=[4, 3]).encode(x="latency ms:Q", y="accuracy:Q")
+        st.altair_chart(line + dots, width="stretch")
+        st.caption(f"Red: the Pareto front ({len(front)} runs) — no other run is both faster and more accurate.")
+
+st.subheader("Training curves")
+if not selected:
+    st.caption("Select one or more rows in the table to overlay their training curves.")
+else:
+    with ui.errors("Could not read the training curves"):
+        curves = pd.DataFrame(ui.run_curves(selected))
+        if curves.empty:
+            st.caption("No per-epoch metrics recorded for these runs yet.")
+        else:
+            metric = st.selectbox("Metric", sorted(curves["metric"].unique()), key="runs_metric")
+            sub = curves[curves["metric"] == metric]
+            st.altair_chart(alt.Chart(sub).mark_line(point=True).encode(
+                x="epoch:Q", y=alt.Y("value:Q", title=metric), color="run:N", strokeDash="phase:N",
+                tooltip=["run", "phase", "epoch", "value"]), width="stretch")
+    for rid in selected[:5]:
+        c = st.columns(3)
+        c[0].page_link(str(ui.PAGES_DIR / "evaluate.py"), label=f"Evaluate run #{rid}", query_params={"run": rid})
+        c[1].page_link(str(ui.PAGES_DIR / "export.py"), label=f"Export run #{rid}", query_params={"run": rid})

@@ -1,0 +1,125 @@
+"""Train: pick data, augmentation and variants, launch, and watch live progress."""
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from workbench import ui
+
+ui.header("Train", "Fine-tune EfficientNet variants from ImageNet weights. Training runs in a worker process: "
+          "close the tab whenever you like.")
+datasets = ui.service("datasets")
+runs = ui.service("runs")
+if not ui.require(datasets, "list_datasets") or not ui.require(runs, "queue_training"):
+    st.stop()
+
+try:
+    items = datasets.list_datasets()
+except Exception as exc:  # noqa: BLE001
+    ui.show_error("Could not list datasets", exc)
+    st.stop()
+if not items:
+    ui.empty_state("Upload a dataset first.", "datasets.py", "Go to Datasets")
+    st.stop()
+
+from core.augment import PRESETS  # noqa: E402
+from core.efficientnet import VARIANTS  # noqa: E402
+from core.train import RECIPES  # noqa: E402
+
+qp = st.query_params
+names = [d.name for d in items]
+ds_name = st.selectbox("Dataset", names, index=len(names) - 1, key="train_dataset")
+ds = next(d for d in items if d.name == ds_name)
+st.caption(f"{ds.num_images} images · {ds.num_classes} classes · "
+           + " · ".join(f"{s} {sum(c.values())}" for s, c in (ds.health.get("split_counts") or {}).items()))
+
+c1, c2, c3 = st.columns(3)
+default_variant = qp.get("variant") if qp.get("variant") in VARIANTS else "lite0"
+have_weights = {w["variant"]: w["available"] for w in ui.weights_table()}
+variants = c1.multiselect("Variants (one run each)", list(VARIANTS), default=[default_variant], key="train_variants",
+                          format_func=lambda v: v if have_weights.get(v, True) else f"{v} (no ImageNet weights here)")
+res_options = [96, 128, 160, 192, 224, 240, 260, 280, 300]
+want_res = int(qp.get("resolution", 224)) if str(qp.get("resolution", "")).isdigit() else 224
+if want_res not in res_options:
+    res_options = sorted({*res_options, want_res})
+resolution = c2.select_slider("Resolution (px)", res_options, value=want_res, key="train_resolution")
+recipe = c3.selectbox("Recipe", list(RECIPES), index=list(RECIPES).index("quick") if "quick" in RECIPES else 0,
+                      key="train_recipe", help="quick: seconds to minutes · default: minutes · thorough: longer")
+
+suggested = ui.default_preset(ds.id)
+preset = st.radio("Augmentation preset", list(PRESETS), horizontal=True, key=f"train_preset_{ds.id}",
+                  index=list(PRESETS).index(suggested) if suggested in PRESETS else 0,
+                  help="medical: gentle (no colour jitter, optional vertical flip) · field: photos taken outdoors · "
+                       "none: resize and crop only")
+with st.expander("Preview: what the network will see with this preset", expanded=True):
+    with ui.errors("Could not make the preview"):
+        sample = tuple(str(p) for p, _ in ui.dataset_sample(ds.id, ds.classes[:4], per_class=2))
+        if sample:
+            views = ui.augment_grid(sample, preset, min(int(resolution), 160), n=8)
+            cols = st.columns(8)
+            for i, v in enumerate(views):
+                cols[i % 8].image(v, width="stretch")
+
+c1, c2 = st.columns(2)
+epochs = c1.number_input("Fine-tune epochs (0 = recipe default)", min_value=0, max_value=200, value=0, step=1,
+                         key="train_epochs")
+batch_label = c2.text_input("Label for this batch of runs (optional)", key="train_label")
+if st.button("Launch training", type="primary", icon=":material/rocket_launch:", disabled=not variants):
+    with ui.errors("Could not launch training"):
+        ids = ui.launch_training(runs, ds, variants, int(resolution), preset, recipe, int(epochs) or None,
+                                 batch_label or None)
+        st.toast(f"Queued {len(ids)} run(s): " + ", ".join(f"#{i}" for i in ids))
+
+st.divider()
+st.subheader("Progress")
+
+
+@ui.live_fragment(2, "Could not read the training progress")
+def progress_panel() -> None:
+    ui.reconcile_runs()
+    live = ui.live_runs(limit=6)
+    if not live:
+        st.caption("No runs yet.")
+        return
+    for r in live:
+        with st.container(border=True):
+            p = r["progress"]
+            head, buttons = st.columns([5, 2])
+            head.markdown(f"**Run #{r['id']}** · {r['dataset']} · `{r['variant']}@{r['resolution']}` · "
+                          f"{r['preset']} · {ui.status_label(r['status'])}")
+            active = r["status"] in ui.ACTIVE_STATUSES or r["job_status"] in ("queued", "running")
+            if r["status"] in ui.ACTIVE_STATUSES and not r["cancel_requested"]:
+                if buttons.button("Cancel", key=f"cancel{r['id']}", icon=":material/stop_circle:"):
+                    with ui.errors("Could not cancel"):
+                        runs.cancel_run(r["id"])
+                        st.toast(f"Cancelling run #{r['id']}…")
+            elif r["status"] in ("cancelled", "canceled", "failed") and ui.has(runs, "resume_run"):
+                if buttons.button("Resume", key=f"resume{r['id']}", icon=":material/play_circle:"):
+                    with ui.errors("Could not resume"):
+                        runs.resume_run(r["id"])
+                        st.toast(f"Resuming run #{r['id']}…")
+            if active:
+                frac = float(p.get("fraction") or 0.0)
+                text = (f"{p.get('message') or p.get('phase') or 'waiting for the worker'}"
+                        + (f" · loss {p['loss']:.3f}" if p.get("loss") is not None else "")
+                        + (f" · ETA {ui.fmt_seconds(p['eta_s'])}" if p.get("eta_s") is not None else ""))
+                st.progress(min(max(frac, 0.0), 1.0), text=text)
+            elif r["status"] in ("failed", "error"):
+                st.error(r["error"] or "failed")
+            else:
+                sm = r["summary"]
+                bits = [f"{k} {ui.fmt_num(sm.get(v))}" for k, v in (("test accuracy", "test_accuracy"),
+                        ("macro-F1", "test_macro_f1"), ("latency ms", "latency_ms_p50")) if sm.get(v) is not None]
+                st.caption(" · ".join(bits + [f"trained in {ui.fmt_seconds(r['train_seconds'])}"]))
+            curves = pd.DataFrame(ui.run_curves([r["id"]]))
+            if not curves.empty:
+                sub = curves[curves["metric"].isin(["loss", "train_loss", "val_loss", "accuracy", "val_accuracy",
+                                                    "macro_f1", "val_macro_f1"])]
+                if not sub.empty:
+                    st.altair_chart(alt.Chart(sub).mark_line(point=True).encode(
+                        x="epoch:Q", y="value:Q", color="metric:N", strokeDash="phase:N",
+                        tooltip=["metric", "phase", "epoch", "value"]).properties(height=160), width="stretch")
+            if r["events"]:
+                st.caption(" · ".join(e["message"] for e in r["events"][:2]))
+
+
+progress_panel()

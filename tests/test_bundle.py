@@ -1,0 +1,157 @@
+"""The deploy bundle: predict.py reproduces Workbench exactly, and the CLI round trip."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.images import load_rgb
+from core.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, preprocess
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "core" / "bundle_template" / "predict.py"
+BEANS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "beans"
+
+
+def _template():
+    spec = importlib.util.spec_from_file_location("bundle_predict_template", TEMPLATE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory):
+    from test_export import shared_workspace
+
+    return shared_workspace(tmp_path_factory)
+
+
+@pytest.mark.parametrize("pre", [
+    Preprocessing(64, 1.0, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    Preprocessing(96, 0.875, "bilinear", IMAGENET_MEAN, IMAGENET_STD),
+    Preprocessing(80, 0.9, "nearest", IMAGENET_MEAN, IMAGENET_STD),
+])
+def test_predict_py_preprocessing_identical(pre: Preprocessing, tmp_path: Path) -> None:
+    if not BEANS.is_dir():
+        pytest.skip("beans dataset not available")
+    mod = _template()
+    pre_json = json.loads(pre.to_json())  # exactly what the bundle's preprocessing.json holds
+    files = sorted((BEANS / "test" / "healthy").iterdir())[:3]
+    # Non-square and odd sizes exercise rounding of the resize and the crop offsets.
+    wide = tmp_path / "wide.jpg"
+    Image.open(files[0]).resize((301, 177)).save(wide)
+    for f in [*files, wide]:
+        a = preprocess(load_rgb(f), pre)
+        b = mod.preprocess(mod.load_rgb(f), pre_json)
+        assert a.dtype == b.dtype == np.float32 and np.array_equal(a, b)
+
+
+def test_predict_py_decoding_matches_load_rgb(tmp_path: Path) -> None:
+    mod = _template()
+    rng = np.random.default_rng(0)
+    rgba = Image.fromarray(rng.integers(0, 256, (20, 30, 4), dtype=np.uint8), "RGBA")
+    cases = {"rgba.png": rgba, "palette.png": rgba.convert("RGB").convert("P"),
+             "gray16.png": Image.fromarray(rng.integers(0, 65535, (20, 30), dtype=np.uint16)),
+             "gray.jpg": Image.fromarray(rng.integers(0, 256, (20, 30), dtype=np.uint8), "L")}
+    for name, im in cases.items():
+        im.save(tmp_path / name)
+        assert np.array_equal(np.asarray(load_rgb(tmp_path / name)), np.asarray(mod.load_rgb(tmp_path / name))), name
+
+
+@pytest.fixture(scope="module")
+def exported(ws):
+    from test_export import FAST, make_run
+    from workbench.evaluation import export_run
+
+    rid = make_run(ws)
+    return rid, export_run(rid, int8=True, calibration_images=6, settings=ws.settings, session_factory=ws.Session,
+                           **FAST)
+
+
+def test_bundle_predict_subprocess_reproduces_test_accuracy(ws, exported, tmp_path: Path) -> None:
+    from workbench.evaluation import latest_evaluation
+
+    rid, out = exported
+    bundle = Path(out["bundle_path"])
+    dest = tmp_path / "bundle"
+    with zipfile.ZipFile(bundle) as zf:
+        names = set(zf.namelist())
+        zf.extractall(dest)
+    assert {"model.onnx", "model_int8.onnx", "labels.json", "preprocessing.json", "README.md", "predict.py"} <= names
+
+    # The model card lists the sha256 of every other file, and they match.
+    card = (dest / "README.md").read_text()
+    for n in names - {"README.md"}:
+        assert hashlib.sha256((dest / n).read_bytes()).hexdigest() in card, n
+    assert "seed" in card.lower() and "Health warnings" in card and "Intended use" in card and "int8" in card
+
+    # A clean subprocess with only the bundle: classify the test images, compare with Workbench.
+    test_dir = ws.source / "test"
+    csv_path = tmp_path / "pred.csv"
+    r = subprocess.run([sys.executable, str(dest / "predict.py"), str(test_dir), "--csv", str(csv_path), "--top-k", "2"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(csv_path)))
+    assert len(rows) == 12
+    acc = np.mean([Path(row["path"]).parent.name == row["predicted_label"] for row in rows])
+    ev = latest_evaluation(rid, settings=ws.settings, session_factory=ws.Session)
+    assert acc == ev["metrics"]["accuracy"]  # exactly the workbench's test accuracy
+    assert all(len(row["top_k"].split(";")) == 2 and 0 < float(row["confidence"]) <= 1 for row in rows)
+
+
+def test_cli_evaluate_export_predict(ws, exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from storage.db import reset_sessionmakers
+    from workbench.cli import main
+
+    monkeypatch.setenv("WORKBENCH_DATA_DIR", str(ws.settings.data_dir))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    rid = exported[0]  # export reuses its verified fp32 file
+    assert main(["evaluate", str(rid), "--sensitivity", "0.9"]) == 0
+    assert "balanced accuracy" in capsys.readouterr().out
+    zip_path = tmp_path / "b.zip"
+    assert main(["export", str(rid), "-o", str(zip_path)]) == 0
+    assert "verified on 12 test images" in capsys.readouterr().out and zip_path.is_file()
+    imgs = sorted((ws.source / "test" / "bean_rust").iterdir())[:2]
+    labels = []
+    for i, target in enumerate((str(zip_path), str(rid))):  # the bundle's predict.py, then the run
+        out_csv = tmp_path / f"p{i}.csv"
+        assert main(["predict", target, *map(str, imgs), "--csv", str(out_csv), "--top-k", "1"]) == 0
+        rows = list(csv.DictReader(open(out_csv)))
+        assert [r["path"] for r in rows] == list(map(str, imgs))
+        labels.append([(r["predicted_label"], round(float(r["confidence"]), 4)) for r in rows])
+    assert labels[0] == labels[1]
+    assert main(["predict", "not-a-bundle", str(imgs[0])]) == 2
+    assert "neither a bundle" in capsys.readouterr().err
+    assert main(["evaluate", "9999"]) == 1
+    assert "no run with id 9999" in capsys.readouterr().err
+    reset_sessionmakers()
+
+
+def test_export_job_handler_runs_in_worker_context(ws, exported) -> None:
+    """The UI enqueues an 'export' job; the worker's handler builds a new bundle."""
+    from storage import repositories as repo
+    from workbench import jobs
+    from workbench.postrun import handle_export
+
+    rid = exported[0]
+    with ws.Session.begin() as s:
+        before = len(repo.artifacts_for_run(s, rid, "bundle"))
+        job_id = jobs.enqueue(s, "export", rid, {"fp16": False}).id
+    assert jobs.get_handler("export") is handle_export
+    ctx = jobs.JobContext(job_id, "export", rid, {"fp16": False}, ws.Session, ws.settings)
+    assert handle_export(ctx).status == "succeeded"
+    with ws.Session() as s:
+        assert len(repo.artifacts_for_run(s, rid, "bundle")) == before + 1
+    bad = jobs.JobContext(job_id, "export", 99999, {}, ws.Session, ws.settings)
+    out = handle_export(bad)
+    assert out.status == "failed" and "no run with id 99999" in out.error

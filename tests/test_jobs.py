@@ -1,0 +1,196 @@
+"""Job runner: real worker processes, real SQLite (WAL), real SIGKILL."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers_train import create_dataset_rows
+from workbench import jobs, runs
+from workbench.settings import get_settings
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(head_epochs=2, finetune_epochs=3, unfreeze_stages=1, cache_views=1, batch_size=8, head_batch_size=16,
+            num_threads=1, patience=10)
+
+
+@pytest.fixture
+def sf(data_dir: Path):  # noqa: ANN201
+    from storage.db import get_sessionmaker
+
+    return get_sessionmaker(get_settings().database_url)
+
+
+def spawn_worker(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "workbench.worker", *args], cwd=REPO, env=env,
+                            start_new_session=True)
+
+
+def wait_for(pred, timeout: float = 240, poll: float = 0.3):  # noqa: ANN001, ANN201
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError("timed out waiting")
+
+
+def test_two_queued_jobs_run_back_to_back_without_lock_errors(data_dir: Path, sf) -> None:
+    create_dataset_rows(data_dir, sf, "colours", [8, 8, 8])
+    ids = runs.queue_training("colours", ["lite0", "lite0"], resolution=64, recipe="quick", epochs=1,
+                              overrides=dict(TINY, head_epochs=1), postrun=False)
+    assert len(ids) == 2 and runs.get_run(ids[0]).batch_label == runs.get_run(ids[1]).batch_label
+    pid = wait_for(jobs.worker_pid, timeout=120)  # ensure_worker started one; it holds the lock
+    assert jobs.ensure_worker() == pid  # alive: no second worker
+    # Meanwhile this process reads and writes the same DB all the time (as the UI does).
+    seen_running = set()
+
+    def done() -> bool:
+        for r in runs.list_runs():
+            if r.status == "running":
+                seen_running.add(r.id)
+        runs.run_events(ids[0])
+        jobs.add_event(sf, ids[1], "UI ping")  # a concurrent writer
+        return all(runs.get_run(i).status in jobs.TERMINAL for i in ids)
+
+    wait_for(done)
+    infos = [runs.get_run(i) for i in ids]
+    assert [i.status for i in infos] == ["succeeded", "succeeded"], [i.error for i in infos]
+    assert infos[1].started_at >= infos[0].finished_at  # one after the other
+    assert all(i.checkpoint_path and (data_dir / i.checkpoint_path).is_file() for i in infos)
+    assert [m["epoch"] for m in runs.run_metrics(ids[0])] == [1, 2]
+    assert infos[0].best_metrics["macro_f1"] > 0
+    events = [e["message"] for e in runs.run_events(ids[0])]
+    assert any("Training finished" in m for m in events)
+    assert not any("locked" in (i.error or "") for i in infos)
+    from storage.models import Job
+    with sf() as s:
+        assert {j.status for j in s.query(Job).all()} == {"succeeded"}
+    os.kill(pid, signal.SIGTERM)  # the worker ensure_worker started for this test
+    wait_for(lambda: jobs.worker_pid() is None, timeout=30)
+
+
+def test_kill_worker_then_resume_matches_uninterrupted_run(data_dir: Path, sf) -> None:
+    create_dataset_rows(data_dir, sf, "colours", [8, 8, 8])
+    ref_id, run_id = runs.queue_training("colours", ["lite0", "lite0"], resolution=64, recipe="quick",
+                                         overrides=TINY, postrun=False, start_worker=False)
+    # Uninterrupted reference (the worker code path, in this process).
+    assert jobs.run_worker(once=True) == 0
+    assert runs.get_run(ref_id).status == "succeeded"
+
+    proc = spawn_worker("--once")
+    # Kill it (SIGKILL: no cleanup at all) once the second finetune epoch is underway.
+    wait_for(lambda: len(runs.run_metrics(run_id)) >= 3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert runs.get_run(run_id).status == "running"  # the DB does not know yet
+    assert jobs.reconcile() != []
+    info = runs.get_run(run_id)
+    assert info.status == "failed" and "Worker died" in info.error and info.resumable
+
+    runs.resume_run(run_id, start_worker=False)
+    assert jobs.run_worker(once=True) == 0
+    ref, res = runs.get_run(ref_id), runs.get_run(run_id)
+    assert res.status == "succeeded", res.error
+    assert res.summary["resumed_from_epoch"] >= 3
+    a, b = runs.run_metrics(ref_id), runs.run_metrics(run_id)
+    assert [m["epoch"] for m in a] == [m["epoch"] for m in b] == [1, 2, 3, 4, 5]
+    for x, y in zip(a, b):
+        assert x["val_loss"] == pytest.approx(y["val_loss"], abs=1e-6), [(m["epoch"], m["val_loss"], n["val_loss"]) for m, n in zip(a, b)]
+        assert x["val_loss"] == pytest.approx(y["val_loss"], abs=1e-6)
+        assert x["val_accuracy"] == y["val_accuracy"]
+    assert ref.best_metrics["epoch"] == res.best_metrics["epoch"]
+    assert ref.best_metrics["loss"] == pytest.approx(res.best_metrics["loss"], abs=1e-6)
+
+
+def test_cancel_running_and_queued_runs(data_dir: Path, sf) -> None:
+    create_dataset_rows(data_dir, sf, "colours", [8, 8, 8])
+    long_cfg = dict(TINY, finetune_epochs=50, head_epochs=50, patience=100)
+    running_id, queued_id = runs.queue_training("colours", ["lite0", "lite0"], resolution=64, recipe="quick",
+                                                overrides=long_cfg, postrun=False, start_worker=False)
+    proc = spawn_worker("--idle-exit", "1")
+    try:
+        wait_for(lambda: runs.get_run(running_id).status == "running" and runs.run_metrics(running_id))
+        assert runs.cancel_run(queued_id) == "cancelled"  # never starts
+        assert runs.cancel_run(running_id) == "cancelling"
+        t0 = time.monotonic()
+        wait_for(lambda: runs.get_run(running_id).status == "cancelled", timeout=60)
+        assert time.monotonic() - t0 < 30
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert runs.get_run(queued_id).status == "cancelled"
+    assert runs.get_run(queued_id).started_at is None
+    assert runs.get_run(running_id).resumable
+    with pytest.raises(runs.RunError, match="only queued or running"):
+        runs.cancel_run(running_id)
+
+
+def test_reconcile_and_queue_validation(data_dir: Path, sf) -> None:
+    from core.efficientnet import UnknownVariantError
+    from core.weights import WeightsError
+    from storage.models import Job, Run
+
+    create_dataset_rows(data_dir, sf, "colours", [3, 3])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with sf.begin() as s:
+        run = Run(dataset_id=1, variant="lite0", resolution=64, preset="field", status="running", config={})
+        s.add(run)
+        s.flush()
+        s.add(Job(kind="train", status="running", run_id=run.id, worker_pid=dead.pid, payload={}))
+        s.add(Job(kind="nonsense", status="queued", payload={}))
+    assert len(jobs.reconcile()) == 1
+    info = runs.get_run(1)
+    assert info.status == "failed" and "No checkpoint was written yet" in info.error
+    # A job kind nobody handles fails with a clear error instead of crashing the worker.
+    assert jobs.run_worker(once=True) == 0
+    with sf() as s:
+        job = s.query(Job).filter_by(kind="nonsense").one()
+        assert job.status == "failed" and "no handler registered for job kind 'nonsense'" in job.error
+
+    with pytest.raises(UnknownVariantError, match="Known variants"):
+        runs.queue_training("colours", ["b99"], start_worker=False)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        from core.weights import hub_reachable
+        hub_reachable.cache_clear()
+        with pytest.raises(WeightsError, match="No ImageNet weights reachable for b3"):
+            runs.queue_training("colours", ["b3"], start_worker=False)
+    finally:
+        del os.environ["HF_HUB_OFFLINE"]
+        hub_reachable.cache_clear()
+    with pytest.raises(runs.RunError, match="No dataset named 'nope'"):
+        runs.queue_training("nope", ["lite0"], start_worker=False)
+
+
+def test_cli_train_detach_runs_and_cancel(data_dir: Path, sf, capsys: pytest.CaptureFixture[str]) -> None:
+    from workbench.cli import main
+
+    create_dataset_rows(data_dir, sf, "colours", [6, 6])
+    # A worker is alive (holds the lock) but busy with nothing: train --detach must only queue.
+    assert main(["train", "colours", "--variant", "lite0", "--resolution", "64", "--recipe", "quick", "--detach",
+                 "--preset", "medical"]) == 0
+    out = capsys.readouterr().out
+    assert "Queued run(s) 1" in out
+    pid = jobs.worker_pid()
+    if pid and pid > 0:
+        assert main(["cancel", "1"]) == 0  # queued or running: both accepted
+    assert main(["runs"]) == 0
+    out = capsys.readouterr().out
+    assert "colours" in out and "lite0" in out
+    wait_for(lambda: runs.get_run(1).status in jobs.TERMINAL, timeout=120)
+    assert main(["cancel", "1"]) == 2
+    assert "only queued or running" in capsys.readouterr().err
+    pid = jobs.worker_pid()
+    if pid and pid > 0:  # the worker this test started: stop it rather than wait for its idle exit
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: jobs.worker_pid() is None, timeout=30)

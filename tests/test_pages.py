@@ -1,0 +1,501 @@
+"""Every page of the web UI through streamlit.testing.v1.AppTest, on a real SQLite data dir.
+
+The app is started from its real entry point (workbench/app.py: password gate, then
+st.navigation) and each test switches to a page the way a user following a URL would.
+Data comes from the real services (ingest of real bean-leaf images, real training where
+needed), never from mocks.
+"""
+from __future__ import annotations
+
+import io
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from conftest import REPO_ROOT
+
+APP = REPO_ROOT / "workbench" / "app.py"
+PAGES = ["home", "datasets", "recommend", "train", "runs", "evaluate", "export", "predict", "settings"]
+TITLES = {p: p.capitalize() for p in PAGES} | {"home": "Workbench"}
+
+
+def page_path(name: str) -> str:
+    return f"../pages/{name}.py"
+
+
+def open_page(name: str, timeout: float = 60) -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=timeout)
+    at.run()
+    if name != "home":
+        at.switch_page(page_path(name)).run()
+    return at
+
+
+def assert_clean(at: AppTest) -> None:
+    """No uncaught exception (traceback box) and no error message on the page."""
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def titles(at: AppTest) -> list[str]:
+    return [t.value for t in at.title]
+
+
+def bean_zip(shared_datasets: Path, per_class: int = 12, classes=("healthy", "bean_rust"),
+             duplicate_across: bool = False) -> bytes:
+    """A zip of real bean-leaf images in class folders (optionally one image filed under two classes)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for cls in classes:
+            files = sorted((shared_datasets / "beans" / "train" / cls).iterdir())[:per_class]
+            for f in files:
+                zf.write(f, f"{cls}/{f.name}")
+        if duplicate_across:
+            f = sorted((shared_datasets / "beans" / "train" / classes[0]).iterdir())[0]
+            zf.write(f, f"{classes[1]}/copy_of_{f.name}")
+    return buf.getvalue()
+
+
+# --- shell: navigation, home, settings -------------------------------------------------
+
+def test_home_page(data_dir: Path) -> None:
+    at = open_page("home")
+    assert_clean(at)
+    assert titles(at) == ["Workbench"]
+    text = " ".join(m.value for m in at.markdown)
+    assert str(data_dir) in text and "workbench.db" in text
+    assert [m.label for m in at.metric] == ["Datasets", "Runs", "Running now"]
+    assert [m.value for m in at.metric] == ["0", "0", "0"]
+
+
+def test_settings_page(data_dir: Path) -> None:
+    at = open_page("settings")
+    assert_clean(at)
+    assert titles(at) == ["Settings"]
+    text = " ".join(m.value for m in at.markdown)
+    assert str(data_dir) in text
+    versions, weights = at.dataframe[0].value, at.dataframe[1].value
+    assert "streamlit" in set(versions["component"])
+    assert "efficientnet_lite0" in set(weights["variant"]) or len(weights) > 0
+    assert any("No password is set" in w.value for w in at.warning)
+
+
+@pytest.mark.parametrize("name", PAGES)
+def test_every_page_renders_without_error(data_dir: Path, name: str) -> None:
+    at = open_page(name)
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    assert titles(at)[0] == TITLES[name]
+
+
+# --- password gate ---------------------------------------------------------------------
+
+@pytest.fixture
+def password(monkeypatch: pytest.MonkeyPatch) -> str:
+    from workbench.auth import hash_password
+
+    monkeypatch.setenv("WORKBENCH_PASSWORD_HASH", hash_password("open sesame", iterations=1000))
+    return "open sesame"
+
+
+@pytest.mark.parametrize("name", PAGES)
+def test_password_gate_blocks_every_page(data_dir: Path, password: str, name: str) -> None:
+    at = AppTest.from_file(str(APP), default_timeout=30)
+    at.run()
+    at.switch_page(page_path(name)).run()  # as if the user typed /<page> in the address bar
+    assert titles(at) == ["Workbench"]
+    assert [t.label for t in at.text_input] == ["Password"]
+    assert not at.metric and not at.dataframe and not at.file_uploader
+    assert "protected by a password" in at.caption[0].value
+    # A wrong password keeps the page closed.
+    at.text_input[0].set_value("nope")
+    at.button[0].click().run()
+    assert [e.value for e in at.error] == ["Wrong password."]
+    assert titles(at) == ["Workbench"] and [t.label for t in at.text_input] == ["Password"]
+
+
+def test_password_gate_opens_with_the_right_password(data_dir: Path, password: str) -> None:
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.run()
+    at.text_input[0].set_value(password)
+    at.button[0].click().run()
+    assert_clean(at)
+    assert [m.label for m in at.metric] == ["Datasets", "Runs", "Running now"]  # the home page ran
+    at.switch_page(page_path("settings")).run()
+    assert titles(at) == ["Settings"]
+    assert any("A password is required" in s.value for s in at.success)
+    # Sign out closes it again.
+    at.sidebar.button[0].click().run()
+    assert [t.label for t in at.text_input] == ["Password"]
+
+
+def test_malformed_password_hash_locks_the_app(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKBENCH_PASSWORD_HASH", "plaintext-oops")
+    at = AppTest.from_file(str(APP), default_timeout=30)
+    at.run()
+    assert not at.exception
+    assert "locked" in at.error[0].value
+    assert not at.text_input and not at.metric
+
+
+def test_auth_helpers_roundtrip() -> None:
+    from workbench.auth import PasswordHashError, hash_password, main, verify_password
+
+    h = hash_password("pw", iterations=1000)
+    assert h.startswith("pbkdf2_sha256$1000$")
+    assert verify_password("pw", h) and not verify_password("pW", h) and not verify_password("", h)
+    assert hash_password("pw", iterations=1000) != h  # random salt
+    with pytest.raises(PasswordHashError):
+        verify_password("pw", "pbkdf2_sha256$10$salt$abcd")
+    assert main(["x"]) == 0
+
+
+# --- datasets ----------------------------------------------------------------------------
+
+def wait_for(at: AppTest, predicate, timeout: float = 90, what="condition") -> AppTest:
+    """Rerun the app until ``predicate(at)``; ``what`` (text or a callable giving text) explains a timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        at.run()
+        if predicate(at):
+            return at
+        time.sleep(0.5)
+    what = what() if callable(what) else what
+    raise AssertionError(f"timed out waiting for {what}; errors={[e.value for e in at.error]}")
+
+
+def upload_dataset(at: AppTest, payload: bytes, name: str, filename: str = "beans.zip") -> AppTest:
+    at.file_uploader(key="upload_file").set_value((filename, payload, "application/zip"))
+    at.text_input(key="upload_name").set_value(name)
+    next(b for b in at.button if b.label == "Upload and check").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    return wait_for(at, lambda a: any(name in s.value and "ingested" in s.value for s in a.success)
+                    or any(name in e.value for e in a.error), what=f"ingest of {name}")
+
+
+def test_datasets_upload_zip_health_and_delete(data_dir: Path, shared_datasets: Path) -> None:
+    at = open_page("datasets")
+    assert_clean(at)
+    assert at.file_uploader(key="upload_file").allowed_type == [".zip", ".csv", ".tsv"]
+    upload_dataset(at, bean_zip(shared_datasets, per_class=12, duplicate_across=True), "beans-small")
+    assert_clean(at)
+    assert any("beans-small" in s.value and "ingested 25 images" in s.value for s in at.success)
+    listing = at.dataframe[0].value
+    assert list(listing["name"]) == ["beans-small"] and list(listing["images"]) == [25]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Images"] == "25" and metrics["Classes"] == "2" and metrics["Duplicate groups"] == "1"
+    warnings = " ".join(w.value for w in at.warning)
+    assert "different labels" in warnings  # the same leaf filed under two classes
+    # Duplicate group and class samples are shown as real thumbnails.
+    text = " ".join(m.value for m in at.markdown)
+    assert "exact duplicates · 2 files" in text and "conflicting labels" in text
+    assert len(at.get("image")) >= 2 + 2 * 6
+    # The stored files exist and survive a fresh session (state lives in SQLite).
+    at2 = open_page("datasets")
+    assert list(at2.dataframe[0].value["name"]) == ["beans-small"]
+
+    # Uploading the same name again is refused with a readable message.
+    at2.file_uploader(key="upload_file").set_value(("again.zip", bean_zip(shared_datasets, 3), "application/zip"))
+    at2.text_input(key="upload_name").set_value("beans-small")
+    next(b for b in at2.button if b.label == "Upload and check").click().run()
+    assert not at2.exception
+    assert any("already exists" in e.value for e in at2.error)
+
+    # Delete.
+    at2.checkbox(key=f"sure{1}").check().run()
+    next(b for b in at2.button if b.label == "Delete dataset").click().run()
+    assert not at2.exception
+    assert any("No datasets yet" in i.value for i in at2.info)
+    assert not list((data_dir / "store").rglob("*.jpg"))
+
+
+def test_datasets_bad_upload_shows_readable_error(data_dir: Path) -> None:
+    at = open_page("datasets")
+    at.file_uploader(key="upload_file").set_value(("broken.zip", b"this is not a zip", "application/zip"))
+    at.text_input(key="upload_name").set_value("broken")
+    next(b for b in at.button if b.label == "Upload and check").click().run()
+    wait_for(at, lambda a: bool(a.error), what="the ingest error")
+    assert not at.exception
+    assert "broken" in at.error[0].value
+    assert "Traceback" not in at.error[0].value
+
+
+def test_home_counts_and_datasets_survive_a_new_session(data_dir: Path, shared_datasets: Path) -> None:
+    at = open_page("datasets")
+    upload_dataset(at, bean_zip(shared_datasets, per_class=6), "beans-tiny")
+    home = open_page("home")
+    assert {m.label: m.value for m in home.metric}["Datasets"] == "1"
+
+
+# --- recommend ---------------------------------------------------------------------------
+
+def test_recommend_budget_form_table_and_chart(data_dir: Path) -> None:
+    at = open_page("recommend")
+    assert_clean(at)
+    assert any(m.value.startswith("### Recommended:") for m in at.markdown)
+    ranked, excluded = at.dataframe[0].value, at.dataframe[1].value
+    assert len(ranked) >= 1 and "margin latency_p50_ms %" in ranked.columns
+    assert (ranked["margin latency_p50_ms %"] >= 0).all()
+    assert "why excluded" in excluded.columns and excluded["why excluded"].str.len().gt(0).all()
+    assert len(at.get("vega_lite_chart")) == 1
+    # An impossible budget on a Raspberry Pi: no recommendation, a readable explanation instead.
+    at.selectbox(key="rec_device").select("rpi4")
+    at.number_input(key="rec_latency").set_value(0.5)
+    next(b for b in at.button if b.label == "Recommend").click().run()
+    assert not at.exception
+    assert any("Nothing fits this budget" in e.value for e in at.error)
+    assert not any(m.value.startswith("### Recommended:") for m in at.markdown)
+
+
+# --- runs: 100+ runs, sorted and paginated in SQL -----------------------------------------
+
+def _insert_runs(n: int) -> None:
+    """Real rows in the real (migrated) SQLite database, as the training service writes them."""
+    from storage import repositories as repo
+    from storage.db import get_sessionmaker
+    from storage.models import Run, RunMetric
+    from workbench.settings import get_settings
+
+    sm = get_sessionmaker(get_settings().database_url)
+    with sm.begin() as s:
+        ds = repo.add_dataset(s, name="many", source="many.zip", classes=["a", "b"], health={}, split_config={},
+                              skipped=[], num_images=0)
+        for i in range(n):
+            run = Run(dataset_id=ds.id, variant=["lite0", "lite1", "b0"][i % 3], resolution=224, preset="field",
+                      status="succeeded", train_seconds=30.0 + i, config={"recipe": "quick"},
+                      summary={"test_accuracy": 0.5 + (i % 50) / 100, "test_macro_f1": 0.4 + (i % 50) / 100,
+                               "latency_ms_p50": 5.0 + (i * 7) % 40, "onnx_mb": 13.0 + i % 3})
+            s.add(run)
+            s.flush()
+            for e in range(1, 4):
+                s.add(RunMetric(run_id=run.id, epoch=e, phase="head",
+                                metrics={"val_accuracy": 0.5 + e / 10, "train_loss": 1.0 / e}))
+
+
+def test_runs_leaderboard_paginates_sorts_and_marks_the_front(data_dir: Path) -> None:
+    _insert_runs(130)
+    t0 = time.monotonic()
+    at = open_page("runs")
+    assert_clean(at)
+    first = at.dataframe[0].value
+    assert len(first) == 25
+    assert list(first["macro-F1"]) == sorted(first["macro-F1"], reverse=True)
+    assert {"macro-F1", "accuracy", "latency ms", "size MB", "params M", "training s"} <= set(first.columns)
+    assert first["params M"].between(3, 6).all()  # lite0/lite1/b0 with a 2-class head
+    assert "Runs 1–25 of 130" in " ".join(c.value for c in at.caption)
+    assert "Pareto front" in " ".join(c.value for c in at.caption)
+    assert len(at.get("vega_lite_chart")) == 1
+
+    print(f"\nruns page with 130 runs: {time.monotonic() - t0:.2f} s (first AppTest run, incl. app start and imports)")
+    t1 = time.monotonic()
+    at.run()
+    print(f"runs page with 130 runs, rerun: {time.monotonic() - t1:.2f} s")
+    assert time.monotonic() - t1 < 5
+    at.selectbox(key="runs_sort").select("latency ms").run()
+    lat = at.dataframe[0].value["latency ms"]
+    assert list(lat) == sorted(lat) and lat.iloc[0] == 5.0  # ascending by default for latency
+    at.get("pagination")[0].set_value(6).run()
+    assert_clean(at)
+    assert len(at.dataframe[0].value) == 5  # 130 = 5 pages of 25 + 5
+    assert "Runs 126–130 of 130" in " ".join(c.value for c in at.caption)
+    assert time.monotonic() - t0 < 30
+
+
+# --- pages that need a trained model: one real training run, shared by the tests below -------
+
+def _stop_worker(data_dir: Path) -> None:
+    import os
+    import signal
+
+    try:
+        os.kill(int((data_dir / "worker.pid").read_text().strip()), signal.SIGTERM)
+    except (OSError, ValueError):
+        pass
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory: pytest.TempPathFactory, shared_datasets: Path):
+    """A data dir with the bean dataset and one finished lite0@96 run (trained by the real worker)."""
+    from storage.db import reset_sessionmakers
+
+    d = tmp_path_factory.mktemp("trained") / "workbench-data"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WORKBENCH_DATA_DIR", str(d))
+        mp.delenv("DATABASE_URL", raising=False)
+        reset_sessionmakers()
+        from workbench import datasets, runs
+
+        z = tmp_path_factory.mktemp("zips") / "beans.zip"
+        z.write_bytes(bean_zip(shared_datasets, per_class=12))
+        info = datasets.add_dataset(z, "beans")
+        (run_id,) = runs.queue_training(info.id, ["lite0"], 96, "field", "quick", 1, None)
+        deadline = time.monotonic() + 300
+        while True:
+            r = runs.get_run(run_id)
+            if r.status in ("succeeded", "failed", "cancelled") and r.job_status not in ("queued", "running"):
+                break
+            assert time.monotonic() < deadline, "training did not finish in 5 minutes"
+            time.sleep(1)
+        assert r.status == "succeeded", r.error
+        yield d, run_id
+        _stop_worker(d)
+        reset_sessionmakers()
+
+
+@pytest.fixture
+def trained(trained_dir, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN001, ANN201
+    monkeypatch.setenv("WORKBENCH_DATA_DIR", str(trained_dir[0]))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    return trained_dir
+
+
+@pytest.mark.slow
+def test_evaluate_page_shows_metrics_confusion_plots(trained) -> None:  # noqa: ANN001
+    _, run_id = trained
+    at = open_page("evaluate")
+    assert_clean(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert set(metrics) >= {"Accuracy", "Balanced accuracy", "Macro-F1", "Macro ROC-AUC", "ECE"}
+    assert 0.0 <= float(metrics["Accuracy"]) <= 1.0
+    per_class = at.dataframe[0].value
+    assert set(per_class["class"]) == {"healthy", "bean_rust"}
+    assert len(at.get("vega_lite_chart")) == 1  # the confusion-matrix heatmap
+    # ROC, PR and reliability diagrams are the evaluation's verified PNG artifacts.
+    assert len(at.get("image")) >= 3
+    assert "4 test images" in " ".join(c.value for c in at.caption)
+    # Re-evaluating with test-time augmentation runs as a background job; the page picks up the result.
+    next(b for b in at.button if b.label == "With test-time augmentation").click().run()
+    assert not at.exception
+    wait_for(at, lambda a: "with test-time augmentation" in " ".join(c.value for c in a.caption), timeout=120,
+             what="the TTA evaluation")
+    assert_clean(at)
+    assert "Test-time augmentation changed" in " ".join(c.value for c in at.caption)
+
+
+@pytest.mark.slow
+def test_export_page_builds_bundle_as_a_job_and_offers_download(trained) -> None:  # noqa: ANN001
+    _, run_id = trained
+    at = open_page("export")
+    assert_clean(at)
+    assert any("Verified: ONNX Runtime matches PyTorch" in s.value for s in at.success)
+    before = len(at.get("download_button"))
+    at.checkbox(key="exp_fp16").check()
+    next(b for b in at.button if b.label == "Build bundle").click().run()
+    assert not at.exception
+    wait_for(at, lambda a: len(a.get("download_button")) > before or bool(a.error), timeout=180,
+             what="the bundle")
+    assert_clean(at)
+    text = " ".join(m.value for m in at.markdown)
+    assert "model.onnx, model_fp16.onnx" in text
+
+
+@pytest.mark.slow
+def test_export_page_refuses_an_altered_bundle(trained) -> None:  # noqa: ANN001
+    from storage.db import get_sessionmaker
+    from storage.models import Artifact
+    from workbench.evaluation import export_run
+    from workbench.settings import get_settings
+
+    data_dir, run_id = trained
+    res = export_run(run_id)
+    with get_sessionmaker(get_settings().database_url)() as s:
+        path = data_dir / s.get(Artifact, res["bundle_artifact_id"]).path
+    path.write_bytes(path.read_bytes() + b"tampered")
+    at = open_page("export")
+    assert not at.exception
+    assert any("not offered for download" in e.value and "altered" in e.value for e in at.error)
+
+
+@pytest.mark.slow
+def test_predict_page_top_k_and_gradcam(trained, shared_datasets: Path) -> None:  # noqa: ANN001
+    at = open_page("predict")
+    assert_clean(at)
+    files = sorted((shared_datasets / "beans" / "test" / "healthy").iterdir())[:2]
+    at.file_uploader(key="predict_files").set_value([(f.name, f.read_bytes(), "image/jpeg") for f in files]
+                                                    + [("notes.png", b"not an image", "image/png")])
+    next(b for b in at.button if b.label == "Predict").click().run()
+    wait_for(at, lambda a: len(a.get("image")) >= 2 or any("failed" in e.value for e in a.error), timeout=120,
+             what="predictions")
+    assert not at.exception
+    results = [m.value for m in at.markdown if "→" in m.value]
+    assert len(results) == 2 and all(f.name in " ".join(results) for f in files)
+    assert all(im.captions[0].startswith("Grad-CAM for ") for im in at.get("image"))
+    assert any("notes.png" in e.value for e in at.error)  # the broken file is reported, not fatal
+
+
+@pytest.mark.slow
+def test_train_page_preview_launch_cancel_resume(trained) -> None:  # noqa: ANN001
+    from workbench import runs
+
+    at = open_page("train")
+    assert_clean(at)
+    assert len(at.get("image")) == 8  # augmentation preview grid
+    assert at.radio(key=f"train_preset_1").value == "field"  # suggested for colour photos
+    assert "Run #1" in " ".join(m.value for m in at.markdown)
+    next(b for b in at.button if b.label == "Launch training").click().run()
+    assert_clean(at)
+    new_id = max(r.id for r in runs.list_runs())
+    state = lambda: f"run {new_id}: {runs.get_run(new_id).status}"  # noqa: E731 - for failure messages
+    wait_for(at, lambda a: any(b.key == f"cancel{new_id}" for b in a.button), timeout=60,
+             what=lambda: f"the cancel button ({state()})")
+    next(b for b in at.button if b.key == f"cancel{new_id}").click().run()
+    assert not at.exception
+    # Queued: cancelled at once; running: the worker stops within a batch.
+    wait_for(at, lambda a: runs.get_run(new_id).status == "cancelled", timeout=240,
+             what=lambda: f"the cancellation ({state()})")
+    wait_for(at, lambda a: any(b.key == f"resume{new_id}" for b in a.button), timeout=60,
+             what=lambda: f"the resume button ({state()})")
+    next(b for b in at.button if b.key == f"resume{new_id}").click().run()
+    assert not at.exception
+    assert runs.get_run(new_id).status in ("queued", "running"), state()
+    runs.cancel_run(new_id)  # do not leave it training
+    wait_for(at, lambda a: runs.get_run(new_id).status == "cancelled", timeout=240,
+             what=lambda: f"the second cancel ({state()})")
+
+
+# --- scale: a 10,000-image dataset stays quick (sampled thumbnails, LIMIT queries) ----------
+
+def test_datasets_and_train_pages_stay_quick_with_10000_images(data_dir: Path, shared_datasets: Path) -> None:
+    import hashlib
+
+    from storage import repositories as repo
+    from storage.db import get_sessionmaker
+    from storage.models import Dataset, Image
+    from workbench import datasets
+    from workbench.settings import get_settings
+
+    z = data_dir.parent / "seed.zip"
+    z.write_bytes(bean_zip(shared_datasets, per_class=10))
+    seed = datasets.add_dataset(z, "seed")
+    sm = get_sessionmaker(get_settings().database_url)
+    with sm.begin() as s:
+        real = s.query(Image).filter(Image.dataset_id == seed.id).all()
+        big = repo.add_dataset(s, name="big", source="big.zip", classes=seed.classes, health=dict(seed.health),
+                               split_config=dict(seed.split_config), skipped=[], num_images=10_000)
+        rows = []
+        for i in range(10_000):
+            im = real[i % len(real)]
+            rows.append({"store_path": im.store_path, "sha256": hashlib.sha256(f"{i}".encode()).hexdigest(),
+                         "phash": im.phash, "width": im.width, "height": im.height, "mode": im.mode,
+                         "label": im.label, "split": ("train", "val", "test")[i % 3],
+                         "group": None, "original_name": f"{im.label}/img{i:05d}.jpg"})
+        repo.add_images(s, big.id, rows)
+    with sm() as s:
+        assert s.query(Image).filter(Image.dataset_id == big.id).count() == 10_000
+        assert s.get(Dataset, big.id).num_images == 10_000
+
+    open_page("datasets")  # warm imports and caches once
+    for page in ("datasets", "train"):
+        t0 = time.monotonic()
+        at = open_page(page)
+        elapsed = time.monotonic() - t0
+        assert_clean(at)
+        print(f"\n{page} page with a 10,000-image dataset: {elapsed:.2f} s (AppTest run, incl. app start)")
+        assert elapsed < 15, f"{page} took {elapsed:.1f} s with a 10,000-image dataset"
+    at = open_page("datasets")
+    assert {m.label: m.value for m in at.metric}["Images"] == "10000"
+    # Only a sample is decoded for thumbnails: 6 per class, not 10,000.
+    assert len(at.get("image")) == 12

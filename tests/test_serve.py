@@ -1,0 +1,85 @@
+"""`make run` and the Procfile really serve the app (HTTP 200 on /)."""
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_200(url: str, proc: subprocess.Popen, timeout: float = 90) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            pytest.fail(f"server exited with {proc.returncode}:\n{out[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.status
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"no answer from {url} within {timeout} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def non_loopback_address() -> str | None:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))  # no packet is sent: UDP connect only picks a route
+            addr = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if addr.startswith("127.") else addr
+
+
+def test_make_run_serves_on_localhost_only(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "WORKBENCH_DATA_DIR": str(tmp_path / "data"), "PORT": str(port)}
+    proc = subprocess.Popen(["make", "-s", "run", f"PORT={port}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert wait_for_200(f"http://127.0.0.1:{port}/", proc) == 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=5) as r:
+            assert r.read() == b"ok"
+        addr = non_loopback_address()
+        if addr:  # bound to 127.0.0.1: another interface of this machine refuses the connection
+            with pytest.raises(OSError):
+                socket.create_connection((addr, port), timeout=2).close()
+    finally:
+        stop(proc)
+
+
+def test_procfile_web_line_serves(tmp_path: Path) -> None:
+    line = next(ln for ln in (ROOT / "Procfile").read_text().splitlines() if ln.startswith("web:"))
+    port = free_port()
+    cmd = shlex.split(line.removeprefix("web:").replace("$PORT", str(port)))
+    assert "--server.headless" in cmd
+    cmd[0] = str(ROOT / ".venv" / "bin" / cmd[0]) if (ROOT / ".venv" / "bin" / cmd[0]).exists() else cmd[0]
+    env = {**os.environ, "WORKBENCH_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        assert wait_for_200(f"http://127.0.0.1:{port}/", proc) == 200
+    finally:
+        stop(proc)

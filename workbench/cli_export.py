@@ -1,0 +1,201 @@
+"""``workbench evaluate | export | predict``: evaluation and deployable exports from the shell."""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+
+def _progress(msg: str, frac: float) -> None:
+    print(f"[{frac:5.0%}] {msg}", file=sys.stderr)
+
+
+def _run_id(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"RUN must be a run id (an integer), got {text!r}") from None
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from workbench.evaluation import EvaluationError, evaluate_run
+
+    try:
+        out = evaluate_run(args.run, tta=args.tta, sensitivity=args.sensitivity, positive_class=args.positive_class,
+                           progress=_progress)
+    except (EvaluationError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    m = out["metrics"]
+    print(f"run {args.run}: test split, {m['n']} images{' (flip TTA)' if m['tta'] else ''}")
+    print(f"  accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}"
+          + (f"  macro ROC-AUC {m['macro_roc_auc']:.4f}" if m["macro_roc_auc"] is not None else ""))
+    for c in m["per_class"]:
+        print(f"  {c['class']:<24} P {c['precision']:.3f}  R {c['recall']:.3f}  F1 {c['f1']:.3f}  n={c['support']}")
+    cal = m["calibration"]
+    line = f"  ECE {cal['before']['ece']:.4f}"
+    if cal.get("temperature"):
+        line += f" -> {cal['after']['ece']:.4f} after temperature {cal['temperature']:.3f} (fitted on val)"
+    print(line)
+    if cal.get("warning"):
+        print(f"  warning: {cal['warning']}")
+    if "tta_effect" in m:
+        e = m["tta_effect"]
+        print(f"  TTA: accuracy {e['without']['accuracy']:.4f} -> {e['with']['accuracy']:.4f} "
+              f"({e['accuracy_delta']:+.4f}), {e['changed_predictions']} predictions changed")
+    op = m.get("operating_point")
+    if op and "threshold" in op:
+        print(f"  '{op['positive_class']}' threshold {op['threshold']:.4f} (chosen on {op['chosen_on']} for "
+              f"{op['target_sensitivity']:.0%} sensitivity): test sensitivity {op['sensitivity']:.3f}, "
+              f"specificity {op['specificity']:.3f}")
+    elif op:
+        print(f"  operating point: {op['error']}")
+    print(f"  evaluation #{out['evaluation_id']}, {len(out['plots'])} plots/reports saved")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from storage.artifacts import ArtifactError
+    from workbench.evaluation import EvaluationError, export_run
+
+    try:
+        out = export_run(args.run, fp16=args.fp16, int8=args.int8, uint8_graph=args.uint8, out_path=args.output,
+                         progress=_progress)
+    except (EvaluationError, ArtifactError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    v = out["verification"]
+    print(f"fp32 verified on {v['n_images']} test images: max |logit diff| {v['max_abs_logit_diff']:.2e}, "
+          f"top-1 agreement {v['top1_agreement']:.2%}")
+    print(f"{'precision':<10}{'MB':>8}{'p50 ms':>9}{'p95 ms':>9}{'img/s@32':>10}{'accuracy':>10}{'vs fp32':>9}")
+    for name, m in out["variants"].items():
+        print(f"{name:<10}{m['onnx_mb']:>8.2f}{m['latency_ms_p50']:>9.1f}{m['latency_ms_p95']:>9.1f}"
+              f"{m['throughput_images_per_s']:>10.1f}{m['accuracy']:>10.4f}{m['accuracy_delta']:>+9.4f}")
+    if out.get("uint8_graph"):
+        u = out["uint8_graph"]
+        print(f"uint8 graph vs PIL path: top-1 agreement {u['top1_agreement']:.2%}, max |logit diff| "
+              f"{u['max_abs_logit_diff']:.3g}")
+    print(f"bundle: {out['out_path'] or out['bundle_path']}")
+    return 0
+
+
+def _load_predict_module(folder: Path) -> Any:
+    spec = importlib.util.spec_from_file_location("workbench_bundle_predict", folder / "predict.py")
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"{folder}/predict.py cannot be loaded")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _predict_run(run_id: int, images: list[str], csv_path: Path, top_k: int) -> int:
+    """Predict with a run's verified fp32 ONNX (ONNX Runtime, Workbench preprocessing)."""
+    import json
+
+    import numpy as np
+
+    from core.evaluate import softmax
+    from core.export import read_metadata
+    from core.images import ImageDecodeError, load_rgb
+    from core.latency import ort_session
+    from core.preprocessing import Preprocessing, preprocess
+    from workbench.evaluation import EvaluationError, ensure_fp32
+
+    try:
+        exp = ensure_fp32(run_id, progress=_progress)
+    except EvaluationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if not exp["passed"]:
+        print(f"error: run {run_id}'s ONNX export failed verification; not used for predictions", file=sys.stderr)
+        return 1
+    md = read_metadata(exp["path"])
+    labels = json.loads(md["classes"])
+    pre = Preprocessing.from_dict(json.loads(md["preprocessing"]))
+    sess = ort_session(exp["path"])
+    mod_files = _expand(images)
+    rows = []
+    for p in mod_files:
+        try:
+            x = preprocess(load_rgb(p), pre)[None]
+        except (ImageDecodeError, OSError) as e:
+            print(f"skipped {p}: {e}", file=sys.stderr)
+            continue
+        pr = softmax(sess.run(None, {"image": x})[0])[0]
+        order = np.argsort(-pr, kind="stable")[:max(1, min(top_k, len(labels)))]
+        rows.append([str(p), labels[order[0]], f"{pr[order[0]]:.6f}", ";".join(f"{labels[j]}:{pr[j]:.6f}" for j in order)])
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "predicted_label", "confidence", "top_k"])
+        w.writerows(rows)
+    print(f"{len(rows)} images classified -> {csv_path}")
+    return 0 if rows else 1
+
+
+def _expand(inputs: list[str]) -> list[Path]:
+    exts = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm"}
+    out: list[Path] = []
+    for s in inputs:
+        p = Path(s)
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in exts)
+        elif p.is_file():
+            out.append(p)
+        else:
+            print(f"warning: {s} is not a file or folder", file=sys.stderr)
+    return out
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    target = Path(args.target)
+    csv_path = Path(args.csv)
+    if target.suffix == ".zip" and target.is_file():
+        # Use the bundle exactly as a customer would: its own predict.py and model.onnx.
+        with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(target) as zf:
+            names = set(zf.namelist())
+            missing = {"predict.py", "model.onnx", "labels.json", "preprocessing.json"} - names
+            if missing:
+                print(f"error: {target} is not a Workbench bundle (missing {sorted(missing)})", file=sys.stderr)
+                return 1
+            zf.extractall(tmp)
+            mod = _load_predict_module(Path(tmp))
+            return int(mod.main([*args.images, "--csv", str(csv_path), "--top-k", str(args.top_k)]))
+    if target.is_dir() and (target / "predict.py").is_file():
+        mod = _load_predict_module(target)
+        return int(mod.main([*args.images, "--csv", str(csv_path), "--top-k", str(args.top_k)]))
+    try:
+        run_id = int(args.target)
+    except ValueError:
+        print(f"error: {args.target!r} is neither a bundle (.zip or unpacked folder) nor a run id", file=sys.stderr)
+        return 2
+    return _predict_run(run_id, args.images, csv_path, args.top_k)
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("evaluate", help="evaluate a run on its held-out test split")
+    p.add_argument("run", type=_run_id, metavar="RUN")
+    p.add_argument("--tta", action="store_true", help="also evaluate with horizontal-flip test-time augmentation")
+    p.add_argument("--sensitivity", type=float, default=0.95,
+                   help="two-class tasks: target sensitivity for the operating threshold (default 0.95)")
+    p.add_argument("--positive-class", default=None, help="two-class tasks: the positive class (default: the second)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = subparsers.add_parser("export", help="build a verified deploy bundle (zip) for a run")
+    p.add_argument("run", type=_run_id, metavar="RUN")
+    p.add_argument("--fp16", action="store_true", help="add model_fp16.onnx (fp16 weights and compute)")
+    p.add_argument("--int8", action="store_true", help="add model_int8.onnx (static int8, QDQ, per-channel)")
+    p.add_argument("--uint8", action="store_true", help="add model_uint8.onnx (uint8 NHWC input, resize inside)")
+    p.add_argument("-o", "--output", type=Path, default=None, help="where to copy the bundle zip")
+    p.set_defaults(func=cmd_export)
+
+    p = subparsers.add_parser("predict", help="classify images with a bundle (zip/folder) or a run")
+    p.add_argument("target", metavar="BUNDLE_OR_RUN")
+    p.add_argument("images", nargs="+", metavar="IMAGES")
+    p.add_argument("--csv", default="predictions.csv")
+    p.add_argument("--top-k", type=int, default=3)
+    p.set_defaults(func=cmd_predict)

@@ -1,0 +1,161 @@
+"""``workbench train | runs | resume | cancel | worker``."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Sequence
+
+from workbench import jobs, runs
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from core.train import RECIPES
+
+    p = subparsers.add_parser("train", help="fine-tune one or more variants on a dataset (in the worker)")
+    p.add_argument("dataset", help="dataset name or id")
+    p.add_argument("--variant", action="append", dest="variants", metavar="NAME",
+                   help="EfficientNet variant (repeat to compare several); default lite0")
+    p.add_argument("--resolution", type=int, default=None, help="input size in px (default: the variant's)")
+    p.add_argument("--preset", choices=["medical", "field", "none"], default=None,
+                   help="augmentation preset (default: medical for grayscale/DICOM datasets, else field)")
+    p.add_argument("--recipe", choices=list(RECIPES), default="default")
+    p.add_argument("--epochs", type=int, default=None, help="fine-tune epochs (overrides the recipe)")
+    p.add_argument("--batch-label", default=None, help="label grouping these runs for comparison")
+    p.add_argument("--detach", action="store_true", help="queue and return at once")
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("runs", help="list training runs with state and best metrics")
+    p.add_argument("--dataset", default=None)
+    p.set_defaults(func=cmd_runs)
+
+    p = subparsers.add_parser("resume", help="resume a failed or cancelled run from its last checkpoint")
+    p.add_argument("run", type=int)
+    p.add_argument("--detach", action="store_true")
+    p.set_defaults(func=cmd_resume)
+
+    p = subparsers.add_parser("cancel", help="cancel a queued or running run")
+    p.add_argument("run", type=int)
+    p.set_defaults(func=cmd_cancel)
+
+    p = subparsers.add_parser("worker", help="run the job worker in the foreground")
+    p.add_argument("--once", action="store_true", help="run at most one job")
+    p.add_argument("--idle-exit", type=float, default=None, help="exit after N idle seconds")
+    p.set_defaults(func=cmd_worker)
+
+
+def follow(run_ids: Sequence[int], poll_s: float = 0.5) -> int:
+    """tqdm bars following the DB progress of each run in turn; 0 if all succeeded."""
+    from tqdm import tqdm
+
+    worst = 0
+    for rid in run_ids:
+        info = runs.get_run(rid)
+        bar = tqdm(total=1000, desc=f"run {rid} {info.variant}", unit="‰", leave=True,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+        while True:
+            info = runs.get_run(rid)
+            p = info.progress or {}
+            frac = p.get("fraction") or 0.0
+            bar.n = int(1000 * min(1.0, frac))
+            eta = p.get("eta_s")
+            bar.set_postfix_str(f"{info.status} | {p.get('message', '')}"
+                                + (f" | loss {p['loss']:.3f}" if p.get("loss") is not None else "")
+                                + (f" | ETA {eta:.0f}s" if eta is not None else ""), refresh=True)
+            if info.status in jobs.TERMINAL:
+                break
+            if info.job_status in jobs.TERMINAL and info.status == "running":
+                break  # worker finished the job but the run row says otherwise: reconcile will fix
+            if jobs.worker_pid() is None and info.status in runs.ACTIVE:
+                jobs.reconcile()
+                if runs.get_run(rid).status == "queued":
+                    jobs.ensure_worker()
+            time.sleep(poll_s)
+        bar.close()
+        print(_describe(info))
+        worst = max(worst, 0 if info.status == "succeeded" else 1)
+    return worst
+
+
+def _describe(info: runs.RunInfo) -> str:
+    if info.status == "succeeded" and info.best_metrics:
+        b = info.best_metrics
+        return (f"run {info.id} succeeded: val accuracy {b['accuracy']:.3f}, macro-F1 {b['macro_f1']:.3f} "
+                f"(epoch {b['epoch']}), {info.train_seconds or 0:.0f} s")
+    return f"run {info.id} {info.status}" + (f": {info.error}" if info.error else "")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from core.weights import WeightsError
+
+    try:
+        ids = runs.queue_training(args.dataset, args.variants or ["lite0"], resolution=args.resolution,
+                                  preset=args.preset, recipe=args.recipe, epochs=args.epochs,
+                                  batch_label=args.batch_label)
+    except (runs.RunError, WeightsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"Queued run(s) {', '.join(map(str, ids))}; worker pid {jobs.worker_pid() or 'starting'}.")
+    if args.detach:
+        return 0
+    return _follow_or_leave(ids)
+
+
+def _follow_or_leave(ids: Sequence[int]) -> int:
+    try:
+        return follow(ids)
+    except KeyboardInterrupt:
+        print(f"\nStopped following. Training continues in the background worker; "
+              f"check with `workbench runs`, stop with `workbench cancel {ids[0]}`.")
+        return 130
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    jobs.reconcile()
+    rows = runs.list_runs(args.dataset)
+    if not rows:
+        print("No runs yet.")
+        return 0
+    print(f"{'id':>4}  {'dataset':16} {'variant':8} {'res':>4} {'recipe':8} {'status':10} "
+          f"{'val acc':>7} {'val F1':>7} {'train s':>8}  batch")
+    for r in rows:
+        b = r.best_metrics or {}
+        acc = f"{b['accuracy']:.3f}" if "accuracy" in b else "-"
+        f1 = f"{b['macro_f1']:.3f}" if "macro_f1" in b else "-"
+        secs = f"{r.train_seconds:.0f}" if r.train_seconds else "-"
+        status = r.status + ("*" if r.cancel_requested and r.status == "running" else "")
+        print(f"{r.id:>4}  {r.dataset[:16]:16} {r.variant:8} {r.resolution:>4} {r.recipe[:8]:8} {status:10} "
+              f"{acc:>7} {f1:>7} {secs:>8}  {r.batch_label or ''}")
+        if r.status == "failed" and r.error:
+            print(f"      error: {r.error}")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    try:
+        runs.resume_run(args.run)
+    except runs.RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"Run {args.run} queued to resume.")
+    return 0 if args.detach else _follow_or_leave([args.run])
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    try:
+        state = runs.cancel_run(args.run)
+    except runs.RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"Run {args.run}: {state}.")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
+    rc = jobs.run_worker(once=args.once, idle_exit_s=args.idle_exit)
+    if rc == 3:
+        print(f"Another worker is already running (pid {jobs.worker_pid()}).", file=sys.stderr)
+    return rc
