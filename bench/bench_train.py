@@ -1,6 +1,6 @@
 """Fine-tuning benchmark on beans: our recipes vs a plain timm fine-tune, same weights, same split.
 
-    .venv/bin/python bench/bench_train.py [--recipes quick@160 default@224] [--no-baseline] [--out bench/results_train.md]
+    .venv/bin/python bench/bench_train.py [--recipes quick@192 default@224] [--no-baseline] [--out bench/results_train.md]
 
 Data: ../shared/datasets/beans, train/ split 85/15 (stratified, seed 0) into train/val for
 both contenders; test/ (128 images) is held out and only used for the reported accuracy.
@@ -135,7 +135,7 @@ def run_baseline(tr, classes, test) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--recipes", nargs="*", default=["quick@160", "default@224"],
+    ap.add_argument("--recipes", nargs="*", default=["quick@192", "default@224"],
                     help="recipe@resolution (resolution defaults to 224)")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--baseline-s", type=float, default=521.0, help="baseline wall s if not run (earlier figure)")

@@ -86,8 +86,8 @@ class TrainConfig:
     cache_views: int = 3
     cache_activations: bool = True
     cache_max_mb: int = 3072  # above this the finetune phase runs on images instead
-    # View 0 of every image is the un-augmented eval-time image (when cache_views >= 2, or always
-    # with clean_view=True and one view): the network sees the exact test-time input too.
+    # View 0 of every image is the un-augmented eval-time image, views 1.. are augmented: the
+    # network also trains on the exact test-time input (with cache_views=1, only on it).
     clean_view: bool = True
     # Frozen-prefix forward for the cache: ONNX Runtime (BN folded, 3-4x faster than eager
     # PyTorch on CPU), else PyTorch. "auto": ONNX Runtime on CPU when importable.
@@ -134,15 +134,19 @@ class TrainConfig:
 
 
 # Named recipes: epochs per phase, learning rates, how deep to unfreeze, how many cached views.
-# Tuned on beans (bench/bench_train.py) with 2 CPU cores in mind.
+# Sized for 2 CPU cores (bench/bench_train.py, bench/results_train.md): the head warm-up runs to
+# convergence on cached embeddings (cheap: early stopping ends it); the fine-tune trains the top
+# stage + conv head on cached stage-6 inputs, a few seconds per epoch at 224 px.
 RECIPES: dict[str, dict[str, Any]] = {
-    # Seconds: one cached view, the last stage + conv head fine-tuned briefly.
-    "quick": dict(head_epochs=8, finetune_epochs=4, unfreeze_stages=1, cache_views=1, patience=3),
-    # Minutes: three cached views, the top two stages.
-    "default": dict(head_epochs=10, finetune_epochs=8, unfreeze_stages=2, cache_views=3, patience=4),
+    # Under a minute at 192 px on 2 cores: the clean view only, a short fine-tune of the top stage.
+    "quick": dict(head_epochs=20, lr_head=5e-3, finetune_epochs=3, unfreeze_stages=1, cache_views=1, patience=4,
+                  train_bn=False),
+    # About a third of a plain full fine-tune's time: clean + 2 augmented views, the top stage.
+    "default": dict(head_epochs=30, lr_head=5e-3, finetune_epochs=8, unfreeze_stages=1, cache_views=3, patience=4,
+                    train_bn=False),
     # Longer: more views, three stages, EMA of weights.
-    "thorough": dict(head_epochs=12, finetune_epochs=14, unfreeze_stages=3, cache_views=6, patience=6,
-                     ema=True),
+    "thorough": dict(head_epochs=30, lr_head=5e-3, finetune_epochs=14, unfreeze_stages=3, cache_views=6,
+                     patience=6, ema=True),
 }
 
 

@@ -53,7 +53,7 @@ def ingest_progress() -> None:
         if j["status"] in ui.ACTIVE_STATUSES:
             total, done = p.get("total") or 0, p.get("done") or 0
             frac = done / total if total else 0.0
-            st.progress(frac, text=f"{label}: {p.get('phase', 'working')} — {done} / {total or '?'} files")
+            st.progress(frac, text=f"{label}: {p.get('phase') or j['status']} — {done} / {total or '?'} files")
         elif j["status"] == "succeeded":
             c1, c2 = st.columns([6, 1])
             c1.success(f"{label}: ingested {p.get('done', 0)} images.", icon=":material/check_circle:")

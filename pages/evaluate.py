@@ -28,7 +28,7 @@ if c2.button("With test-time augmentation", icon=":material/flip:",
 
 @ui.live_fragment(1, "Could not read the evaluation jobs")
 def evaluation_jobs() -> None:
-    ui.job_progress_panel(["ui-evaluate"], run_id, "Evaluation", "_eval_was_running")
+    ui.job_progress_panel(["evaluate"], run_id, "Evaluation", "_eval_was_running")
 
 
 evaluation_jobs()

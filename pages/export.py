@@ -32,7 +32,7 @@ if go:
 
 @ui.live_fragment(1, "Could not read the export jobs")
 def export_progress() -> None:
-    ui.job_progress_panel(["ui-export", "export"], run_id, "Export", "_export_was_running")
+    ui.job_progress_panel(["export"], run_id, "Export", "_export_was_running")
 
 
 export_progress()

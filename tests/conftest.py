@@ -23,7 +23,46 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.delenv("DATABASE_URL", raising=False)
     reset_sessionmakers()
     yield d
+    stop_workers(d)  # the job-runner workers (every lane) this test started, detached by design
     reset_sessionmakers()  # release the SQLite file before tmp_path is removed
+
+
+def worker_processes(data_dir: Path) -> list:
+    """Live ``workbench.worker`` processes (any lane) serving ``data_dir``."""
+    import psutil
+
+    want = str(Path(data_dir).resolve())
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = proc.info["cmdline"] or []
+            if "workbench.worker" not in cmd or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            env_dir = proc.environ().get("WORKBENCH_DATA_DIR")
+            if env_dir and str(Path(env_dir).resolve()) == want:
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def stop_workers(data_dir: Path, timeout: float = 60) -> None:
+    """SIGTERM the workers serving ``data_dir`` (they finish their batch/job), SIGKILL after ``timeout``."""
+    import psutil
+
+    procs = worker_processes(data_dir)
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _gone, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=10)
 
 
 @pytest.fixture(scope="session")

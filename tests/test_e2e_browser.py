@@ -93,16 +93,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
 
 
 def _stop_worker(data_dir: Path) -> None:
-    """Stop the job-runner worker this test's server started (it is detached by design)."""
-    pid_file = data_dir / "worker.pid"
-    try:
-        pid = int(pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
+    """Stop the job-runner workers (train and light lanes) this test's server started (detached by design)."""
+    from conftest import stop_workers
+
+    stop_workers(data_dir)
 
 
 @pytest.fixture(scope="module")

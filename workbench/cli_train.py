@@ -41,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = subparsers.add_parser("worker", help="run the job worker in the foreground")
     p.add_argument("--once", action="store_true", help="run at most one job")
     p.add_argument("--idle-exit", type=float, default=None, help="exit after N idle seconds")
+    p.add_argument("--lane", choices=jobs.LANES, default=jobs.DEFAULT_LANE,
+                   help="which jobs: train (default) or light (ingest, export, evaluate, predict)")
     p.set_defaults(func=cmd_worker)
 
 
@@ -155,7 +157,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
-    rc = jobs.run_worker(once=args.once, idle_exit_s=args.idle_exit)
+    rc = jobs.run_worker(once=args.once, idle_exit_s=args.idle_exit, lane=args.lane)
     if rc == 3:
-        print(f"Another worker is already running (pid {jobs.worker_pid()}).", file=sys.stderr)
+        print(f"Another {args.lane}-lane worker is already running (pid {jobs.worker_pid(lane=args.lane)}).",
+              file=sys.stderr)
     return rc

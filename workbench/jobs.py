@@ -1,16 +1,21 @@
 """A generic job queue in SQLite and the worker process that drains it.
 
 * Jobs are rows of the ``jobs`` table (queued -> running -> succeeded | failed | cancelled).
-* ONE worker process at a time (an exclusive ``flock`` on ``<data dir>/worker.lock``) claims
-  queued jobs one by one with a single atomic UPDATE and runs the handler registered for the
-  job's kind. It is started detached (``start_new_session``) so it outlives the browser tab
-  or the CLI that asked for it.
+* Every job kind belongs to a **lane** (``LANE_OF_KIND``, default ``train``): ``train`` for
+  training, ``light`` for the shorter work the UI asks for (ingest, export, evaluate,
+  predict), so an upload never waits for a long training to finish.
+* ONE worker process per lane (an exclusive ``flock`` on ``<data dir>/worker.lock`` for the
+  train lane, ``worker-<lane>.lock`` for the others) claims its lane's queued jobs one by one
+  with a single atomic UPDATE and runs the handler registered for the job's kind. It is
+  started detached (``start_new_session``) so it outlives the browser tab, the Streamlit
+  server or the CLI that asked for it.
 * Handlers are registered by kind (``register_handler``); ``workbench.runs`` registers
-  ``train``, other modules (e.g. ``workbench.postrun``) may register more.
+  ``train``, ``workbench.postrun`` ``evaluate``/``export``, ``workbench.tasks``
+  ``ingest``/``predict``.
 * Every write is a short transaction; SQLite runs in WAL mode with a busy timeout
   (storage.db), so the UI reading progress never blocks the worker writing it.
 * ``reconcile`` makes the database tell the truth after a crash: a job marked running whose
-  worker is gone is failed with "worker died", and its run is offered for resume.
+  lane's worker is gone is failed with "worker died", and a training run is offered for resume.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import psutil
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import get_sessionmaker
@@ -39,7 +44,43 @@ log = logging.getLogger("workbench.jobs")
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 # Modules imported by the worker so that they register their handlers.
-HANDLER_MODULES = ("workbench.runs", "workbench.postrun")
+HANDLER_MODULES = ("workbench.runs", "workbench.postrun", "workbench.tasks")
+
+# Lanes: one worker process each, so light jobs never queue behind a long training.
+DEFAULT_LANE = "train"
+LANES = ("train", "light")
+LANE_OF_KIND: dict[str, str] = {"train": "train", "ingest": "light", "export": "light", "evaluate": "light",
+                                "predict": "light"}
+
+
+def lane_of(kind: str) -> str:
+    """The lane whose worker runs jobs of this kind (unknown kinds: the default lane)."""
+    return LANE_OF_KIND.get(kind, DEFAULT_LANE)
+
+
+def _check_lane(lane: str) -> str:
+    if lane not in LANES:
+        raise ValueError(f"unknown worker lane {lane!r}; known lanes: {', '.join(LANES)}")
+    return lane
+
+
+def _lane_filter(lane: str) -> Any:
+    """SQL condition selecting the jobs of one lane."""
+    own = [k for k, v in LANE_OF_KIND.items() if v == lane]
+    cond = Job.kind.in_(own)
+    if lane == DEFAULT_LANE:  # unknown kinds land here, so they fail readably instead of waiting forever
+        cond = or_(cond, Job.kind.not_in(list(LANE_OF_KIND)))
+    return cond
+
+
+def friendly(exc: BaseException) -> str:
+    """One readable line for an exception (no traceback)."""
+    msg = str(exc).strip()
+    if not msg:
+        msg = exc.__class__.__name__
+    if len(msg) > 600:
+        msg = msg[:600] + "…"
+    return msg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,6 +100,10 @@ class JobContext:
 
     def progress(self, snapshot: dict[str, Any]) -> None:
         set_progress(self.session_factory, self.job_id, snapshot)
+
+    def save_result(self, result: dict[str, Any]) -> None:
+        """Merge ``result`` into the job's payload (where pages read a job's outcome)."""
+        set_payload(self.session_factory, self.job_id, {**self.payload, **result})
 
     def event(self, message: str, level: str = "info", data: Optional[dict[str, Any]] = None) -> None:
         if self.run_id is not None:
@@ -106,9 +151,11 @@ def enqueue(session: Session, kind: str, run_id: Optional[int] = None,
     return job
 
 
-def claim_next_job(session_factory: sessionmaker[Session], worker_pid: int) -> Optional[Job]:
-    """Atomically take the oldest queued job (one UPDATE ... RETURNING: no check-then-act race)."""
-    oldest = select(Job.id).where(Job.status == "queued").order_by(Job.id).limit(1).scalar_subquery()
+def claim_next_job(session_factory: sessionmaker[Session], worker_pid: int, lane: str = DEFAULT_LANE
+                   ) -> Optional[Job]:
+    """Atomically take the lane's oldest queued job (one UPDATE ... RETURNING: no check-then-act race)."""
+    oldest = (select(Job.id).where(Job.status == "queued", _lane_filter(lane)).order_by(Job.id).limit(1)
+              .scalar_subquery())
     with session_factory.begin() as s:
         job_id = s.execute(
             update(Job).where(Job.id == oldest, Job.status == "queued")
@@ -121,6 +168,14 @@ def claim_next_job(session_factory: sessionmaker[Session], worker_pid: int) -> O
 def finish_job(session_factory: sessionmaker[Session], job_id: int, status: str, error: Optional[str] = None) -> None:
     with session_factory.begin() as s:
         s.execute(update(Job).where(Job.id == job_id).values(status=status, error=error, finished_at=utcnow()))
+
+
+def set_payload(session_factory: sessionmaker[Session], job_id: int, payload: dict[str, Any]) -> None:
+    import json
+
+    safe = json.loads(json.dumps(payload, default=str))  # e.g. paths: stored as text
+    with session_factory.begin() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(payload=safe))
 
 
 def set_progress(session_factory: sessionmaker[Session], job_id: int, snapshot: dict[str, Any]) -> None:
@@ -137,12 +192,17 @@ def add_event(session_factory: sessionmaker[Session], run_id: int, message: str,
 # ---------------------------------------------------------------------------------------------
 # Worker liveness
 # ---------------------------------------------------------------------------------------------
-def lock_path(settings: Settings) -> Path:
-    return settings.data_dir / "worker.lock"
+def _lane_file(settings: Settings, lane: str, ext: str) -> Path:
+    _check_lane(lane)
+    return settings.data_dir / (f"worker.{ext}" if lane == DEFAULT_LANE else f"worker-{lane}.{ext}")
 
 
-def pid_path(settings: Settings) -> Path:
-    return settings.data_dir / "worker.pid"
+def lock_path(settings: Settings, lane: str = DEFAULT_LANE) -> Path:
+    return _lane_file(settings, lane, "lock")
+
+
+def pid_path(settings: Settings, lane: str = DEFAULT_LANE) -> Path:
+    return _lane_file(settings, lane, "pid")
 
 
 def pid_alive(pid: Optional[int]) -> bool:
@@ -155,10 +215,10 @@ def pid_alive(pid: Optional[int]) -> bool:
         return False
 
 
-def worker_pid(settings: Optional[Settings] = None) -> Optional[int]:
-    """The pid of the live worker, or None. The lock, not the pid file, is the truth."""
+def worker_pid(settings: Optional[Settings] = None, lane: str = DEFAULT_LANE) -> Optional[int]:
+    """The pid of the lane's live worker, or None. The lock, not the pid file, is the truth."""
     settings = settings or get_settings()
-    lp = lock_path(settings)
+    lp = lock_path(settings, lane)
     if not lp.exists():
         return None
     with open(lp, "a+") as f:
@@ -166,18 +226,25 @@ def worker_pid(settings: Optional[Settings] = None) -> Optional[int]:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             try:
-                return int(pid_path(settings).read_text().strip() or 0) or -1
+                return int(pid_path(settings, lane).read_text().strip() or 0) or -1
             except (OSError, ValueError):
                 return -1  # locked but the pid file is not written yet
         fcntl.flock(f, fcntl.LOCK_UN)
         return None
 
 
-def ensure_worker(settings: Optional[Settings] = None, *, idle_exit_s: float = 120.0) -> int:
-    """Start a detached worker process unless one is alive; returns its pid (-1: starting)."""
+def ensure_worker(settings: Optional[Settings | str] = None, *, lane: Optional[str] = None,
+                  idle_exit_s: float = 120.0) -> int:
+    """Start a detached worker for a lane (default: train) unless one is alive; returns its pid (-1: starting).
+
+    ``ensure_worker("light")`` is short for ``ensure_worker(lane="light")``.
+    """
+    if isinstance(settings, str):
+        settings, lane = None, settings
+    lane = _check_lane(lane or DEFAULT_LANE)
     settings = settings or get_settings()
     settings.ensure_dirs()
-    pid = worker_pid(settings)
+    pid = worker_pid(settings, lane)
     if pid is not None:
         return pid
     logs = settings.data_dir / "logs"
@@ -185,9 +252,11 @@ def ensure_worker(settings: Optional[Settings] = None, *, idle_exit_s: float = 1
     env = dict(os.environ, WORKBENCH_DATA_DIR=str(settings.data_dir), DATABASE_URL=settings.database_url)
     repo_root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
-    with open(logs / "worker.log", "ab") as out:
+    log_name = "worker.log" if lane == DEFAULT_LANE else f"worker-{lane}.log"
+    with open(logs / log_name, "ab") as out:
         # New session: Ctrl-C in the CLI or a Streamlit restart does not reach the worker.
-        proc = subprocess.Popen([sys.executable, "-m", "workbench.worker", "--idle-exit", str(idle_exit_s)],
+        proc = subprocess.Popen([sys.executable, "-m", "workbench.worker", "--idle-exit", str(idle_exit_s),
+                                 "--lane", lane],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True, cwd=repo_root)
     return proc.pid
@@ -197,30 +266,38 @@ def ensure_worker(settings: Optional[Settings] = None, *, idle_exit_s: float = 1
 # Reconcile
 # ---------------------------------------------------------------------------------------------
 def reconcile(session_factory: Optional[sessionmaker[Session]] = None, settings: Optional[Settings] = None,
-              *, current_worker: Optional[int] = None) -> list[int]:
-    """Fail jobs marked running whose worker is gone; returns their ids.
+              *, current_worker: Optional[int] = None, lane: str = DEFAULT_LANE) -> list[int]:
+    """Fail jobs marked running whose lane's worker is gone (every lane); returns their ids.
 
-    ``current_worker``: the pid of the worker calling this (it holds the lock, so any other
-    pid recorded on a running job is dead by construction).
+    ``current_worker``: the pid of the ``lane`` worker calling this (it holds that lane's lock,
+    so any other pid recorded on a running job of its lane is dead by construction). Jobs of
+    the other lanes are checked against their own lane's worker.
+    Rows left in the old in-server status "working" (before the light lane existed) are failed too.
     """
     settings = settings or get_settings()
     sf = session_factory or get_sessionmaker(settings.database_url)
-    live = worker_pid(settings) if current_worker is None else current_worker
+    live = {ln: worker_pid(settings, ln) for ln in LANES if current_worker is None or ln != lane}
     fixed: list[int] = []
     with sf() as s:
-        running = s.execute(select(Job.id, Job.worker_pid, Job.run_id).where(Job.status == "running")).all()
-    for job_id, pid, run_id in running:
-        if current_worker is not None:
+        running = s.execute(select(Job.id, Job.worker_pid, Job.run_id, Job.kind, Job.status)
+                            .where(Job.status.in_(["running", "working"]))).all()
+    for job_id, pid, run_id, kind, status in running:
+        job_lane = lane_of(kind)
+        if status == "working":  # an in-server thread job of an older version: nothing runs it any more
+            dead = True
+        elif current_worker is not None and job_lane == lane:
             dead = pid != current_worker
         else:
-            dead = live is None or not pid_alive(pid)
+            dead = live.get(job_lane) is None or not pid_alive(pid)
         if not dead:
             continue
-        msg = f"worker died (pid {pid}) while running this job"
+        msg = (f"worker died (pid {pid}) while running this job" if job_lane == DEFAULT_LANE else
+               f"worker died: the {job_lane}-lane worker (pid {pid}) stopped while running this {kind} job; "
+               "please start it again")
         with sf.begin() as s:
-            changed = s.execute(update(Job).where(Job.id == job_id, Job.status == "running")
+            changed = s.execute(update(Job).where(Job.id == job_id, Job.status.in_(["running", "working"]))
                                 .values(status="failed", error=msg, finished_at=utcnow())).rowcount
-            if changed and run_id is not None:
+            if changed and run_id is not None and job_lane == DEFAULT_LANE:
                 run = s.get(Run, run_id)
                 if run is not None and run.status == "running":
                     from workbench.runs import last_checkpoint_epoch  # lazy: runs imports this module
@@ -265,19 +342,20 @@ def execute_job(job: Job, session_factory: sessionmaker[Session], settings: Sett
 
 
 def run_worker(settings: Optional[Settings] = None, *, once: bool = False, idle_exit_s: Optional[float] = None,
-               poll_s: float = 0.5) -> int:
-    """Drain the queue. Returns 0; returns 3 at once if another worker holds the lock."""
+               poll_s: float = 0.5, lane: str = DEFAULT_LANE) -> int:
+    """Drain one lane's queue. Returns 0; returns 3 at once if another worker holds that lane's lock."""
     settings = settings or get_settings()
     settings.ensure_dirs()
-    lock_file = open(lock_path(settings), "a+")
+    lane = _check_lane(lane)
+    lock_file = open(lock_path(settings, lane), "a+")
     try:
         fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        log.info("another worker is running; exiting")
+        log.info("another %s-lane worker is running; exiting", lane)
         lock_file.close()
         return 3
     me = os.getpid()
-    pid_path(settings).write_text(str(me))
+    pid_path(settings, lane).write_text(str(me))
 
     def _on_term(signum: int, _frame: Any) -> None:
         # Finish cleanly: the running job stops at its next batch and stays resumable.
@@ -286,11 +364,11 @@ def run_worker(settings: Optional[Settings] = None, *, once: bool = False, idle_
 
     try:
         sf = get_sessionmaker(settings.database_url)
-        reconcile(sf, settings, current_worker=me)
+        reconcile(sf, settings, current_worker=me, lane=lane)
         load_handlers()
         idle_since = time.monotonic()
         while not _Stop.requested:
-            job = claim_next_job(sf, me)
+            job = claim_next_job(sf, me, lane)
             if job is not None:
                 execute_job(job, sf, settings, lambda: _Stop.requested)
                 idle_since = time.monotonic()
@@ -302,8 +380,8 @@ def run_worker(settings: Optional[Settings] = None, *, once: bool = False, idle_
             time.sleep(poll_s)
     finally:
         try:
-            if pid_path(settings).read_text().strip() == str(me):
-                pid_path(settings).unlink()
+            if pid_path(settings, lane).read_text().strip() == str(me):
+                pid_path(settings, lane).unlink()
         except OSError:
             pass
         fcntl.flock(lock_file, fcntl.LOCK_UN)
@@ -312,5 +390,6 @@ def run_worker(settings: Optional[Settings] = None, *, once: bool = False, idle_
 
 
 __all__ = ["JobContext", "JobOutcome", "register_handler", "get_handler", "enqueue", "claim_next_job",
-           "finish_job", "set_progress", "add_event", "ensure_worker", "worker_pid", "pid_alive", "reconcile",
+           "finish_job", "set_progress", "set_payload", "add_event", "lane_of", "LANE_OF_KIND", "LANES",
+           "friendly", "ensure_worker", "worker_pid", "pid_alive", "reconcile",
            "execute_job", "run_worker", "TERMINAL"]

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES_DIR = ROOT / "pages"
 
 TERMINAL_STATUSES = {"succeeded", "completed", "done", "finished", "failed", "cancelled", "canceled", "error"}
-ACTIVE_STATUSES = {"queued", "running", "pending", "starting", "cancelling", "working"}
+ACTIVE_STATUSES = {"queued", "running", "pending", "starting", "cancelling"}
 
 
 # --- settings and database ------------------------------------------------------------
@@ -71,13 +71,10 @@ def masked_url(url: str) -> str:
 # --- errors and optional services -----------------------------------------------------
 
 def friendly(exc: BaseException) -> str:
-    """One readable line for an exception (no traceback)."""
-    msg = str(exc).strip()
-    if not msg:
-        msg = exc.__class__.__name__
-    if len(msg) > 600:
-        msg = msg[:600] + "…"
-    return msg
+    """One readable line for an exception (no traceback); workbench.jobs.friendly, shared with the worker."""
+    from workbench.jobs import friendly as _friendly
+
+    return _friendly(exc)
 
 
 def show_error(what: str, exc: BaseException) -> None:
@@ -355,128 +352,41 @@ def store_paths_for(dataset_id: int, shas: Sequence[str]) -> dict[str, Path]:
     return {sha: data_dir / p for sha, p in rows}
 
 
-# --- long work off the script thread -------------------------------------------------
-# Training goes through the job runner (workbench.jobs: a separate worker process). The job
-# runner only runs kinds registered by the modules its worker imports (workbench.runs,
-# workbench.postrun), so the UI's own long tasks — ingesting an uploaded zip, building an
-# export bundle, predicting with Grad-CAM — run on a background thread of this server
-# process instead. That thread never calls st.*: it records progress and outcome in a
-# `jobs` row which the pages poll from an st.fragment. Those rows use the status "working"
-# (not "queued"/"running"), so the worker never claims them and jobs.reconcile never fails
-# them for having no worker. If the server stops mid-way, the row is marked failed on the
-# next start (reconcile_thread_jobs), so the page says so instead of spinning forever.
+# --- long work in the job runner -----------------------------------------------------
+# Anything slow runs in a worker process of the job runner (workbench.jobs), never in this
+# server: training on the "train" lane; ingest, export bundles, re-evaluation and predictions
+# on the "light" lane, so they never wait for a long training. The page saves what the user
+# uploaded into the data dir, enqueues a job and makes sure the lane's worker runs; a
+# st.fragment then polls the job's row (queued -> running -> succeeded | failed). Refreshing
+# the tab, closing the browser or restarting the server loses nothing.
 
 INGEST_KIND = "ingest"
-THREAD_KINDS = (INGEST_KIND, "ui-export", "ui-evaluate", "ui-predict")
-THREAD_RUNNING = "working"
-_threads: dict[int, Any] = {}
+PREDICT_KIND = "predict"
+LIGHT_LANE = "light"
 
 
-def _job_update(job_id: int, **values: Any) -> None:
-    from storage.models import Job
-
-    with db().begin() as s:
-        job = s.get(Job, job_id)
-        if job is not None:
-            for k, v in values.items():
-                setattr(job, k, v)
-
-
-def _progress_writer(job_id: int, every: float = 0.5):  # noqa: ANN202
-    """A (done, total) / (message, fraction) progress callback that writes at most every ``every`` s."""
-    import time
-
-    last = [0.0]
-
-    def cb(a: Any, b: Any) -> None:
-        now = time.monotonic()
-        if isinstance(a, str):  # (message, fraction in 0..1)
-            prog = {"phase": a, "fraction": float(b)}
-            final = float(b) >= 1.0
-        else:  # (done, total)
-            prog = {"phase": "ingesting", "done": int(a), "total": int(b),
-                    "fraction": (int(a) / int(b)) if b else 0.0}
-            final = int(a) >= int(b)
-        if final or now - last[0] >= every:
-            last[0] = now
-            _job_update(job_id, progress=prog)
-
-    return cb
-
-
-def _thread_body(job_id: int, work: Any) -> None:
-    """Run ``work(progress) -> result dict`` and record the outcome. No st.* calls here."""
-    from storage.models import utcnow
-
-    try:
-        result = work(_progress_writer(job_id)) or {}
-        _job_update(job_id, status="succeeded", finished_at=utcnow(),
-                    progress={"phase": "done", "fraction": 1.0, **result.pop("progress", {})},
-                    payload={**result.pop("payload_base", {}), **_json_safe(result)})
-    except BaseException as exc:  # noqa: BLE001 - recorded for the page to show
-        log.warning("background job %s failed", job_id, exc_info=True)
-        try:
-            _job_update(job_id, status="failed", finished_at=utcnow(), error=friendly(exc))
-        except Exception:  # noqa: BLE001
-            log.exception("could not record the failure of job %s", job_id)
-    finally:
-        _threads.pop(job_id, None)
-
-
-def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
-    import json
-
-    return json.loads(json.dumps(d, default=str))
-
-
-def start_thread_job(kind: str, payload: dict[str, Any], work: Any, *, run_id: Optional[int] = None) -> int:
-    """Record a running job row and start ``work(progress)`` on a daemon thread; returns the job id."""
-    import os
-    import threading
-
-    from storage.models import Job, utcnow
+def enqueue_light(kind: str, payload: dict[str, Any], *, run_id: Optional[int] = None) -> int:
+    """Queue a light-lane job, start that lane's worker if needed; returns the job id."""
+    from workbench import jobs
 
     with db().begin() as s:
-        job = Job(kind=kind, status=THREAD_RUNNING, started_at=utcnow(), worker_pid=os.getpid(), run_id=run_id,
-                  payload=payload, progress={"phase": "starting", "fraction": 0.0})
-        s.add(job)
-        s.flush()
-        job_id = job.id
-
-    def work_with_payload(progress: Any) -> dict[str, Any]:
-        return {"payload_base": payload, **(work(progress) or {})}
-
-    t = threading.Thread(target=_thread_body, args=(job_id, work_with_payload), name=f"{kind}-{job_id}",
-                         daemon=True)
-    _threads[job_id] = t
-    t.start()
+        job_id = jobs.enqueue(s, kind, run_id, payload).id
+    jobs.ensure_worker(settings(), lane=LIGHT_LANE)
     return job_id
 
 
-@st.cache_resource(show_spinner=False)
-def _reconciled(database_url: str) -> bool:
-    reconcile_thread_jobs()
-    return True
+def _save_upload(upload: Any, dest: Path) -> None:
+    import shutil
+
+    upload.seek(0)
+    with open(dest, "wb") as f:
+        shutil.copyfileobj(upload, f, 1 << 20)
 
 
-def reconcile_thread_jobs() -> int:
-    """Mark "working" thread jobs that no live thread of this process owns as failed."""
-    import os
+def _safe_name(filename: str, default: str) -> str:
+    import re
 
-    from sqlalchemy import select
-
-    from storage.models import Job, utcnow
-
-    n = 0
-    with db().begin() as s:
-        for job in s.scalars(select(Job).where(Job.kind.in_(THREAD_KINDS), Job.status == THREAD_RUNNING)):
-            if job.worker_pid == os.getpid() and job.id in _threads:
-                continue
-            job.status = "failed"
-            job.finished_at = utcnow()
-            job.error = "Interrupted: the Workbench server stopped while this was running. Please start it again."
-            n += 1
-    return n
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(filename).name).strip("._") or default
 
 
 def recent_jobs(kinds: Sequence[str], limit: int = 5, run_id: Optional[int] = None) -> list[dict[str, Any]]:
@@ -485,7 +395,7 @@ def recent_jobs(kinds: Sequence[str], limit: int = 5, run_id: Optional[int] = No
 
     from storage.models import Job
 
-    _reconciled(settings().database_url)
+    reconcile_runs()
     stmt = select(Job).where(Job.kind.in_(list(kinds)))
     if run_id is not None:
         stmt = stmt.where(Job.run_id == run_id)
@@ -502,11 +412,12 @@ def recent_jobs(kinds: Sequence[str], limit: int = 5, run_id: Optional[int] = No
 
 def start_ingest(upload: Any, filename: str, name: str, *, csv_upload: Any = None,
                  group_regex: Optional[str] = None, seed: int = 0) -> int:
-    """Save an uploaded zip/CSV and ingest it as dataset ``name`` on a background thread."""
+    """Save an uploaded zip/CSV under the data dir and queue its ingest as dataset ``name``; returns the job id."""
     import shutil
+    import uuid
 
     from storage import repositories as repo
-    from workbench import datasets
+    from workbench import tasks
 
     name = (name or "").strip()
     if not name:
@@ -514,32 +425,23 @@ def start_ingest(upload: Any, filename: str, name: str, *, csv_upload: Any = Non
     with db()() as s:
         if repo.get_dataset_by_name(s, name) is not None:
             raise ValueError(f"A dataset named {name!r} already exists: choose another name or delete it.")
-
-    def work(progress: Any) -> dict[str, Any]:
-        tmp = settings().tmp_dir / f"upload-{name.encode().hex()[:40]}-{id(upload):x}"
-        try:
-            tmp.mkdir(parents=True, exist_ok=True)
-            progress("saving the upload", 0.0)
-            import re
-
-            safe = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(filename).name).strip("._") or "upload.zip"
-            src = tmp / safe
-            upload.seek(0)
-            with open(src, "wb") as f:
-                shutil.copyfileobj(upload, f, 1 << 20)
-            csv_path = None
-            if csv_upload is not None:
-                csv_path = tmp / "manifest.csv"
-                csv_upload.seek(0)
-                with open(csv_path, "wb") as f:
-                    shutil.copyfileobj(csv_upload, f, 1 << 20)
-            info = datasets.add_dataset(src, name, csv=csv_path, group_regex=group_regex or None, seed=seed,
-                                        progress=progress)
-            return {"dataset_id": info.id, "progress": {"done": info.num_images, "total": info.num_images}}
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    return start_thread_job(INGEST_KIND, {"name": name, "filename": filename}, work)
+    data_dir = settings().data_dir
+    folder = settings().tmp_dir / tasks.UPLOADS / uuid.uuid4().hex
+    folder.mkdir(parents=True)
+    try:
+        src = folder / _safe_name(filename, "upload.zip")
+        _save_upload(upload, src)
+        csv_path = None
+        if csv_upload is not None:
+            csv_path = folder / ("manifest.csv" if src.name != "manifest.csv" else "manifest-1.csv")
+            _save_upload(csv_upload, csv_path)
+        payload = {"name": name, "filename": filename, "upload": src.relative_to(data_dir).as_posix(),
+                   "csv": csv_path.relative_to(data_dir).as_posix() if csv_path else None,
+                   "group_regex": group_regex or None, "seed": int(seed)}
+        return enqueue_light(INGEST_KIND, payload)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def ingest_jobs(limit: int = 5) -> list[dict[str, Any]]:
@@ -762,21 +664,12 @@ def show_plot(plots: dict[str, Any], name: str, caption: str | None = None, widt
 
 
 def start_export(run_id: int, *, fp16: bool, int8: bool, uint8_graph: bool) -> int:
-    """Build a run's bundle (workbench.evaluation.export_run) as a background job; returns the job id."""
-    from workbench import evaluation
-
-    options = {"fp16": fp16, "int8": int8, "uint8_graph": uint8_graph}
-
-    def work(progress: Any) -> dict[str, Any]:
-        res = evaluation.export_run(run_id, progress=progress, **options)
-        return {"bundle_artifact_id": res["bundle_artifact_id"], "variants": res["variants"],
-                "verification": res["verification"]}
-
-    return start_thread_job("ui-export", {"run_id": run_id, **options}, work, run_id=run_id)
+    """Queue a run's bundle build (workbench.postrun.handle_export, light lane); returns the job id."""
+    return enqueue_light("export", {"fp16": fp16, "int8": int8, "uint8_graph": uint8_graph}, run_id=run_id)
 
 
 def export_jobs(run_id: int, limit: int = 5) -> list[dict[str, Any]]:
-    return recent_jobs(["ui-export", "export"], limit, run_id=run_id)
+    return recent_jobs(["export"], limit, run_id=run_id)
 
 
 def download_button(evaluation: Any, artifact_id: int, label: str, file_name: str, key: str) -> None:
@@ -811,86 +704,41 @@ def cached_recommendation(budget: dict[str, Any]) -> dict[str, Any]:
 
 # --- predict (a background job: model loading + Grad-CAM take seconds) ----------------
 
-PREDICT_KIND = "ui-predict"
 MAX_PREDICT_IMAGES = 24
 
 
-def _predict_work(run_id: int, files: list[tuple[str, bytes]], top_k: int, gradcam: bool, out_dir: Path):
-    """The job body: top-k probabilities (+ Grad-CAM overlay PNGs) for uploaded images, with core."""
-
-    def work(progress: Any) -> dict[str, Any]:
-        import numpy as np
-        from PIL import Image as PILImage
-
-        from core import gradcam as gc
-        from core.evaluate import softmax
-        from core.export import load_trained
-        from core.images import load_rgb
-        from core.preprocessing import preprocess, resize_and_crop
-        from storage.artifacts import resolve_in_data_dir
-        from storage.models import Run
-
-        with db()() as s:
-            run = s.get(Run, run_id)
-            if run is None or not run.checkpoint_path:
-                raise ValueError(f"Run #{run_id} has no trained model.")
-            ckpt = resolve_in_data_dir(run.checkpoint_path, settings().data_dir)
-        progress("loading the model", 0.05)
-        tm = load_trained(ckpt)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        results = []
-        import torch
-
-        for i, (name, data) in enumerate(files):
-            progress(f"image {i + 1} of {len(files)}", 0.1 + 0.9 * i / len(files))
-            src = out_dir / f"in{i}{Path(name).suffix.lower()[:8]}"
-            src.write_bytes(data)
-            try:
-                img = load_rgb(src)
-            except Exception as exc:  # noqa: BLE001 - one bad file does not sink the batch
-                results.append({"name": name, "error": friendly(exc)})
-                continue
-            x = preprocess(img, tm.preprocessing)[None].astype(np.float32)
-            with torch.inference_mode():
-                logits = tm.model(torch.from_numpy(x)).float().numpy()
-            probs = softmax(logits)[0]
-            order = np.argsort(-probs)[:top_k]
-            entry: dict[str, Any] = {"name": name,
-                                     "top": [{"class": tm.classes[j], "p": float(probs[j])} for j in order]}
-            if gradcam:
-                cam = gc.grad_cam(tm.model, x, int(order[0]))
-                base = np.asarray(resize_and_crop(img, tm.preprocessing), dtype=np.uint8)
-                over = out_dir / f"cam{i}.png"
-                PILImage.fromarray(gc.overlay(base, cam)).save(over)
-                entry["overlay"] = str(over)
-            results.append(entry)
-        return {"results": results, "classes": list(tm.classes)}
-
-    return work
-
-
 def start_predict(run_id: int, uploads: Sequence[Any], *, top_k: int = 3, gradcam: bool = True) -> int:
+    """Save the images under the data dir and queue a prediction (workbench.tasks, light lane); returns the job id."""
     if not uploads:
         raise ValueError("Drop one or more images first.")
     if len(uploads) > MAX_PREDICT_IMAGES:
         raise ValueError(f"At most {MAX_PREDICT_IMAGES} images at a time, please.")
-    files = [(u.name, u.getvalue()) for u in uploads]
     import shutil
     import uuid
 
-    root = settings().tmp_dir / "predict"
+    from workbench import tasks
+
+    data_dir = settings().data_dir
+    root = settings().tmp_dir / tasks.PREDICT
     old = sorted((p for p in root.glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
-    for stale in old[:-20]:  # keep the overlays of the 20 most recent predictions
+    for stale in old[:-20]:  # keep the inputs and overlays of the 20 most recent predictions
         shutil.rmtree(stale, ignore_errors=True)
     out_dir = root / uuid.uuid4().hex
-    return start_thread_job(PREDICT_KIND, {"run_id": run_id, "images": len(files), "top_k": top_k},
-                            _predict_work(run_id, files, top_k, gradcam, out_dir), run_id=run_id)
+    out_dir.mkdir(parents=True)
+    files = []
+    for i, u in enumerate(uploads):
+        src = out_dir / f"in{i}{Path(u.name).suffix.lower()[:8]}"
+        src.write_bytes(u.getvalue())
+        files.append({"name": u.name, "path": src.relative_to(data_dir).as_posix()})
+    payload = {"run_id": run_id, "images": len(files), "files": files, "top_k": top_k, "gradcam": gradcam,
+               "out_dir": out_dir.relative_to(data_dir).as_posix()}
+    return enqueue_light(PREDICT_KIND, payload, run_id=run_id)
 
 
 def job(job_id: int) -> Optional[dict[str, Any]]:
     from storage.models import Job
 
-    _reconciled(settings().database_url)
+    reconcile_runs()
     with db()() as s:
         j = s.get(Job, job_id)
         if j is None:
@@ -958,7 +806,7 @@ _last_reconcile = [0.0]
 
 
 def reconcile_runs(every_s: float = 15.0) -> None:
-    """Let the job runner fail runs whose worker died (cheap; at most every ``every_s``)."""
+    """Let the job runner fail jobs (and runs) whose lane's worker died (cheap; at most every ``every_s``)."""
     import time
 
     if time.monotonic() - _last_reconcile[0] < every_s:
@@ -984,14 +832,8 @@ def default_preset(dataset_id: int) -> Optional[str]:
 
 
 def start_evaluate(run_id: int, *, tta: bool = False) -> int:
-    """(Re-)evaluate a run on its test split as a background job; returns the job id."""
-    from workbench import evaluation
-
-    def work(progress: Any) -> dict[str, Any]:
-        res = evaluation.evaluate_run(run_id, tta=tta, progress=progress)
-        return {"evaluation_id": res["evaluation_id"]}
-
-    return start_thread_job("ui-evaluate", {"run_id": run_id, "tta": tta}, work, run_id=run_id)
+    """Queue a (re-)evaluation on the test split (workbench.postrun.handle_evaluate, light lane); returns the job id."""
+    return enqueue_light("evaluate", {"tta": tta}, run_id=run_id)
 
 
 def job_progress_panel(kinds: Sequence[str], run_id: int, label: str, state_key: str) -> None:
@@ -1004,7 +846,7 @@ def job_progress_panel(kinds: Sequence[str], run_id: int, label: str, state_key:
     for j in running:
         p = j["progress"]
         st.progress(min(max(float(p.get("fraction") or 0), 0.0), 1.0),
-                    text=f"{label} #{j['id']}: {p.get('phase', 'working')}")
+                    text=f"{label} #{j['id']}: {p.get('message') or p.get('phase') or j['status']}")
     if jobs and jobs[0]["status"] == "failed":
         st.error(f"The last {label.lower()} failed: {jobs[0]['error']}")
     if running:

@@ -1,11 +1,11 @@
-"""``python -m workbench.worker``: the background process that runs queued jobs."""
+"""``python -m workbench.worker [--lane train|light]``: the background process that runs one lane's queued jobs."""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
 
-from workbench.jobs import run_worker
+from workbench.jobs import DEFAULT_LANE, LANES, run_worker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,9 +13,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--once", action="store_true", help="run at most one job, then exit")
     parser.add_argument("--idle-exit", type=float, default=None,
                         help="exit after this many seconds with an empty queue (default: never)")
+    parser.add_argument("--lane", choices=LANES, default=DEFAULT_LANE,
+                        help="which jobs to run: train (training) or light (ingest, export, evaluate, predict)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
-    return run_worker(once=args.once, idle_exit_s=args.idle_exit)
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s worker[{args.lane}] %(process)d %(levelname)s %(message)s")
+    return run_worker(once=args.once, idle_exit_s=args.idle_exit, lane=args.lane)
 
 
 if __name__ == "__main__":

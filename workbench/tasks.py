@@ -1,0 +1,149 @@
+"""Job handlers for the UI's own long work: ``ingest`` and ``predict`` (light lane).
+
+The Streamlit pages never do slow work in the server process: they save what the user
+uploaded into the data dir, ``jobs.enqueue`` a job and ``jobs.ensure_worker("light")``
+(workbench.ui.start_ingest / start_predict). The light-lane worker runs these handlers, so
+refreshing the tab, closing the browser or restarting the server loses nothing, and a long
+training (train lane) never delays them. ``export`` and ``evaluate`` live in workbench.postrun.
+
+Payloads hold paths relative to the data dir:
+
+* ``ingest``: upload (``tmp/uploads/<id>/<file>``), csv (optional, same folder), name,
+  filename (as the user named it), group_regex, seed. The upload folder is removed when the
+  job ends, whatever the outcome.
+* ``predict``: files ([{name, path}] under ``tmp/predict/<id>/``), top_k, gradcam, out_dir;
+  the result (``results``, ``classes``) is merged into the job's payload for the page.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from workbench import jobs
+
+log = logging.getLogger("workbench.tasks")
+
+UPLOADS = "uploads"  # under the data dir's tmp/
+PREDICT = "predict"  # under the data dir's tmp/
+
+
+def _in_tmp(ctx: jobs.JobContext, rel: str, area: str) -> Path:
+    """Absolute path of a payload path, refusing anything outside ``<data dir>/tmp/<area>/``."""
+    root = (ctx.settings.tmp_dir / area).resolve()
+    p = (ctx.settings.data_dir / rel).resolve()
+    if root not in p.parents:
+        raise ValueError(f"{rel!r} is not a file under {root}")
+    return p
+
+
+def _throttled(ctx: jobs.JobContext, every: float = 0.5) -> Callable[[int, int], None]:
+    """A (done, total) ingest progress callback writing the job's progress at most every ``every`` s."""
+    last = [0.0]
+
+    def cb(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done >= total or now - last[0] >= every:
+            last[0] = now
+            ctx.progress({"phase": "ingesting", "done": int(done), "total": int(total),
+                          "fraction": (done / total) if total else 0.0})
+
+    return cb
+
+
+def handle_ingest(ctx: jobs.JobContext) -> jobs.JobOutcome:
+    from workbench import datasets
+
+    p = ctx.payload
+    folder = None
+    try:
+        src = _in_tmp(ctx, str(p.get("upload") or ""), UPLOADS)
+        folder = src.parent if src.parent != (ctx.settings.tmp_dir / UPLOADS).resolve() else None
+        csv = _in_tmp(ctx, p["csv"], UPLOADS) if p.get("csv") else None
+        ctx.progress({"phase": "reading the upload", "done": 0, "total": 0, "fraction": 0.0})
+        info = datasets.add_dataset(src, p["name"], csv=csv, group_regex=p.get("group_regex") or None,
+                                    seed=int(p.get("seed") or 0), progress=_throttled(ctx), settings=ctx.settings)
+        ctx.progress({"phase": "done", "done": info.num_images, "total": info.num_images, "fraction": 1.0})
+        ctx.save_result({"dataset_id": info.id})
+        return jobs.JobOutcome("succeeded")
+    except Exception as exc:  # noqa: BLE001 - a bad upload is the user's problem to read, not a crash
+        log.warning("ingest job %s failed", ctx.job_id, exc_info=True)
+        return jobs.JobOutcome("failed", jobs.friendly(exc))
+    finally:
+        try:
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+            elif p.get("upload"):
+                _in_tmp(ctx, p["upload"], UPLOADS).unlink(missing_ok=True)
+        except (OSError, ValueError):
+            pass
+
+
+def predict_images(model_path: Path, files: list[tuple[str, Path]], top_k: int, gradcam: bool, out_dir: Path,
+                   progress: Callable[[str, float], None]) -> dict[str, Any]:
+    """Top-k probabilities (+ Grad-CAM overlay PNGs in ``out_dir``) for image files, with core."""
+    import numpy as np
+    import torch
+    from PIL import Image as PILImage
+
+    from core import gradcam as gc
+    from core.evaluate import softmax
+    from core.export import load_trained
+    from core.images import load_rgb
+    from core.preprocessing import preprocess, resize_and_crop
+
+    progress("loading the model", 0.05)
+    tm = load_trained(model_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+    for i, (name, src) in enumerate(files):
+        progress(f"image {i + 1} of {len(files)}", 0.1 + 0.9 * i / len(files))
+        try:
+            img = load_rgb(src)
+        except Exception as exc:  # noqa: BLE001 - one bad file does not sink the batch
+            results.append({"name": name, "error": jobs.friendly(exc)})
+            continue
+        x = preprocess(img, tm.preprocessing)[None].astype(np.float32)
+        with torch.inference_mode():
+            logits = tm.model(torch.from_numpy(x)).float().numpy()
+        probs = softmax(logits)[0]
+        order = np.argsort(-probs)[:top_k]
+        entry: dict[str, Any] = {"name": name, "top": [{"class": tm.classes[j], "p": float(probs[j])} for j in order]}
+        if gradcam:
+            cam = gc.grad_cam(tm.model, x, int(order[0]))
+            base = np.asarray(resize_and_crop(img, tm.preprocessing), dtype=np.uint8)
+            over = out_dir / f"cam{i}.png"
+            PILImage.fromarray(gc.overlay(base, cam)).save(over)
+            entry["overlay"] = str(over)
+        results.append(entry)
+    return {"results": results, "classes": list(tm.classes)}
+
+
+def handle_predict(ctx: jobs.JobContext) -> jobs.JobOutcome:
+    from storage.artifacts import resolve_in_data_dir
+    from storage.models import Run
+
+    p = ctx.payload
+    run_id = ctx.run_id if ctx.run_id is not None else p.get("run_id")
+    with ctx.session_factory() as s:
+        run = s.get(Run, run_id) if run_id is not None else None
+        if run is None or not run.checkpoint_path:
+            return jobs.JobOutcome("failed", f"Run #{run_id} has no trained model.")
+        ckpt = resolve_in_data_dir(run.checkpoint_path, ctx.settings.data_dir)
+    try:
+        files = [(f["name"], _in_tmp(ctx, f["path"], PREDICT)) for f in p.get("files", [])]
+        out_dir = _in_tmp(ctx, p["out_dir"], PREDICT) if p.get("out_dir") else files[0][1].parent
+        res = predict_images(ckpt, files, int(p.get("top_k") or 3), bool(p.get("gradcam", True)), out_dir,
+                             lambda m, f: ctx.progress({"phase": m, "fraction": f}))
+    except Exception as exc:  # noqa: BLE001 - shown on the page
+        log.warning("predict job %s failed", ctx.job_id, exc_info=True)
+        return jobs.JobOutcome("failed", jobs.friendly(exc))
+    ctx.save_result(res)
+    ctx.progress({"phase": "done", "fraction": 1.0})
+    return jobs.JobOutcome("succeeded")
+
+
+jobs.register_handler("ingest", handle_ingest)
+jobs.register_handler("predict", handle_predict)
