@@ -17,9 +17,8 @@ import torch
 from torch.utils.data import Dataset
 
 from core.augment import Augmenter, view_seed
-from PIL import Image, ImageOps
 
-from core.images import DEFAULT_MAX_PIXELS, load_rgb
+from core.images import load_rgb
 from core.preprocessing import Preprocessing, normalize, resize_and_crop
 
 
@@ -57,31 +56,6 @@ def find_missing(samples: Sequence[Sample]) -> list[Sample]:
     return [s for s in samples if not Path(s.path).is_file()]
 
 
-def load_rgb_reduced(path: str, min_side: int) -> Image.Image:
-    """``load_rgb`` for training pixels, with JPEG DCT-domain downscaling when the file is large.
-
-    ``Image.draft`` decodes a JPEG at 1/2, 1/4 or 1/8 scale (the largest reduction that keeps
-    both sides >= ``min_side``): several times faster than a full decode for phone photos.
-    Files that cannot be reduced at least 2x, and every non-JPEG, go through ``load_rgb``
-    unchanged, so small images give exactly the eval-time pixels.
-    """
-    try:
-        with Image.open(path) as im:
-            if (im.format != "JPEG" or min(im.size) < 2 * min_side or getattr(im, "n_frames", 1) > 1
-                    or im.width * im.height > DEFAULT_MAX_PIXELS):
-                raise LookupError
-            im.draft("RGB", (min_side, min_side))
-            im.load()
-            rgb = ImageOps.exif_transpose(im)
-            rgb = rgb.convert("RGB") if rgb.mode != "RGB" else (rgb.copy() if rgb is im else rgb)
-            return rgb
-    except LookupError:
-        pass
-    except Exception:  # noqa: BLE001 - anything odd: the one loader decides (and raises its own errors)
-        pass
-    return load_rgb(path)
-
-
 def load_images(
     paths: Sequence[str],
     pre: Preprocessing,
@@ -94,14 +68,14 @@ def load_images(
     """Decode + resize every image once: (N, R, R, 3) uint8, identical to eval-time pixels.
 
     Threads help: PIL releases the GIL while decoding and resizing. ``reduced_decode``: large
-    JPEGs are decoded at a reduced scale first (``load_rgb_reduced``), still at least twice the
+    JPEGs are decoded at a reduced scale first (``load_rgb(reduce_to=...)``), still at least twice the
     final resize size, then resized like eval; use it for training images, never for validation.
     """
     r = pre.resolution
     out = np.empty((len(paths), r, r, 3), dtype=np.uint8)
 
     def one(i: int) -> None:
-        img = load_rgb_reduced(paths[i], 2 * pre.resize_to) if reduced_decode else load_rgb(paths[i])
+        img = load_rgb(paths[i], reduce_to=2 * pre.resize_to if reduced_decode else None)
         out[i] = np.asarray(resize_and_crop(img, pre), dtype=np.uint8)
 
     chunk = 64
