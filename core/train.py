@@ -192,7 +192,10 @@ class Callback:
 
     def on_step(self, progress: Progress) -> None: ...
 
-    def on_epoch_end(self, phase: str, epoch: int, metrics: dict[str, Any]) -> None: ...
+    def on_epoch_end(self, phase: str, epoch: int, metrics: dict[str, Any]) -> None:
+        """After each epoch's checkpoint. A resumed run first replays every checkpointed epoch
+        (``metrics["replayed"] = True``), so an epoch is never lost to a kill between the
+        checkpoint and this call: treat reports as upserts keyed by (phase, epoch)."""
 
     def on_log(self, level: str, message: str, data: dict[str, Any] | None = None) -> None: ...
 
@@ -762,6 +765,10 @@ def train(
         R.summary.update(ckpt.get("summary", {}))
         R.summary["resumed_from_epoch"] = int(ckpt["epoch"])
         R.log(f"Resuming from {last_path.name}: epoch {ckpt['epoch']} ({ckpt['phase']} phase) done.")
+        # A kill between writing a checkpoint and the callback's own bookkeeping would lose that
+        # epoch's report: replay every checkpointed epoch (callbacks must treat them as upserts).
+        for record in R.history:
+            cb.on_epoch_end(record["phase"], int(record["epoch"]), {**record, "replayed": True})
     elif resume:
         R.log("No checkpoint to resume from: starting from the beginning.")
 

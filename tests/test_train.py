@@ -120,8 +120,12 @@ def test_resume_after_interrupt_matches_uninterrupted(samples, tmp_path: Path) -
     with pytest.raises(TrainingCancelled):
         train(samples, CLASSES, "lite0", tmp_path / "b", cfg, resolution=64, callback=Recorder(stop_after_epoch=3))
     assert load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 3
-    resumed = train(samples, CLASSES, "lite0", tmp_path / "b", cfg, resolution=64, resume=True)
+    rec = Recorder()
+    resumed = train(samples, CLASSES, "lite0", tmp_path / "b", cfg, resolution=64, resume=True, callback=rec)
     assert resumed.summary["resumed_from_epoch"] == 3
+    # Checkpointed epochs are replayed first, so a kill between checkpoint and report loses none.
+    assert [m["epoch"] for m in rec.epochs] == [h["epoch"] for h in full.history]
+    assert [bool(m.get("replayed")) for m in rec.epochs[:4]] == [True, True, True, False]
     for a, b in zip(full.history, resumed.history, strict=True):
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)

@@ -279,6 +279,8 @@ class DbCallback:
             s.execute(delete(RunMetric).where(RunMetric.run_id == self.run_id, RunMetric.epoch == epoch,
                                               RunMetric.phase == phase))
             s.add(RunMetric(run_id=self.run_id, epoch=epoch, phase=phase, metrics=metrics, created_at=utcnow()))
+        if metrics.get("replayed"):  # a resumed run re-reporting a checkpointed epoch: no new log line
+            return
         self.ctx.event(f"Epoch {epoch} ({phase}): val acc {metrics['val_accuracy']:.3f}, "
                        f"macro-F1 {metrics['val_macro_f1']:.3f}", "info",
                        {k: metrics[k] for k in ("epoch", "val_accuracy", "val_macro_f1", "val_loss", "train_loss")})
