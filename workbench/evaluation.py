@@ -20,7 +20,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import export as cx
-from core.evaluate import EvalItem, classification_metrics, evaluate_model, softmax
+from core.evaluate import EvalItem, evaluate_model
 from storage import repositories as repo
 from storage.artifacts import ArtifactError, register_artifact, resolve_in_data_dir, verify_artifact
 from storage.db import get_sessionmaker
@@ -386,12 +386,6 @@ def delete_run(run_id: int, *, settings: Optional[Settings] = None,
     if existed and s.data_dir.resolve() in run_dir.parents:
         shutil.rmtree(run_dir)
     return {"files_removed": removed, "run_dir_removed": existed}
-
-
-def variant_accuracy(logits: np.ndarray, y: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    """Convenience for the UI: the headline metrics of a set of logits."""
-    m = classification_metrics(y, softmax(logits), classes)
-    return {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}
 
 
 __all__ = ["EvaluationError", "evaluate_run", "latest_evaluation", "ensure_fp32", "export_run", "list_artifacts",

@@ -206,13 +206,6 @@ def thumbnail(path: str, size: int = 128) -> Optional[bytes]:
         return None
 
 
-def store_file(rel_path: str) -> Path:
-    """Absolute path of a file stored relative to the data dir."""
-    from storage.artifacts import resolve_in_data_dir
-
-    return resolve_in_data_dir(rel_path, settings().data_dir)
-
-
 def thumbnail_grid(items: Sequence[tuple[str | Path, str]], columns: int = 6, size: int = 128) -> None:
     """Show (absolute path, caption) pairs as a grid of thumbnails."""
     if not items:
@@ -666,10 +659,6 @@ def show_plot(plots: dict[str, Any], name: str, caption: str | None = None, widt
 def start_export(run_id: int, *, fp16: bool, int8: bool, uint8_graph: bool) -> int:
     """Queue a run's bundle build (workbench.postrun.handle_export, light lane); returns the job id."""
     return enqueue_light("export", {"fp16": fp16, "int8": int8, "uint8_graph": uint8_graph}, run_id=run_id)
-
-
-def export_jobs(run_id: int, limit: int = 5) -> list[dict[str, Any]]:
-    return recent_jobs(["export"], limit, run_id=run_id)
 
 
 def download_button(evaluation: Any, artifact_id: int, label: str, file_name: str, key: str) -> None:
