@@ -424,39 +424,58 @@ def test_predict_page_top_k_and_gradcam(trained, shared_datasets: Path) -> None:
 
 @pytest.mark.slow
 def test_train_page_preview_launch_cancel_resume(trained) -> None:  # noqa: ANN001
+    """Launch, cancel (queued and running) and resume from the page, with no timing races.
+
+    A long run queued through the API first holds the train lane, so the run launched from the
+    page is certainly still queued when its Cancel is clicked (cancelled at once), and the long
+    run is certainly mid-training when its own Cancel is clicked (it stops within a batch).
+    """
     from workbench import runs
 
+    _, trained_id = trained
+    (blocker,) = runs.queue_training("beans", ["lite0"], 96, "field", "quick", postrun=False,
+                                     overrides=dict(head_epochs=200, finetune_epochs=200, patience=1000))
+    state = lambda i: f"run {i}: {runs.get_run(i).status}"  # noqa: E731 - for failure messages
     at = open_page("train")
     assert_clean(at)
     assert len(at.get("image")) == 8  # augmentation preview grid
     assert at.radio(key=f"train_preset_1").value == "field"  # suggested for colour photos
-    assert "Run #1" in " ".join(m.value for m in at.markdown)
+    assert f"Run #{trained_id}" in " ".join(m.value for m in at.markdown)
     next(b for b in at.button if b.label == "Launch training").click().run()
     assert_clean(at)
     new_id = max(r.id for r in runs.list_runs())
-    state = lambda: f"run {new_id}: {runs.get_run(new_id).status}"  # noqa: E731 - for failure messages
-    wait_for(at, lambda a: any(b.key == f"cancel{new_id}" for b in a.button), timeout=60,
-             what=lambda: f"the cancel button ({state()})")
+    assert new_id > blocker
+    wait_for(at, lambda a: runs.get_run(blocker).status == "running", timeout=120,
+             what=lambda: f"the long run to start ({state(blocker)})")
+    assert runs.get_run(new_id).status == "queued", state(new_id)  # behind the long run on the train lane
+
+    # Cancel while queued: cancelled at once, never started.
     next(b for b in at.button if b.key == f"cancel{new_id}").click().run()
-    assert not at.exception
-    # Queued: cancelled at once; running: the worker stops within a batch.
-    wait_for(at, lambda a: runs.get_run(new_id).status == "cancelled", timeout=240,
-             what=lambda: f"the cancellation ({state()})")
-    wait_for(at, lambda a: any(b.key == f"resume{new_id}" for b in a.button), timeout=60,
-             what=lambda: f"the resume button ({state()})")
+    assert_clean(at)
+    assert runs.get_run(new_id).status == "cancelled" and runs.get_run(new_id).started_at is None
+    # Resume from the page: queued again (still behind the long run).
+    wait_for(at, lambda a: any(b.key == f"resume{new_id}" for b in a.button), timeout=30,
+             what=lambda: f"the resume button ({state(new_id)})")
     next(b for b in at.button if b.key == f"resume{new_id}").click().run()
-    assert not at.exception
-    assert runs.get_run(new_id).status in ("queued", "running"), state()
-    # Clean-up: do not leave it training. The resumed run has only a few steps left, so it may
-    # finish training (and be in its post-training export, which a cancel does not undo) before
-    # the cancel lands: either terminal state is right here.
-    if runs.get_run(new_id).status in ("queued", "running"):
-        try:
-            runs.cancel_run(new_id)
-        except runs.RunError:
-            pass  # it finished between the check and the cancel
-    wait_for(at, lambda a: runs.get_run(new_id).status in ("cancelled", "succeeded"), timeout=240,
-             what=lambda: f"the run to stop ({state()})")
+    assert_clean(at)
+    assert runs.get_run(new_id).status == "queued", state(new_id)
+
+    # Cancel while running: the worker stops the long run within a batch; its metrics so far stay.
+    wait_for(at, lambda a: any(b.key == f"cancel{blocker}" for b in a.button), timeout=30,
+             what=lambda: f"the long run's cancel button ({state(blocker)})")
+    next(b for b in at.button if b.key == f"cancel{blocker}").click().run()
+    assert_clean(at)
+    wait_for(at, lambda a: runs.get_run(blocker).status == "cancelled", timeout=120,
+             what=lambda: f"the cancellation ({state(blocker)})")
+    assert runs.get_run(blocker).resumable
+    wait_for(at, lambda a: any(b.key == f"resume{blocker}" for b in a.button), timeout=30,
+             what=lambda: f"the long run's resume button ({state(blocker)})")
+    # The resumed short run now trains to the end on the freed lane.
+    wait_for(at, lambda a: runs.get_run(new_id).status in ("succeeded", "failed"), timeout=300,
+             what=lambda: f"the resumed run to finish ({state(new_id)})")
+    assert runs.get_run(new_id).status == "succeeded", runs.get_run(new_id).error
+    wait_for(at, lambda a: runs.get_run(new_id).job_status not in ("queued", "running"), timeout=120,
+             what=lambda: f"the resumed run's post-training export ({state(new_id)})")
 
 
 # --- scale: a 10,000-image dataset stays quick (sampled thumbnails, LIMIT queries) ----------
