@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from core.evaluate import iter_batches
+from core.hashing import sha256_file
 from core.latency import Latency, machine_id, measure_latency, ort_session
 from core.onnx_export import OPSET, export_onnx, read_metadata
 from core.preprocessing import Preprocessing
@@ -326,14 +327,6 @@ def measure_variant(onnx_path: str | Path, resolution: int, *, runs: int = 20, m
 # ------------------------------------------------------------------------------------------
 # Deploy bundle
 # ------------------------------------------------------------------------------------------
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def library_versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -425,7 +418,7 @@ def model_card(info: dict[str, Any], file_hashes: dict[str, str]) -> str:
           "- Confidence is not a guarantee; low-confidence images should be reviewed by an expert.",
           "- The model only knows the classes above: anything else is forced into one of them.",
           "- The test split is small if the dataset is small: treat the metrics as estimates with uncertainty.", "",
-          "## Usage", "```", "pip install onnxruntime numpy pillow",
+          "## Usage", "```", "pip install onnxruntime numpy pillow  # plus pydicom for DICOM (.dcm) files",
           "python predict.py path/to/images_or_folder --csv predictions.csv --top-k 3", "```", "",
           "## Library versions", *[f"- {k}: {v}" for k, v in library_versions().items()], "",
           "## File checksums (sha256)", *[f"- `{n}`: `{h}`" for n, h in sorted(file_hashes.items())], ""]
@@ -462,5 +455,5 @@ __all__ = [
     "FP32_TOLERANCE", "ExportError", "Verification", "judge_verification", "load_trained",
     "onnx_metadata", "export_fp32", "verify_onnx", "ort_logits", "convert_fp16", "quantize_int8",
     "build_uint8_graph", "uint8_agreement", "UINT8_RESIZE_NOTE", "measure_variant", "model_card",
-    "build_bundle", "sha256_file", "library_versions", "read_metadata",
+    "build_bundle", "library_versions", "read_metadata",
 ]

@@ -5,38 +5,18 @@ so a download can refuse a file that went missing or was altered on disk.
 """
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from sqlalchemy.orm import Session
 
+from core.hashing import file_digest
 from storage import repositories as repo
 from storage.models import Artifact
-
-_CHUNK = 1 << 20
 
 
 class ArtifactError(RuntimeError):
     """An artifact is missing, altered, or outside the data dir."""
-
-
-@dataclass(frozen=True)
-class FileDigest:
-    sha256: str
-    bytes: int
-
-
-def file_digest(path: Path) -> FileDigest:
-    """sha256 and size, read in 1 MiB chunks (artifacts can be large)."""
-    h = hashlib.sha256()
-    n = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            n += len(chunk)
-    return FileDigest(h.hexdigest(), n)
 
 
 def relative_to_data_dir(path: Path, data_dir: Path) -> str:

@@ -67,6 +67,35 @@ def test_predict_py_decoding_matches_load_rgb(tmp_path: Path) -> None:
         assert np.array_equal(np.asarray(load_rgb(tmp_path / name)), np.asarray(mod.load_rgb(tmp_path / name))), name
 
 
+def test_predict_py_reads_dicom_like_workbench(tmp_path: Path) -> None:
+    """Windowed, MONOCHROME1 and a real scanner file: predict.py's pixels equal core.images'."""
+    from pydicom.data import get_testdata_file
+    from test_images import _write_dicom
+
+    mod = _template()
+    arr = np.array([[0, 1000, 1500], [2000, 3000, 4000]], dtype=np.uint16)
+    files = [_write_dicom(tmp_path / "plain.dcm", arr),
+             _write_dicom(tmp_path / "window.dcm", arr, window=(1000, 200)),
+             _write_dicom(tmp_path / "mono1.dcm", arr, photometric="MONOCHROME1"),
+             Path(get_testdata_file("CT_small.dcm")), Path(get_testdata_file("MR_small.dcm"))]
+    no_suffix = tmp_path / "scan_without_extension"
+    no_suffix.write_bytes(files[1].read_bytes())  # found by its DICM marker, like Workbench does
+    for f in [*files, no_suffix]:
+        ours, theirs = np.asarray(load_rgb(f)), np.asarray(mod.load_rgb(f))
+        assert ours.shape == theirs.shape and np.array_equal(ours, theirs), f.name
+    assert set(mod.find_images([str(tmp_path)])) >= {f for f in files if f.parent == tmp_path}
+
+
+def test_predict_py_without_pydicom_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_images import _write_dicom
+
+    mod = _template()
+    f = _write_dicom(tmp_path / "scan.dcm", np.array([[0, 9], [3, 4]], dtype=np.uint16))
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # as on a machine without pydicom: import fails
+    with pytest.raises(RuntimeError, match="pip install pydicom"):
+        mod.load_rgb(f)
+
+
 @pytest.fixture(scope="module")
 def exported(ws):
     from test_export import FAST, make_run

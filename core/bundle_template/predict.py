@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Classify images with this Workbench bundle. Needs only: onnxruntime, numpy, Pillow.
+"""Classify images with this Workbench bundle. Needs only: onnxruntime, numpy, Pillow
+(and pydicom for DICOM files: `pip install pydicom`).
 
     python predict.py IMAGE_OR_FOLDER [...] [--csv predictions.csv] [--top-k 3] [--model model.onnx]
 
 Writes a CSV with columns: path, predicted_label, confidence, top_k (label:prob;...).
 Folders are searched recursively. Preprocessing is read from preprocessing.json next to this file
 and is an exact copy of Workbench's (a Workbench test checks the arrays are identical).
-DICOM files are not supported here: convert them to PNG first.
+DICOM files (.dcm, or any file with the DICM marker) are read like Workbench reads them: modality
+LUT, the file's own window if it has one, min-max to 8 bits, MONOCHROME1 inverted, first frame.
 """
 from __future__ import annotations
 
@@ -20,13 +22,47 @@ import numpy as np
 from PIL import Image, ImageOps
 
 HERE = Path(__file__).resolve().parent
-EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm"}
 _PIL_INTERP = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
 
 # --- image decoding: same rules as Workbench's core.images.load_rgb -------------------------
+def is_dicom(path: str | Path) -> bool:
+    """DICOM Part 10 files carry 'DICM' at byte 128."""
+    with open(path, "rb") as f:
+        head = f.read(132)
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def load_dicom(path: str | Path) -> Image.Image:
+    """Same conversion as Workbench's core.images (a Workbench test checks the pixels are identical)."""
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:
+        raise RuntimeError("reading DICOM needs pydicom: pip install pydicom") from None
+    ds = pydicom.dcmread(str(path))
+    arr = ds.pixel_array
+    if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+        arr = arr[0]  # first frame of a multi-frame series
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
+    if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") and arr.ndim == 3:
+        return Image.fromarray(arr.astype(np.uint8) if arr.dtype != np.uint8 else arr, "RGB")
+    values = apply_modality_lut(arr, ds)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        values = apply_voi_lut(values, ds)
+    values = np.asarray(values, dtype=np.float64)
+    lo, hi = float(values.min()), float(values.max())
+    scaled = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+    if photometric == "MONOCHROME1":  # 0 = white in MONOCHROME1
+        scaled = 1.0 - scaled
+    return Image.fromarray(np.round(scaled * 255).astype(np.uint8), "L").convert("RGB")
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """8-bit RGB with EXIF orientation applied; transparency composited on white."""
+    if is_dicom(path):
+        return load_dicom(path)
     with Image.open(path) as im:
         if getattr(im, "n_frames", 1) > 1:
             im.seek(0)
