@@ -10,6 +10,7 @@ state dicts load without renaming; the classes here are our own.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 from typing import Literal, Sequence
 
@@ -102,20 +103,26 @@ class UnknownVariantError(ValueError):
 
 def get_variant(name: str | VariantSpec) -> VariantSpec:
     """Look up a named variant: 'b0'..'b7', 'lite0'..'lite4' ('efficientnet_b0' also works),
-    optionally at another input size: 'b0@192'."""
+    optionally at another input size: 'b0@192'; or a compound-scaled one by its coefficient,
+    as the recommender names them: 'b-phi0.5', 'lite-phi1.5@256'."""
     if isinstance(name, VariantSpec):
         return name
     key, _, res = str(name).strip().lower().partition("@")
+    if res and (not res.isdigit() or int(res) < 32):
+        raise UnknownVariantError(f"Bad resolution in {name!r}: expected e.g. 'b0@192' (at least 32 px).")
+    compound = re.fullmatch(r"(b|lite)-phi(\d+(?:\.\d+)?)", key)
+    if compound:
+        return compound_variant(float(compound[2]), int(res) if res else None,
+                                family="lite" if compound[1] == "lite" else "b")
     if res:
-        if not res.isdigit() or int(res) < 32:
-            raise UnknownVariantError(f"Bad resolution in {name!r}: expected e.g. 'b0@192' (at least 32 px).")
         return get_variant(key).at_resolution(int(res))
     for prefix in ("tf_efficientnet_", "efficientnet_", "efficientnet-"):
         if key.startswith(prefix):
             key = key[len(prefix):]
     if key not in VARIANTS:
         raise UnknownVariantError(
-            f"Unknown EfficientNet variant {name!r}. Known variants: {', '.join(VARIANTS)}."
+            f"Unknown EfficientNet variant {name!r}. Known variants: {', '.join(VARIANTS)} "
+            f"(or compound-scaled: 'b-phi0.5', 'lite-phi1.5')."
         )
     return VARIANTS[key]
 

@@ -48,6 +48,40 @@ budget = {
     "num_classes": ds.num_classes if ds and ds.num_classes else 1000,
 }
 
+
+
+@ui.live_fragment(1, "Could not read the measurement")
+def measure_status() -> None:
+    job_id = st.session_state.get("measure_job")
+    j = ui.job(job_id) if job_id else None
+    if j is None:
+        return
+    if j["status"] in ui.ACTIVE_STATUSES:
+        p = j["progress"]
+        st.progress(min(max(float(p.get("fraction") or 0), 0.0), 1.0),
+                    text=f"Measuring on this machine: {p.get('phase') or 'waiting for the worker'}")
+    elif j["status"] == "failed":
+        st.error(f"The measurement failed: {j['error']}")
+    else:
+        if st.session_state.get("measure_applied") != job_id:  # new figures: rank again with them
+            st.session_state["measure_applied"] = job_id
+            ui.cached_recommendation.clear()
+            st.rerun()
+        measured = j["payload"].get("measured") or []
+        st.success(f"Measured on this machine: {', '.join(measured) or 'nothing new'}. Rows whose latency "
+                   "comes from 'measured' use these figures; the others use a fit to all measurements.")
+
+
+if device == "this-machine":
+    m1, m2 = st.columns([1, 3])
+    if m1.button("Measure on this machine", icon=":material/speed:", key="rec_measure"):
+        with ui.errors("Could not start the measurement"):
+            st.session_state["measure_job"] = ui.start_measure(budget)
+    m2.caption("Runs ONNX Runtime here, in the background, on a fixed calibration set and on the candidates "
+               "that decide the answer (about a minute the first time; figures are cached).")
+    if st.session_state.get("measure_job"):
+        measure_status()
+
 try:
     rec = ui.cached_recommendation(budget)
 except Exception as exc:  # noqa: BLE001 - BudgetError etc. carry readable messages

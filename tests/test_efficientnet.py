@@ -159,11 +159,33 @@ def test_compound_scaling() -> None:
         compound_variant(-1)
 
 
+@pytest.mark.parametrize("name, family, width, resolution", [
+    ("b-phi0.5", "b", round(1.1**0.5, 4), 240), ("b-phi1.5@256", "b", round(1.1**1.5, 4), 256),
+    ("lite-phi1.5", "lite", round(1.1**1.5, 4), 280), ("LITE-PHI0.5@192", "lite", round(1.1**0.5, 4), 192),
+])
+def test_compound_variants_by_name(name: str, family: str, width: float, resolution: int) -> None:
+    v = get_variant(name)
+    assert (v.family, v.width, v.resolution) == (family, width, resolution)
+    assert v == compound_variant(float(name.lower().split("phi")[1].split("@")[0]), resolution, family=family)
+
+
+def test_every_recommender_candidate_name_resolves() -> None:
+    """The recommender names candidates ('b-phi0.5@248'); measuring one builds it from that name."""
+    from core.recommend import candidate_key, default_candidates
+
+    for spec in default_candidates():
+        again = get_variant(candidate_key(spec))
+        assert (again.family, again.width, again.depth, again.resolution) == (
+            spec.family, spec.width, spec.depth, spec.resolution), candidate_key(spec)
+
+
 def test_unknown_variant_message() -> None:
     with pytest.raises(UnknownVariantError, match="Known variants: b0"):
         get_variant("b9")
     with pytest.raises(UnknownVariantError, match="resolution"):
         get_variant("b0@xx")
+    with pytest.raises(UnknownVariantError, match="compound-scaled: 'b-phi0.5'"):
+        get_variant("b-phix")
 
 
 def test_transfer_learning_api() -> None:

@@ -250,6 +250,41 @@ def test_recommend_budget_form_table_and_chart(data_dir: Path) -> None:
     assert not any(m.value.startswith("### Recommended:") for m in at.markdown)
 
 
+@pytest.mark.slow
+def test_recommend_measure_on_this_machine_from_the_page(data_dir: Path) -> None:
+    """The page's "Measure on this machine" runs real ONNX Runtime timings in the light-lane worker."""
+    from sqlalchemy import func, select
+
+    from storage.db import get_sessionmaker
+    from storage.models import Benchmark
+    from workbench.settings import get_settings
+
+    at = open_page("recommend")
+    at.selectbox(key="rec_device").select("this-machine")
+    at.number_input(key="rec_latency").set_value(60.0)
+    next(b for b in at.button if b.label == "Recommend").click().run()
+    assert_clean(at)
+    sources = lambda a: set(a.dataframe[0].value["latency from"]) | set(a.dataframe[1].value["latency from"])  # noqa: E731
+    assert not any(str(x).startswith("measured") for x in sources(at))  # nothing measured yet
+    next(b for b in at.button if b.key == "rec_measure").click().run()
+    assert_clean(at)
+    wait_for(at, lambda a: any("Measured on this machine" in m.value for m in a.success)
+             or any("measurement failed" in e.value for e in a.error), timeout=420, what="the measurement")
+    assert_clean(at)
+    assert any(str(x).startswith("measured") for x in sources(at))  # the table now uses the figures
+    with get_sessionmaker(get_settings().database_url)() as s:
+        assert s.scalar(select(func.count()).select_from(Benchmark)) >= 5  # the calibration set at least
+    # The worker's scratch files (the ONNX models it timed) live inside the data dir.
+    assert any((data_dir / "tmp" / "worker-light").glob("wb-latency-*/*.onnx"))
+    # Another device cannot be measured from here: no button, and the service says why.
+    at.selectbox(key="rec_device").select("rpi4")
+    next(b for b in at.button if b.label == "Recommend").click().run()
+    assert not any(b.key == "rec_measure" for b in at.button)
+    from workbench import ui
+    with pytest.raises(ValueError, match="workbench calibrate"):
+        ui.start_measure({"device": "rpi4"})
+
+
 # --- runs: 100+ runs, sorted and paginated in SQL -----------------------------------------
 
 def _insert_runs(n: int) -> None:

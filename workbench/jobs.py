@@ -3,7 +3,7 @@
 * Jobs are rows of the ``jobs`` table (queued -> running -> succeeded | failed | cancelled).
 * Every job kind belongs to a **lane** (``LANE_OF_KIND``, default ``train``): ``train`` for
   training, ``light`` for the shorter work the UI asks for (ingest, export, evaluate,
-  predict), so an upload never waits for a long training to finish.
+  predict, latency measurement), so an upload never waits for a long training to finish.
 * ONE worker process per lane (an exclusive ``flock`` on ``<data dir>/worker.lock`` for the
   train lane, ``worker-<lane>.lock`` for the others) claims its lane's queued jobs one by one
   with a single atomic UPDATE and runs the handler registered for the job's kind. It is
@@ -50,7 +50,7 @@ HANDLER_MODULES = ("workbench.runs", "workbench.postrun", "workbench.tasks")
 DEFAULT_LANE = "train"
 LANES = ("train", "light")
 LANE_OF_KIND: dict[str, str] = {"train": "train", "ingest": "light", "export": "light", "evaluate": "light",
-                                "predict": "light"}
+                                "predict": "light", "measure": "light"}
 
 
 def lane_of(kind: str) -> str:

@@ -86,7 +86,7 @@ def resolve_profile(device: str, profile_file: str | Path | None = None,
 def recommend_for(budget: Mapping[str, Any] | Budget, *, measure: bool = False,
                   profile_file: str | Path | None = None, devices_file: str | Path | None = None,
                   check_hub: bool = True, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """What the UI calls: a budget dict in, ``Recommendation.to_dict()`` out (plus 'measured_keys')."""
+    """What the UI calls: a budget dict in, ``Recommendation.to_dict()`` out."""
     return recommend_obj(budget, measure=measure, profile_file=profile_file, devices_file=devices_file,
                          check_hub=check_hub, progress=progress).to_dict()
 

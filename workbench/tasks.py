@@ -1,4 +1,4 @@
-"""Job handlers for the UI's own long work: ``ingest`` and ``predict`` (light lane).
+"""Job handlers for the UI's own long work: ``ingest``, ``predict`` and ``measure`` (light lane).
 
 The Streamlit pages never do slow work in the server process: they save what the user
 uploaded into the data dir, ``jobs.enqueue`` a job and ``jobs.ensure_worker("light")``
@@ -13,6 +13,9 @@ Payloads hold paths relative to the data dir:
   job ends, whatever the outcome.
 * ``predict``: files ([{name, path}] under ``tmp/predict/<id>/``), top_k, gradcam, out_dir;
   the result (``results``, ``classes``) is merged into the job's payload for the page.
+* ``measure``: budget (a recommender budget dict, device ``this-machine``). Measures ONNX
+  Runtime latency on this machine (the calibration set, then the candidates that decide the
+  answer), caching every figure in the benchmarks table; the result is ``measured`` (keys).
 """
 from __future__ import annotations
 
@@ -145,5 +148,31 @@ def handle_predict(ctx: jobs.JobContext) -> jobs.JobOutcome:
     return jobs.JobOutcome("succeeded")
 
 
+def handle_measure(ctx: jobs.JobContext) -> jobs.JobOutcome:
+    """The recommender's "measure on this machine" (``workbench recommend --measure``) as a job."""
+    from workbench import recommend_service
+
+    steps = [0]
+
+    def progress(message: str) -> None:
+        # Two measuring passes of about four messages each: a rough fraction is enough here.
+        steps[0] += 1
+        ctx.progress({"phase": message, "fraction": min(0.95, steps[0] / 8)})
+
+    try:
+        ctx.progress({"phase": "exporting the models to measure", "fraction": 0.0})
+        rec = recommend_service.recommend_for(dict(ctx.payload.get("budget") or {}), measure=True,
+                                              check_hub=False, progress=progress)
+    except Exception as exc:  # noqa: BLE001 - shown on the page
+        log.warning("measure job %s failed", ctx.job_id, exc_info=True)
+        return jobs.JobOutcome("failed", jobs.friendly(exc))
+    measured = sorted(c["key"] for c in [*rec["ranked"], *rec["excluded"]]
+                      if str(c.get("latency_source", "")).startswith("measured"))
+    ctx.progress({"phase": "done", "fraction": 1.0})
+    ctx.save_result({"measured": measured})
+    return jobs.JobOutcome("succeeded")
+
+
 jobs.register_handler("ingest", handle_ingest)
+jobs.register_handler("measure", handle_measure)
 jobs.register_handler("predict", handle_predict)

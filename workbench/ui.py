@@ -355,6 +355,7 @@ def store_paths_for(dataset_id: int, shas: Sequence[str]) -> dict[str, Path]:
 
 INGEST_KIND = "ingest"
 PREDICT_KIND = "predict"
+MEASURE_KIND = "measure"
 LIGHT_LANE = "light"
 
 
@@ -664,7 +665,7 @@ def start_export(run_id: int, *, fp16: bool, int8: bool, uint8_graph: bool) -> i
 def download_button(evaluation: Any, artifact_id: int, label: str, file_name: str, key: str) -> None:
     """A download button whose file is verified (present, sha256 unchanged) when it is clicked."""
     try:
-        path = evaluation.artifact_for_download(artifact_id)
+        evaluation.artifact_for_download(artifact_id)  # verified now, to offer it or say why not
     except Exception as exc:  # noqa: BLE001
         st.error(f"{label}: not offered for download. {friendly(exc)}")
         return
@@ -689,6 +690,16 @@ def cached_recommendation(budget: dict[str, Any]) -> dict[str, Any]:
     from workbench import recommend_service
 
     return recommend_service.recommend_for(budget, check_hub=False)
+
+
+def start_measure(budget: dict[str, Any]) -> int:
+    """Queue "measure on this machine" for this budget (workbench.tasks, light lane); returns the job id."""
+    from workbench.recommend_service import THIS_MACHINE
+
+    if budget.get("device") != THIS_MACHINE:
+        raise ValueError(f"Only '{THIS_MACHINE}' can be measured from here; for another device run "
+                         f"`workbench calibrate -o my-device.json` on it and import the file.")
+    return enqueue_light(MEASURE_KIND, {"budget": dict(budget)})
 
 
 # --- predict (a background job: model loading + Grad-CAM take seconds) ----------------
