@@ -58,8 +58,9 @@ def measure_status() -> None:
         return
     if j["status"] in ui.ACTIVE_STATUSES:
         p = j["progress"]
+        waiting = "queued: starts when the training lane is free (timings taken during a training would be off)"
         st.progress(min(max(float(p.get("fraction") or 0), 0.0), 1.0),
-                    text=f"Measuring on this machine: {p.get('phase') or 'waiting for the worker'}")
+                    text=f"Measuring on this machine: {p.get('phase') or waiting}")
     elif j["status"] == "failed":
         st.error(f"The measurement failed: {j['error']}")
     else:
@@ -78,7 +79,8 @@ if device == "this-machine":
         with ui.errors("Could not start the measurement"):
             st.session_state["measure_job"] = ui.start_measure(budget)
     m2.caption("Runs ONNX Runtime here, in the background, on a fixed calibration set and on the candidates "
-               "that decide the answer (about a minute the first time; figures are cached).")
+               "that decide the answer (about a minute the first time; figures are cached). It waits for any "
+               "training to finish first, so the timings are not distorted.")
     if st.session_state.get("measure_job"):
         measure_status()
 

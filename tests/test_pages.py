@@ -252,7 +252,7 @@ def test_recommend_budget_form_table_and_chart(data_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_recommend_measure_on_this_machine_from_the_page(data_dir: Path) -> None:
-    """The page's "Measure on this machine" runs real ONNX Runtime timings in the light-lane worker."""
+    """The page's "Measure on this machine" runs real ONNX Runtime timings in the train-lane worker."""
     from sqlalchemy import func, select
 
     from storage.db import get_sessionmaker
@@ -275,7 +275,7 @@ def test_recommend_measure_on_this_machine_from_the_page(data_dir: Path) -> None
     with get_sessionmaker(get_settings().database_url)() as s:
         assert s.scalar(select(func.count()).select_from(Benchmark)) >= 5  # the calibration set at least
     # The worker's scratch files (the ONNX models it timed) live inside the data dir.
-    assert any((data_dir / "tmp" / "worker-light").glob("wb-latency-*/*.onnx"))
+    assert any((data_dir / "tmp" / "worker-train").glob("wb-latency-*/*.onnx"))
     # Another device cannot be measured from here: no button, and the service says why.
     at.selectbox(key="rec_device").select("rpi4")
     next(b for b in at.button if b.label == "Recommend").click().run()

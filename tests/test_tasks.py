@@ -63,7 +63,7 @@ def job_row(job_id: int):  # noqa: ANN201
 
 
 def test_lanes_route_kinds() -> None:
-    assert jobs.lane_of("train") == "train"
+    assert jobs.lane_of("train") == jobs.lane_of("measure") == "train"  # CPU-heavy work never overlaps
     assert {jobs.lane_of(k) for k in ("ingest", "export", "evaluate", "predict")} == {"light"}
     assert jobs.lane_of("something-new") == "train"  # the default lane
     s = get_settings()

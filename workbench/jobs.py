@@ -2,8 +2,9 @@
 
 * Jobs are rows of the ``jobs`` table (queued -> running -> succeeded | failed | cancelled).
 * Every job kind belongs to a **lane** (``LANE_OF_KIND``, default ``train``): ``train`` for
-  training, ``light`` for the shorter work the UI asks for (ingest, export, evaluate,
-  predict, latency measurement), so an upload never waits for a long training to finish.
+  training and latency measurement (CPU-heavy work that must not share the cores), ``light``
+  for the shorter work the UI asks for (ingest, export, evaluate, predict), so an upload never
+  waits for a long training to finish.
 * ONE worker process per lane (an exclusive ``flock`` on ``<data dir>/worker.lock`` for the
   train lane, ``worker-<lane>.lock`` for the others) claims its lane's queued jobs one by one
   with a single atomic UPDATE and runs the handler registered for the job's kind. It is
@@ -11,7 +12,7 @@
   server or the CLI that asked for it.
 * Handlers are registered by kind (``register_handler``); ``workbench.runs`` registers
   ``train``, ``workbench.postrun`` ``evaluate``/``export``, ``workbench.tasks``
-  ``ingest``/``predict``.
+  ``ingest``/``predict``/``measure``.
 * Every write is a short transaction; SQLite runs in WAL mode with a busy timeout
   (storage.db), so the UI reading progress never blocks the worker writing it.
 * ``reconcile`` makes the database tell the truth after a crash: a job marked running whose
@@ -50,7 +51,10 @@ HANDLER_MODULES = ("workbench.runs", "workbench.postrun", "workbench.tasks")
 DEFAULT_LANE = "train"
 LANES = ("train", "light")
 LANE_OF_KIND: dict[str, str] = {"train": "train", "ingest": "light", "export": "light", "evaluate": "light",
-                                "predict": "light", "measure": "light"}
+                                "predict": "light",
+                                # Latency measurement shares the train lane: timings taken while a
+                                # training holds the cores would be inflated.
+                                "measure": "train"}
 
 
 def lane_of(kind: str) -> str:

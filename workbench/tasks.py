@@ -1,4 +1,4 @@
-"""Job handlers for the UI's own long work: ``ingest``, ``predict`` and ``measure`` (light lane).
+"""Job handlers for the UI's own long work: ``ingest`` and ``predict`` (light lane), ``measure`` (train lane).
 
 The Streamlit pages never do slow work in the server process: they save what the user
 uploaded into the data dir, ``jobs.enqueue`` a job and ``jobs.ensure_worker("light")``
@@ -16,6 +16,7 @@ Payloads hold paths relative to the data dir:
 * ``measure``: budget (a recommender budget dict, device ``this-machine``). Measures ONNX
   Runtime latency on this machine (the calibration set, then the candidates that decide the
   answer), caching every figure in the benchmarks table; the result is ``measured`` (keys).
+  It runs on the train lane, so it never times models while a training holds the cores.
 """
 from __future__ import annotations
 

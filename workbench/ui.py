@@ -693,13 +693,19 @@ def cached_recommendation(budget: dict[str, Any]) -> dict[str, Any]:
 
 
 def start_measure(budget: dict[str, Any]) -> int:
-    """Queue "measure on this machine" for this budget (workbench.tasks, light lane); returns the job id."""
+    """Queue "measure on this machine" for this budget (workbench.tasks, train lane); returns the job id."""
     from workbench.recommend_service import THIS_MACHINE
 
     if budget.get("device") != THIS_MACHINE:
         raise ValueError(f"Only '{THIS_MACHINE}' can be measured from here; for another device run "
                          f"`workbench calibrate -o my-device.json` on it and import the file.")
-    return enqueue_light(MEASURE_KIND, {"budget": dict(budget)})
+    from workbench import jobs
+
+    # The train lane: measuring while a training runs would time the contention, not the model.
+    with db().begin() as s:
+        job_id = jobs.enqueue(s, MEASURE_KIND, None, {"budget": dict(budget)}).id
+    jobs.ensure_worker(settings(), lane=jobs.lane_of(MEASURE_KIND))
+    return job_id
 
 
 # --- predict (a background job: model loading + Grad-CAM take seconds) ----------------

@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-exit", type=float, default=None,
                         help="exit after this many seconds with an empty queue (default: never)")
     parser.add_argument("--lane", choices=LANES, default=DEFAULT_LANE,
-                        help="which jobs to run: train (training) or light (ingest, export, evaluate, predict, measure)")
+                        help="which jobs to run: train (training) or light (ingest, export, evaluate, predict)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s worker[{args.lane}] %(process)d %(levelname)s %(message)s")
