@@ -49,7 +49,6 @@ budget = {
 }
 
 
-
 @ui.live_fragment(1, "Could not read the measurement")
 def measure_status() -> None:
     job_id = st.session_state.get("measure_job")

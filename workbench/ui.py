@@ -356,16 +356,15 @@ def store_paths_for(dataset_id: int, shas: Sequence[str]) -> dict[str, Path]:
 INGEST_KIND = "ingest"
 PREDICT_KIND = "predict"
 MEASURE_KIND = "measure"
-LIGHT_LANE = "light"
 
 
-def enqueue_light(kind: str, payload: dict[str, Any], *, run_id: Optional[int] = None) -> int:
-    """Queue a light-lane job, start that lane's worker if needed; returns the job id."""
+def enqueue_job(kind: str, payload: dict[str, Any], *, run_id: Optional[int] = None) -> int:
+    """Queue a job, start its lane's worker if needed (``jobs.lane_of``); returns the job id."""
     from workbench import jobs
 
     with db().begin() as s:
         job_id = jobs.enqueue(s, kind, run_id, payload).id
-    jobs.ensure_worker(settings(), lane=LIGHT_LANE)
+    jobs.ensure_worker(settings(), lane=jobs.lane_of(kind))
     return job_id
 
 
@@ -432,7 +431,7 @@ def start_ingest(upload: Any, filename: str, name: str, *, csv_upload: Any = Non
         payload = {"name": name, "filename": filename, "upload": src.relative_to(data_dir).as_posix(),
                    "csv": csv_path.relative_to(data_dir).as_posix() if csv_path else None,
                    "group_regex": group_regex or None, "seed": int(seed)}
-        return enqueue_light(INGEST_KIND, payload)
+        return enqueue_job(INGEST_KIND, payload)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
@@ -659,7 +658,7 @@ def show_plot(plots: dict[str, Any], name: str, caption: str | None = None, widt
 
 def start_export(run_id: int, *, fp16: bool, int8: bool, uint8_graph: bool) -> int:
     """Queue a run's bundle build (workbench.postrun.handle_export, light lane); returns the job id."""
-    return enqueue_light("export", {"fp16": fp16, "int8": int8, "uint8_graph": uint8_graph}, run_id=run_id)
+    return enqueue_job("export", {"fp16": fp16, "int8": int8, "uint8_graph": uint8_graph}, run_id=run_id)
 
 
 def download_button(evaluation: Any, artifact_id: int, label: str, file_name: str, key: str) -> None:
@@ -699,13 +698,7 @@ def start_measure(budget: dict[str, Any]) -> int:
     if budget.get("device") != THIS_MACHINE:
         raise ValueError(f"Only '{THIS_MACHINE}' can be measured from here; for another device run "
                          f"`workbench calibrate -o my-device.json` on it and import the file.")
-    from workbench import jobs
-
-    # The train lane: measuring while a training runs would time the contention, not the model.
-    with db().begin() as s:
-        job_id = jobs.enqueue(s, MEASURE_KIND, None, {"budget": dict(budget)}).id
-    jobs.ensure_worker(settings(), lane=jobs.lane_of(MEASURE_KIND))
-    return job_id
+    return enqueue_job(MEASURE_KIND, {"budget": dict(budget)})  # train lane: see jobs.LANE_OF_KIND
 
 
 # --- predict (a background job: model loading + Grad-CAM take seconds) ----------------
@@ -738,7 +731,7 @@ def start_predict(run_id: int, uploads: Sequence[Any], *, top_k: int = 3, gradca
         files.append({"name": u.name, "path": src.relative_to(data_dir).as_posix()})
     payload = {"run_id": run_id, "images": len(files), "files": files, "top_k": top_k, "gradcam": gradcam,
                "out_dir": out_dir.relative_to(data_dir).as_posix()}
-    return enqueue_light(PREDICT_KIND, payload, run_id=run_id)
+    return enqueue_job(PREDICT_KIND, payload, run_id=run_id)
 
 
 def job(job_id: int) -> Optional[dict[str, Any]]:
@@ -839,7 +832,7 @@ def default_preset(dataset_id: int) -> Optional[str]:
 
 def start_evaluate(run_id: int, *, tta: bool = False) -> int:
     """Queue a (re-)evaluation on the test split (workbench.postrun.handle_evaluate, light lane); returns the job id."""
-    return enqueue_light("evaluate", {"tta": tta}, run_id=run_id)
+    return enqueue_job("evaluate", {"tta": tta}, run_id=run_id)
 
 
 def job_progress_panel(kinds: Sequence[str], run_id: int, label: str, state_key: str) -> None:
