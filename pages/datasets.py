@@ -75,14 +75,7 @@ def ingest_progress() -> None:
 ingest_progress()
 
 # --- list -----------------------------------------------------------------------------
-try:
-    items = datasets.list_datasets()
-except Exception as exc:  # noqa: BLE001
-    ui.show_error("Could not list datasets", exc)
-    st.stop()
-if not items:
-    ui.empty_state("No datasets yet: upload a zip above.")
-    st.stop()
+items = ui.datasets_or_stop(datasets, "No datasets yet: upload a zip above.")
 
 st.subheader("Your datasets")
 st.dataframe(

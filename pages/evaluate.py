@@ -10,11 +10,7 @@ evaluation = ui.service("evaluation")
 if not ui.require(evaluation, "latest_evaluation", "list_artifacts", "artifact_for_download"):
     st.stop()
 
-choices = ui.run_choices(statuses=["succeeded", "completed", "done"])
-if not choices:
-    ui.empty_state("No finished runs yet: train one first.", "train.py", "Train a model")
-    st.stop()
-run_id = ui.pick_run("Run", choices, key="eval_run")
+run_id = ui.pick_finished_run_or_stop("Run", key="eval_run")
 
 c1, c2, _ = st.columns([1, 1, 2])
 if c1.button("Evaluate again", icon=":material/refresh:", help="Re-run the test-split evaluation."):

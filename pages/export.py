@@ -9,11 +9,7 @@ evaluation = ui.service("evaluation")
 if not ui.require(evaluation, "export_run", "list_artifacts", "artifact_for_download"):
     st.stop()
 
-choices = ui.run_choices(statuses=["succeeded", "completed", "done"])
-if not choices:
-    ui.empty_state("No finished runs yet: train one first.", "train.py", "Train a model")
-    st.stop()
-run_id = ui.pick_run("Run", choices, key="export_run")
+run_id = ui.pick_finished_run_or_stop("Run", key="export_run")
 
 with st.form("export_form"):
     st.markdown("**Precisions** — fp32 is always included and is the reference.")

@@ -4,11 +4,7 @@ import streamlit as st
 from workbench import ui
 
 ui.header("Predict", "Try a trained model on new images. Grad-CAM shows where the model looked.")
-choices = ui.run_choices(statuses=["succeeded", "completed", "done"])
-if not choices:
-    ui.empty_state("No trained models yet: train one first.", "train.py", "Train a model")
-    st.stop()
-run_id = ui.pick_run("Model", choices, key="predict_run")
+run_id = ui.pick_finished_run_or_stop("Model", key="predict_run", empty="No trained models yet: train one first.")
 
 with st.form("predict_form", clear_on_submit=True):
     files = st.file_uploader("Images", type=["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "dcm"],

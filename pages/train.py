@@ -12,14 +12,7 @@ runs = ui.service("runs")
 if not ui.require(datasets, "list_datasets") or not ui.require(runs, "queue_training"):
     st.stop()
 
-try:
-    items = datasets.list_datasets()
-except Exception as exc:  # noqa: BLE001
-    ui.show_error("Could not list datasets", exc)
-    st.stop()
-if not items:
-    ui.empty_state("Upload a dataset first.", "datasets.py", "Go to Datasets")
-    st.stop()
+items = ui.datasets_or_stop(datasets, "Upload a dataset first.", "datasets.py", "Go to Datasets")
 
 from core.augment import PRESETS  # noqa: E402
 from core.efficientnet import VARIANTS  # noqa: E402

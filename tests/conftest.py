@@ -27,6 +27,19 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     reset_sessionmakers()  # release the SQLite file before tmp_path is removed
 
 
+def wait_for(pred, timeout: float = 180, poll: float = 0.3, what: str = "condition"):  # noqa: ANN001, ANN201
+    """Poll ``pred`` until it returns something truthy (returned); fail after ``timeout`` seconds."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def worker_processes(data_dir: Path) -> list:
     """Live ``workbench.worker`` processes (any lane) serving ``data_dir``."""
     import psutil

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import wait_for
 from helpers_train import create_dataset_rows
 from workbench import jobs, runs
 from workbench.settings import get_settings
@@ -32,15 +33,6 @@ def spawn_worker(*args: str) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def wait_for(pred, timeout: float = 240, poll: float = 0.3):  # noqa: ANN001, ANN201
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError("timed out waiting")
-
 
 def test_two_queued_jobs_run_back_to_back_without_lock_errors(data_dir: Path, sf) -> None:
     create_dataset_rows(data_dir, sf, "colours", [8, 8, 8])
@@ -60,7 +52,7 @@ def test_two_queued_jobs_run_back_to_back_without_lock_errors(data_dir: Path, sf
         jobs.add_event(sf, ids[1], "UI ping")  # a concurrent writer
         return all(runs.get_run(i).status in jobs.TERMINAL for i in ids)
 
-    wait_for(done)
+    wait_for(done, timeout=240)
     infos = [runs.get_run(i) for i in ids]
     assert [i.status for i in infos] == ["succeeded", "succeeded"], [i.error for i in infos]
     assert infos[1].started_at >= infos[0].finished_at  # one after the other
@@ -90,7 +82,7 @@ def test_kill_worker_then_resume_matches_uninterrupted_run(data_dir: Path, sf) -
 
     proc = spawn_worker("--once")
     # Kill it (SIGKILL: no cleanup at all) once the second finetune epoch is underway.
-    wait_for(lambda: len(runs.run_metrics(run_id)) >= 3, poll=0.1)
+    wait_for(lambda: len(runs.run_metrics(run_id)) >= 3, timeout=240, poll=0.1)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert runs.get_run(run_id).status == "running"  # the DB does not know yet
@@ -119,7 +111,7 @@ def test_cancel_running_and_queued_runs(data_dir: Path, sf) -> None:
                                                 overrides=long_cfg, postrun=False, start_worker=False)
     proc = spawn_worker("--idle-exit", "1")
     try:
-        wait_for(lambda: runs.get_run(running_id).status == "running" and runs.run_metrics(running_id))
+        wait_for(lambda: runs.get_run(running_id).status == "running" and runs.run_metrics(running_id), timeout=240)
         assert runs.cancel_run(queued_id) == "cancelled"  # never starts
         assert runs.cancel_run(running_id) == "cancelling"
         t0 = time.monotonic()

@@ -10,7 +10,7 @@ import uuid
 import zipfile
 from pathlib import Path
 
-from conftest import stop_workers, worker_processes
+from conftest import stop_workers, wait_for, worker_processes
 from helpers_train import create_dataset_rows
 from workbench import jobs, runs
 from workbench.settings import get_settings
@@ -18,15 +18,6 @@ from workbench.settings import get_settings
 LONG = dict(head_epochs=50, finetune_epochs=50, unfreeze_stages=1, cache_views=1, batch_size=8, head_batch_size=16,
             num_threads=1, patience=100)
 
-
-def wait_for(pred, timeout: float = 180, poll: float = 0.3, what: str = "condition"):  # noqa: ANN001, ANN201
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def save_upload(data_dir: Path, data: bytes, filename: str) -> str:

@@ -618,6 +618,28 @@ def pick_run(label: str, choices: dict[int, str], key: str) -> Optional[int]:
     return rid
 
 
+def pick_finished_run_or_stop(label: str, key: str, empty: str = "No finished runs yet: train one first.") -> int:
+    """The run picker of the pages that need a trained model; without one, says so and stops the page."""
+    choices = run_choices(statuses=["succeeded", "completed", "done"])
+    if not choices:
+        empty_state(empty, "train.py", "Train a model")
+        st.stop()
+    return pick_run(label, choices, key=key)
+
+
+def datasets_or_stop(datasets: Any, empty: str, page: str | None = None, label: str | None = None) -> list[Any]:
+    """Every dataset, for pages that need one; an error or an empty list is shown and stops the page."""
+    try:
+        items = datasets.list_datasets()
+    except Exception as exc:  # noqa: BLE001
+        show_error("Could not list datasets", exc)
+        st.stop()
+    if not items:
+        empty_state(empty, page, label)
+        st.stop()
+    return items
+
+
 # --- evaluation and export artifacts --------------------------------------------------
 
 def evaluation_plots(evaluation: Any, run_id: int, evaluation_id: int) -> dict[str, Any]:
