@@ -25,13 +25,13 @@ def get_dataset(session: Session, dataset_id: int) -> Optional[Dataset]:
 
 
 def get_dataset_by_name_or_id(session: Session, name_or_id: str | int) -> Optional[Dataset]:
-    """Name first (a dataset may be called "3"), then numeric id."""
-    if isinstance(name_or_id, int):
-        return session.get(Dataset, name_or_id)
-    ds = get_dataset_by_name(session, name_or_id)
-    if ds is None and name_or_id.isdigit():
-        ds = session.get(Dataset, int(name_or_id))
-    return ds
+    """An int or an all-digit string is an id (dataset names may not be all digits), else a name.
+
+    So a lookup by id is never shadowed by a dataset whose name is that number.
+    """
+    if isinstance(name_or_id, int) or name_or_id.strip().isdigit():
+        return session.get(Dataset, int(name_or_id))
+    return get_dataset_by_name(session, name_or_id)
 
 
 def list_datasets(session: Session) -> Sequence[Dataset]:
@@ -68,7 +68,7 @@ def add_images(session: Session, dataset_id: int, rows: Iterable[dict[str, Any]]
     """Bulk insert image rows (dicts with Image column names); returns the count."""
     payload = [dict(r, dataset_id=dataset_id) for r in rows]
     if payload:
-        session.execute(Image.__table__.insert(), payload)
+        session.execute(Image.__table__.insert(), payload)  # type: ignore[attr-defined]
     return len(payload)
 
 

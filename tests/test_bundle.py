@@ -99,7 +99,7 @@ def test_predict_py_without_pydicom_says_what_to_install(tmp_path: Path, monkeyp
 @pytest.fixture(scope="module")
 def exported(ws):
     from test_export import FAST, make_run
-    from workbench.evaluation import export_run
+    from workbench.exports import export_run
 
     rid = make_run(ws)
     return rid, export_run(rid, int8=True, calibration_images=6, settings=ws.settings, session_factory=ws.Session,
@@ -107,10 +107,10 @@ def exported(ws):
 
 
 def test_bundle_predict_subprocess_reproduces_test_accuracy(ws, exported, tmp_path: Path) -> None:
-    from workbench.evaluation import latest_evaluation
+    from workbench.evaluations import latest_evaluation
 
     rid, out = exported
-    bundle = Path(out["bundle_path"])
+    bundle = Path(out.bundle_path)
     dest = tmp_path / "bundle"
     with zipfile.ZipFile(bundle) as zf:
         names = set(zf.namelist())
@@ -133,7 +133,7 @@ def test_bundle_predict_subprocess_reproduces_test_accuracy(ws, exported, tmp_pa
     assert len(rows) == 12
     acc = np.mean([Path(row["path"]).parent.name == row["predicted_label"] for row in rows])
     ev = latest_evaluation(rid, settings=ws.settings, session_factory=ws.Session)
-    assert acc == ev["metrics"]["accuracy"]  # exactly the workbench's test accuracy
+    assert ev is not None and acc == ev.metrics["accuracy"]  # exactly the workbench's test accuracy
     assert all(len(row["top_k"].split(";")) == 2 and 0 < float(row["confidence"]) <= 1 for row in rows)
 
 
@@ -170,17 +170,19 @@ def test_export_job_handler_runs_in_worker_context(ws, exported) -> None:
     """The UI enqueues an 'export' job; the worker's handler builds a new bundle."""
     from storage import repositories as repo
     from workbench import jobs
-    from workbench.postrun import handle_export
+    from workbench.handlers import HANDLERS
+    from workbench.handlers.postrun import handle_export
+    from workbench.status import JobKind, JobStatus
 
     rid = exported[0]
     with ws.Session.begin() as s:
         before = len(repo.artifacts_for_run(s, rid, "bundle"))
         job_id = jobs.enqueue(s, "export", rid, {"fp16": False}).id
-    assert jobs.get_handler("export") is handle_export
+    assert HANDLERS[JobKind.EXPORT].handle is handle_export
     ctx = jobs.JobContext(job_id, "export", rid, {"fp16": False}, ws.Session, ws.settings)
-    assert handle_export(ctx).status == "succeeded"
+    assert handle_export(ctx).status == JobStatus.SUCCEEDED
     with ws.Session() as s:
         assert len(repo.artifacts_for_run(s, rid, "bundle")) == before + 1
     bad = jobs.JobContext(job_id, "export", 99999, {}, ws.Session, ws.settings)
     out = handle_export(bad)
-    assert out.status == "failed" and "no run with id 99999" in out.error
+    assert out.status == JobStatus.FAILED and "no run with id 99999" in (out.error or "")

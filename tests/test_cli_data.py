@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import png_bytes
-from workbench import cli_data
+from workbench.cli import data as cli_data
 
 
 def _run(argv: list[str]) -> int:
@@ -82,3 +82,27 @@ def test_registered_in_main_cli(data_dir: Path, upload: Path, capsys: pytest.Cap
     assert main(["data", "add", str(upload), "--name", "via-main", "--quiet"]) == 0
     assert main(["data", "list"]) == 0
     assert "via-main" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["2", "  17 ", "007"])
+def test_all_digit_dataset_names_are_refused(data_dir: Path, upload: Path, name: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert _run(["data", "add", str(upload), "--name", name]) == 2
+    assert "all digits, which would read as a dataset id" in capsys.readouterr().err
+
+
+def test_a_number_always_means_an_id(data_dir: Path, upload: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A dataset named like another one's id can no longer exist; a number looks up by id only."""
+    from storage.db import get_sessionmaker
+    from storage.models import Dataset
+    from workbench.settings import get_settings
+
+    assert _run(["data", "add", str(upload), "--name", "first"]) == 0
+    assert _run(["data", "add", str(upload), "--name", "second"]) == 0
+    with get_sessionmaker(get_settings().database_url).begin() as s:  # a name written by an older version
+        s.get(Dataset, 2).name = "1"
+    capsys.readouterr()
+    assert _run(["data", "report", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["id"] == 1  # the id, not the dataset named "1"
+    assert _run(["data", "report", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "1"

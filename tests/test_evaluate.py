@@ -191,12 +191,12 @@ def test_evaluate_run_stores_tta_evaluation(ws) -> None:
     from storage import repositories as repo
     from storage.models import Evaluation, Run
     from test_export import make_run
-    from workbench.evaluation import evaluate_run
+    from workbench.evaluations import evaluate_run
 
     rid = make_run(ws)
     out = evaluate_run(rid, tta=True, settings=ws.settings, session_factory=ws.Session)
     with ws.Session() as s:
-        ev = s.get(Evaluation, out["evaluation_id"])
+        ev = s.get(Evaluation, out.evaluation_id)
         assert ev.tta is True and ev.split == "test" and "curves" not in ev.metrics
         assert ev.metrics["tta_effect"]["without"]["accuracy"] is not None
         kinds = [a.kind for a in repo.artifacts_for_run(s, rid)]

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from workbench.paths import RunPaths
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BEANS = REPO_ROOT.parent / "shared" / "datasets" / "beans"
 RES = 64
@@ -101,7 +103,7 @@ def make_run(ws: Workspace) -> int:
         s.add(run)
         s.flush()
         rid = run.id
-        dst = ws.settings.runs_dir / str(rid) / "best.pt"
+        dst = RunPaths(ws.settings, rid).root / "best.pt"
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ws.checkpoint, dst)
         run.checkpoint_path = dst.relative_to(ws.settings.data_dir).as_posix()
@@ -166,9 +168,9 @@ def test_fp32_export_metadata_and_verification(ws: Workspace, tmp_path: Path) ->
 
 
 @pytest.fixture(scope="module")
-def post_run(ws: Workspace) -> tuple[int, dict[str, Any], list[str]]:
+def post_run(ws: Workspace) -> tuple[int, Any, list[str]]:
     """A run that went through the automatic post-training step (shared: it is the slow part)."""
-    from workbench.postrun import after_training
+    from workbench.handlers.postrun import after_training
 
     rid = make_run(ws)
     messages: list[str] = []
@@ -176,12 +178,12 @@ def post_run(ws: Workspace) -> tuple[int, dict[str, Any], list[str]]:
     return rid, out, messages
 
 
-def test_after_training_records_latency_and_metrics(ws: Workspace, post_run: tuple[int, dict[str, Any], list[str]]) -> None:
+def test_after_training_records_latency_and_metrics(ws: Workspace, post_run: tuple[int, Any, list[str]]) -> None:
     from storage import repositories as repo
     from storage.models import Evaluation, Run
 
     rid, out, messages = post_run
-    assert out["export"]["passed"]
+    assert out.export["passed"]
     with ws.Session() as s:
         run = s.get(Run, rid)
         summ = run.summary
@@ -189,7 +191,7 @@ def test_after_training_records_latency_and_metrics(ws: Workspace, post_run: tup
         evs = s.query(Evaluation).filter_by(run_id=rid).all()
     assert summ["latency_ms_p50"] > 0 and summ["latency_ms_p95"] >= summ["latency_ms_p50"]
     assert summ["throughput_images_per_s"] > 0 and summ["export_verified"] is True
-    assert summ["onnx_mb"] == pytest.approx((ws.settings.runs_dir / str(rid) / "export" / "model.onnx").stat().st_size / 1e6)
+    assert summ["onnx_mb"] == pytest.approx((RunPaths(ws.settings, rid).fp32_onnx).stat().st_size / 1e6)
     assert 0.0 <= summ["test_accuracy"] <= 1.0 and "ece" in summ
     kinds = {a.kind for a in arts}
     assert {"onnx_fp32", "plot", "eval_json"} <= kinds
@@ -201,15 +203,15 @@ def test_after_training_records_latency_and_metrics(ws: Workspace, post_run: tup
     assert messages
 
 
-def test_fp16_int8_variants_measured_and_reported(ws: Workspace, post_run: tuple[int, dict[str, Any], list[str]],
+def test_fp16_int8_variants_measured_and_reported(ws: Workspace, post_run: tuple[int, Any, list[str]],
                                                   tmp_path: Path) -> None:
     from core.latency import ort_session
-    from workbench.evaluation import export_run
+    from workbench.exports import export_run
 
     rid = post_run[0]  # reuses its verified fp32 export and its evaluation
     out = export_run(rid, fp16=True, int8=True, uint8_graph=True, settings=ws.settings, session_factory=ws.Session,
                      out_path=tmp_path / "bundle.zip", calibration_images=6, **FAST)
-    v = out["variants"]
+    v = out.variants
     assert set(v) == {"fp32", "fp16", "int8"}
     for name in ("fp16", "int8"):
         m = v[name]
@@ -220,14 +222,14 @@ def test_fp16_int8_variants_measured_and_reported(ws: Workspace, post_run: tuple
     # int8 graph is QDQ: QuantizeLinear/DequantizeLinear nodes present, and ORT CPU runs it.
     import onnx
 
-    q = onnx.load(str(ws.settings.runs_dir / str(rid) / "export" / "model_int8.onnx"))
+    q = onnx.load(str(RunPaths(ws.settings, rid).export_dir / "model_int8.onnx"))
     ops = {n.op_type for n in q.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    sess = ort_session(ws.settings.runs_dir / str(rid) / "export" / "model_fp16.onnx")
+    sess = ort_session(RunPaths(ws.settings, rid).export_dir / "model_fp16.onnx")
     y = sess.run(None, {"image": np.zeros((2, 3, RES, RES), np.float32)})[0]
     assert y.shape == (2, 3) and y.dtype == np.float32  # fp32 I/O kept
     # uint8 graph: measured agreement with the PIL path is recorded (not gated).
-    u8 = out["uint8_graph"]
+    u8 = out.uint8_graph
     assert u8["n_images"] == 12 and 0.0 <= u8["top1_agreement"] <= 1.0 and np.isfinite(u8["max_abs_logit_diff"])
     assert (tmp_path / "bundle.zip").is_file()
 
@@ -260,17 +262,19 @@ def test_uint8_graph_matches_pil_when_no_downscaling(ws: Workspace, tmp_path: Pa
 def test_failed_fp32_export_is_not_served(ws: Workspace) -> None:
     from storage.artifacts import ArtifactError
     from storage.models import Artifact
-    from workbench.evaluation import EvaluationError, artifact_for_download, ensure_fp32, export_run
+    from workbench.artifacts import artifact_for_download
+    from workbench.evaluations import EvaluationError
+    from workbench.exports import ensure_fp32, export_run
 
     rid = make_run(ws)
     out = ensure_fp32(rid, settings=ws.settings, session_factory=ws.Session, **FAST)
     # Mark it failed as a >1e-3 mismatch would: download and bundle are refused.
     with ws.Session.begin() as s:
-        a = s.get(Artifact, out["artifact_id"])
+        a = s.get(Artifact, out.artifact_id)
         a.meta = {**a.meta, "verified": False, "verification": {**a.meta["verification"], "passed": False,
                                                                "reason": "max |logit difference| 2e-02 exceeds 1e-03"}}
     with pytest.raises(ArtifactError, match="failed verification"):
-        artifact_for_download(out["artifact_id"], settings=ws.settings, session_factory=ws.Session)
+        artifact_for_download(out.artifact_id, settings=ws.settings, session_factory=ws.Session)
     with pytest.raises(EvaluationError, match="failed verification"):
         export_run(rid, settings=ws.settings, session_factory=ws.Session, **FAST)
 
@@ -279,32 +283,35 @@ def test_altered_or_missing_artifact_reported_and_delete_run(ws: Workspace) -> N
     from storage import repositories as repo
     from storage.artifacts import ArtifactError
     from storage.models import Run
-    from workbench.evaluation import artifact_for_download, delete_run, ensure_fp32, list_artifacts
+    from workbench.artifacts import artifact_for_download, list_artifacts
+    from workbench.exports import ensure_fp32
+    from workbench.runs import delete_run
 
     rid = make_run(ws)
     out = ensure_fp32(rid, settings=ws.settings, session_factory=ws.Session, **FAST)
-    path = Path(out["path"])
-    assert artifact_for_download(out["artifact_id"], settings=ws.settings, session_factory=ws.Session) == path.resolve()
+    path = Path(out.path)
+    assert artifact_for_download(out.artifact_id, settings=ws.settings, session_factory=ws.Session) == path.resolve()
     with open(path, "r+b") as f:  # flip one byte, same size: only the sha256 catches it
         f.seek(100)
         b = f.read(1)
         f.seek(100)
         f.write(bytes([b[0] ^ 0xFF]))
     with pytest.raises(ArtifactError, match="altered"):
-        artifact_for_download(out["artifact_id"], settings=ws.settings, session_factory=ws.Session)
-    status = {a["kind"]: a["status"] for a in list_artifacts(rid, settings=ws.settings, session_factory=ws.Session)}
+        artifact_for_download(out.artifact_id, settings=ws.settings, session_factory=ws.Session)
+    status = {a.kind: a.status for a in list_artifacts(rid, settings=ws.settings, session_factory=ws.Session)}
     assert "altered" in status["onnx_fp32"]
     # A new ensure_fp32 does not reuse the altered file: it re-exports.
     again = ensure_fp32(rid, settings=ws.settings, session_factory=ws.Session, **FAST)
-    assert again["artifact_id"] != out["artifact_id"] and again["passed"]
+    assert again.artifact_id != out.artifact_id and again.passed
     path.unlink()
     with pytest.raises(ArtifactError, match="missing"):
-        artifact_for_download(again["artifact_id"], settings=ws.settings, session_factory=ws.Session)
+        artifact_for_download(again.artifact_id, settings=ws.settings, session_factory=ws.Session)
 
-    run_dir = ws.settings.runs_dir / str(rid)
-    assert run_dir.is_dir()
-    res = delete_run(rid, settings=ws.settings, session_factory=ws.Session)
-    assert res["files_removed"] >= 1 and not run_dir.exists()
+    run_dir = RunPaths(ws.settings, rid).root
+    assert run_dir.is_dir() and (run_dir / "best.pt").is_file() and (run_dir / "export").is_dir()
+    res = delete_run(rid, settings=ws.settings)
+    assert res.files_removed >= 1 and res.run_dir_removed and not run_dir.exists()
+    assert not RunPaths(ws.settings, rid).legacy_root.exists()
     with ws.Session() as s:
         assert s.get(Run, rid) is None and not repo.artifacts_for_run(s, rid)
     assert ws.checkpoint.is_file()  # files outside the run are untouched
@@ -313,8 +320,9 @@ def test_altered_or_missing_artifact_reported_and_delete_run(ws: Workspace) -> N
 def test_after_training_without_test_split_records_latency_but_never_serves(ws: Workspace, tmp_path: Path) -> None:
     from storage.models import Run
     from workbench.datasets import add_dataset
-    from workbench.evaluation import EvaluationError, export_run
-    from workbench.postrun import after_training
+    from workbench.evaluations import EvaluationError
+    from workbench.exports import export_run
+    from workbench.handlers.postrun import after_training
 
     src = tmp_path / "notest"
     for split in ("train", "val"):
@@ -328,7 +336,7 @@ def test_after_training_without_test_split_records_latency_but_never_serves(ws: 
         s.execute(update(Image).where(Image.dataset_id == info.id, Image.split == "test").values(split="train"))
     rid = make_run(Workspace(ws.settings, ws.Session, info.id, ws.checkpoint, src))
     out = after_training(ws.Session, ws.settings, rid, None, **FAST)
-    assert out["evaluation_id"] is None and not out["export"]["passed"]
+    assert out.evaluation_id is None and not out.export["passed"]
     with ws.Session() as s:
         summ = s.get(Run, rid).summary
     assert summ["latency_ms_p50"] > 0 and summ["export_verified"] is False

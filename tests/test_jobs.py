@@ -12,7 +12,8 @@ import pytest
 
 from conftest import wait_for
 from helpers_train import create_dataset_rows
-from workbench import jobs, runs
+from workbench import jobs, lanes, runs, worker
+from workbench.status import TERMINAL
 from workbench.settings import get_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,8 +40,8 @@ def test_two_queued_jobs_run_back_to_back_without_lock_errors(data_dir: Path, sf
     ids = runs.queue_training("colours", ["lite0", "lite0"], resolution=64, recipe="quick", epochs=1,
                               overrides=dict(TINY, head_epochs=1), postrun=False)
     assert len(ids) == 2 and runs.get_run(ids[0]).batch_label == runs.get_run(ids[1]).batch_label
-    pid = wait_for(jobs.worker_pid, timeout=120)  # ensure_worker started one; it holds the lock
-    assert jobs.ensure_worker() == pid  # alive: no second worker
+    pid = wait_for(lanes.worker_pid, timeout=120)  # ensure_worker started one; it holds the lock
+    assert lanes.ensure_worker() == pid  # alive: no second worker
     # Meanwhile this process reads and writes the same DB all the time (as the UI does).
     seen_running = set()
 
@@ -50,7 +51,7 @@ def test_two_queued_jobs_run_back_to_back_without_lock_errors(data_dir: Path, sf
                 seen_running.add(r.id)
         runs.run_events(ids[0])
         jobs.add_event(sf, ids[1], "UI ping")  # a concurrent writer
-        return all(runs.get_run(i).status in jobs.TERMINAL for i in ids)
+        return all(runs.get_run(i).status in TERMINAL for i in ids)
 
     wait_for(done, timeout=240)
     infos = [runs.get_run(i) for i in ids]
@@ -66,7 +67,7 @@ def test_two_queued_jobs_run_back_to_back_without_lock_errors(data_dir: Path, sf
     with sf() as s:
         assert {j.status for j in s.query(Job).all()} == {"succeeded"}
     os.kill(pid, signal.SIGTERM)  # the worker ensure_worker started for this test
-    wait_for(lambda: jobs.worker_pid() is None, timeout=30)
+    wait_for(lambda: lanes.worker_pid() is None, timeout=30)
 
 
 def test_kill_worker_then_resume_matches_uninterrupted_run(data_dir: Path, sf) -> None:
@@ -77,7 +78,7 @@ def test_kill_worker_then_resume_matches_uninterrupted_run(data_dir: Path, sf) -
     ref_id, run_id = runs.queue_training("colours", ["lite0", "lite0"], resolution=64, recipe="quick",
                                          overrides=cfg, postrun=False, start_worker=False)
     # Uninterrupted reference (the worker code path, in this process).
-    assert jobs.run_worker(once=True) == 0
+    assert worker.run_worker(once=True) == 0
     assert runs.get_run(ref_id).status == "succeeded"
 
     proc = spawn_worker("--once")
@@ -86,12 +87,12 @@ def test_kill_worker_then_resume_matches_uninterrupted_run(data_dir: Path, sf) -
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert runs.get_run(run_id).status == "running"  # the DB does not know yet
-    assert jobs.reconcile() != []
+    assert worker.reconcile() != []
     info = runs.get_run(run_id)
     assert info.status == "failed" and "Worker died" in info.error and info.resumable
 
     runs.resume_run(run_id, start_worker=False)
-    assert jobs.run_worker(once=True) == 0
+    assert worker.run_worker(once=True) == 0
     ref, res = runs.get_run(ref_id), runs.get_run(run_id)
     assert res.status == "succeeded", res.error
     assert res.summary["resumed_from_epoch"] >= 3
@@ -142,11 +143,11 @@ def test_reconcile_and_queue_validation(data_dir: Path, sf) -> None:
         s.flush()
         s.add(Job(kind="train", status="running", run_id=run.id, worker_pid=dead.pid, payload={}))
         s.add(Job(kind="nonsense", status="queued", payload={}))
-    assert len(jobs.reconcile()) == 1
+    assert len(worker.reconcile()) == 1
     info = runs.get_run(1)
     assert info.status == "failed" and "No checkpoint was written yet" in info.error
     # A job kind nobody handles fails with a clear error instead of crashing the worker.
-    assert jobs.run_worker(once=True) == 0
+    assert worker.run_worker(once=True) == 0
     with sf() as s:
         job = s.query(Job).filter_by(kind="nonsense").one()
         assert job.status == "failed" and "no handler registered for job kind 'nonsense'" in job.error
@@ -175,16 +176,33 @@ def test_cli_train_detach_runs_and_cancel(data_dir: Path, sf, capsys: pytest.Cap
                  "--preset", "medical"]) == 0
     out = capsys.readouterr().out
     assert "Queued run(s) 1" in out
-    pid = jobs.worker_pid()
+    pid = lanes.worker_pid()
     if pid and pid > 0:
         assert main(["cancel", "1"]) == 0  # queued or running: both accepted
     assert main(["runs"]) == 0
     out = capsys.readouterr().out
     assert "colours" in out and "lite0" in out
-    wait_for(lambda: runs.get_run(1).status in jobs.TERMINAL, timeout=120)
+    wait_for(lambda: runs.get_run(1).status in TERMINAL, timeout=120)
     assert main(["cancel", "1"]) == 2
     assert "only queued or running" in capsys.readouterr().err
-    pid = jobs.worker_pid()
+    pid = lanes.worker_pid()
     if pid and pid > 0:  # the worker this test started: stop it rather than wait for its idle exit
         os.kill(pid, signal.SIGTERM)
-        wait_for(lambda: jobs.worker_pid() is None, timeout=30)
+        wait_for(lambda: lanes.worker_pid() is None, timeout=30)
+
+    # `workbench runs delete RUN`: asks first (refuses without a terminal), then removes rows and folder.
+    from workbench.paths import RunPaths
+
+    folder = RunPaths(get_settings(), 1).root
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "last.pt").write_bytes(b"checkpoint")
+    assert main(["runs", "delete", "1"]) == 2
+    assert "needs --yes" in capsys.readouterr().err and folder.is_dir()
+    assert main(["runs", "delete", "1", "--yes"]) == 0
+    assert "Deleted run 1" in capsys.readouterr().out
+    assert not folder.exists() and runs.list_runs() == []
+    assert main(["runs", "delete", "1", "--yes"]) == 2
+    assert "No run with id 1" in capsys.readouterr().err
+    (queued,) = runs.queue_training("colours", ["lite0"], resolution=64, recipe="quick", start_worker=False)
+    assert main(["runs", "delete", str(queued), "--yes"]) == 2
+    assert "cancel it before deleting it" in capsys.readouterr().err

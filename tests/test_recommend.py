@@ -288,7 +288,7 @@ def test_measured_latency_overrides_the_model() -> None:
 def test_cli_recommend_devices_and_calibrate(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from workbench.cli import main
-    from workbench.recommend_service import DBLatencyCache, resolve_profile
+    from workbench.recommend import DBLatencyCache, resolve_profile
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("WORKBENCH_DEVICES", raising=False)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from conftest import stop_workers, wait_for, worker_processes
 from helpers_train import create_dataset_rows
-from workbench import jobs, runs
+from workbench import jobs, lanes, runs, worker
+from workbench.status import TERMINAL
 from workbench.settings import get_settings
 
 LONG = dict(head_epochs=50, finetune_epochs=50, unfreeze_stages=1, cache_views=1, batch_size=8, head_batch_size=16,
@@ -54,11 +55,20 @@ def job_row(job_id: int):  # noqa: ANN201
 
 
 def test_lanes_route_kinds() -> None:
-    assert jobs.lane_of("train") == jobs.lane_of("measure") == "train"  # CPU-heavy work never overlaps
-    assert {jobs.lane_of(k) for k in ("ingest", "export", "evaluate", "predict")} == {"light"}
-    assert jobs.lane_of("something-new") == "train"  # the default lane
+    assert lanes.lane_of("train") == lanes.lane_of("measure") == "train"  # CPU-heavy work never overlaps
+    assert {lanes.lane_of(k) for k in ("ingest", "export", "evaluate", "predict")} == {"light"}
+    assert lanes.lane_of("something-new") == "train"  # the default lane
     s = get_settings()
-    assert jobs.lock_path(s).name == "worker.lock" and jobs.lock_path(s, "light").name == "worker-light.lock"
+    assert lanes.lock_path(s).name == "worker.lock" and lanes.lock_path(s, "light").name == "worker-light.lock"
+
+
+def test_every_job_kind_has_a_lane_and_a_handler() -> None:
+    """The two tables a new job kind must be added to (docs/ARCHITECTURE.md) stay complete."""
+    from workbench.handlers import HANDLERS
+    from workbench.status import JobKind
+
+    assert set(lanes.LANE_OF_KIND) == set(JobKind) == set(HANDLERS)
+    assert {lanes.lane_of(k) for k in JobKind} == set(lanes.LANES)  # no lane left without work
 
 
 def test_ingest_on_light_lane_completes_while_training_runs(data_dir: Path, shared_datasets: Path) -> None:
@@ -73,7 +83,7 @@ def test_ingest_on_light_lane_completes_while_training_runs(data_dir: Path, shar
                                         postrun=False)
         wait_for(lambda: runs.get_run(run_id).status == "running" and runs.run_metrics(run_id), timeout=240,
                  what="training to be underway")
-        train_pid = jobs.worker_pid()
+        train_pid = lanes.worker_pid()
         assert train_pid and train_pid > 0
 
         # An upload meanwhile: queued on the light lane, run by its own worker.
@@ -81,18 +91,18 @@ def test_ingest_on_light_lane_completes_while_training_runs(data_dir: Path, shar
         ok = enqueue("ingest", {"name": "beans-few", "filename": "beans.zip", "upload": upload, "seed": 0})
         bad = enqueue("ingest", {"name": "broken", "filename": "broken.zip",
                                  "upload": save_upload(data_dir, b"this is not a zip", "broken.zip")})
-        light_pid = jobs.ensure_worker("light")
+        light_pid = lanes.ensure_worker(lane="light")
         assert light_pid != train_pid
         t0 = time.monotonic()
-        wait_for(lambda: job_row(bad).status in jobs.TERMINAL, timeout=180, what="the ingest jobs")
+        wait_for(lambda: job_row(bad).status in TERMINAL, timeout=180, what="the ingest jobs")
         ingest_s = time.monotonic() - t0
 
         # Both ingests finished while the training is still running (it was not waited for).
         assert runs.get_run(run_id).status == "running"
-        assert not runs.get_run(run_id).job_status in jobs.TERMINAL
+        assert not runs.get_run(run_id).job_status in TERMINAL
         j = job_row(ok)
         assert j.status == "succeeded", j.error
-        assert j.worker_pid not in (None, train_pid) and j.worker_pid == jobs.worker_pid(lane="light")
+        assert j.worker_pid not in (None, train_pid) and j.worker_pid == lanes.worker_pid(lane="light")
         assert j.progress["done"] == j.progress["total"] == 12 and j.progress["fraction"] == 1.0
         info = datasets.get_dataset("beans-few")
         assert info.num_images == 12 and info.num_classes == 3 and j.payload["dataset_id"] == info.id
@@ -107,7 +117,7 @@ def test_ingest_on_light_lane_completes_while_training_runs(data_dir: Path, shar
     finally:
         stop_workers(data_dir)
     assert worker_processes(data_dir) == []
-    assert jobs.worker_pid() is None and jobs.worker_pid(lane="light") is None
+    assert lanes.worker_pid() is None and lanes.worker_pid(lane="light") is None
 
 
 def test_reconcile_fails_light_job_whose_worker_died(data_dir: Path) -> None:
@@ -123,11 +133,11 @@ def test_reconcile_fails_light_job_whose_worker_died(data_dir: Path) -> None:
     with sf.begin() as s:
         s.add(Job(kind="ingest", status="running", worker_pid=dead.pid, payload={"name": "x"}))
         s.add(Job(kind="ui-export", status="working", worker_pid=dead.pid, payload={}))  # an old in-server row
-    assert sorted(jobs.reconcile()) == [1, 2]
+    assert sorted(worker.reconcile()) == [1, 2]
     j = job_row(1)
     assert j.status == "failed" and "light-lane worker" in j.error and "ingest" in j.error
     assert job_row(2).status == "failed"
     # A light worker takes only light jobs: a queued training stays queued for the train lane.
     train_job = enqueue("train", {})
-    assert jobs.run_worker(once=True, lane="light") == 0
+    assert worker.run_worker(once=True, lane="light") == 0
     assert job_row(train_job).status == "queued"

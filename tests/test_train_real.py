@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from workbench import jobs, runs
+from workbench import runs, worker
 from workbench.settings import get_settings
 
 
@@ -21,7 +21,7 @@ def test_rice_leaf_quick_recipe_through_the_worker(data_dir: Path, shared_datase
     assert info.num_classes == 3
     (run_id,) = runs.queue_training("rice", ["lite0"], resolution=160, recipe="quick", postrun=False,
                                     start_worker=False)
-    assert jobs.run_worker(once=True) == 0
+    assert worker.run_worker(once=True) == 0
     run = runs.get_run(run_id)
     assert run.status == "succeeded", run.error
     assert run.preset == "field"

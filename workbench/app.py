@@ -74,7 +74,8 @@ def _warm_imports() -> bool:
 
     def work() -> None:
         for name in ("core.train", "core.augment", "core.weights", "core.export", "workbench.runs",
-                     "workbench.evaluation", "workbench.recommend_service"):
+                     "workbench.evaluations", "workbench.exports", "workbench.recommend",
+                     "workbench.worker"):
             try:
                 importlib.import_module(name)
             except Exception:  # noqa: BLE001 - the page that needs it will show the error

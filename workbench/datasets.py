@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -57,7 +57,7 @@ class ImageInfo:
     label: str
     class_index: int
     split: str
-    group: Optional[str]
+    group: str | None
     original_name: str
     sha256: str
     width: int
@@ -72,7 +72,7 @@ class DeleteResult:
     files_removed: int
 
 
-def _ctx(settings: Optional[Settings]) -> tuple[Settings, sessionmaker[Session]]:
+def _ctx(settings: Settings | None) -> tuple[Settings, sessionmaker[Session]]:
     s = settings or get_settings()
     s.ensure_dirs()
     return s, get_sessionmaker(s.database_url)
@@ -84,6 +84,9 @@ def _check_name(name: str) -> str:
         raise DatasetError("dataset name must not be empty")
     if len(name) > MAX_NAME_LEN:
         raise DatasetError(f"dataset name is longer than {MAX_NAME_LEN} characters")
+    if name.isdigit():
+        raise DatasetError(f"dataset name {name!r} is all digits, which would read as a dataset id; "
+                           f"add a letter (e.g. 'set-{name}')")
     return name
 
 
@@ -114,13 +117,13 @@ def add_dataset(
     source: Path | str,
     name: str,
     *,
-    csv: Optional[Path | str] = None,
-    group_regex: Optional[str] = None,
+    csv: Path | str | None = None,
+    group_regex: str | None = None,
     seed: int = 0,
     split_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
     limits: IngestLimits = IngestLimits(),
-    progress: Optional[ProgressFn] = None,
-    settings: Optional[Settings] = None,
+    progress: ProgressFn | None = None,
+    settings: Settings | None = None,
 ) -> DatasetInfo:
     """Ingest ``source`` (zip, folder or CSV manifest) as dataset ``name``.
 
@@ -160,20 +163,20 @@ def _get_row(session: Session, name_or_id: str | int) -> Dataset:
     return ds
 
 
-def list_datasets(*, settings: Optional[Settings] = None) -> list[DatasetInfo]:
+def list_datasets(*, settings: Settings | None = None) -> list[DatasetInfo]:
     _, Session_ = _ctx(settings)
     with Session_() as session:
         return [DatasetInfo.from_row(d) for d in repo.list_datasets(session)]
 
 
-def get_dataset(name_or_id: str | int, *, settings: Optional[Settings] = None) -> DatasetInfo:
+def get_dataset(name_or_id: str | int, *, settings: Settings | None = None) -> DatasetInfo:
     _, Session_ = _ctx(settings)
     with Session_() as session:
         return DatasetInfo.from_row(_get_row(session, name_or_id))
 
 
 def dataset_images(
-    name_or_id: str | int, split: Optional[str] = None, *, settings: Optional[Settings] = None
+    name_or_id: str | int, split: str | None = None, *, settings: Settings | None = None
 ) -> list[ImageInfo]:
     """Images of a dataset (optionally one split) with absolute paths and class indices."""
     s, Session_ = _ctx(settings)
@@ -191,7 +194,7 @@ def dataset_images(
         ]
 
 
-def dataset_report(name_or_id: str | int, *, settings: Optional[Settings] = None) -> dict[str, Any]:
+def dataset_report(name_or_id: str | int, *, settings: Settings | None = None) -> dict[str, Any]:
     """JSON-able report: dataset summary, health, split config, skipped files."""
     info = get_dataset(name_or_id, settings=settings)
     return {
@@ -208,7 +211,7 @@ def dataset_report(name_or_id: str | int, *, settings: Optional[Settings] = None
     }
 
 
-def delete_dataset(name_or_id: str | int, *, settings: Optional[Settings] = None) -> DeleteResult:
+def delete_dataset(name_or_id: str | int, *, settings: Settings | None = None) -> DeleteResult:
     """Delete a dataset's rows (cascading) and the store files no other dataset uses."""
     s, Session_ = _ctx(settings)
     with Session_.begin() as session:

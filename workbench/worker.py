@@ -1,14 +1,160 @@
-"""``python -m workbench.worker [--lane train|light]``: the background process that runs one lane's queued jobs."""
+"""``python -m workbench.worker [--lane train|light]``: the process that drains one lane's queue.
+
+It claims the lane's queued jobs one by one (workbench.jobs.claim_next_job) and runs each
+kind's handler from the handler table (workbench.handlers). ``reconcile`` makes the database
+tell the truth after a crash: a job marked running whose lane's worker is gone is failed, and
+its kind's orphan hook runs (a training run is offered for resume).
+"""
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
+import signal
 import sys
 import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
 
-from workbench.jobs import DEFAULT_LANE, LANES, run_worker
-from workbench.settings import get_settings
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.db import get_sessionmaker
+from storage.models import Job, utcnow
+from workbench import lanes
+from workbench.handlers import get_handler
+from workbench.jobs import JobContext, JobOutcome, claim_next_job, finish_job
+from workbench.settings import Settings, get_settings
+from workbench.status import JobKind, JobStatus
+
+log = logging.getLogger("workbench.worker")
+_RUNNING = (JobStatus.RUNNING, JobStatus.LEGACY_WORKING)
+
+
+def _is_orphan(status: str, pid: int | None, job_lane: str, lane: str, current_worker: int | None,
+               live: dict[str, int | None]) -> bool:
+    if status == JobStatus.LEGACY_WORKING:  # nothing runs such a row any more
+        return True
+    if current_worker is not None and job_lane == lane:
+        return pid != current_worker  # the caller holds this lane's lock: any other pid is dead
+    return live.get(job_lane) is None or not lanes.pid_alive(pid)
+
+
+def _orphan_message(pid: int | None, job_lane: str, kind: str) -> str:
+    if job_lane == lanes.DEFAULT_LANE:
+        return f"worker died (pid {pid}) while running this job"
+    return (f"worker died: the {job_lane}-lane worker (pid {pid}) stopped while running this {kind} job; "
+            "please start it again")
+
+
+def reconcile(session_factory: sessionmaker[Session] | None = None, settings: Settings | None = None,
+              *, current_worker: int | None = None, lane: str = lanes.DEFAULT_LANE) -> list[int]:
+    """Fail jobs marked running whose lane's worker is gone (every lane); returns their ids.
+
+    ``current_worker``: the pid of the ``lane`` worker calling this (it holds that lane's lock).
+    Jobs of the other lanes are checked against their own lane's worker.
+    """
+    settings = settings or get_settings()
+    sf = session_factory or get_sessionmaker(settings.database_url)
+    live = {ln: lanes.worker_pid(settings, ln) for ln in lanes.LANES if current_worker is None or ln != lane}
+    with sf() as s:
+        running = s.execute(select(Job.id, Job.worker_pid, Job.run_id, Job.kind, Job.status)
+                            .where(Job.status.in_(_RUNNING))).all()
+    fixed: list[int] = []
+    for job_id, pid, run_id, kind, status in running:
+        job_lane = lanes.lane_of(kind)
+        if not _is_orphan(status, pid, job_lane, lane, current_worker, live):
+            continue
+        with sf.begin() as s:
+            changed = s.execute(update(Job).where(Job.id == job_id, Job.status.in_(_RUNNING))
+                                .values(status=JobStatus.FAILED, error=_orphan_message(pid, job_lane, kind),
+                                        finished_at=utcnow())).rowcount  # type: ignore[attr-defined]
+            spec = get_handler(kind)
+            if changed and spec is not None and spec.on_orphan is not None:
+                spec.on_orphan(s, run_id, pid)
+        if changed:
+            fixed.append(job_id)
+    return fixed
+
+
+def execute_job(job: Job, session_factory: sessionmaker[Session], settings: Settings,
+                stop_requested: Callable[[], bool] = lambda: False) -> JobOutcome:
+    """Run one claimed job to a terminal state (never raises)."""
+    ctx = JobContext(job.id, job.kind, job.run_id, dict(job.payload or {}), session_factory, settings,
+                     stop_requested)
+    spec = get_handler(job.kind)
+    if spec is None:
+        outcome = JobOutcome(JobStatus.FAILED, f"no handler registered for job kind {job.kind!r}")
+    else:
+        try:
+            outcome = spec.handle(ctx) or JobOutcome()
+        except Exception as exc:  # noqa: BLE001 - a handler bug must not kill the worker
+            outcome = JobOutcome(JobStatus.FAILED, f"{type(exc).__name__}: {exc}")
+            ctx.event(f"Job {job.id} ({job.kind}) crashed: {outcome.error}", "error",
+                      {"traceback": traceback.format_exc()[-4000:]})
+    finish_job(session_factory, job.id, outcome.status, outcome.error)
+    return outcome
+
+
+class _Stop:
+    requested = False
+
+
+def _drain(sf: sessionmaker[Session], settings: Settings, me: int, lane: str, once: bool,
+           idle_exit_s: float | None, poll_s: float) -> None:
+    kinds = lanes.kinds_of(lane)
+    # The default lane also takes unknown kinds, so they fail readably instead of waiting forever.
+    unknown = [str(k) for k in JobKind] if lane == lanes.DEFAULT_LANE else None
+    idle_since = time.monotonic()
+    while not _Stop.requested:
+        job = claim_next_job(sf, me, kinds, or_not_in=unknown)
+        if job is not None:
+            execute_job(job, sf, settings, lambda: _Stop.requested)
+            idle_since = time.monotonic()
+            if once:
+                return
+            continue
+        if once or (idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s):
+            return
+        time.sleep(poll_s)
+
+
+def run_worker(settings: Settings | None = None, *, once: bool = False, idle_exit_s: float | None = None,
+               poll_s: float = 0.5, lane: str = lanes.DEFAULT_LANE) -> int:
+    """Drain one lane's queue. Returns 0; returns 3 at once if another worker holds that lane's lock."""
+    settings = settings or get_settings()
+    settings.ensure_dirs()
+    lane = lanes.check_lane(lane)
+    lock_file = open(lanes.lock_path(settings, lane), "a+")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.info("another %s-lane worker is running; exiting", lane)
+        lock_file.close()
+        return 3
+    me = os.getpid()
+    pid_file = lanes.pid_path(settings, lane)
+    pid_file.write_text(str(me))
+
+    def _on_term(signum: int, _frame: Any) -> None:
+        _Stop.requested = True  # finish cleanly: the running job stops at its next batch, resumable
+    signal.signal(signal.SIGTERM, _on_term)
+    try:
+        sf = get_sessionmaker(settings.database_url)
+        reconcile(sf, settings, current_worker=me, lane=lane)
+        _drain(sf, settings, me, lane, once, idle_exit_s, poll_s)
+    finally:
+        try:
+            if pid_file.read_text().strip() == str(me):
+                pid_file.unlink()
+        except OSError:
+            pass
+        fcntl.flock(lock_file, fcntl.LOCK_UN)
+        lock_file.close()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--once", action="store_true", help="run at most one job, then exit")
     parser.add_argument("--idle-exit", type=float, default=None,
                         help="exit after this many seconds with an empty queue (default: never)")
-    parser.add_argument("--lane", choices=LANES, default=DEFAULT_LANE,
+    parser.add_argument("--lane", choices=lanes.LANES, default=lanes.DEFAULT_LANE,
                         help="which jobs to run: train (training) or light (ingest, export, evaluate, predict)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,

@@ -1,4 +1,4 @@
-"""``workbench train | runs | resume | cancel | worker``."""
+"""``workbench train | runs [delete RUN] | resume | cancel | worker``."""
 from __future__ import annotations
 
 import argparse
@@ -6,10 +6,11 @@ import sys
 import time
 from typing import Sequence
 
-from workbench import jobs, runs
+from workbench import lanes, runs, worker
+from workbench.status import ACTIVE_RUN, TERMINAL, RunStatus
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     from core.train import RECIPES
 
     p = subparsers.add_parser("train", help="fine-tune one or more variants on a dataset (in the worker)")
@@ -25,9 +26,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--detach", action="store_true", help="queue and return at once")
     p.set_defaults(func=cmd_train)
 
-    p = subparsers.add_parser("runs", help="list training runs with state and best metrics")
+    p = subparsers.add_parser("runs", help="list training runs with state and best metrics; `runs delete RUN`")
     p.add_argument("--dataset", default=None)
     p.set_defaults(func=cmd_runs)
+    runs_sub = p.add_subparsers(dest="runs_command", metavar="ACTION")
+    d = runs_sub.add_parser("delete", help="delete a run: its folder, checkpoints, evaluations, exports and rows")
+    d.add_argument("run", type=int)
+    d.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    d.set_defaults(func=cmd_runs_delete)
 
     p = subparsers.add_parser("resume", help="resume a failed or cancelled run from its last checkpoint")
     p.add_argument("run", type=int)
@@ -41,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p = subparsers.add_parser("worker", help="run the job worker in the foreground")
     p.add_argument("--once", action="store_true", help="run at most one job")
     p.add_argument("--idle-exit", type=float, default=None, help="exit after N idle seconds")
-    p.add_argument("--lane", choices=jobs.LANES, default=jobs.DEFAULT_LANE,
+    p.add_argument("--lane", choices=lanes.LANES, default=lanes.DEFAULT_LANE,
                    help="which jobs: train (default) or light (ingest, export, evaluate, predict)")
     p.set_defaults(func=cmd_worker)
 
@@ -64,23 +70,23 @@ def follow(run_ids: Sequence[int], poll_s: float = 0.5) -> int:
             bar.set_postfix_str(f"{info.status} | {p.get('message', '')}"
                                 + (f" | loss {p['loss']:.3f}" if p.get("loss") is not None else "")
                                 + (f" | ETA {eta:.0f}s" if eta is not None else ""), refresh=True)
-            if info.status in jobs.TERMINAL:
+            if info.status in TERMINAL:
                 break
-            if info.job_status in jobs.TERMINAL and info.status == "running":
+            if info.job_status in TERMINAL and info.status == RunStatus.RUNNING:
                 break  # worker finished the job but the run row says otherwise: reconcile will fix
-            if jobs.worker_pid() is None and info.status in runs.ACTIVE:
-                jobs.reconcile()
-                if runs.get_run(rid).status == "queued":
-                    jobs.ensure_worker()
+            if lanes.worker_pid() is None and info.status in ACTIVE_RUN:
+                worker.reconcile()
+                if runs.get_run(rid).status == RunStatus.QUEUED:
+                    lanes.ensure_worker()
             time.sleep(poll_s)
         bar.close()
         print(_describe(info))
-        worst = max(worst, 0 if info.status == "succeeded" else 1)
+        worst = max(worst, 0 if info.status == RunStatus.SUCCEEDED else 1)
     return worst
 
 
 def _describe(info: runs.RunInfo) -> str:
-    if info.status == "succeeded" and info.best_metrics:
+    if info.status == RunStatus.SUCCEEDED and info.best_metrics:
         b = info.best_metrics
         return (f"run {info.id} succeeded: val accuracy {b['accuracy']:.3f}, macro-F1 {b['macro_f1']:.3f} "
                 f"(epoch {b['epoch']}), {info.train_seconds or 0:.0f} s")
@@ -97,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (runs.RunError, WeightsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"Queued run(s) {', '.join(map(str, ids))}; worker pid {jobs.worker_pid() or 'starting'}.")
+    print(f"Queued run(s) {', '.join(map(str, ids))}; worker pid {lanes.worker_pid() or 'starting'}.")
     if args.detach:
         return 0
     return _follow_or_leave(ids)
@@ -113,7 +119,7 @@ def _follow_or_leave(ids: Sequence[int]) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    jobs.reconcile()
+    worker.reconcile()
     rows = runs.list_runs(args.dataset)
     if not rows:
         print("No runs yet.")
@@ -125,15 +131,16 @@ def cmd_runs(args: argparse.Namespace) -> int:
         acc = f"{b['accuracy']:.3f}" if "accuracy" in b else "-"
         f1 = f"{b['macro_f1']:.3f}" if "macro_f1" in b else "-"
         secs = f"{r.train_seconds:.0f}" if r.train_seconds else "-"
-        status = r.status + ("*" if r.cancel_requested and r.status == "running" else "")
+        status = r.status + ("*" if r.cancel_requested and r.status == RunStatus.RUNNING else "")
         print(f"{r.id:>4}  {r.dataset[:16]:16} {r.variant:8} {r.resolution:>4} {r.recipe[:8]:8} {status:10} "
               f"{acc:>7} {f1:>7} {secs:>8}  {r.batch_label or ''}")
-        if r.status == "failed" and r.error:
+        if r.status == RunStatus.FAILED and r.error:
             print(f"      error: {r.error}")
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    worker.reconcile()  # a run whose worker died is still marked running: fail it, so it can resume
     try:
         runs.resume_run(args.run)
     except runs.RunError as exc:
@@ -157,8 +164,29 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
-    rc = jobs.run_worker(once=args.once, idle_exit_s=args.idle_exit, lane=args.lane)
+    rc = worker.run_worker(once=args.once, idle_exit_s=args.idle_exit, lane=args.lane)
     if rc == 3:
-        print(f"Another {args.lane}-lane worker is already running (pid {jobs.worker_pid(lane=args.lane)}).",
+        print(f"Another {args.lane}-lane worker is already running (pid {lanes.worker_pid(lane=args.lane)}).",
               file=sys.stderr)
     return rc
+
+
+def cmd_runs_delete(args: argparse.Namespace) -> int:
+    try:
+        info = runs.get_run(args.run)
+        if not args.yes:
+            if not sys.stdin.isatty():
+                print(f"error: deleting run {args.run} needs --yes when not asked at a terminal", file=sys.stderr)
+                return 2
+            answer = input(f"Delete run {info.id} ({info.dataset}, {info.variant}@{info.resolution}, {info.status}) "
+                           "with its checkpoints, evaluations and exports? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print("Nothing deleted.")
+                return 1
+        res = runs.delete_run(args.run)
+    except runs.RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"Deleted run {res.run_id}: {res.files_removed} registered files"
+          + (" and its folder." if res.run_dir_removed else " (it had no folder)."))
+    return 0

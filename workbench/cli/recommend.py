@@ -56,7 +56,7 @@ def _err(msg: str) -> int:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    from workbench.recommend_service import recommend_obj
+    from workbench.recommend import recommend_obj
 
     try:
         budget = Budget(device=args.device, latency_ms=args.latency_ms, latency_p95_ms=args.latency_p95_ms,
@@ -79,7 +79,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from workbench.recommend_service import calibrate_here
+    from workbench.recommend import calibrate_here
 
     points = tuple(p.strip() for p in args.points.split(",") if p.strip())
     name = args.name or Path(args.output).stem
@@ -100,7 +100,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from workbench.recommend_service import list_devices
+    from workbench.recommend import list_devices
 
     try:
         devices = list_devices(args.devices_file)

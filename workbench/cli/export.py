@@ -23,7 +23,7 @@ def _run_id(text: str) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from workbench.evaluation import EvaluationError, evaluate_run
+    from workbench.evaluations import EvaluationError, evaluate_run
 
     try:
         out = evaluate_run(args.run, tta=args.tta, sensitivity=args.sensitivity, positive_class=args.positive_class,
@@ -31,7 +31,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except (EvaluationError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    m = out["metrics"]
+    m = out.metrics
     print(f"run {args.run}: test split, {m['n']} images{' (flip TTA)' if m['tta'] else ''}")
     print(f"  accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}"
           + (f"  macro ROC-AUC {m['macro_roc_auc']:.4f}" if m["macro_roc_auc"] is not None else ""))
@@ -45,9 +45,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if cal.get("warning"):
         print(f"  warning: {cal['warning']}")
     if "tta_effect" in m:
-        e = m["tta_effect"]
-        print(f"  TTA: accuracy {e['without']['accuracy']:.4f} -> {e['with']['accuracy']:.4f} "
-              f"({e['accuracy_delta']:+.4f}), {e['changed_predictions']} predictions changed")
+        effect = m["tta_effect"]
+        print(f"  TTA: accuracy {effect['without']['accuracy']:.4f} -> {effect['with']['accuracy']:.4f} "
+              f"({effect['accuracy_delta']:+.4f}), {effect['changed_predictions']} predictions changed")
     op = m.get("operating_point")
     if op and "threshold" in op:
         print(f"  '{op['positive_class']}' threshold {op['threshold']:.4f} (chosen on {op['chosen_on']} for "
@@ -55,13 +55,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               f"specificity {op['specificity']:.3f}")
     elif op:
         print(f"  operating point: {op['error']}")
-    print(f"  evaluation #{out['evaluation_id']}, {len(out['plots'])} plots/reports saved")
+    print(f"  evaluation #{out.evaluation_id}, {len(out.plots)} plots/reports saved")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from storage.artifacts import ArtifactError
-    from workbench.evaluation import EvaluationError, export_run
+    from workbench.evaluations import EvaluationError
+    from workbench.exports import export_run
 
     try:
         out = export_run(args.run, fp16=args.fp16, int8=args.int8, uint8_graph=args.uint8, out_path=args.output,
@@ -69,18 +70,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     except (EvaluationError, ArtifactError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    v = out["verification"]
+    v = out.verification or {}
     print(f"fp32 verified on {v['n_images']} test images: max |logit diff| {v['max_abs_logit_diff']:.2e}, "
           f"top-1 agreement {v['top1_agreement']:.2%}")
     print(f"{'precision':<10}{'MB':>8}{'p50 ms':>9}{'p95 ms':>9}{'img/s@32':>10}{'accuracy':>10}{'vs fp32':>9}")
-    for name, m in out["variants"].items():
+    for name, m in out.variants.items():
         print(f"{name:<10}{m['onnx_mb']:>8.2f}{m['latency_ms_p50']:>9.1f}{m['latency_ms_p95']:>9.1f}"
               f"{m['throughput_images_per_s']:>10.1f}{m['accuracy']:>10.4f}{m['accuracy_delta']:>+9.4f}")
-    if out.get("uint8_graph"):
-        u = out["uint8_graph"]
+    if out.uint8_graph:
+        u = out.uint8_graph
         print(f"uint8 graph vs PIL path: top-1 agreement {u['top1_agreement']:.2%}, max |logit diff| "
               f"{u['max_abs_logit_diff']:.3g}")
-    print(f"bundle: {out['out_path'] or out['bundle_path']}")
+    print(f"bundle: {out.out_path or out.bundle_path}")
     return 0
 
 
@@ -104,20 +105,21 @@ def _predict_run(run_id: int, images: list[str], csv_path: Path, top_k: int) -> 
     from core.images import ImageDecodeError, load_rgb
     from core.latency import ort_session
     from core.preprocessing import Preprocessing, preprocess
-    from workbench.evaluation import EvaluationError, ensure_fp32
+    from workbench.evaluations import EvaluationError
+    from workbench.exports import ensure_fp32
 
     try:
         exp = ensure_fp32(run_id, progress=_progress)
     except EvaluationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if not exp["passed"]:
+    if not exp.passed:
         print(f"error: run {run_id}'s ONNX export failed verification; not used for predictions", file=sys.stderr)
         return 1
-    md = read_metadata(exp["path"])
+    md = read_metadata(exp.path)
     labels = json.loads(md["classes"])
     pre = Preprocessing.from_dict(json.loads(md["preprocessing"]))
-    sess = ort_session(exp["path"])
+    sess = ort_session(exp.path)
     mod_files = _expand(images)
     rows = []
     for p in mod_files:

@@ -1,6 +1,6 @@
 """`workbench data ...` commands: add, report, list, delete.
 
-``workbench/cli.py`` calls ``register(subparsers)`` and dispatches to ``args.func(args)``.
+``workbench.cli`` calls ``register(subparsers)`` and dispatches to ``args.func(args)``.
 Every handler returns an exit code: 0 ok, 2 bad input (message on stderr, no traceback).
 """
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Job handlers for the UI's own long work: ``ingest`` and ``predict`` (light lane), ``measure`` (train lane).
 
-The Streamlit pages never do slow work in the server process: they save what the user
-uploaded into the data dir, ``jobs.enqueue`` a job and ``jobs.ensure_worker("light")``
-(workbench.ui.start_ingest / start_predict). The light-lane worker runs these handlers, so
-refreshing the tab, closing the browser or restarting the server loses nothing, and a long
-training (train lane) never delays them. ``export`` and ``evaluate`` live in workbench.postrun.
+The Streamlit pages never do slow work in the server process: they stage what the user
+uploaded into the data dir and submit a job (workbench.submit). The light-lane worker runs
+these handlers, so refreshing the tab, closing the browser or restarting the server loses
+nothing, and a long training (train lane) never delays them. ``export`` and ``evaluate`` live
+in workbench.handlers.postrun.
 
 Payloads hold paths relative to the data dir:
 
@@ -23,27 +23,25 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from workbench import jobs
+from storage.artifacts import resolve_in_data_dir
+from storage.models import Run
+from workbench import datasets, recommend
+from workbench.jobs import JobContext, JobOutcome, friendly
+from workbench.paths import PREDICT, UPLOADS, in_staging, staging_dir
+from workbench.status import JobStatus
 
-log = logging.getLogger("workbench.tasks")
-
-UPLOADS = "uploads"  # under the data dir's tmp/
-PREDICT = "predict"  # under the data dir's tmp/
-
-
-def _in_tmp(ctx: jobs.JobContext, rel: str, area: str) -> Path:
-    """Absolute path of a payload path, refusing anything outside ``<data dir>/tmp/<area>/``."""
-    root = (ctx.settings.tmp_dir / area).resolve()
-    p = (ctx.settings.data_dir / rel).resolve()
-    if root not in p.parents:
-        raise ValueError(f"{rel!r} is not a file under {root}")
-    return p
+log = logging.getLogger("workbench.handlers.tasks")
 
 
-def _throttled(ctx: jobs.JobContext, every: float = 0.5) -> Callable[[int, int], None]:
+def _in_tmp(ctx: JobContext, rel: str, area: str) -> Path:
+    return in_staging(ctx.settings, rel, area)
+
+
+def _throttled(ctx: JobContext, every: float = 0.5) -> Callable[[int, int], None]:
     """A (done, total) ingest progress callback writing the job's progress at most every ``every`` s."""
     last = [0.0]
 
@@ -57,24 +55,22 @@ def _throttled(ctx: jobs.JobContext, every: float = 0.5) -> Callable[[int, int],
     return cb
 
 
-def handle_ingest(ctx: jobs.JobContext) -> jobs.JobOutcome:
-    from workbench import datasets
-
+def handle_ingest(ctx: JobContext) -> JobOutcome:
     p = ctx.payload
     folder = None
     try:
         src = _in_tmp(ctx, str(p.get("upload") or ""), UPLOADS)
-        folder = src.parent if src.parent != (ctx.settings.tmp_dir / UPLOADS).resolve() else None
+        folder = src.parent if src.parent != staging_dir(ctx.settings, UPLOADS).resolve() else None
         csv = _in_tmp(ctx, p["csv"], UPLOADS) if p.get("csv") else None
         ctx.progress({"phase": "reading the upload", "done": 0, "total": 0, "fraction": 0.0})
         info = datasets.add_dataset(src, p["name"], csv=csv, group_regex=p.get("group_regex") or None,
                                     seed=int(p.get("seed") or 0), progress=_throttled(ctx), settings=ctx.settings)
         ctx.progress({"phase": "done", "done": info.num_images, "total": info.num_images, "fraction": 1.0})
         ctx.save_result({"dataset_id": info.id})
-        return jobs.JobOutcome("succeeded")
+        return JobOutcome(JobStatus.SUCCEEDED)
     except Exception as exc:  # noqa: BLE001 - a bad upload is the user's problem to read, not a crash
         log.warning("ingest job %s failed", ctx.job_id, exc_info=True)
-        return jobs.JobOutcome("failed", jobs.friendly(exc))
+        return JobOutcome(JobStatus.FAILED, friendly(exc))
     finally:
         try:
             if folder is not None:
@@ -107,7 +103,7 @@ def predict_images(model_path: Path, files: list[tuple[str, Path]], top_k: int, 
         try:
             img = load_rgb(src)
         except Exception as exc:  # noqa: BLE001 - one bad file does not sink the batch
-            results.append({"name": name, "error": jobs.friendly(exc)})
+            results.append({"name": name, "error": friendly(exc)})
             continue
         x = preprocess(img, tm.preprocessing)[None].astype(np.float32)
         with torch.inference_mode():
@@ -125,16 +121,13 @@ def predict_images(model_path: Path, files: list[tuple[str, Path]], top_k: int, 
     return {"results": results, "classes": list(tm.classes)}
 
 
-def handle_predict(ctx: jobs.JobContext) -> jobs.JobOutcome:
-    from storage.artifacts import resolve_in_data_dir
-    from storage.models import Run
-
+def handle_predict(ctx: JobContext) -> JobOutcome:
     p = ctx.payload
     run_id = ctx.run_id if ctx.run_id is not None else p.get("run_id")
     with ctx.session_factory() as s:
         run = s.get(Run, run_id) if run_id is not None else None
         if run is None or not run.checkpoint_path:
-            return jobs.JobOutcome("failed", f"Run #{run_id} has no trained model.")
+            return JobOutcome(JobStatus.FAILED, f"Run #{run_id} has no trained model.")
         ckpt = resolve_in_data_dir(run.checkpoint_path, ctx.settings.data_dir)
     try:
         files = [(f["name"], _in_tmp(ctx, f["path"], PREDICT)) for f in p.get("files", [])]
@@ -143,16 +136,14 @@ def handle_predict(ctx: jobs.JobContext) -> jobs.JobOutcome:
                              lambda m, f: ctx.progress({"phase": m, "fraction": f}))
     except Exception as exc:  # noqa: BLE001 - shown on the page
         log.warning("predict job %s failed", ctx.job_id, exc_info=True)
-        return jobs.JobOutcome("failed", jobs.friendly(exc))
+        return JobOutcome(JobStatus.FAILED, friendly(exc))
     ctx.save_result(res)
     ctx.progress({"phase": "done", "fraction": 1.0})
-    return jobs.JobOutcome("succeeded")
+    return JobOutcome(JobStatus.SUCCEEDED)
 
 
-def handle_measure(ctx: jobs.JobContext) -> jobs.JobOutcome:
+def handle_measure(ctx: JobContext) -> JobOutcome:
     """The recommender's "measure on this machine" (``workbench recommend --measure``) as a job."""
-    from workbench import recommend_service
-
     steps = [0]
 
     def progress(message: str) -> None:
@@ -162,18 +153,13 @@ def handle_measure(ctx: jobs.JobContext) -> jobs.JobOutcome:
 
     try:
         ctx.progress({"phase": "exporting the models to measure", "fraction": 0.0})
-        rec = recommend_service.recommend_for(dict(ctx.payload.get("budget") or {}), measure=True,
+        rec = recommend.recommend_for(dict(ctx.payload.get("budget") or {}), measure=True,
                                               check_hub=False, progress=progress)
     except Exception as exc:  # noqa: BLE001 - shown on the page
         log.warning("measure job %s failed", ctx.job_id, exc_info=True)
-        return jobs.JobOutcome("failed", jobs.friendly(exc))
+        return JobOutcome(JobStatus.FAILED, friendly(exc))
     measured = sorted(c["key"] for c in [*rec["ranked"], *rec["excluded"]]
                       if str(c.get("latency_source", "")).startswith("measured"))
     ctx.progress({"phase": "done", "fraction": 1.0})
     ctx.save_result({"measured": measured})
-    return jobs.JobOutcome("succeeded")
-
-
-jobs.register_handler("ingest", handle_ingest)
-jobs.register_handler("measure", handle_measure)
-jobs.register_handler("predict", handle_predict)
+    return JobOutcome(JobStatus.SUCCEEDED)

@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from workbench import cli_data, cli_export, cli_recommend, cli_train
+from workbench.cli import data, export, recommend, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description="Transfer-learning workbench for image classification.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for area in (cli_data, cli_recommend, cli_train, cli_export):
+    for area in (data, recommend, train, export):
         area.register(sub)
     return parser
 

@@ -1,0 +1,170 @@
+"""Evaluation service: a run's best checkpoint on its dataset's held-out test split.
+
+``core.evaluate`` does the computing; this module reads the run and its images once
+(``RunData``), stores an Evaluation row, registers its plots and metrics.json as artifacts,
+and records the headline figures in the run's summary.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from core import export as cx
+from core.evaluate import EvalItem, evaluate_model
+from storage import repositories as repo
+from storage.artifacts import register_artifact, resolve_in_data_dir
+from storage.db import get_sessionmaker
+from storage.models import Dataset, Evaluation, Run
+from workbench.paths import RunPaths
+from workbench.settings import Settings, get_settings
+from workbench.summary import RunSummary, update_summary
+
+ProgressCb = Callable[[str, float], None]
+
+
+class EvaluationError(RuntimeError):
+    """A run cannot be evaluated or exported (user-facing message)."""
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    evaluation_id: int
+    metrics: dict[str, Any]
+    plots: dict[str, int]  # plot name -> artifact id
+
+
+@dataclass(frozen=True)
+class EvaluationRecord:
+    id: int
+    created_at: datetime
+    tta: bool
+    metrics: dict[str, Any]
+
+
+def service_context(settings: Settings | None, session_factory: sessionmaker[Session] | None
+                    ) -> tuple[Settings, sessionmaker[Session]]:
+    s = settings or get_settings()
+    s.ensure_dirs()
+    return s, session_factory or get_sessionmaker(s.database_url)
+
+
+def say(progress: ProgressCb | None, msg: str, frac: float) -> None:
+    if progress is not None:
+        progress(msg, frac)
+
+
+def scaled(progress: ProgressCb | None, start: float, span: float) -> ProgressCb | None:
+    """A progress callback mapping 0..1 onto ``start .. start + span`` of ``progress``."""
+    return None if progress is None else (lambda m, f: progress(m, start + span * f))
+
+
+class RunData:
+    """Everything needed to evaluate or export one run, read once from the DB."""
+
+    def __init__(self, session: Session, run_id: int, data_dir: Path):
+        run = session.get(Run, run_id)
+        if run is None:
+            raise EvaluationError(f"no run with id {run_id}")
+        if not run.checkpoint_path:
+            raise EvaluationError(f"run {run_id} has no checkpoint (status {run.status!r}): train it first")
+        self.run_id = run_id
+        self.checkpoint = resolve_in_data_dir(run.checkpoint_path, data_dir)
+        if not self.checkpoint.is_file():
+            raise EvaluationError(f"run {run_id}: checkpoint file is missing ({run.checkpoint_path})")
+        ds: Dataset = run.dataset
+        self.dataset_id = ds.id
+        self.config = dict(run.config or {})
+        self.dataset = {"name": ds.name, "num_images": ds.num_images,
+                        "split_counts": repo.split_counts(session, ds.id),
+                        "health_warnings": list((ds.health or {}).get("warnings", []))}
+        self.images = {split: [(resolve_in_data_dir(im.store_path, data_dir), im.label, im.original_name)
+                               for im in repo.images_for_dataset(session, ds.id, split)]
+                       for split in ("train", "val", "test")}
+
+    def items(self, split: str, classes: list[str]) -> list[EvalItem]:
+        unknown = sorted({lab for _, lab, _ in self.images[split] if lab not in classes})
+        if unknown:
+            raise EvaluationError(f"{split} images have labels {unknown} the model was not trained on ({classes})")
+        return [EvalItem(p, classes.index(lab), Path(name).name) for p, lab, name in self.images[split]]
+
+
+LoadedRun = tuple[RunData, Any]  # (the run's data, core.export.load_trained of its checkpoint)
+
+
+def load_run(run_id: int, settings: Settings, session_factory: sessionmaker[Session]) -> LoadedRun:
+    with session_factory() as session:
+        rd = RunData(session, run_id, settings.data_dir)
+    return rd, cx.load_trained(rd.checkpoint)
+
+
+def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
+    """DB copy of the metrics without the per-point ROC/PR curves (kept in metrics.json)."""
+    return {k: v for k, v in metrics.items() if k != "curves"}
+
+
+def _summary_fields(m: dict[str, Any], tta: bool) -> RunSummary:
+    if tta:
+        return {"test_accuracy_tta": m["accuracy"]}
+    fields: RunSummary = {"test_accuracy": m["accuracy"], "test_balanced_accuracy": m["balanced_accuracy"],
+                          "test_macro_f1": m["macro_f1"], "ece": m["calibration"]["before"]["ece"]}
+    if m["calibration"].get("after"):
+        fields["ece_after_temperature"] = m["calibration"]["after"]["ece"]
+        fields["temperature"] = m["calibration"]["temperature"]
+    return fields
+
+
+def evaluate_run(run_id: int, *, tta: bool = False, sensitivity: float = 0.95, positive_class: str | None = None,
+                 settings: Settings | None = None, session_factory: sessionmaker[Session] | None = None,
+                 progress: ProgressCb | None = None, trained: Any = None,
+                 test_logits: np.ndarray | None = None) -> EvaluationResult:
+    """Evaluate a run's best checkpoint on its dataset's test split; store an Evaluation row,
+    plots and metrics.json as artifacts.
+
+    ``trained`` (an already loaded checkpoint) and ``test_logits`` (PyTorch logits of the test
+    split, e.g. from the export's verification) save recomputing them.
+    """
+    s, sf = service_context(settings, session_factory)
+    with sf() as session:
+        rd = RunData(session, run_id, s.data_dir)
+    tm = trained or cx.load_trained(rd.checkpoint)
+    classes = list(tm.classes)
+    test = rd.items("test", classes)
+    if not test:
+        raise EvaluationError(f"run {run_id}: the dataset has no test images, so there is nothing honest to evaluate on")
+    val = rd.items("val", classes)
+    out_dir = RunPaths(s, run_id).new_evaluation_dir(tta)
+    say(progress, f"evaluating on {len(test)} test images", 0.0)
+    res = evaluate_model(tm.model, tm.preprocessing, classes, test, val, out_dir=out_dir, tta=tta,
+                         sensitivity=sensitivity, positive_class=positive_class, test_logits=test_logits,
+                         progress=scaled(progress, 0.0, 0.9))
+    with sf.begin() as session:
+        ev = Evaluation(run_id=run_id, split="test", metrics=_json_safe(res.metrics), tta=tta)
+        session.add(ev)
+        session.flush()
+        ev_id = ev.id
+        plots = {}
+        for name, path in res.plots.items():
+            kind = "eval_json" if name == "metrics_json" else "plot"
+            plots[name] = register_artifact(session, path, s.data_dir, kind=kind, run_id=run_id,
+                                            meta={"name": name, "evaluation_id": ev_id, "tta": tta}).id
+    update_summary(sf, run_id, _summary_fields(res.metrics, tta))
+    say(progress, "evaluation done", 1.0)
+    return EvaluationResult(ev_id, res.metrics, plots)
+
+
+def latest_evaluation(run_id: int, *, tta: bool | None = False, settings: Settings | None = None,
+                      session_factory: sessionmaker[Session] | None = None) -> EvaluationRecord | None:
+    _, sf = service_context(settings, session_factory)
+    with sf() as session:
+        stmt = select(Evaluation).where(Evaluation.run_id == run_id, Evaluation.split == "test")
+        if tta is not None:
+            stmt = stmt.where(Evaluation.tta == tta)
+        ev = session.scalars(stmt.order_by(Evaluation.id.desc()).limit(1)).first()
+        return None if ev is None else EvaluationRecord(ev.id, ev.created_at, bool(ev.tta), ev.metrics)

@@ -1,0 +1,205 @@
+"""The ``train`` job handler (runs in the train-lane worker) and what to do with an orphaned one.
+
+``DbCallback`` is core.train's callback: it writes progress, per-epoch metrics and events to
+the database in short transactions, throttled for the UI, and polls for a cancel.
+"""
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.data import DataError
+from core.train import Callback, TrainConfig, TrainingCancelled, TrainingError, train
+from core.weights import WeightsError
+from storage import repositories as repo
+from storage.artifacts import register_artifact, relative_to_data_dir, resolve_in_data_dir
+from storage.models import Dataset, Run, RunEvent, RunMetric, utcnow
+from workbench.handlers.postrun import after_training
+from workbench.jobs import JobContext, JobOutcome
+from workbench.paths import RunPaths
+from workbench.runs import last_checkpoint_epoch
+from workbench.settings import Settings
+from workbench.status import JobStatus, RunStatus
+from workbench.summary import BestMetrics, merge_summary
+
+
+class DbCallback(Callback):
+    """core.train Callback writing to the database in short transactions, throttled for the UI."""
+
+    PROGRESS_EVERY_S = 1.0
+    CANCEL_POLL_S = 0.25  # a batch takes longer than this on CPU, so cancel lands within a batch
+
+    def __init__(self, ctx: JobContext, run_id: int):
+        self.ctx, self.run_id = ctx, run_id
+        self.sf = ctx.session_factory
+        self._last_progress = 0.0
+        self._last_poll = 0.0
+        self.cancelled_by_user = False
+
+    def _progress(self, snapshot: dict[str, Any], force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_progress >= self.PROGRESS_EVERY_S:
+            self._last_progress = now
+            self.ctx.progress(snapshot)
+
+    def on_phase_start(self, phase: str, epochs: int, steps_per_epoch: int) -> None:
+        self._progress({"phase": phase, "epoch": None, "step": 0, "total_steps": steps_per_epoch,
+                        "message": f"{phase}: starting"}, force=True)
+
+    def on_step(self, p: Any) -> None:
+        self._progress({"phase": p.phase, "epoch": p.epoch, "step": p.step, "total_steps": p.total_steps,
+                        "loss": p.loss, "lr": p.lr, "eta_s": p.eta_s, "images_per_s": p.images_per_s,
+                        "fraction": p.done_fraction,
+                        "message": f"{p.phase} epoch {p.epoch} step {p.step}/{p.total_steps}"})
+
+    def on_epoch_end(self, phase: str, epoch: int, metrics: dict[str, Any]) -> None:
+        with self.sf.begin() as s:
+            # Upsert: a resumed run may redo an epoch whose metrics were written before the kill.
+            s.execute(delete(RunMetric).where(RunMetric.run_id == self.run_id, RunMetric.epoch == epoch,
+                                              RunMetric.phase == phase))
+            s.add(RunMetric(run_id=self.run_id, epoch=epoch, phase=phase, metrics=metrics, created_at=utcnow()))
+        if metrics.get("replayed"):  # a resumed run re-reporting a checkpointed epoch: no new log line
+            return
+        self.ctx.event(f"Epoch {epoch} ({phase}): val acc {metrics['val_accuracy']:.3f}, "
+                       f"macro-F1 {metrics['val_macro_f1']:.3f}", "info",
+                       {k: metrics[k] for k in ("epoch", "val_accuracy", "val_macro_f1", "val_loss", "train_loss")})
+
+    def on_log(self, level: str, message: str, data: dict[str, Any] | None = None) -> None:
+        self.ctx.event(message, level, data)
+
+    def should_stop(self) -> bool:
+        if self.cancelled_by_user or self.ctx.stop_requested():
+            return True
+        now = time.monotonic()
+        if now - self._last_poll >= self.CANCEL_POLL_S:
+            self._last_poll = now
+            with self.sf() as s:
+                self.cancelled_by_user = bool(s.scalar(select(Run.cancel_requested).where(Run.id == self.run_id)))
+        return self.cancelled_by_user
+
+
+def _samples(s: Session, ds: Dataset, settings: Settings, split: str) -> list[tuple[str, int]]:
+    index = {c: i for i, c in enumerate(ds.classes)}
+    return [(str(resolve_in_data_dir(im.store_path, settings.data_dir)), index[im.label])
+            for im in repo.images_for_dataset(s, ds.id, split) if im.label in index]
+
+
+def _set_run(sf: sessionmaker[Session], run_id: int, **values: Any) -> None:
+    with sf.begin() as s:
+        run = s.get(Run, run_id)
+        for k, v in values.items():
+            setattr(run, k, v)
+
+
+def _fail(ctx: JobContext, run_id: int, msg: str, level: str = "error", data: dict[str, Any] | None = None
+          ) -> JobOutcome:
+    _set_run(ctx.session_factory, run_id, status=RunStatus.FAILED, finished_at=utcnow(), error=msg)
+    ctx.event(msg, level, data)
+    return JobOutcome(JobStatus.FAILED, msg)
+
+
+def _record_success(ctx: JobContext, run_id: int, result: Any) -> dict[str, Any]:
+    best = dict(result.best["metrics"])
+    best_metrics: BestMetrics = {"epoch": result.best["epoch"], "phase": result.best["phase"],
+                                 "accuracy": best["accuracy"], "macro_f1": best["macro_f1"],
+                                 "balanced_accuracy": best["balanced_accuracy"], "loss": best["loss"],
+                                 "per_class_f1": best["per_class_f1"]}
+    with ctx.session_factory.begin() as s:
+        run = s.get(Run, run_id)
+        assert run is not None
+        run.status, run.finished_at = RunStatus.SUCCEEDED, utcnow()
+        run.checkpoint_path = relative_to_data_dir(result.best_path, ctx.settings.data_dir)
+        run.best_metrics = dict(best_metrics)
+        merge_summary(run, {**result.summary, "val_confusion": best["confusion"]})
+        run.train_seconds = result.train_seconds
+        register_artifact(s, result.best_path, ctx.settings.data_dir, kind="checkpoint", run_id=run_id,
+                          meta={"epoch": result.best["epoch"], "val_macro_f1": best["macro_f1"]})
+    return best
+
+
+def _start(ctx: JobContext, run_id: int) -> tuple[dict[str, Any], JobOutcome | None]:
+    """Mark the run running and read what training needs; or the outcome if it must not start."""
+    with ctx.session_factory.begin() as s:
+        run = s.get(Run, run_id)
+        if run is None:
+            return {}, JobOutcome(JobStatus.FAILED, f"run {run_id} no longer exists")
+        if run.cancel_requested or run.status == RunStatus.CANCELLED:
+            run.status, run.finished_at = RunStatus.CANCELLED, utcnow()
+            return {}, JobOutcome(JobStatus.CANCELLED)
+        ds = run.dataset
+        todo = {"classes": list(ds.classes), "train": _samples(s, ds, ctx.settings, "train"),
+                "val": _samples(s, ds, ctx.settings, "val"), "cfg": TrainConfig.from_dict(run.config or {}),
+                "variant": run.variant, "resolution": run.resolution}
+        run.status, run.worker_pid, run.error = RunStatus.RUNNING, os.getpid(), None
+        run.started_at = run.started_at or utcnow()
+    return todo, None
+
+
+def handle_train(ctx: JobContext) -> JobOutcome:
+    run_id = ctx.run_id
+    assert run_id is not None, "train jobs carry a run id"
+    todo, early = _start(ctx, run_id)
+    if early is not None:
+        return early
+    cfg, resume = todo["cfg"], bool(ctx.payload.get("resume"))
+    ctx.event(("Resuming" if resume else "Starting") + f" training: {todo['variant']} at {todo['resolution']}px, "
+              f"recipe {cfg.recipe}, preset {cfg.augment}, {len(todo['train'])} train / {len(todo['val'])} val images.")
+    cb = DbCallback(ctx, run_id)
+    try:
+        result = train(todo["train"], todo["classes"], todo["variant"], RunPaths(ctx.settings, run_id).root, cfg,
+                       resolution=todo["resolution"], val_samples=todo["val"] or None, callback=cb, resume=resume)
+    except TrainingCancelled as exc:
+        if ctx.stop_requested() and not cb.cancelled_by_user:  # the worker shut down, not a user cancel
+            return _fail(ctx, run_id, "The worker was stopped during training; resume continues from the last "
+                         "checkpoint.", "warning", {"resumable": True})
+        _set_run(ctx.session_factory, run_id, status=RunStatus.CANCELLED, finished_at=utcnow(), error=None,
+                 cancel_requested=False)
+        ctx.event(f"Cancelled ({exc}); resume continues from the last checkpoint.", "info")
+        return JobOutcome(JobStatus.CANCELLED)
+    except (DataError, TrainingError, WeightsError) as exc:
+        return _fail(ctx, run_id, str(exc))
+    except Exception as exc:  # noqa: BLE001 - record, then let the job fail
+        return _fail(ctx, run_id, f"Training crashed: {type(exc).__name__}: {exc}", "error",
+                     {"traceback": traceback.format_exc()[-4000:]})
+    best = _record_success(ctx, run_id, result)
+    ctx.event(f"Training finished in {result.train_seconds:.0f} s: best val accuracy {best['accuracy']:.3f}, "
+              f"macro-F1 {best['macro_f1']:.3f} (epoch {result.best['epoch']}).")
+    if ctx.payload.get("postrun", True):
+        _after_training(ctx, run_id)
+    return JobOutcome(JobStatus.SUCCEEDED)
+
+
+def _after_training(ctx: JobContext, run_id: int) -> None:
+    """Export, verify and evaluate; a failure here never fails the trained run."""
+    ctx.progress({"phase": "postrun", "message": "exporting and evaluating", "fraction": 1.0})
+    try:
+        after_training(ctx.session_factory, ctx.settings, run_id,
+                       lambda message, fraction: ctx.progress({"phase": "postrun", "message": message,
+                                                               "fraction": fraction}))
+        ctx.event("Post-training export and evaluation done.")
+    except Exception as exc:  # noqa: BLE001
+        ctx.event(f"Post-training export/evaluation failed (the trained model is fine): "
+                  f"{type(exc).__name__}: {exc}", "warning", {"traceback": traceback.format_exc()[-4000:]})
+        with ctx.session_factory.begin() as s:
+            run = s.get(Run, run_id)
+            if run is not None:
+                merge_summary(run, {"postrun_error": f"{type(exc).__name__}: {exc}"})
+
+
+def on_orphan(s: Session, run_id: int | None, pid: int | None) -> None:
+    """Inside reconcile's transaction: the train worker died mid-run; fail the run, offer resume."""
+    run = s.get(Run, run_id) if run_id is not None else None
+    if run is None or run.status != RunStatus.RUNNING:
+        return
+    epoch = last_checkpoint_epoch(s, run)
+    run.status, run.finished_at = RunStatus.FAILED, utcnow()
+    run.error = (f"Worker died (pid {pid}) during training. "
+                 + (f"Resume from the checkpoint after epoch {epoch}." if epoch is not None
+                    else "No checkpoint was written yet: resume restarts it."))
+    s.add(RunEvent(run_id=run.id, level="error", message=run.error, created_at=utcnow(),
+                   data={"resumable": True, "checkpoint_epoch": epoch}))

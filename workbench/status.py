@@ -1,0 +1,52 @@
+"""The states and kinds of runs and jobs: the only place they are spelled.
+
+Stored as plain text in the database (``StrEnum`` members compare equal to their values), so
+rows written before these enums existed read back unchanged.
+"""
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class RunStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    # Written by versions before the worker lanes (a job run by a thread of the UI server):
+    # nothing runs such a row any more, so reconcile fails it. Never written now.
+    LEGACY_WORKING = "working"
+
+
+class JobKind(StrEnum):
+    TRAIN = "train"
+    MEASURE = "measure"
+    INGEST = "ingest"
+    EXPORT = "export"
+    EVALUATE = "evaluate"
+    PREDICT = "predict"
+
+
+class Lane(StrEnum):
+    """One worker process per lane, so light jobs never queue behind a long training."""
+
+    TRAIN = "train"
+    LIGHT = "light"
+
+
+ACTIVE_RUN = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
+TERMINAL_RUN = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED})
+RESUMABLE_RUN = frozenset({RunStatus.FAILED, RunStatus.CANCELLED})
+ACTIVE_JOB = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
+TERMINAL_JOB = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+# Every terminal state of either (runs and jobs share these words).
+TERMINAL = frozenset(str(s) for s in TERMINAL_JOB)

@@ -1,0 +1,90 @@
+"""The typed schema of ``Run.summary`` and ``Run.best_metrics`` (JSON columns), and their one writer.
+
+Every service that records something about a run writes it through ``update_summary`` with
+keys of ``RunSummary``; every reader gets a ``RunSummary``. A key not listed here is a bug.
+"""
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.models import Run
+
+
+class RunSummary(TypedDict, total=False):
+    # Written by training (core.train's TrainResult.summary, merged as it is).
+    device: str
+    threads: int
+    balance: str
+    imbalance_ratio: float
+    class_counts: dict[str, int]
+    num_train: int
+    num_val: int
+    weights: str
+    variant: str
+    resolution: int
+    resumed_from_epoch: int
+    load_seconds: float
+    cache_entry: str
+    cache_seconds: float
+    cache_mb: float
+    cache_backend: str
+    micro_batch: int
+    early_stopped: list[str]
+    best_epoch: int
+    best_phase: str
+    epochs_run: int
+    val_confusion: list[list[int]]
+    # Written by the fp32 export and its verification (workbench.exports.ensure_fp32).
+    onnx_mb: float
+    latency_ms_p50: float
+    latency_ms_p95: float
+    throughput_images_per_s: float
+    latency_machine: dict[str, Any]
+    export_verified: bool
+    export_max_abs_logit_diff: float
+    export_top1_agreement: float
+    # Written by the test-split evaluation (workbench.evaluations.evaluate_run).
+    test_accuracy: float
+    test_balanced_accuracy: float
+    test_macro_f1: float
+    test_accuracy_tta: float
+    ece: float
+    ece_after_temperature: float
+    temperature: float
+    # Why a step after training did not happen (the trained model is fine).
+    evaluation_error: str
+    postrun_error: str
+
+
+class BestMetrics(TypedDict, total=False):
+    """The validation metrics of the checkpoint training selected (``Run.best_metrics``)."""
+
+    epoch: int
+    phase: str
+    accuracy: float
+    macro_f1: float
+    balanced_accuracy: float
+    loss: float
+    per_class_f1: list[float | None]
+
+
+def read_summary(run: Run) -> RunSummary:
+    return RunSummary(**(run.summary or {}))  # type: ignore[typeddict-item]
+
+
+def read_best(run: Run) -> BestMetrics:
+    return BestMetrics(**(run.best_metrics or {}))  # type: ignore[typeddict-item]
+
+
+def merge_summary(run: Run, fields: RunSummary) -> None:
+    """Inside the caller's transaction: reassign (not mutate) so SQLAlchemy sees the JSON change."""
+    run.summary = {**(run.summary or {}), **fields}
+
+
+def update_summary(session_factory: sessionmaker[Session], run_id: int, fields: RunSummary) -> None:
+    with session_factory.begin() as session:
+        run = session.get(Run, run_id)
+        if run is not None:
+            merge_summary(run, fields)
