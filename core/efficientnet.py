@@ -49,6 +49,32 @@ B0_STAGES: tuple[StageSpec, ...] = (
 )
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
+NUM_STAGES = len(B0_STAGES)
+STAGE_NAMES: tuple[str, ...] = tuple(f"stage{i}" for i in range(NUM_STAGES))
+
+# Named points along the network, input to output. Each names the tensor ENTERING that part:
+# "stageN" is the input of stage N, "head" the input of conv_head (the output of the last
+# stage), "features" the last feature map (conv_head + BN, what Grad-CAM looks at),
+# "embedding" the pooled features, "logits" the classifier output.
+ENTRY_POINTS: tuple[str, ...] = ("image", *STAGE_NAMES, "head", "features", "embedding", "logits")
+# Parameter groups, input to output; a group's input is the entry point of the same name
+# ("stem" starts at "image", "classifier" at "embedding").
+PARAMETER_GROUPS: tuple[str, ...] = ("stem", *STAGE_NAMES, "head", "classifier")
+
+
+def entry_position(entry: str) -> int:
+    """Position of a named entry point along the network (to order and compare them)."""
+    try:
+        return ENTRY_POINTS.index(entry)
+    except ValueError:
+        raise ValueError(f"Unknown entry point {entry!r}; known: {', '.join(ENTRY_POINTS)}") from None
+
+
+def group_entry(group: str) -> str:
+    """The entry point where a parameter group's input arrives."""
+    if group not in PARAMETER_GROUPS:
+        raise ValueError(f"Unknown parameter group {group!r}; known: {', '.join(PARAMETER_GROUPS)}")
+    return {"stem": "image", "classifier": "embedding"}.get(group, group)
 
 
 @dataclass(frozen=True)
@@ -390,18 +416,58 @@ class EfficientNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     # -- transfer-learning API --------------------------------------------------------------
+    def _run_segment(self, entry: str, x: torch.Tensor) -> torch.Tensor:
+        """The part from ``entry`` to the next entry point."""
+        if entry == "image":
+            return self.bn1(self.conv_stem(x))
+        if entry in STAGE_NAMES:
+            return self.blocks[STAGE_NAMES.index(entry)](x)
+        if entry == "head":
+            return self.bn2(self.conv_head(x))
+        if entry == "features":
+            return self.pool(x)
+        if entry == "embedding":
+            return self.forward_head(x)
+        raise ValueError(f"Nothing runs after {entry!r}")
+
+    def forward_between(self, x: torch.Tensor, entry: str, stop: str) -> torch.Tensor:
+        """Run from entry point ``entry`` (``x`` is the tensor arriving there) up to ``stop``."""
+        start, end = entry_position(entry), entry_position(stop)
+        if end < start:
+            raise ValueError(f"Cannot run backwards from {entry!r} to the earlier point {stop!r}.")
+        for name in ENTRY_POINTS[start:end]:
+            x = self._run_segment(name, x)
+        return x
+
+    def forward_from(self, entry: str, x: torch.Tensor) -> torch.Tensor:
+        """Logits from the tensor arriving at ``entry`` (timm's idiom): what a partly frozen,
+        partly cached network trains through. ``forward_from("image", x)`` is ``forward(x)``."""
+        return self.forward_between(x, entry, "logits")
+
+    def forward_intermediates(self, x: torch.Tensor, points: Sequence[str],
+                              entry: str = "image") -> list[torch.Tensor]:
+        """The tensors at the named ``points`` (in the order asked), from ``x`` arriving at
+        ``entry``; stops at the last point asked for (nothing above it runs)."""
+        wanted = {entry_position(p) for p in points}
+        start = entry_position(entry)
+        if min(wanted) < start:
+            raise ValueError(f"Points {list(points)} include one before the entry {entry!r}.")
+        found: dict[int, torch.Tensor] = {start: x}
+        for pos in range(start, max(wanted)):
+            x = self._run_segment(ENTRY_POINTS[pos], x)
+            found[pos + 1] = x
+        return [found[entry_position(p)] for p in points]
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Last feature map (N, num_features, H/32, W/32): what Grad-CAM looks at."""
-        x = self.bn1(self.conv_stem(x))
-        x = self.blocks(x)
-        return self.bn2(self.conv_head(x))
+        return self.forward_between(x, "image", "features")
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         return features.mean((2, 3))
 
     def forward_embedding(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled embedding (N, num_features): what a frozen-backbone head trains on."""
-        return self.pool(self.forward_features(x))
+        return self.forward_between(x, "image", "embedding")
 
     def forward_head(self, embedding: torch.Tensor) -> torch.Tensor:
         if self.drop_rate > 0 and self.training:
@@ -409,7 +475,7 @@ class EfficientNet(nn.Module):
         return self.classifier(embedding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_embedding(x))
+        return self.forward_between(x, "image", "logits")
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a fresh linear layer for `num_classes` classes."""
@@ -421,8 +487,8 @@ class EfficientNet(nn.Module):
         groups: dict[str, list[nn.Parameter]] = {
             "stem": [*self.conv_stem.parameters(), *self.bn1.parameters()]
         }
-        for i, stage in enumerate(self.blocks):
-            groups[f"stage{i}"] = list(stage.parameters())
+        for name, stage in zip(STAGE_NAMES, self.blocks):
+            groups[name] = list(stage.parameters())
         groups["head"] = [*self.conv_head.parameters(), *self.bn2.parameters()]
         groups["classifier"] = list(self.classifier.parameters())
         return groups
@@ -430,11 +496,17 @@ class EfficientNet(nn.Module):
     def group_modules(self) -> dict[str, list[nn.Module]]:
         """Modules per parameter group (to put frozen BatchNorms in eval mode)."""
         mods: dict[str, list[nn.Module]] = {"stem": [self.conv_stem, self.bn1]}
-        for i, stage in enumerate(self.blocks):
-            mods[f"stage{i}"] = [stage]
+        for name, stage in zip(STAGE_NAMES, self.blocks):
+            mods[name] = [stage]
         mods["head"] = [self.conv_head, self.bn2]
         mods["classifier"] = [self.classifier]
         return mods
+
+    def group_state_prefixes(self, groups: Sequence[str]) -> tuple[str, ...]:
+        """State-dict key prefixes of the named groups (weights and BatchNorm buffers)."""
+        table = {"stem": ("conv_stem.", "bn1."), "head": ("conv_head.", "bn2."), "classifier": ("classifier.",),
+                 **{name: (f"blocks.{i}.",) for i, name in enumerate(STAGE_NAMES)}}
+        return tuple(prefix for g in groups for prefix in table[g])
 
     def set_trainable(self, groups: Sequence[str]) -> None:
         """Train only the named groups; everything else is frozen."""
