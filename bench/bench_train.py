@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 from core.images import load_rgb  # noqa: E402
 from core.latency import machine_id  # noqa: E402
 from core.preprocessing import preprocess  # noqa: E402
-from core.train import Callback, _stratified_val, load_trained_model, make_config, train  # noqa: E402
+from core.train import Callback, load_trained_model, make_config, stratified_val, train  # noqa: E402
 from core.data import as_samples  # noqa: E402
 from core.weights import create_model  # noqa: E402
 
@@ -148,7 +148,7 @@ def main() -> int:
     train_all, classes = listing("train")
     test, test_classes = listing("test")
     assert classes == test_classes
-    tr, va = _stratified_val(as_samples(train_all), 0.15, 0)
+    tr, va = stratified_val(as_samples(train_all), 0.15, 0)
     print(f"beans: {len(tr)} train / {len(va)} val / {len(test)} test, {torch.get_num_threads()} threads", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,221 +1,54 @@
 """Our EfficientNet: B0-B7, Lite0-Lite4 and compound-scaled in-between models from one stage table.
 
-Architecture is data: ``B0_STAGES`` is the baseline network (Tan & Le, 2019, table 1) and
-``VARIANTS`` holds each named model's (width, depth, resolution, dropout). Every scaled channel
-count and repeat count is derived with ``make_divisible`` and ``ceil``, never typed in.
+Architecture is data (``core.efficientnet_arch``, re-exported here): ``B0_STAGES`` is the
+baseline network and ``VARIANTS`` each named model's (width, depth, resolution, dropout).
 
 Module names follow timm's EfficientNet (``conv_stem``, ``blocks.i.j.conv_pw`` ...) so timm
-state dicts load without renaming; the classes here are our own.
+state dicts load without renaming; the classes here are our own. Named entry points
+(``ENTRY_POINTS``) let callers run part of the network: ``forward_from``,
+``forward_intermediates`` (timm's idiom), ``forward_between``.
 """
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass, replace
 from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.efficientnet_arch import (ALPHA, B0_STAGES, BETA, GAMMA, HEAD_CHANNELS, STEM_CHANNELS, VARIANTS, BlockSpec,
+                                    Family, ModelCost, ScaledArch, StageSpec, UnknownVariantError, VariantSpec,
+                                    compound_variant, count_cost, get_variant, make_divisible, scaled_arch)
+
 Padding = Literal["symmetric", "same"]
-Family = Literal["b", "lite"]
+
+NUM_STAGES = len(B0_STAGES)
+STAGE_NAMES: tuple[str, ...] = tuple(f"stage{i}" for i in range(NUM_STAGES))
+
+# Named points along the network, input to output. Each names the tensor ENTERING that part:
+# "stageN" is the input of stage N, "head" the input of conv_head (the output of the last
+# stage), "features" the last feature map (conv_head + BN, what Grad-CAM looks at),
+# "embedding" the pooled features, "logits" the classifier output.
+ENTRY_POINTS: tuple[str, ...] = ("image", *STAGE_NAMES, "head", "features", "embedding", "logits")
+# Parameter groups, input to output; a group's input is the entry point of the same name
+# ("stem" starts at "image", "classifier" at "embedding").
+PARAMETER_GROUPS: tuple[str, ...] = ("stem", *STAGE_NAMES, "head", "classifier")
 
 
-# --------------------------------------------------------------------------------------------
-# Architecture as data
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StageSpec:
-    """One stage of the baseline network: `repeats` blocks of the same shape."""
-
-    block: Literal["ds", "ir"]  # depthwise-separable (expand 1) or inverted residual (MBConv)
-    expand_ratio: int
-    kernel: int
-    stride: int
-    out_channels: int
-    repeats: int
-    se_ratio: float  # squeeze width = block input channels x se_ratio
+def entry_position(entry: str) -> int:
+    """Position of a named entry point along the network (to order and compare them)."""
+    try:
+        return ENTRY_POINTS.index(entry)
+    except ValueError:
+        raise ValueError(f"Unknown entry point {entry!r}; known: {', '.join(ENTRY_POINTS)}") from None
 
 
-B0_STAGES: tuple[StageSpec, ...] = (
-    StageSpec("ds", 1, 3, 1, 16, 1, 0.25),
-    StageSpec("ir", 6, 3, 2, 24, 2, 0.25),
-    StageSpec("ir", 6, 5, 2, 40, 2, 0.25),
-    StageSpec("ir", 6, 3, 2, 80, 3, 0.25),
-    StageSpec("ir", 6, 5, 1, 112, 3, 0.25),
-    StageSpec("ir", 6, 5, 2, 192, 4, 0.25),
-    StageSpec("ir", 6, 3, 1, 320, 1, 0.25),
-)
-STEM_CHANNELS = 32
-HEAD_CHANNELS = 1280
-
-
-@dataclass(frozen=True)
-class VariantSpec:
-    """A named (or compound-scaled) member of the family."""
-
-    name: str
-    family: Family
-    width: float
-    depth: float
-    resolution: int
-    dropout: float
-
-    @property
-    def is_lite(self) -> bool:
-        # Lite: no squeeze-excitation, ReLU6, stem and head not scaled, first and last
-        # stage repeats not scaled (friendlier to int8 and mobile accelerators).
-        return self.family == "lite"
-
-    def at_resolution(self, resolution: int) -> "VariantSpec":
-        """The same network fed a different input size (weights are resolution-independent)."""
-        name = self.name if resolution == self.resolution else f"{self.name}@{resolution}"
-        return replace(self, name=name, resolution=int(resolution))
-
-
-_B_TABLE = {  # (width, depth, resolution, dropout)
-    "b0": (1.0, 1.0, 224, 0.2),
-    "b1": (1.0, 1.1, 240, 0.2),
-    "b2": (1.1, 1.2, 260, 0.3),
-    "b3": (1.2, 1.4, 300, 0.3),
-    "b4": (1.4, 1.8, 380, 0.4),
-    "b5": (1.6, 2.2, 456, 0.4),
-    "b6": (1.8, 2.6, 528, 0.5),
-    "b7": (2.0, 3.1, 600, 0.5),
-}
-_LITE_TABLE = {  # (width, depth, resolution, dropout)
-    "lite0": (1.0, 1.0, 224, 0.2),
-    "lite1": (1.0, 1.1, 240, 0.2),
-    "lite2": (1.1, 1.2, 260, 0.3),
-    "lite3": (1.2, 1.4, 280, 0.3),
-    "lite4": (1.4, 1.8, 300, 0.3),
-}
-VARIANTS: dict[str, VariantSpec] = {
-    **{n: VariantSpec(n, "b", *v) for n, v in _B_TABLE.items()},
-    **{n: VariantSpec(n, "lite", *v) for n, v in _LITE_TABLE.items()},
-}
-
-
-class UnknownVariantError(ValueError):
-    pass
-
-
-def get_variant(name: str | VariantSpec) -> VariantSpec:
-    """Look up a named variant: 'b0'..'b7', 'lite0'..'lite4' ('efficientnet_b0' also works),
-    optionally at another input size: 'b0@192'; or a compound-scaled one by its coefficient,
-    as the recommender names them: 'b-phi0.5', 'lite-phi1.5@256'."""
-    if isinstance(name, VariantSpec):
-        return name
-    key, _, res = str(name).strip().lower().partition("@")
-    if res and (not res.isdigit() or int(res) < 32):
-        raise UnknownVariantError(f"Bad resolution in {name!r}: expected e.g. 'b0@192' (at least 32 px).")
-    compound = re.fullmatch(r"(b|lite)-phi(\d+(?:\.\d+)?)", key)
-    if compound:
-        return compound_variant(float(compound[2]), int(res) if res else None,
-                                family="lite" if compound[1] == "lite" else "b")
-    if res:
-        return get_variant(key).at_resolution(int(res))
-    for prefix in ("tf_efficientnet_", "efficientnet_", "efficientnet-"):
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-    if key not in VARIANTS:
-        raise UnknownVariantError(
-            f"Unknown EfficientNet variant {name!r}. Known variants: {', '.join(VARIANTS)} "
-            f"(or compound-scaled: 'b-phi0.5', 'lite-phi1.5')."
-        )
-    return VARIANTS[key]
-
-
-# Compound scaling (paper, eq. 3): depth = alpha^phi, width = beta^phi, resolution = gamma^phi,
-# with alpha * beta^2 * gamma^2 ~= 2 so FLOPs grow ~2^phi. The named B1-B7 are hand-rounded
-# points, not exact powers: solving each coefficient for phi gives depth/width/resolution phis of
-# B1 (0.5, 0.0, 0.5), B2 (1.0, 1.0, 1.1), B3 (1.9, 1.9, 2.1), B4 (3.2, 3.5, 3.8),
-# B5 (4.3, 4.9, 5.1), B6 (5.2, 6.2, 6.1), B7 (6.2, 7.3, 7.1): the authors rounded width and depth
-# to one decimal and picked hardware-friendly resolutions. So compound_variant(1.0) =
-# (1.1, 1.2, 256) sits next to B2 (1.1, 1.2, 260), and phi = 0.5 gives a model between B1 and B2.
-# Lite1-4 reuse the B widths/depths with smaller resolutions (280 and 300 for Lite3/4).
-ALPHA, BETA, GAMMA = 1.2, 1.1, 1.15
-
-
-def compound_variant(
-    phi: float, resolution: int | None = None, family: Family = "b", dropout: float | None = None
-) -> VariantSpec:
-    """An in-between model from the compound coefficient phi (phi=0 is B0 / Lite0).
-
-    ``resolution`` overrides gamma^phi x 224 (rounded to a multiple of 8 px).
-    """
-    if phi < 0:
-        raise ValueError(f"phi must be >= 0, got {phi}")
-    depth = ALPHA**phi
-    width = BETA**phi
-    res = resolution if resolution is not None else int(round(224 * GAMMA**phi / 8) * 8)
-    drop = dropout if dropout is not None else min(0.5, 0.2 + 0.05 * phi)
-    base = "lite" if family == "lite" else "b"
-    return VariantSpec(f"{base}-phi{phi:g}@{res}", family, round(width, 4), round(depth, 4), int(res), drop)
-
-
-def make_divisible(value: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9) -> int:
-    """Round channels to a multiple of `divisor`, never dropping more than 10 % (round_limit)."""
-    min_value = min_value or divisor
-    new_value = max(min_value, int(value + divisor / 2) // divisor * divisor)
-    if new_value < round_limit * value:
-        new_value += divisor
-    return new_value
-
-
-@dataclass(frozen=True)
-class BlockSpec:
-    """One concrete block after scaling."""
-
-    stage: int
-    block: Literal["ds", "ir"]
-    in_channels: int
-    out_channels: int
-    mid_channels: int
-    kernel: int
-    stride: int
-    se_channels: int  # 0 = no squeeze-excitation
-
-    @property
-    def has_skip(self) -> bool:
-        return self.stride == 1 and self.in_channels == self.out_channels
-
-
-@dataclass(frozen=True)
-class ScaledArch:
-    stem_channels: int
-    head_channels: int
-    blocks: tuple[BlockSpec, ...]
-
-    def stage_repeats(self) -> list[int]:
-        return [sum(1 for b in self.blocks if b.stage == s) for s in range(len(B0_STAGES))]
-
-    def stage_channels(self) -> list[int]:
-        return [next(b.out_channels for b in self.blocks if b.stage == s) for s in range(len(B0_STAGES))]
-
-
-def scaled_arch(variant: str | VariantSpec) -> ScaledArch:
-    """Apply width and depth scaling to the B0 stage table."""
-    v = get_variant(variant)
-    width = lambda c: make_divisible(c * v.width)  # noqa: E731
-    stem = STEM_CHANNELS if v.is_lite else width(STEM_CHANNELS)
-    head = HEAD_CHANNELS if v.is_lite else width(HEAD_CHANNELS)
-    blocks: list[BlockSpec] = []
-    in_ch = stem
-    last = len(B0_STAGES) - 1
-    for s, st in enumerate(B0_STAGES):
-        fixed = v.is_lite and s in (0, last)
-        repeats = st.repeats if fixed else int(math.ceil(st.repeats * v.depth))
-        out_ch = width(st.out_channels)
-        for i in range(repeats):
-            mid = in_ch * st.expand_ratio
-            se = 0 if v.is_lite or not st.se_ratio else max(1, int(round(in_ch * st.se_ratio)))
-            blocks.append(
-                BlockSpec(s, st.block, in_ch, out_ch, mid, st.kernel, st.stride if i == 0 else 1, se)
-            )
-            in_ch = out_ch
-    return ScaledArch(stem, head, tuple(blocks))
+def group_entry(group: str) -> str:
+    """The entry point where a parameter group's input arrives."""
+    if group not in PARAMETER_GROUPS:
+        raise ValueError(f"Unknown parameter group {group!r}; known: {', '.join(PARAMETER_GROUPS)}")
+    return {"stem": "image", "classifier": "embedding"}.get(group, group)
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,18 +223,58 @@ class EfficientNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     # -- transfer-learning API --------------------------------------------------------------
+    def _run_segment(self, entry: str, x: torch.Tensor) -> torch.Tensor:
+        """The part from ``entry`` to the next entry point."""
+        if entry == "image":
+            return self.bn1(self.conv_stem(x))
+        if entry in STAGE_NAMES:
+            return self.blocks[STAGE_NAMES.index(entry)](x)
+        if entry == "head":
+            return self.bn2(self.conv_head(x))
+        if entry == "features":
+            return self.pool(x)
+        if entry == "embedding":
+            return self.forward_head(x)
+        raise ValueError(f"Nothing runs after {entry!r}")
+
+    def forward_between(self, x: torch.Tensor, entry: str, stop: str) -> torch.Tensor:
+        """Run from entry point ``entry`` (``x`` is the tensor arriving there) up to ``stop``."""
+        start, end = entry_position(entry), entry_position(stop)
+        if end < start:
+            raise ValueError(f"Cannot run backwards from {entry!r} to the earlier point {stop!r}.")
+        for name in ENTRY_POINTS[start:end]:
+            x = self._run_segment(name, x)
+        return x
+
+    def forward_from(self, entry: str, x: torch.Tensor) -> torch.Tensor:
+        """Logits from the tensor arriving at ``entry`` (timm's idiom): what a partly frozen,
+        partly cached network trains through. ``forward_from("image", x)`` is ``forward(x)``."""
+        return self.forward_between(x, entry, "logits")
+
+    def forward_intermediates(self, x: torch.Tensor, points: Sequence[str],
+                              entry: str = "image") -> list[torch.Tensor]:
+        """The tensors at the named ``points`` (in the order asked), from ``x`` arriving at
+        ``entry``; stops at the last point asked for (nothing above it runs)."""
+        wanted = {entry_position(p) for p in points}
+        start = entry_position(entry)
+        if min(wanted) < start:
+            raise ValueError(f"Points {list(points)} include one before the entry {entry!r}.")
+        found: dict[int, torch.Tensor] = {start: x}
+        for pos in range(start, max(wanted)):
+            x = self._run_segment(ENTRY_POINTS[pos], x)
+            found[pos + 1] = x
+        return [found[entry_position(p)] for p in points]
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Last feature map (N, num_features, H/32, W/32): what Grad-CAM looks at."""
-        x = self.bn1(self.conv_stem(x))
-        x = self.blocks(x)
-        return self.bn2(self.conv_head(x))
+        return self.forward_between(x, "image", "features")
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         return features.mean((2, 3))
 
     def forward_embedding(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled embedding (N, num_features): what a frozen-backbone head trains on."""
-        return self.pool(self.forward_features(x))
+        return self.forward_between(x, "image", "embedding")
 
     def forward_head(self, embedding: torch.Tensor) -> torch.Tensor:
         if self.drop_rate > 0 and self.training:
@@ -409,7 +282,7 @@ class EfficientNet(nn.Module):
         return self.classifier(embedding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_embedding(x))
+        return self.forward_between(x, "image", "logits")
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a fresh linear layer for `num_classes` classes."""
@@ -421,8 +294,8 @@ class EfficientNet(nn.Module):
         groups: dict[str, list[nn.Parameter]] = {
             "stem": [*self.conv_stem.parameters(), *self.bn1.parameters()]
         }
-        for i, stage in enumerate(self.blocks):
-            groups[f"stage{i}"] = list(stage.parameters())
+        for name, stage in zip(STAGE_NAMES, self.blocks):
+            groups[name] = list(stage.parameters())
         groups["head"] = [*self.conv_head.parameters(), *self.bn2.parameters()]
         groups["classifier"] = list(self.classifier.parameters())
         return groups
@@ -430,11 +303,17 @@ class EfficientNet(nn.Module):
     def group_modules(self) -> dict[str, list[nn.Module]]:
         """Modules per parameter group (to put frozen BatchNorms in eval mode)."""
         mods: dict[str, list[nn.Module]] = {"stem": [self.conv_stem, self.bn1]}
-        for i, stage in enumerate(self.blocks):
-            mods[f"stage{i}"] = [stage]
+        for name, stage in zip(STAGE_NAMES, self.blocks):
+            mods[name] = [stage]
         mods["head"] = [self.conv_head, self.bn2]
         mods["classifier"] = [self.classifier]
         return mods
+
+    def group_state_prefixes(self, groups: Sequence[str]) -> tuple[str, ...]:
+        """State-dict key prefixes of the named groups (weights and BatchNorm buffers)."""
+        table = {"stem": ("conv_stem.", "bn1."), "head": ("conv_head.", "bn2."), "classifier": ("classifier.",),
+                 **{name: (f"blocks.{i}.",) for i, name in enumerate(STAGE_NAMES)}}
+        return tuple(prefix for g in groups for prefix in table[g])
 
     def set_trainable(self, groups: Sequence[str]) -> None:
         """Train only the named groups; everything else is frozen."""
@@ -447,73 +326,13 @@ class EfficientNet(nn.Module):
                 p.requires_grad_(name in wanted)
 
 
-# --------------------------------------------------------------------------------------------
-# Analytic cost
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelCost:
-    params: int
-    macs: int  # multiply-adds at batch 1
-    peak_activation_elements: int  # largest (input + output) pair of live tensors at batch 1
-
-    @property
-    def gmacs(self) -> float:
-        return self.macs / 1e9
-
-    def file_bytes(self, precision: str = "fp32") -> int:
-        bytes_per = {"fp32": 4, "fp16": 2, "int8": 1}[precision]
-        return self.params * bytes_per
-
-    def activation_bytes(self, precision: str = "fp32") -> int:
-        return self.peak_activation_elements * {"fp32": 4, "fp16": 2, "int8": 1}[precision]
-
-
-def count_cost(variant: str | VariantSpec, resolution: int | None = None, num_classes: int = 1000) -> ModelCost:
-    """Parameters, multiply-adds and peak activation size, computed from the architecture alone."""
-    v = get_variant(variant)
-    arch = scaled_arch(v)
-    res = int(resolution or v.resolution)
-    params = macs = 0
-    peak = 0
-
-    def conv(cin: int, cout: int, k: int, hw_out: int, groups: int = 1, bias: bool = False) -> None:
-        nonlocal params, macs
-        w = cout * (cin // groups) * k * k
-        params += w + (cout if bias else 0)
-        macs += w * hw_out
-
-    def bn(c: int) -> None:
-        nonlocal params
-        params += 2 * c
-
-    def out_size(size: int, stride: int) -> int:
-        return math.ceil(size / stride)  # same as symmetric padding for odd kernels
-
-    h = out_size(res, 2)
-    conv(3, arch.stem_channels, 3, h * h)
-    bn(arch.stem_channels)
-    peak = 3 * res * res + arch.stem_channels * h * h
-    for b in arch.blocks:
-        hin = h
-        h = out_size(h, b.stride)
-        if b.block == "ir":
-            conv(b.in_channels, b.mid_channels, 1, hin * hin)
-            bn(b.mid_channels)
-            peak = max(peak, (b.in_channels + b.mid_channels) * hin * hin)
-        c = b.mid_channels
-        conv(c, c, b.kernel, h * h, groups=c)
-        bn(c)
-        peak = max(peak, c * hin * hin + c * h * h)
-        if b.se_channels:
-            conv(c, b.se_channels, 1, 1, bias=True)
-            conv(b.se_channels, c, 1, 1, bias=True)
-            macs += c * h * h  # the gating multiply
-        conv(c, b.out_channels, 1, h * h)
-        bn(b.out_channels)
-        peak = max(peak, (c + b.out_channels) * h * h)
-    conv(arch.blocks[-1].out_channels, arch.head_channels, 1, h * h)
-    bn(arch.head_channels)
-    if num_classes:
-        params += arch.head_channels * num_classes + num_classes
-        macs += arch.head_channels * num_classes
-    return ModelCost(params=params, macs=macs, peak_activation_elements=peak)
+__all__ = [
+    # architecture as data (core.efficientnet_arch)
+    "ALPHA", "BETA", "GAMMA", "B0_STAGES", "STEM_CHANNELS", "HEAD_CHANNELS", "VARIANTS", "BlockSpec", "Family",
+    "ModelCost", "ScaledArch", "StageSpec", "UnknownVariantError", "VariantSpec", "compound_variant", "count_cost",
+    "get_variant", "make_divisible", "scaled_arch",
+    # entry points and the model
+    "NUM_STAGES", "STAGE_NAMES", "ENTRY_POINTS", "PARAMETER_GROUPS", "entry_position", "group_entry", "Padding",
+    "Conv2dSame", "conv2d", "BatchNormAct2d", "SqueezeExcite", "drop_path", "MBConv", "DepthwiseSeparable",
+    "EfficientNet",
+]

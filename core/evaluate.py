@@ -2,8 +2,9 @@
 
 Two layers, so the arithmetic is easy to test against sklearn and hand-computed cases:
 
-* pure metric functions (numpy in, JSON-ready dict out): ``classification_metrics``,
-  ``calibration``, ``fit_temperature``, ``threshold_for_sensitivity``, ``softmax``;
+* pure metric functions live in ``core.metrics`` (one definition shared with training's
+  validation) and are re-exported here: ``classification_metrics``, ``calibration``,
+  ``fit_temperature``, ``threshold_for_sensitivity``, ``softmax``, ``nll``;
 * the model-running part: ``predict_logits`` (optional horizontal-flip TTA),
   ``evaluate_model`` (metrics + plots + misclassified gallery with Grad-CAM).
 
@@ -21,164 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from core.metrics import (calibration, classification_metrics, fit_temperature, nll, per_sample_loss, softmax,
+                          threshold_for_sensitivity)
 from core.preprocessing import Preprocessing, preprocess
 
 ProgressCb = Callable[[str, float], None]
-
-
-# ------------------------------------------------------------------------------------------
-# Pure metric functions
-# ------------------------------------------------------------------------------------------
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z = z - z.max(axis=1, keepdims=True)  # numerically stable
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
-    """Mean negative log-likelihood of the true class."""
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z = z - z.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return float(-logp[np.arange(len(y)), y].mean())
-
-
-def per_sample_loss(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return -logp[np.arange(len(y)), y]
-
-
-def _binary_curve(y_bin: np.ndarray, score: np.ndarray) -> dict[str, Any]:
-    """ROC and PR points for one positive class (sklearn does the sweeping)."""
-    from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
-
-    if y_bin.min() == y_bin.max():  # class absent (or only class) in this split: undefined
-        return {"auc": None, "ap": None, "fpr": [], "tpr": [], "precision": [], "recall": []}
-    fpr, tpr, _ = roc_curve(y_bin, score)
-    prec, rec, _ = precision_recall_curve(y_bin, score)
-    return {"auc": float(auc(fpr, tpr)), "ap": float(average_precision_score(y_bin, score)),
-            "fpr": fpr.tolist(), "tpr": tpr.tolist(), "precision": prec.tolist(), "recall": rec.tolist()}
-
-
-def classification_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, classes: Sequence[str],
-                           top_k: Sequence[int] = (1, 3, 5)) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, macro-F1, per-class P/R/F1/support, confusion matrix
-    (counts and row-normalised), one-vs-rest ROC-AUC and PR curves, top-k accuracy."""
-    y = np.asarray(y_true, dtype=np.int64)
-    p = np.asarray(probs, dtype=np.float64)
-    k = len(classes)
-    if p.ndim != 2 or p.shape != (len(y), k):
-        raise ValueError(f"probs must have shape ({len(y)}, {k}), got {p.shape}")
-    if len(y) == 0:
-        raise ValueError("cannot compute metrics on an empty split")
-    pred = p.argmax(1)
-    cm = np.zeros((k, k), dtype=np.int64)
-    np.add.at(cm, (y, pred), 1)
-    support = cm.sum(1)
-    predicted = cm.sum(0)
-    tp = np.diag(cm).astype(np.float64)
-    # Zero-division convention (as sklearn's zero_division=0): an undefined ratio counts as 0.
-    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
-    present = support > 0
-    cm_norm = np.divide(cm, support[:, None], out=np.zeros((k, k)), where=support[:, None] > 0)
-
-    order = np.argsort(-p, axis=1, kind="stable")
-    topk = {}
-    for kk in top_k:
-        if kk <= k:
-            topk[f"top{kk}"] = float((order[:, :kk] == y[:, None]).any(1).mean())
-
-    per_class = []
-    roc_pr: dict[str, Any] = {}
-    for i, name in enumerate(classes):
-        curve = _binary_curve((y == i).astype(int), p[:, i])
-        roc_pr[name] = curve
-        per_class.append({"class": name, "precision": float(precision[i]), "recall": float(recall[i]),
-                          "f1": float(f1[i]), "support": int(support[i]), "roc_auc": curve["auc"],
-                          "average_precision": curve["ap"]})
-    aucs = [c["auc"] for c in roc_pr.values() if c["auc"] is not None]
-    return {
-        "n": int(len(y)),
-        "classes": list(classes),
-        "accuracy": float((pred == y).mean()),
-        # Mean recall over the classes present in the split (sklearn's balanced_accuracy_score).
-        "balanced_accuracy": float(recall[present].mean()),
-        "macro_f1": float(f1.mean()),
-        "macro_roc_auc": float(np.mean(aucs)) if aucs else None,
-        "top_k": topk,
-        "per_class": per_class,
-        "confusion_matrix": cm.tolist(),
-        "confusion_matrix_normalized": cm_norm.tolist(),
-        "curves": roc_pr,
-    }
-
-
-def calibration(probs: np.ndarray, y_true: Sequence[int] | np.ndarray, n_bins: int = 15) -> dict[str, Any]:
-    """Expected calibration error (top-1 confidence, equal-width bins) plus the bins for a
-    reliability diagram. ECE = sum_b |B|/n * |acc(B) - conf(B)|."""
-    p = np.asarray(probs, dtype=np.float64)
-    y = np.asarray(y_true, dtype=np.int64)
-    conf = p.max(1)
-    correct = (p.argmax(1) == y).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    # Bin b holds conf in (edges[b], edges[b+1]]; conf==0 is impossible for a softmax max.
-    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
-    bins = []
-    ece = 0.0
-    for b in range(n_bins):
-        m = idx == b
-        cnt = int(m.sum())
-        if cnt:
-            acc_b, conf_b = float(correct[m].mean()), float(conf[m].mean())
-            ece += cnt / len(y) * abs(acc_b - conf_b)
-        else:
-            acc_b = conf_b = None
-        bins.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": cnt,
-                     "accuracy": acc_b, "confidence": conf_b})
-    return {"ece": float(ece), "n_bins": n_bins, "bins": bins,
-            "mean_confidence": float(conf.mean()), "accuracy": float(correct.mean())}
-
-
-def fit_temperature(logits: np.ndarray, y_true: Sequence[int] | np.ndarray,
-                    bounds: tuple[float, float] = (0.05, 20.0)) -> float:
-    """Temperature T minimising validation NLL of softmax(logits / T).
-
-    NLL is unimodal in log T for a fixed set of logits, so a bounded 1-D search suffices.
-    """
-    from scipy.optimize import minimize_scalar
-
-    z = np.asarray(logits, dtype=np.float64)
-    y = np.asarray(y_true, dtype=np.int64)
-    if len(y) == 0:
-        raise ValueError("cannot fit a temperature on an empty validation split")
-    res = minimize_scalar(lambda lt: nll(z, y, math.exp(lt)), bounds=(math.log(bounds[0]), math.log(bounds[1])),
-                          method="bounded", options={"xatol": 1e-4})
-    return float(math.exp(res.x))
-
-
-def threshold_for_sensitivity(y_true_binary: Sequence[int] | np.ndarray, scores: np.ndarray,
-                              target_sensitivity: float = 0.95) -> dict[str, Any]:
-    """Highest threshold t such that 'score >= t => positive' reaches the target sensitivity
-    (recall of the positive class); reports the specificity it gives on the same data."""
-    y = np.asarray(y_true_binary, dtype=np.int64)
-    s = np.asarray(scores, dtype=np.float64)
-    if not 0.0 < target_sensitivity <= 1.0:
-        raise ValueError(f"target sensitivity must be in (0, 1], got {target_sensitivity}")
-    pos, neg = s[y == 1], s[y == 0]
-    if len(pos) == 0 or len(neg) == 0:
-        raise ValueError("threshold needs both positive and negative examples in the split")
-    # Keep at least ceil(target * P) positives at or above t: t = the k-th largest positive score.
-    need = int(math.ceil(target_sensitivity * len(pos) - 1e-9))
-    t = float(np.sort(pos)[::-1][need - 1])
-    sens = float((pos >= t).mean())
-    spec = float((neg < t).mean())
-    return {"target_sensitivity": float(target_sensitivity), "threshold": t, "sensitivity": sens,
-            "specificity": spec, "positives": int(len(pos)), "negatives": int(len(neg))}
 
 
 # ------------------------------------------------------------------------------------------
@@ -448,3 +296,10 @@ def plot_gallery(entries: list[dict[str, Any]], paths: Sequence[Path], cams: Seq
         ax.set_title(f"true: {e['true']}\npred: {e['predicted']} ({e['confidence']:.0%})", fontsize=8)
     fig.suptitle("Highest-loss test errors (Grad-CAM of the predicted class)", fontsize=10)
     return _save(fig, path)
+
+
+__all__ = [
+    "EvalItem", "EvaluationResult", "evaluate_model", "predict_logits", "load_batch", "iter_batches",
+    "classification_metrics", "calibration", "fit_temperature", "nll", "per_sample_loss", "softmax",
+    "threshold_for_sensitivity", "plot_confusion", "plot_curves", "plot_reliability", "plot_gallery",
+]

@@ -347,6 +347,10 @@ def _fmt(v: Any, pct: bool = False) -> str:
     return str(v)
 
 
+def _fmt3(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
 def model_card(info: dict[str, Any], file_hashes: dict[str, str]) -> str:
     """README.md for the bundle. ``info`` keys (all optional except classes/pre/variant):
     run_id, dataset {name, num_images, split_counts, health_warnings}, config, seed, metrics,
@@ -377,7 +381,8 @@ def model_card(info: dict[str, Any], file_hashes: dict[str, str]) -> str:
               f"| balanced accuracy | {_fmt(m.get('balanced_accuracy'), True)} |",
               f"| macro F1 | {_fmt(m.get('macro_f1'))} |", f"| macro ROC-AUC (one-vs-rest) | {_fmt(m.get('macro_roc_auc'))} |",
               "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
-        L += [f"| {c['class']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |"
+        # None: undefined for a class absent from the test split (not counted in the macro average).
+        L += [f"| {c['class']} | {_fmt3(c['precision'])} | {_fmt3(c['recall'])} | {_fmt3(c['f1'])} | {c['support']} |"
               for c in m.get("per_class", [])]
         cal = m.get("calibration") or {}
         L += ["", "## Calibration",

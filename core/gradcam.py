@@ -1,4 +1,4 @@
-"""Grad-CAM on the last feature map (``EfficientNet.forward_features``).
+"""Grad-CAM on the last feature map (the model's "features" entry point).
 
 cam = ReLU(sum_c w_c * A_c), w_c = spatial mean of d logit_target / d A_c, upsampled to the
 input size. The last stage has the best class semantics (coarse: 1/32 of the input).
@@ -22,9 +22,9 @@ def grad_cam(model: Any, x: np.ndarray, target: int) -> np.ndarray:
     model.eval()
     try:
         with torch.enable_grad():
-            feats = model.forward_features(t)  # (1, C, h, w)
+            feats, = model.forward_intermediates(t, ["features"])  # (1, C, h, w)
             feats.retain_grad()
-            logits = model.forward_head(model.pool(feats))
+            logits = model.forward_from("features", feats)
             model.zero_grad(set_to_none=True)
             logits[0, int(target)].backward()
             weights = feats.grad.mean(dim=(2, 3), keepdim=True)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from core.efficientnet import (
-    B0_STAGES, VARIANTS, EfficientNet, UnknownVariantError, compound_variant, count_cost, get_variant,
+    B0_STAGES, ENTRY_POINTS, VARIANTS, EfficientNet, UnknownVariantError, compound_variant, count_cost, get_variant,
+    group_entry,
     make_divisible, scaled_arch,
 )
 
@@ -206,6 +207,40 @@ def test_transfer_learning_api() -> None:
         model.set_trainable(["stage9"])
     model.reset_classifier(3)
     assert model(x).shape == (2, 3)
+
+
+@pytest.mark.parametrize("entry", ["image", "stage0", "stage3", "stage6", "head", "features", "embedding"])
+def test_forward_from_any_entry_point_matches_forward(entry: str) -> None:
+    # The trainable tail of a partly frozen model starts at a named entry point: running the
+    # frozen prefix to it, then forward_from it, is the same computation as forward(x).
+    model = EfficientNet("lite0", 5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        arriving, = model.forward_intermediates(x, [entry])
+        assert torch.equal(model.forward_from(entry, arriving), model(x))
+        assert torch.equal(model.forward_between(x, "image", entry), arriving)
+
+
+def test_forward_intermediates_named_points() -> None:
+    model = EfficientNet("b0", 4).eval()
+    x = torch.randn(1, 3, 64, 64)
+    channels = model.arch.stage_channels()
+    with torch.no_grad():
+        outs = model.forward_intermediates(x, ["embedding", "stage1", "stage6", "head", "features", "logits"])
+        emb, s1, s6, head, feats, logits = outs
+        assert s1.shape[1] == channels[0] and s6.shape[1] == channels[5] and head.shape[1] == channels[6]
+        assert feats.shape == (1, model.num_features, 2, 2) and torch.equal(feats, model.forward_features(x))
+        assert torch.equal(emb, model.forward_embedding(x)) and torch.equal(logits, model(x))
+        # From a later entry point: derive the embedding from activations entering stage 5.
+        s5, = model.forward_intermediates(x, ["stage5"])
+        assert torch.equal(model.forward_intermediates(s5, ["embedding"], entry="stage5")[0], emb)
+    assert ENTRY_POINTS.index("stage0") < ENTRY_POINTS.index("head") < ENTRY_POINTS.index("embedding")
+    assert [group_entry(g) for g in ("stem", "stage4", "head", "classifier")] == ["image", "stage4", "head",
+                                                                                  "embedding"]
+    with pytest.raises(ValueError, match="Unknown entry point 'stage7'"):
+        model.forward_from("stage7", x)
+    with pytest.raises(ValueError, match="backwards"):
+        model.forward_between(emb, "embedding", "stage3")
 
 
 def test_stochastic_depth_rises_linearly() -> None:

@@ -63,6 +63,14 @@ def test_absent_class_does_not_crash() -> None:
     m = classification_metrics(y, p, ["a", "b", "c"])
     assert m["per_class"][2]["support"] == 0 and m["per_class"][2]["roc_auc"] is None
     assert m["balanced_accuracy"] == pytest.approx((0.5 + 0.5) / 2)  # over classes present
+    # Class "c" is absent but predicted once: counted in the macro-F1 with F1 0 (sklearn's label set).
+    assert m["per_class"][2]["f1"] == 0.0 and m["per_class"][2]["recall"] is None
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.5 + 0.0) / 3)
+    # Never predicted and absent: not counted, and its row says so instead of a misleading 0.
+    perfect = classification_metrics(y, softmax(np.array([[2, 0, 0], [2, 0, 0], [0, 2, 0], [0, 2, 0.0]])),
+                                     ["a", "b", "c"])
+    assert perfect["macro_f1"] == 1.0
+    assert (perfect["per_class"][2]["f1"], perfect["per_class"][2]["counted"]) == (None, False)
     with pytest.raises(ValueError, match="shape"):
         classification_metrics(y, p[:, :2], ["a", "b", "c"])
 

@@ -108,8 +108,8 @@ def test_staged_training_checkpoints_and_reload(samples, tmp_path: Path) -> None
 
 def _val_set(samples, res):  # noqa: ANN001, ANN202
     from core.data import as_samples
-    from core.train import _stratified_val
-    _, val = _stratified_val(as_samples(samples), 0.15, 0)
+    from core.train import stratified_val
+    _, val = stratified_val(as_samples(samples), 0.15, 0)
     return sorted((s.path, s.label) for s in val)
 
 
@@ -232,14 +232,14 @@ def test_augment_presets_and_preview(samples) -> None:
 
 def test_frozen_prefix_onnx_matches_torch() -> None:
     # The cache's fast path (ONNX Runtime, BN folded) computes the same activations as PyTorch.
-    from core.train import TrainConfig, _prefix_runner, _Runner
+    from core.train import Runner, TrainConfig, prefix_runner
     from core.weights import create_model
     model = create_model("lite0", 3, resolution=64).model.eval()
     x = np.random.default_rng(0).normal(size=(5, 3, 64, 64)).astype(np.float32)
-    R = _Runner(TrainConfig(), CLASSES, Callback(), Path("."))
+    R = Runner(TrainConfig(), CLASSES, Callback(), Path("."))
     outs = {}
     for backend in ("onnx", "torch"):
-        run, name = _prefix_runner(model, ["stage5", "embedding"], 64, TrainConfig(cache_backend=backend),
+        run, name = prefix_runner(model, ["stage5", "embedding"], 64, TrainConfig(cache_backend=backend),
                                    torch.device("cpu"), 1, R)
         assert name == {"onnx": "onnxruntime", "torch": "torch"}[backend]
         outs[backend] = run(x)
