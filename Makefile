@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PORT ?= 8501
 
-.PHONY: run test bench install install-dev browser clean
+.PHONY: run test lint bench install install-dev browser clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,11 +33,16 @@ browser:
 	fi
 
 # Data in ./workbench-data unless WORKBENCH_DATA_DIR says otherwise (see workbench/settings.py).
+# `workbench ui`: headless, no usage stats; refuses a non-loopback host without a password.
 run: install
-	$(VENV)/bin/streamlit run workbench/app.py --server.address 127.0.0.1 --server.port $(PORT) \
-	  --server.headless true --browser.gatherUsageStats false
+	$(VENV)/bin/workbench ui --host 127.0.0.1 --port $(PORT)
 
-test: install-dev
+# Lint and type checks first: they take seconds and catch what the suite would spend minutes on.
+lint: install-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 bench: install-dev

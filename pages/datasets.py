@@ -1,16 +1,14 @@
 """Datasets: upload a zip (or CSV), watch the ingest, read the health report, delete."""
-from datetime import datetime, timedelta, timezone
+from __future__ import annotations
 
 import altair as alt
 import pandas as pd
 import streamlit as st
 
-from workbench import ui
+from workbench import actions, datasets, ui, views
+from workbench.status import JobStatus
 
 ui.header("Datasets", "Upload labelled images, check their health, and see how they were split.")
-datasets = ui.service("datasets")
-if not ui.require(datasets, "list_datasets", "get_dataset", "delete_dataset", "add_dataset"):
-    st.stop()
 
 # --- upload ---------------------------------------------------------------------------
 with st.expander("Upload a dataset", expanded=False, icon=":material/upload:"):
@@ -35,38 +33,32 @@ with st.expander("Upload a dataset", expanded=False, icon=":material/upload:"):
             st.error("Choose a zip or CSV file first.")
         else:
             with ui.errors("Could not start the upload"):
-                ui.start_ingest(upload, upload.name, name or upload.name.rsplit(".", 1)[0],
-                                         csv_upload=manifest, group_regex=group_regex, seed=int(seed))
+                actions.start_ingest(upload, upload.name, name or upload.name.rsplit(".", 1)[0],
+                                   csv_upload=manifest, group_regex=group_regex, seed=int(seed))
                 st.toast(f"Checking {upload.name}… you can leave this page; the work continues.")
 
 
 @ui.live_fragment(1, "Could not read the ingest jobs")
 def ingest_progress() -> None:
-    jobs = ui.ingest_jobs(limit=5)
-    recent = datetime.now(timezone.utc) - timedelta(minutes=30)
     dismissed = st.session_state.setdefault("dismissed_jobs", set())
-    shown = [j for j in jobs if j["status"] in ui.ACTIVE_STATUSES
-             or (j["id"] not in dismissed and j["finished_at"] and j["finished_at"] > recent)]
-    for j in shown:
-        p = j["progress"]
-        label = f"**{j['name']}** ({j['filename']})"
-        if j["status"] in ui.ACTIVE_STATUSES:
+    jobs = views.ingest_jobs_to_show(dismissed)
+    for j in jobs:
+        p = j.progress
+        label = f"**{j.name}** ({j.filename})"
+        if j.active:
             total, done = p.get("total") or 0, p.get("done") or 0
             frac = done / total if total else 0.0
-            st.progress(frac, text=f"{label}: {p.get('phase') or j['status']} — {done} / {total or '?'} files")
-        elif j["status"] == "succeeded":
-            c1, c2 = st.columns([6, 1])
+            st.progress(frac, text=f"{label}: {p.get('phase') or j.status} — {done} / {total or '?'} files")
+            continue
+        c1, c2 = st.columns([6, 1])
+        if j.status == JobStatus.SUCCEEDED:
             c1.success(f"{label}: ingested {p.get('done', 0)} images.", icon=":material/check_circle:")
-            if c2.button("Dismiss", key=f"dismiss{j['id']}"):
-                dismissed.add(j["id"])
-                st.rerun()
         else:
-            c1, c2 = st.columns([6, 1])
-            c1.error(f"{label}: {j['error'] or 'failed'}")
-            if c2.button("Dismiss", key=f"dismiss{j['id']}"):
-                dismissed.add(j["id"])
-                st.rerun()
-    if any(j["status"] in ui.ACTIVE_STATUSES for j in jobs):
+            c1.error(f"{label}: {j.error or 'failed'}")
+        if c2.button("Dismiss", key=f"dismiss{j.id}"):
+            dismissed.add(j.id)
+            st.rerun()
+    if any(j.active for j in jobs):
         st.session_state["_ingest_was_running"] = True
     elif st.session_state.pop("_ingest_was_running", False):
         st.rerun()  # an ingest just finished: refresh the list below
@@ -75,7 +67,7 @@ def ingest_progress() -> None:
 ingest_progress()
 
 # --- list -----------------------------------------------------------------------------
-items = ui.datasets_or_stop(datasets, "No datasets yet: upload a zip above.")
+items = ui.datasets_or_stop("No datasets yet: upload a zip above.")
 
 st.subheader("Your datasets")
 st.dataframe(
@@ -133,17 +125,18 @@ with tab_dups:
                    "(leakage) and groups with conflicting labels come first.")
         offset, limit = ui.paginate(len(groups), 10, key="dup_page")
         page = groups[offset:offset + limit]
-        paths = ui.store_paths_for(ds.id, [f["sha256"] for _, g in page for f in g["files"][:6]])
+        paths = views.store_paths_for(ds.id, [f["sha256"] for _, g in page for f in g["files"][:6]])
         for kind, g in page:
             flags = (" · **leakage across splits**" if g["cross_split"] else "") + \
                     (" · **conflicting labels**" if g["label_conflict"] else "")
             st.markdown(f"{kind} duplicates · {g['size']} files · splits {', '.join(g['splits'])}{flags}")
-            ui.thumbnail_grid([(paths[f["sha256"]], f"{f['label']} · {f['split']} · {f['name'].rsplit('/', 1)[-1]}")
+            ui.thumbnail_grid([views.ImageSample(paths[f["sha256"]],
+                                                 f"{f['label']} · {f['split']} · {f['name'].rsplit('/', 1)[-1]}")
                                for f in g["files"][:6] if f["sha256"] in paths], columns=6, size=110)
 
 with tab_samples:
     per_class = st.slider("Images per class", 2, 12, 6)
-    ui.thumbnail_grid(ui.dataset_sample(ds.id, ds.classes[:30], per_class), columns=6, size=120)
+    ui.thumbnail_grid(views.dataset_sample(ds.id, ds.classes[:30], per_class), columns=6, size=120)
     if len(ds.classes) > 30:
         st.caption(f"Showing the first 30 of {len(ds.classes)} classes.")
 

@@ -1,41 +1,41 @@
 """Evaluate: honest test-split metrics, confusion matrix, ROC/PR, calibration, errors with Grad-CAM."""
+from __future__ import annotations
+
 import altair as alt
 import pandas as pd
 import streamlit as st
 
-from workbench import ui
+from workbench import actions, artifacts, evaluations, ui
+from workbench.status import JobKind
 
 ui.header("Evaluate", "Metrics on the held-out test split (never used for training or model selection).")
-evaluation = ui.service("evaluation")
-if not ui.require(evaluation, "latest_evaluation", "list_artifacts", "artifact_for_download"):
-    st.stop()
 
 run_id = ui.pick_finished_run_or_stop("Run", key="eval_run")
 
 c1, c2, _ = st.columns([1, 1, 2])
 if c1.button("Evaluate again", icon=":material/refresh:", help="Re-run the test-split evaluation."):
     with ui.errors("Could not start the evaluation"):
-        ui.start_evaluate(run_id)
+        actions.start_evaluate(run_id)
 if c2.button("With test-time augmentation", icon=":material/flip:",
              help="Average the predictions on each image and its mirror; shows the effect on accuracy."):
     with ui.errors("Could not start the evaluation"):
-        ui.start_evaluate(run_id, tta=True)
+        actions.start_evaluate(run_id, tta=True)
 
 
 @ui.live_fragment(1, "Could not read the evaluation jobs")
 def evaluation_jobs() -> None:
-    ui.job_progress_panel(["evaluate"], run_id, "Evaluation", "_eval_was_running")
+    ui.job_progress_panel([JobKind.EVALUATE], run_id, "Evaluation", "_eval_was_running")
 
 
 evaluation_jobs()
 
 with ui.errors("Could not load the evaluation"):
-    ev = evaluation.latest_evaluation(run_id, tta=None)
+    ev = evaluations.latest_evaluation(run_id, tta=None)
     if ev is None:
         st.info("This run has no evaluation yet. Runs are evaluated automatically when training finishes; "
                 "if it just finished, wait a few seconds, or press “Evaluate again”.", icon=":material/hourglass_top:")
         st.stop()
-    m = ev["metrics"]
+    m = ev.metrics
     cal = m.get("calibration", {})
     c = st.columns(5)
     c[0].metric("Accuracy", ui.fmt_num(m.get("accuracy")))
@@ -45,8 +45,8 @@ with ui.errors("Could not load the evaluation"):
     c[4].metric("ECE", ui.fmt_num((cal.get("before") or {}).get("ece")),
                 delta=None if not cal.get("after") else
                 f"{cal['after']['ece'] - cal['before']['ece']:+.3f} after temperature", delta_color="inverse")
-    st.caption(f"{m.get('n', '?')} test images · evaluated {ev['created_at']:%Y-%m-%d %H:%M} UTC"
-               + (" · with test-time augmentation" if ev.get("tta") else ""))
+    st.caption(f"{m.get('n', '?')} test images · evaluated {ev.created_at:%Y-%m-%d %H:%M} UTC"
+               + (" · with test-time augmentation" if ev.tta else ""))
     effect = m.get("tta_effect")
     if effect:
         st.caption(f"Test-time augmentation changed {effect['changed_predictions']} prediction(s); accuracy "
@@ -54,7 +54,7 @@ with ui.errors("Could not load the evaluation"):
 
     tab_metrics, tab_cm, tab_curves, tab_cal, tab_errors = st.tabs(
         ["Metrics", "Confusion matrix", "ROC & PR", "Calibration", "Misclassified & Grad-CAM"])
-    plots = ui.evaluation_plots(evaluation, run_id, ev["id"])
+    plots = artifacts.evaluation_plots(run_id, ev.id)
     with tab_metrics:
         st.dataframe(pd.DataFrame(m.get("per_class", [])), hide_index=True, width="stretch",
                      column_config={k: st.column_config.NumberColumn(format="%.3f")

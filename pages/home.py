@@ -1,7 +1,9 @@
 """Home: what Workbench does and the five-step journey."""
+from __future__ import annotations
+
 import streamlit as st
 
-from workbench import ui
+from workbench import ui, views
 
 ui.header("Workbench", "Transfer-learning AutoML for image classification — from a zip of labelled images "
           "to a verified ONNX model, in the browser.")
@@ -38,8 +40,8 @@ with left:
     st.markdown(f"Data dir: `{s.data_dir}`  \nDatabase: `{ui.masked_url(s.database_url)}`")
     st.caption("Everything lives there, not in the browser: refreshing or closing the tab loses nothing.")
 with right, ui.errors("Could not read the database"):
-    counts = ui.overview_counts()
+    counts = views.overview_counts()
     c1, c2, c3 = st.columns(3)
-    c1.metric("Datasets", counts["datasets"])
-    c2.metric("Runs", counts["runs"])
-    c3.metric("Running now", counts["active"])
+    c1.metric("Datasets", counts.datasets)
+    c2.metric("Runs", counts.runs)
+    c3.metric("Running now", counts.active)

@@ -1,7 +1,10 @@
 """Predict: drop images, get the top-k classes with confidence and a Grad-CAM overlay."""
+from __future__ import annotations
+
 import streamlit as st
 
-from workbench import ui
+from workbench import actions, ui, views
+from workbench.status import JobStatus
 
 ui.header("Predict", "Try a trained model on new images. Grad-CAM shows where the model looked.")
 run_id = ui.pick_finished_run_or_stop("Model", key="predict_run", empty="No trained models yet: train one first.")
@@ -15,7 +18,7 @@ with st.form("predict_form", clear_on_submit=True):
     go = st.form_submit_button("Predict", type="primary", icon=":material/image_search:")
 if go:
     with ui.errors("Could not start the prediction"):
-        st.session_state["predict_job"] = ui.start_predict(run_id, files or [], top_k=top_k, gradcam=cam)
+        st.session_state["predict_job"] = actions.start_predict(run_id, files or [], top_k=top_k, gradcam=cam)
 
 
 @ui.live_fragment(1, "Could not show the predictions")
@@ -24,17 +27,16 @@ def results() -> None:
     if job_id is None:
         st.caption("Drop images above and press Predict.")
         return
-    j = ui.job(job_id)
+    j = views.job(job_id)
     if j is None:
         return
-    if j["status"] in ui.ACTIVE_STATUSES:
-        p = j["progress"]
-        st.progress(min(max(float(p.get("fraction") or 0), 0.0), 1.0), text=f"Predicting: {p.get('phase', '…')}")
+    if j.active:
+        st.progress(j.fraction, text=f"Predicting: {j.progress.get('phase', '…')}")
         return
-    if j["status"] == "failed":
-        st.error(f"Prediction failed: {j['error']}")
+    if j.status == JobStatus.FAILED:
+        st.error(f"Prediction failed: {j.error}")
         return
-    for r in j["payload"].get("results", []):
+    for r in j.payload.get("results", []):
         with st.container(border=True):
             left, right = st.columns([1, 2])
             if r.get("error"):

@@ -1,22 +1,24 @@
 """Recommend: which EfficientNet fits a latency / memory / size budget on a target device."""
+from __future__ import annotations
+
 import altair as alt
 import pandas as pd
 import streamlit as st
 
-from workbench import ui
+from workbench import actions, datasets, ui, views
+from workbench.recommend import THIS_MACHINE
+from workbench.status import JobStatus
 
 ui.header("Recommend", "Say where the model will run and what it may cost; get the most accurate variant that fits.")
-rs = ui.service("recommend_service")
-if not ui.require(rs, "recommend_for", "list_devices"):
-    st.stop()
 
 try:
     devices = {d["name"]: d for d in ui.cached_devices()}
 except Exception as exc:  # noqa: BLE001
     ui.show_error("Could not load the device profiles", exc)
     st.stop()
-datasets = ui.service("datasets", quiet=True)
-ds_items = datasets.list_datasets() if datasets is not None else []
+ds_items = []
+with ui.errors("Could not list datasets"):
+    ds_items = datasets.list_datasets()
 
 with st.form("budget"):
     c1, c2 = st.columns([1, 2])
@@ -38,45 +40,37 @@ with st.form("budget"):
                              help="Uses its number of classes and training images: small data favours small models.")
     st.form_submit_button("Recommend", type="primary", icon=":material/recommend:")
 
-ds = next((d for d in ds_items if d.name == ds_name), None)
-budget = {
-    "device": device, "latency_ms": latency or None, "latency_p95_ms": p95 or None, "memory_mb": memory or None,
-    "size_mb": size or None, "precision": precision, "max_params_m": params or None,
-    "min_resolution": int(min_res) or None,
-    "train_images": ((ds.health.get("split_counts") or {}).get("train") and
-                     sum(ds.health["split_counts"]["train"].values())) if ds else None,
-    "num_classes": ds.num_classes if ds and ds.num_classes else 1000,
-}
+budget = views.recommend_budget(
+    device=device, latency_ms=latency, latency_p95_ms=p95, memory_mb=memory, size_mb=size, precision=precision,
+    max_params_m=params, min_resolution=int(min_res), dataset=next((d for d in ds_items if d.name == ds_name), None))
 
 
 @ui.live_fragment(1, "Could not read the measurement")
 def measure_status() -> None:
     job_id = st.session_state.get("measure_job")
-    j = ui.job(job_id) if job_id else None
+    j = views.job(job_id) if job_id else None
     if j is None:
         return
-    if j["status"] in ui.ACTIVE_STATUSES:
-        p = j["progress"]
+    if j.active:
         waiting = "queued: starts when the training lane is free (timings taken during a training would be off)"
-        st.progress(min(max(float(p.get("fraction") or 0), 0.0), 1.0),
-                    text=f"Measuring on this machine: {p.get('phase') or waiting}")
-    elif j["status"] == "failed":
-        st.error(f"The measurement failed: {j['error']}")
+        st.progress(j.fraction, text=f"Measuring on this machine: {j.progress.get('phase') or waiting}")
+    elif j.status == JobStatus.FAILED:
+        st.error(f"The measurement failed: {j.error}")
     else:
         if st.session_state.get("measure_applied") != job_id:  # new figures: rank again with them
             st.session_state["measure_applied"] = job_id
             ui.cached_recommendation.clear()
             st.rerun()
-        measured = j["payload"].get("measured") or []
+        measured = j.payload.get("measured") or []
         st.success(f"Measured on this machine: {', '.join(measured) or 'nothing new'}. Rows whose latency "
                    "comes from 'measured' use these figures; the others use a fit to all measurements.")
 
 
-if device == "this-machine":
+if device == THIS_MACHINE:
     m1, m2 = st.columns([1, 3])
     if m1.button("Measure on this machine", icon=":material/speed:", key="rec_measure"):
         with ui.errors("Could not start the measurement"):
-            st.session_state["measure_job"] = ui.start_measure(budget)
+            st.session_state["measure_job"] = actions.start_measure(budget)
     m2.caption("Runs ONNX Runtime here, in the background, on a fixed calibration set and on the candidates "
                "that decide the answer (about a minute the first time; figures are cached). It waits for any "
                "training to finish first, so the timings are not distorted.")
@@ -154,4 +148,4 @@ if not pts.empty:
         chart = chart + rule
     st.altair_chart(chart, width="stretch")
     st.caption("Dashed line: the latency budget. Latencies are predictions for the chosen device"
-               + (" (backed by measurements where shown as 'measured')." if device == "this-machine" else "."))
+               + (" (backed by measurements where shown as 'measured')." if device == THIS_MACHINE else "."))

@@ -1,39 +1,44 @@
-"""Runs: leaderboard, accuracy-vs-latency front, overlaid training curves."""
+"""Runs: leaderboard, accuracy-vs-latency front, overlaid training curves, delete a run."""
+from __future__ import annotations
+
 import altair as alt
 import pandas as pd
 import streamlit as st
 
-from workbench import ui
+from workbench import datasets, runs, ui, views
+from workbench.status import RunStatus
+
+# Leaderboard and chart column headers, from the read models' field names.
+COLUMNS = {"resolution": "res", "test_macro_f1": "macro-F1", "test_accuracy": "accuracy",
+           "val_accuracy": "val accuracy", "latency_ms": "latency ms", "size_mb": "size MB", "params_m": "params M",
+           "train_seconds": "training s", "macro_f1": "macro-F1"}
 
 ui.header("Runs", "Every training run, measured the same way: test metrics, ONNX Runtime latency and size.")
-datasets = ui.service("datasets")
 ds_filter = None
-if datasets is not None:
-    with ui.errors("Could not list datasets"):
-        ds_names = {d.id: d.name for d in datasets.list_datasets()}
-        if ds_names:
-            ds_filter = st.selectbox("Dataset", [None, *ds_names], format_func=lambda i: "All" if i is None
-                                     else ds_names[i], key="runs_dataset")
+with ui.errors("Could not list datasets"):
+    ds_names = {d.id: d.name for d in datasets.list_datasets()}
+    if ds_names:
+        ds_filter = st.selectbox("Dataset", [None, *ds_names], format_func=lambda i: "All" if i is None
+                                 else ds_names[i], key="runs_dataset")
 
 c1, c2, c3, c4 = st.columns([2, 1, 2, 1])
-sort = c1.selectbox("Sort by", list(ui.LEADERBOARD_SORTS), key="runs_sort")
-descending = c2.toggle("Descending", value=sort not in ("latency ms", "size MB", "training time"),
-                       key=f"runs_desc_{sort}")
-statuses = c3.multiselect("Status", ["succeeded", "running", "queued", "failed", "cancelled"], key="runs_status")
+sort = c1.selectbox("Sort by", list(views.LEADERBOARD_SORTS), key="runs_sort")
+descending = c2.toggle("Descending", value=sort not in views.ASCENDING_BY_DEFAULT, key=f"runs_desc_{sort}")
+statuses = c3.multiselect("Status", [str(s) for s in RunStatus], key="runs_status")
 page_size = c4.selectbox("Rows", [25, 50, 100], key="runs_rows")
 
+selected: list[int] = []
 with ui.errors("Could not read the runs"):
-    total = ui.count_runs(dataset_id=ds_filter, statuses=statuses)
+    total = views.count_runs(dataset_id=ds_filter, statuses=statuses)
     if total == 0:
         ui.empty_state("No runs yet: launch one from the Train page.", "train.py", "Train a model")
         st.stop()
     offset, limit = ui.paginate(total, page_size, key="runs_page")
-    _, rows = ui.runs_table(offset=offset, limit=limit, sort=sort, descending=descending,
+    rows = views.runs_table(offset=offset, limit=limit, sort=sort, descending=descending,
                             dataset_id=ds_filter, statuses=statuses)
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(rows).rename(columns=COLUMNS)
     event = st.dataframe(
-        df.drop(columns=["error"]), hide_index=True, width="stretch", on_select="rerun",
-        selection_mode="multi-row", key="runs_table",
+        df, hide_index=True, width="stretch", on_select="rerun", selection_mode="multi-row", key="runs_table",
         column_config={
             "macro-F1": st.column_config.NumberColumn(format="%.3f"),
             "accuracy": st.column_config.NumberColumn(format="%.3f"),
@@ -47,16 +52,16 @@ with ui.errors("Could not read the runs"):
     )
     st.caption(f"Runs {offset + 1}–{offset + len(rows)} of {total}. Select rows to overlay their curves below; "
                "latency is ONNX Runtime fp32, batch 1, median, on this machine.")
-    selected = [int(df.iloc[i]["run"]) for i in event.selection.rows] if event and event.selection else []
+    selected = [rows[i].run for i in event.selection.rows] if event and event.selection else []
 
 st.subheader("Accuracy vs latency")
 with ui.errors("Could not draw the accuracy-vs-latency chart"):
-    points = ui.run_points(dataset_id=ds_filter)
+    points = views.run_points(dataset_id=ds_filter)
     if not points:
         st.caption("Finished, evaluated runs appear here.")
     else:
-        pts = pd.DataFrame(points)
-        front = ui.pareto_front(points)
+        pts = pd.DataFrame(points).rename(columns=COLUMNS)
+        front = views.pareto_front(points)
         pts["Pareto front"] = pts["run"].isin(front)
         base = alt.Chart(pts).encode(
             x=alt.X("latency ms:Q", title="ORT latency (ms, p50)"),
@@ -74,7 +79,7 @@ if not selected:
     st.caption("Select one or more rows in the table to overlay their training curves.")
 else:
     with ui.errors("Could not read the training curves"):
-        curves = pd.DataFrame(ui.run_curves(selected))
+        curves = pd.DataFrame(views.run_curves(selected))
         if curves.empty:
             st.caption("No per-epoch metrics recorded for these runs yet.")
         else:
@@ -87,3 +92,19 @@ else:
         c = st.columns(3)
         c[0].page_link(str(ui.PAGES_DIR / "evaluate.py"), label=f"Evaluate run #{rid}", query_params={"run": rid})
         c[1].page_link(str(ui.PAGES_DIR / "export.py"), label=f"Export run #{rid}", query_params={"run": rid})
+
+with st.expander("Delete a run", icon=":material/delete:"):
+    with ui.errors("Could not list the runs"):
+        choices = views.run_choices()
+        ids = list(choices)
+        first = next((i for i in selected if i in choices), None)  # a row selected above, if any
+        rid = st.selectbox("Run", ids, index=ids.index(first) if first is not None else 0,
+                           format_func=lambda i: choices[i], key="delete_run_choice")
+        st.markdown(f"Delete run **#{rid}**: its checkpoints, evaluations, exports and bundles. "
+                    "A queued or running run must be cancelled first.")
+        sure = st.checkbox(f"Yes, delete run #{rid}", key=f"sure_run{rid}")
+        if st.button("Delete run", type="primary", disabled=not sure, icon=":material/delete:"):
+            with ui.errors("Could not delete the run"):
+                gone = runs.delete_run(rid)
+                st.toast(f"Deleted run #{gone.run_id}: {gone.files_removed} files removed.")
+                st.rerun()

@@ -1,4 +1,6 @@
 """Settings: where data lives, versions, weights availability, access control."""
+from __future__ import annotations
+
 import streamlit as st
 
 from workbench import ui

@@ -1,22 +1,18 @@
 """Train: pick data, augmentation and variants, launch, and watch live progress."""
+from __future__ import annotations
+
 import altair as alt
 import pandas as pd
 import streamlit as st
 
-from workbench import ui
+from workbench import runs, ui, views
+from workbench.status import ACTIVE_RUN, RunStatus
 
 ui.header("Train", "Fine-tune EfficientNet variants from ImageNet weights. Training runs in a worker process: "
           "close the tab whenever you like.")
-datasets = ui.service("datasets")
-runs = ui.service("runs")
-if not ui.require(datasets, "list_datasets") or not ui.require(runs, "queue_training"):
-    st.stop()
-
-items = ui.datasets_or_stop(datasets, "Upload a dataset first.", "datasets.py", "Go to Datasets")
-
-from core.augment import PRESETS  # noqa: E402
-from core.efficientnet import VARIANTS  # noqa: E402
-from core.train import RECIPES  # noqa: E402
+items = ui.datasets_or_stop("Upload a dataset first.", "datasets.py", "Go to Datasets")
+choices = views.train_choices()
+CURVE_METRICS = ["loss", "train_loss", "val_loss", "accuracy", "val_accuracy", "macro_f1", "val_macro_f1"]
 
 qp = st.query_params
 names = [d.name for d in items]
@@ -26,30 +22,33 @@ st.caption(f"{ds.num_images} images · {ds.num_classes} classes · "
            + " · ".join(f"{s} {sum(c.values())}" for s, c in (ds.health.get("split_counts") or {}).items()))
 
 c1, c2, c3 = st.columns(3)
-default_variant = qp.get("variant") if qp.get("variant") in VARIANTS else "lite0"
+default_variant = qp.get("variant") if qp.get("variant") in choices.variants else choices.default_variant
 have_weights = {w["variant"]: w["available"] for w in ui.weights_table()}
-variants = c1.multiselect("Variants (one run each)", list(VARIANTS), default=[default_variant], key="train_variants",
+variants = c1.multiselect("Variants (one run each)", choices.variants, default=[default_variant],
+                          key="train_variants",
                           format_func=lambda v: v if have_weights.get(v, True) else f"{v} (no ImageNet weights here)")
-res_options = [96, 128, 160, 192, 224, 240, 260, 280, 300]
-want_res = int(qp.get("resolution", 224)) if str(qp.get("resolution", "")).isdigit() else 224
-if want_res not in res_options:
-    res_options = sorted({*res_options, want_res})
+want = str(qp.get("resolution", ""))
+want_res = int(want) if want.isdigit() else choices.default_resolution
+res_options = sorted({*choices.resolutions, want_res})
 resolution = c2.select_slider("Resolution (px)", res_options, value=want_res, key="train_resolution")
-recipe = c3.selectbox("Recipe", list(RECIPES), index=list(RECIPES).index("quick") if "quick" in RECIPES else 0,
+recipes = list(choices.recipes)
+recipe = c3.selectbox("Recipe", recipes,
+                      index=recipes.index(choices.default_recipe) if choices.default_recipe in recipes else 0,
                       key="train_recipe", help="quick: seconds to minutes · default: minutes · thorough: longer")
 
-suggested = ui.default_preset(ds.id)
-preset = st.radio("Augmentation preset", list(PRESETS), horizontal=True, key=f"train_preset_{ds.id}",
-                  index=list(PRESETS).index(suggested) if suggested in PRESETS else 0,
+presets = list(choices.presets)
+suggested = views.default_preset(ds.id)
+preset = st.radio("Augmentation preset", presets, horizontal=True, key=f"train_preset_{ds.id}",
+                  index=presets.index(suggested) if suggested in presets else 0,
                   help="medical: gentle (no colour jitter, optional vertical flip) · field: photos taken outdoors · "
                        "none: resize and crop only")
 with st.expander("Preview: what the network will see with this preset", expanded=True):
     with ui.errors("Could not make the preview"):
-        sample = tuple(str(p) for p, _ in ui.dataset_sample(ds.id, ds.classes[:4], per_class=2))
+        sample = tuple(str(s.path) for s in views.dataset_sample(ds.id, ds.classes[:4], per_class=2))
         if sample:
-            views = ui.augment_grid(sample, preset, min(int(resolution), 160), n=8)
+            augmented = ui.augment_grid(sample, preset, min(int(resolution), 160), n=8)
             cols = st.columns(8)
-            for i, v in enumerate(views):
+            for i, v in enumerate(augmented):
                 cols[i % 8].image(v, width="stretch")
 
 c1, c2 = st.columns(2)
@@ -58,8 +57,8 @@ epochs = c1.number_input("Fine-tune epochs (0 = recipe default)", min_value=0, m
 batch_label = c2.text_input("Label for this batch of runs (optional)", key="train_label")
 if st.button("Launch training", type="primary", icon=":material/rocket_launch:", disabled=not variants):
     with ui.errors("Could not launch training"):
-        ids = ui.launch_training(runs, ds, variants, int(resolution), preset, recipe, int(epochs) or None,
-                                 batch_label or None)
+        ids = runs.queue_training(ds.id, variants, int(resolution), preset, recipe, int(epochs) or None,
+                                  batch_label or None)
         st.toast(f"Queued {len(ids)} run(s): " + ", ".join(f"#{i}" for i in ids))
 
 st.divider()
@@ -68,51 +67,50 @@ st.subheader("Progress")
 
 @ui.live_fragment(2, "Could not read the training progress")
 def progress_panel() -> None:
-    ui.reconcile_runs()
-    live = ui.live_runs(limit=6)
+    views.reconcile_runs()
+    live = views.live_runs(limit=6)
     if not live:
         st.caption("No runs yet.")
         return
-    for r in live:
+    for lr in live:
+        r = lr.run
         with st.container(border=True):
-            p = r["progress"]
+            p = r.progress or {}
             head, buttons = st.columns([5, 2])
-            head.markdown(f"**Run #{r['id']}** · {r['dataset']} · `{r['variant']}@{r['resolution']}` · "
-                          f"{r['preset']} · {ui.status_label(r['status'])}")
-            active = r["status"] in ui.ACTIVE_STATUSES or r["job_status"] in ("queued", "running")
-            if r["status"] in ui.ACTIVE_STATUSES and not r["cancel_requested"]:
-                if buttons.button("Cancel", key=f"cancel{r['id']}", icon=":material/stop_circle:"):
+            head.markdown(f"**Run #{r.id}** · {r.dataset} · `{r.variant}@{r.resolution}` · "
+                          f"{r.preset} · {ui.status_label(r.status)}")
+            if r.status in ACTIVE_RUN and not r.cancel_requested:
+                if buttons.button("Cancel", key=f"cancel{r.id}", icon=":material/stop_circle:"):
                     with ui.errors("Could not cancel"):
-                        runs.cancel_run(r["id"])
-                        st.toast(f"Cancelling run #{r['id']}…")
-            elif r["status"] in ("cancelled", "canceled", "failed") and ui.has(runs, "resume_run"):
-                if buttons.button("Resume", key=f"resume{r['id']}", icon=":material/play_circle:"):
+                        runs.cancel_run(r.id)
+                        st.toast(f"Cancelling run #{r.id}…")
+            elif r.resumable:
+                if buttons.button("Resume", key=f"resume{r.id}", icon=":material/play_circle:"):
                     with ui.errors("Could not resume"):
-                        runs.resume_run(r["id"])
-                        st.toast(f"Resuming run #{r['id']}…")
-            if active:
+                        runs.resume_run(r.id)
+                        st.toast(f"Resuming run #{r.id}…")
+            if lr.active:
                 frac = float(p.get("fraction") or 0.0)
                 text = (f"{p.get('message') or p.get('phase') or 'waiting for the worker'}"
                         + (f" · loss {p['loss']:.3f}" if p.get("loss") is not None else "")
                         + (f" · ETA {ui.fmt_seconds(p['eta_s'])}" if p.get("eta_s") is not None else ""))
                 st.progress(min(max(frac, 0.0), 1.0), text=text)
-            elif r["status"] in ("failed", "error"):
-                st.error(r["error"] or "failed")
+            elif r.status == RunStatus.FAILED:
+                st.error(r.error or "failed")
             else:
-                sm = r["summary"]
+                sm = r.summary
                 bits = [f"{k} {ui.fmt_num(sm.get(v))}" for k, v in (("test accuracy", "test_accuracy"),
                         ("macro-F1", "test_macro_f1"), ("latency ms", "latency_ms_p50")) if sm.get(v) is not None]
-                st.caption(" · ".join(bits + [f"trained in {ui.fmt_seconds(r['train_seconds'])}"]))
-            curves = pd.DataFrame(ui.run_curves([r["id"]]))
+                st.caption(" · ".join(bits + [f"trained in {ui.fmt_seconds(r.train_seconds)}"]))
+            curves = pd.DataFrame(views.run_curves([r.id]))
             if not curves.empty:
-                sub = curves[curves["metric"].isin(["loss", "train_loss", "val_loss", "accuracy", "val_accuracy",
-                                                    "macro_f1", "val_macro_f1"])]
+                sub = curves[curves["metric"].isin(CURVE_METRICS)]
                 if not sub.empty:
                     st.altair_chart(alt.Chart(sub).mark_line(point=True).encode(
                         x="epoch:Q", y="value:Q", color="metric:N", strokeDash="phase:N",
                         tooltip=["metric", "phase", "epoch", "value"]).properties(height=160), width="stretch")
-            if r["events"]:
-                st.caption(" · ".join(e["message"] for e in r["events"][:2]))
+            if lr.events:
+                st.caption(" · ".join(lr.events[:2]))
 
 
 progress_panel()

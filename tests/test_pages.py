@@ -10,12 +10,12 @@ from __future__ import annotations
 import io
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from streamlit.testing.v1 import AppTest
-
 from conftest import REPO_ROOT
+from streamlit.testing.v1 import AppTest
 
 APP = REPO_ROOT / "workbench" / "app.py"
 PAGES = ["home", "datasets", "recommend", "train", "runs", "evaluate", "export", "predict", "settings"]
@@ -250,6 +250,22 @@ def test_recommend_budget_form_table_and_chart(data_dir: Path) -> None:
     assert not any(m.value.startswith("### Recommended:") for m in at.markdown)
 
 
+def test_recommend_budget_reads_the_dataset_split_counts() -> None:
+    from datetime import UTC, datetime
+
+    from workbench import views
+    from workbench.datasets import DatasetInfo
+
+    ds = DatasetInfo(id=1, name="beans", created_at=datetime.now(UTC), source="beans.zip", num_images=30,
+                     num_classes=3, classes=["a", "b", "c"], skipped=[], split_config={},
+                     health={"split_counts": {"train": {"a": 8, "b": 7, "c": 6}, "val": {"a": 3}}})
+    assert views.recommend_budget(device="rpi4", latency_ms=20, dataset=ds) == {
+        "device": "rpi4", "latency_ms": 20, "latency_p95_ms": None, "memory_mb": None, "size_mb": None,
+        "precision": "fp32", "max_params_m": None, "min_resolution": None, "train_images": 21, "num_classes": 3}
+    without = views.recommend_budget(device="this-machine")  # 0 means no limit; ranked as for ImageNet
+    assert without["latency_ms"] is None and without["train_images"] is None and without["num_classes"] == 1000
+
+
 @pytest.mark.slow
 def test_recommend_measure_on_this_machine_from_the_page(data_dir: Path) -> None:
     """The page's "Measure on this machine" runs real ONNX Runtime timings in the train-lane worker."""
@@ -280,9 +296,10 @@ def test_recommend_measure_on_this_machine_from_the_page(data_dir: Path) -> None
     at.selectbox(key="rec_device").select("rpi4")
     next(b for b in at.button if b.label == "Recommend").click().run()
     assert not any(b.key == "rec_measure" for b in at.button)
-    from workbench import ui
+    from workbench import actions
+
     with pytest.raises(ValueError, match="workbench calibrate"):
-        ui.start_measure({"device": "rpi4"})
+        actions.start_measure({"device": "rpi4"})
 
 
 # --- runs: 100+ runs, sorted and paginated in SQL -----------------------------------------
@@ -339,6 +356,72 @@ def test_runs_leaderboard_paginates_sorts_and_marks_the_front(data_dir: Path) ->
     assert time.monotonic() - t0 < 30
 
 
+def _run_with_files(data_dir: Path, status: str) -> tuple[int, Path]:
+    """A run row as training leaves it: a checkpoint and a registered export in its folder."""
+    from storage import repositories as repo
+    from storage.artifacts import register_artifact
+    from storage.db import get_sessionmaker
+    from storage.models import Run
+    from workbench.paths import RunPaths
+    from workbench.settings import get_settings
+
+    settings = get_settings()
+    with get_sessionmaker(settings.database_url).begin() as s:
+        ds = repo.get_dataset_by_name(s, "kept") or repo.add_dataset(
+            s, name="kept", source="kept.zip", classes=["a", "b"], health={}, split_config={}, skipped=[],
+            num_images=0)
+        run = Run(dataset_id=ds.id, variant="lite0", resolution=64, preset="field", status=status,
+                  config={"recipe": "quick"}, summary={"test_accuracy": 0.9, "latency_ms_p50": 3.0})
+        s.add(run)
+        s.flush()
+        paths = RunPaths(settings, run.id)
+        paths.export_dir.mkdir(parents=True)
+        paths.last_checkpoint.write_bytes(b"checkpoint")
+        paths.fp32_onnx.write_bytes(b"onnx")
+        run.checkpoint_path = paths.last_checkpoint.relative_to(data_dir).as_posix()
+        register_artifact(s, paths.fp32_onnx, data_dir, kind="onnx_fp32", run_id=run.id, meta={"verified": True})
+        return run.id, paths.root
+
+
+def test_runs_page_deletes_a_run_after_confirmation(data_dir: Path) -> None:
+    from storage.db import get_sessionmaker
+    from storage.models import Artifact
+    from workbench import runs
+    from workbench.settings import get_settings
+
+    kept_id, kept_dir = _run_with_files(data_dir, "succeeded")
+    run_id, run_dir = _run_with_files(data_dir, "succeeded")
+    active_id, _ = _run_with_files(data_dir, "queued")
+    at = open_page("runs")
+    assert_clean(at)
+    assert set(at.dataframe[0].value["run"]) == {kept_id, run_id, active_id}
+    at.selectbox(key="delete_run_choice").select(run_id).run()
+    delete = lambda a: next(b for b in a.button if b.label == "Delete run")  # noqa: E731
+    assert delete(at).disabled  # nothing is deleted without the confirmation
+    sure = at.checkbox(key=f"sure_run{run_id}")
+    assert sure.label == f"Yes, delete run #{run_id}"
+    sure.check().run()
+    assert not delete(at).disabled
+    delete(at).click().run()
+    assert_clean(at)
+    with pytest.raises(runs.RunError):
+        runs.get_run(run_id)
+    assert not run_dir.exists()
+    with get_sessionmaker(get_settings().database_url)() as s:
+        assert s.query(Artifact).filter(Artifact.run_id == run_id).count() == 0
+    assert set(at.dataframe[0].value["run"]) == {kept_id, active_id}
+    assert kept_dir.is_dir() and runs.get_run(kept_id).status == "succeeded"  # only that run went
+
+    # A queued run is refused with the service's reason, and stays.
+    at.selectbox(key="delete_run_choice").select(active_id).run()
+    at.checkbox(key=f"sure_run{active_id}").check().run()
+    delete(at).click().run()
+    assert not at.exception
+    assert [e.value for e in at.error] == [f"**Could not delete the run.** Run {active_id} is queued: "
+                                           "cancel it before deleting it."]
+    assert runs.get_run(active_id).status == "queued"
+
+
 # --- pages that need a trained model: one real training run, shared by the tests below -------
 
 def _stop_worker(data_dir: Path) -> None:
@@ -348,7 +431,7 @@ def _stop_worker(data_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained_dir(tmp_path_factory: pytest.TempPathFactory, shared_datasets: Path):
+def trained_dir(tmp_path_factory: pytest.TempPathFactory, shared_datasets: Path) -> Iterator[tuple[Path, int]]:
     """A data dir with the bean dataset and one finished lite0@96 run (trained by the real worker)."""
     from storage.db import reset_sessionmakers
 
@@ -377,14 +460,14 @@ def trained_dir(tmp_path_factory: pytest.TempPathFactory, shared_datasets: Path)
 
 
 @pytest.fixture
-def trained(trained_dir, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN001, ANN201
+def trained(trained_dir: tuple[Path, int], monkeypatch: pytest.MonkeyPatch) -> tuple[Path, int]:
     monkeypatch.setenv("WORKBENCH_DATA_DIR", str(trained_dir[0]))
     monkeypatch.delenv("DATABASE_URL", raising=False)
     return trained_dir
 
 
 @pytest.mark.slow
-def test_evaluate_page_shows_metrics_confusion_plots(trained) -> None:  # noqa: ANN001
+def test_evaluate_page_shows_metrics_confusion_plots(trained: tuple[Path, int]) -> None:
     _, run_id = trained
     at = open_page("evaluate")
     assert_clean(at)
@@ -407,7 +490,7 @@ def test_evaluate_page_shows_metrics_confusion_plots(trained) -> None:  # noqa: 
 
 
 @pytest.mark.slow
-def test_export_page_builds_bundle_as_a_job_and_offers_download(trained) -> None:  # noqa: ANN001
+def test_export_page_builds_bundle_as_a_job_and_offers_download(trained: tuple[Path, int]) -> None:
     _, run_id = trained
     at = open_page("export")
     assert_clean(at)
@@ -424,16 +507,16 @@ def test_export_page_builds_bundle_as_a_job_and_offers_download(trained) -> None
 
 
 @pytest.mark.slow
-def test_export_page_refuses_an_altered_bundle(trained) -> None:  # noqa: ANN001
+def test_export_page_refuses_an_altered_bundle(trained: tuple[Path, int]) -> None:
     from storage.db import get_sessionmaker
     from storage.models import Artifact
-    from workbench.evaluation import export_run
+    from workbench.exports import export_run
     from workbench.settings import get_settings
 
     data_dir, run_id = trained
     res = export_run(run_id)
     with get_sessionmaker(get_settings().database_url)() as s:
-        path = data_dir / s.get(Artifact, res["bundle_artifact_id"]).path
+        path = data_dir / s.get(Artifact, res.bundle_artifact_id).path
     path.write_bytes(path.read_bytes() + b"tampered")
     at = open_page("export")
     assert not at.exception
@@ -441,7 +524,7 @@ def test_export_page_refuses_an_altered_bundle(trained) -> None:  # noqa: ANN001
 
 
 @pytest.mark.slow
-def test_predict_page_top_k_and_gradcam(trained, shared_datasets: Path) -> None:  # noqa: ANN001
+def test_predict_page_top_k_and_gradcam(trained: tuple[Path, int], shared_datasets: Path) -> None:
     at = open_page("predict")
     assert_clean(at)
     files = sorted((shared_datasets / "beans" / "test" / "healthy").iterdir())[:2]
@@ -458,7 +541,7 @@ def test_predict_page_top_k_and_gradcam(trained, shared_datasets: Path) -> None:
 
 
 @pytest.mark.slow
-def test_train_page_preview_launch_cancel_resume(trained) -> None:  # noqa: ANN001
+def test_train_page_preview_launch_cancel_resume(trained: tuple[Path, int]) -> None:
     """Launch, cancel (queued and running) and resume from the page, with no timing races.
 
     A long run queued through the API first holds the train lane, so the run launched from the

@@ -1,4 +1,5 @@
-"""`make run` and the Procfile really serve the app (HTTP 200 on /)."""
+"""`make run` and the Procfile really serve the app (HTTP 200 on /), and `workbench ui`
+refuses to serve an open app beyond localhost."""
 from __future__ import annotations
 
 import os
@@ -7,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -36,6 +38,8 @@ def wait_for_200(url: str, proc: subprocess.Popen, timeout: float = 90) -> int:
 
 
 def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:  # already gone (a failed start): keep its own error visible
+        return
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=15)
@@ -70,15 +74,66 @@ def test_make_run_serves_on_localhost_only(tmp_path: Path) -> None:
         stop(proc)
 
 
-def test_procfile_web_line_serves(tmp_path: Path) -> None:
+def procfile_cmd(port: int) -> list[str]:
     line = next(ln for ln in (ROOT / "Procfile").read_text().splitlines() if ln.startswith("web:"))
-    port = free_port()
     cmd = shlex.split(line.removeprefix("web:").replace("$PORT", str(port)))
-    assert "--server.headless" in cmd
     cmd[0] = str(ROOT / ".venv" / "bin" / cmd[0]) if (ROOT / ".venv" / "bin" / cmd[0]).exists() else cmd[0]
-    env = {**os.environ, "WORKBENCH_DATA_DIR": str(tmp_path / "data")}
+    return cmd
+
+
+def serve_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "WORKBENCH_DATA_DIR": str(tmp_path / "data"), **extra}
+    for name in ("WORKBENCH_PASSWORD_HASH", "WORKBENCH_ALLOW_OPEN", "DATABASE_URL"):
+        if name not in extra:
+            env.pop(name, None)
+    return env
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_procfile_web_line_serves(tmp_path: Path) -> None:
+    from workbench.auth import hash_password
+    from workbench.cli.ui import streamlit_config
+
+    port = free_port()
+    cmd = procfile_cmd(port)
+    assert cmd[1:] == ["ui", "--host", "0.0.0.0", "--port", str(port)]
+    assert streamlit_config("0.0.0.0", port)["server.headless"] is True  # what `workbench ui` hands Streamlit
+    env = serve_env(tmp_path, WORKBENCH_PASSWORD_HASH=hash_password("pw", iterations=1000))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
+    try:
+        assert wait_for_200(f"http://127.0.0.1:{port}/", proc) == 200
+        assert http_status(f"http://127.0.0.1:{port}/_stcore/health") == 200
+        # Internal routes no browser needs are hidden by `workbench ui`.
+        assert http_status(f"http://127.0.0.1:{port}/_stcore/metrics") == 404
+        assert http_status(f"http://127.0.0.1:{port}/_stcore/agent/openapi.json") == 404
+        assert http_status(f"http://127.0.0.1:{port}/_stcore/script-health-check") == 404
+    finally:
+        stop(proc)
+
+
+def test_procfile_web_line_refuses_an_open_app(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.run(procfile_cmd(port), cwd=ROOT, env=serve_env(tmp_path), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert "Refusing to serve Workbench on 0.0.0.0 without a password" in proc.stderr
+    assert "WORKBENCH_PASSWORD_HASH" in proc.stderr and "WORKBENCH_ALLOW_OPEN=1" in proc.stderr
+    with pytest.raises(OSError):  # nothing was ever listening
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_procfile_web_line_serves_open_when_allowed(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(procfile_cmd(port), cwd=ROOT, env=serve_env(tmp_path, WORKBENCH_ALLOW_OPEN="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         assert wait_for_200(f"http://127.0.0.1:{port}/", proc) == 200
     finally:

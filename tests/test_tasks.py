@@ -12,9 +12,10 @@ from pathlib import Path
 
 from conftest import stop_workers, wait_for, worker_processes
 from helpers_train import create_dataset_rows
+
 from workbench import jobs, lanes, runs, worker
-from workbench.status import TERMINAL
 from workbench.settings import get_settings
+from workbench.status import TERMINAL
 
 LONG = dict(head_epochs=50, finetune_epochs=50, unfreeze_stages=1, cache_views=1, batch_size=8, head_batch_size=16,
             num_threads=1, patience=100)
@@ -22,7 +23,9 @@ LONG = dict(head_epochs=50, finetune_epochs=50, unfreeze_stages=1, cache_views=1
 
 
 def save_upload(data_dir: Path, data: bytes, filename: str) -> str:
-    """What ui.start_ingest does with an upload: a file under <data dir>/tmp/uploads/<id>/; returns its rel path."""
+    """What actions.start_ingest does with an upload: a file under <data dir>/tmp/uploads/<id>/.
+
+    Returns its path relative to the data dir."""
     folder = data_dir / "tmp" / "uploads" / uuid.uuid4().hex
     folder.mkdir(parents=True)
     (folder / filename).write_bytes(data)
@@ -99,7 +102,7 @@ def test_ingest_on_light_lane_completes_while_training_runs(data_dir: Path, shar
 
         # Both ingests finished while the training is still running (it was not waited for).
         assert runs.get_run(run_id).status == "running"
-        assert not runs.get_run(run_id).job_status in TERMINAL
+        assert runs.get_run(run_id).job_status not in TERMINAL
         j = job_row(ok)
         assert j.status == "succeeded", j.error
         assert j.worker_pid not in (None, train_pid) and j.worker_pid == lanes.worker_pid(lane="light")

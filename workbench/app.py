@@ -6,8 +6,11 @@ runs before the user has signed in.
 """
 from __future__ import annotations
 
+import secrets
 import sys
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
 # `streamlit run workbench/app.py` puts workbench/ (not the repo root) on sys.path.
 _ROOT = Path(__file__).resolve().parent.parent
@@ -38,28 +41,85 @@ SECTIONS: dict[str, list[tuple[str, str, str, str]]] = {
 }
 
 
+_AUTH_KEY = "_wb_authenticated"
+_NEXT_KEY = "_wb_next"  # (url path, query params) the browser asked for before signing in
+
+
+def _client() -> str:
+    """Who failed sign-ins are counted against: the peer address (see auth.client_key), else the session."""
+    ip = st.context.ip_address
+    session_key = st.session_state.setdefault("_wb_client", secrets.token_hex(8))
+    # AppTest fills ip_address with a mock: only a real string is an address.
+    return auth.client_key(ip if isinstance(ip, str) else None, st.context.headers, session_key)
+
+
+def _remember_deep_link() -> None:
+    """Keep the page and query the user opened (e.g. /evaluate?run=3) to go there after sign-in."""
+    if _NEXT_KEY in st.session_state:
+        return  # the first request is the one the user typed; later reruns come from the form
+    url = st.context.url or ""
+    slug = urlparse(url).path.rstrip("/").rsplit("/", 1)[-1]
+    params = {key: st.query_params.get_all(key) for key in st.query_params}
+    st.session_state[_NEXT_KEY] = (slug, params)
+
+
+def _follow_deep_link(pages: dict[str, list[Any]]) -> None:
+    """Right after sign-in, switch to the page remembered by _remember_deep_link (if it is one of ours)."""
+    slug, params = st.session_state.pop(_NEXT_KEY, ("", {}))
+    target = next((p for entries in pages.values() for p in entries if p.url_path == slug and slug), None)
+    if target is not None:
+        st.switch_page(target, query_params=params)
+
+
 def _password_gate() -> None:
     """Stop the script here unless the password is off or this session has signed in."""
     encoded = auth.configured_hash()
-    if encoded is None or st.session_state.get("_wb_authenticated") == encoded:
+    if encoded is None or st.session_state.get(_AUTH_KEY) == encoded:
         return
     try:
         auth.parse_hash(encoded)
+        gate = auth.default_gate()
     except auth.PasswordHashError as exc:
         st.error(f"Workbench is locked: the password setting is invalid. {exc}")
         st.stop()
+    except auth.AuthConfigError as exc:
+        st.error(f"Workbench is locked: a sign-in limit setting is invalid. {exc}")
+        st.stop()
+    _remember_deep_link()
+    client = _client()
     st.title("Workbench")
     st.caption("This Workbench is protected by a password.")
-    with st.form("wb_login"):
+    with st.form("wb_login", clear_on_submit=True):
         password = st.text_input("Password", type="password", key="wb_password")
         submitted = st.form_submit_button("Sign in", type="primary")
     if submitted:
-        if auth.verify_password(password, encoded):
+        # While the client is throttled the gate does not even look at the password.
+        result = gate.attempt(client, password, encoded)
+        if result.ok:
             # Remember which hash was accepted: changing the env var logs everyone out.
-            st.session_state["_wb_authenticated"] = encoded
+            st.session_state[_AUTH_KEY] = encoded
+            st.session_state["_wb_just_signed_in"] = True
             st.rerun()
-        st.error("Wrong password.")
+        if result.checked:
+            st.error("Wrong password.")
+    state = gate.throttle.check(client)
+    if not state.allowed:
+        st.warning(auth.wait_message(state), icon=":material/hourglass_top:")
     st.stop()
+
+
+def _open_access_warning() -> None:
+    """Say on every page when there is no password and the server listens beyond this machine."""
+    if auth.configured_hash() is not None:
+        return
+    address = st.get_option("server.address")
+    # No address: Streamlit listens on every interface. Without request headers there is no
+    # HTTP server in front of this script at all (AppTest), so nothing is exposed.
+    exposed = bool(st.context.headers) if not address else not auth.is_loopback(str(address))
+    if exposed:
+        st.sidebar.warning("No password is set and this server accepts connections from other machines: "
+                           "anyone who can reach it can use Workbench. Set WORKBENCH_PASSWORD_HASH "
+                           "(see docs/UI.md, \"Access and exposure\").", icon=":material/lock_open:")
 
 
 @st.cache_resource(show_spinner=False)
@@ -97,10 +157,13 @@ def main() -> None:
         for section, entries in SECTIONS.items()
     }
     nav = st.navigation(pages)
+    if st.session_state.pop("_wb_just_signed_in", False):
+        _follow_deep_link(pages)
+    _open_access_warning()
     if auth.configured_hash() is not None:
         with st.sidebar:
             if st.button("Sign out", icon=":material/logout:"):
-                st.session_state.pop("_wb_authenticated", None)
+                st.session_state.pop(_AUTH_KEY, None)
                 st.rerun()
     nav.run()
 

@@ -15,9 +15,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage import repositories as repo
 from storage.artifacts import ArtifactError, verify_artifact
+from storage.db import get_sessionmaker
 from storage.models import Artifact
-from workbench.evaluations import service_context
-from workbench.settings import Settings
+from workbench.settings import Settings, get_settings
 
 ONNX_KINDS = ("onnx_fp32", "onnx_fp16", "onnx_int8", "onnx_uint8")
 
@@ -32,6 +32,14 @@ class ArtifactInfo:
     created_at: datetime
     meta: dict[str, Any]
     status: str  # "ok", or why it cannot be served
+
+
+def service_context(settings: Settings | None, session_factory: sessionmaker[Session] | None
+                    ) -> tuple[Settings, sessionmaker[Session]]:
+    """The settings (data dirs created) and session factory a service call works with."""
+    s = settings or get_settings()
+    s.ensure_dirs()
+    return s, session_factory or get_sessionmaker(s.database_url)
 
 
 def _refusal(a: Artifact) -> str | None:

@@ -20,10 +20,10 @@ from core import export as cx
 from core.evaluate import EvalItem, evaluate_model
 from storage import repositories as repo
 from storage.artifacts import register_artifact, resolve_in_data_dir
-from storage.db import get_sessionmaker
 from storage.models import Dataset, Evaluation, Run
 from workbench.paths import RunPaths
-from workbench.settings import Settings, get_settings
+from workbench.artifacts import service_context
+from workbench.settings import Settings
 from workbench.summary import RunSummary, update_summary
 
 ProgressCb = Callable[[str, float], None]
@@ -46,13 +46,6 @@ class EvaluationRecord:
     created_at: datetime
     tta: bool
     metrics: dict[str, Any]
-
-
-def service_context(settings: Settings | None, session_factory: sessionmaker[Session] | None
-                    ) -> tuple[Settings, sessionmaker[Session]]:
-    s = settings or get_settings()
-    s.ensure_dirs()
-    return s, session_factory or get_sessionmaker(s.database_url)
 
 
 def say(progress: ProgressCb | None, msg: str, frac: float) -> None:

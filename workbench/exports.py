@@ -16,9 +16,9 @@ from core import export as cx
 from storage import repositories as repo
 from storage.artifacts import ArtifactError, register_artifact, resolve_in_data_dir, verify_artifact
 from storage.models import Artifact
-from workbench.artifacts import artifact_for_download
+from workbench.artifacts import artifact_for_download, service_context
 from workbench.evaluations import (EvaluationError, LoadedRun, ProgressCb, evaluate_run, latest_evaluation, load_run,
-                                   say, scaled, service_context)
+                                   say, scaled)
 from workbench.paths import RunPaths
 from workbench.settings import Settings
 from workbench.summary import update_summary

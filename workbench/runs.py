@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.efficientnet import get_variant
+from core.efficientnet_arch import get_variant  # torch-free: the pages import this service
 from core.images import GRAYSCALE_MODES
 from storage import repositories as repo
 from storage.artifacts import ArtifactError, resolve_in_data_dir

@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from workbench.cli import data, export, recommend, train
+from workbench.cli import data, export, recommend, train, ui
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description="Transfer-learning workbench for image classification.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for area in (data, recommend, train, export):
+    for area in (data, recommend, train, export, ui):
         area.register(sub)
     return parser
 

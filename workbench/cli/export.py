@@ -22,6 +22,11 @@ def _run_id(text: str) -> int:
         raise argparse.ArgumentTypeError(f"RUN must be a run id (an integer), got {text!r}") from None
 
 
+def _score(value: float | None) -> str:
+    """A per-class score; '  -  ' where it is undefined (a class absent from the split)."""
+    return "  -  " if value is None else f"{value:.3f}"
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from workbench.evaluations import EvaluationError, evaluate_run
 
@@ -36,7 +41,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"  accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}"
           + (f"  macro ROC-AUC {m['macro_roc_auc']:.4f}" if m["macro_roc_auc"] is not None else ""))
     for c in m["per_class"]:
-        print(f"  {c['class']:<24} P {c['precision']:.3f}  R {c['recall']:.3f}  F1 {c['f1']:.3f}  n={c['support']}")
+        scores = "  ".join(f"{k} {_score(c[key])}" for k, key in (("P", "precision"), ("R", "recall"), ("F1", "f1")))
+        print(f"  {c['class']:<24} {scores}  n={c['support']}"
+              + ("" if c.get("counted", True) else "  (absent from the test split: not in the averages)"))
     cal = m["calibration"]
     line = f"  ECE {cal['before']['ece']:.4f}"
     if cal.get("temperature"):

@@ -1,0 +1,145 @@
+"""The layer rules, read from the source with ``ast`` (nothing is imported), so CI fails on a breach.
+
+* pages and ``workbench/ui.py`` reach the database only through views and services: they never
+  import ``storage`` or ``sqlalchemy``; pages never import ``core`` either;
+* the job queue (``workbench/jobs.py``) knows none of its clients;
+* ``core`` never imports ``streamlit``, ``storage`` or ``workbench``;
+* the modules of ``workbench/`` import each other without cycles (imports inside functions count:
+  a lazy import hides a cycle from Python, not from the design);
+* no file of ``workbench/`` exceeds ``MAX_LINES``.
+"""
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT
+
+MAX_LINES = 450
+PAGES = sorted((REPO_ROOT / "pages").glob("*.py"))
+WORKBENCH = REPO_ROOT / "workbench"
+WORKBENCH_FILES = sorted([*WORKBENCH.glob("*.py"), *WORKBENCH.glob("*/*.py")])
+CORE_FILES = sorted((REPO_ROOT / "core").rglob("*.py"))
+QUEUE_CLIENTS = ["workbench.runs", "workbench.datasets", "workbench.evaluations", "workbench.exports",
+                 "workbench.actions",
+                 "workbench.artifacts", "workbench.recommend", "workbench.views", "workbench.ui",
+                 "workbench.handlers", "workbench.worker", "workbench.cli"]
+
+
+@dataclass(frozen=True)
+class Import:
+    module: str  # "a.b" for both "import a.b" and "from a.b import c"
+    names: tuple[str, ...]  # what a "from" import takes from the module (attributes or submodules)
+    line: int
+
+    def candidates(self) -> list[str]:
+        """Every dotted name this import may load: the module, and each name as a possible submodule."""
+        return [self.module, *(f"{self.module}.{n}" for n in self.names)]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO_ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> Iterator[Import]:
+    """Every import in a file, at module level or inside functions, with relative imports resolved."""
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            yield from (Import(alias.name, (), node.lineno) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:  # relative: climb level - 1 packages from this file's package
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                module = ".".join([*anchor, *([module] if module else [])])
+            yield Import(module, tuple(a.name for a in node.names if a.name != "*"), node.lineno)
+
+
+def is_within(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def breaches(path: Path, forbidden: list[str]) -> list[str]:
+    """``file:line imports x`` for every import of a forbidden package (or of one of its modules)."""
+    rel = path.relative_to(REPO_ROOT)
+    return sorted({f"{rel}:{imp.line} imports {name}" for imp in imports(path) for name in imp.candidates()
+                   for pkg in forbidden if is_within(name, pkg)})
+
+
+@pytest.mark.parametrize("path", PAGES, ids=lambda p: f"pages/{p.name}")
+def test_pages_use_views_and_services_only(path: Path) -> None:
+    assert not breaches(path, ["storage", "sqlalchemy", "core"])
+
+
+def test_ui_helpers_do_not_touch_the_database() -> None:
+    assert not breaches(WORKBENCH / "ui.py", ["storage", "sqlalchemy"])
+
+
+def test_the_job_queue_knows_none_of_its_clients() -> None:
+    assert not breaches(WORKBENCH / "jobs.py", QUEUE_CLIENTS)
+
+
+@pytest.mark.parametrize("path", CORE_FILES, ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_core_is_independent_of_ui_storage_and_services(path: Path) -> None:
+    assert not breaches(path, ["streamlit", "storage", "workbench"])
+
+
+def workbench_import_graph() -> dict[str, set[str]]:
+    """Module -> the workbench modules it imports (``from workbench import runs``: workbench.runs)."""
+    modules = {module_name(p): p for p in WORKBENCH_FILES}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets: set[str] = set()
+        for imp in imports(path):
+            for sub in [f"{imp.module}.{n}" for n in imp.names] or [imp.module]:
+                # A name that is not a submodule is an attribute of the module it comes from.
+                target = sub if sub in modules else imp.module
+                if target in modules:
+                    targets.add(target)
+        graph[name] = targets - {name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None (iterative depth-first search)."""
+    on_path, finished = 1, 2
+    state: dict[str, int] = {}
+    for start in sorted(graph):
+        if start in state:
+            continue
+        path, stack = [start], [iter(sorted(graph[start]))]
+        state[start] = on_path
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                stack.pop()
+                state[path.pop()] = finished
+            elif state.get(nxt) == on_path:
+                return path[path.index(nxt):] + [nxt]
+            elif nxt not in state:
+                state[nxt] = on_path
+                path.append(nxt)
+                stack.append(iter(sorted(graph.get(nxt, ()))))
+    return None
+
+
+def test_the_cycle_finder_reports_a_cycle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_workbench_modules_import_each_other_without_cycles() -> None:
+    graph = workbench_import_graph()
+    assert "workbench.views" in graph and "workbench.runs" in graph["workbench.views"]  # the graph is real
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+@pytest.mark.parametrize("path", WORKBENCH_FILES, ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_workbench_files_stay_small(path: Path) -> None:
+    lines = len(path.read_text().splitlines())
+    assert lines <= MAX_LINES, f"{path.relative_to(REPO_ROOT)} has {lines} lines (at most {MAX_LINES})"

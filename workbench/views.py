@@ -1,0 +1,366 @@
+"""What the pages (and the CLI) read and ask for: typed read models and actions, no Streamlit.
+
+Reads are queries shaped for one screen, returned as frozen dataclasses, built on a service where one
+already computes the thing. Actions stage uploads in the data dir and submit a job (``lanes.submit``):
+slow work never runs in the UI server. Caching is ``workbench.ui``'s business.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import ColumnElement, func, nulls_last, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.db import get_sessionmaker
+from storage.models import Dataset, Image, Job, Run
+from workbench import runs
+from workbench.datasets import DatasetInfo
+from workbench.runs import RunInfo
+from workbench.settings import get_settings
+from workbench.status import ACTIVE_JOB, ACTIVE_RUN, JobKind
+
+log = logging.getLogger("workbench.views")
+
+INGEST_SHOWN_FOR = timedelta(minutes=30)  # a finished ingest stays on the Datasets page this long
+
+
+def _db() -> sessionmaker[Session]:
+    return get_sessionmaker(get_settings().database_url)
+
+
+# --- jobs ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class JobView:  # one row of the job queue, as every page shows it
+    id: int
+    kind: str
+    status: str
+    run_id: int | None
+    payload: dict[str, Any]  # the handler merges its result in here
+    progress: dict[str, Any]
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+    name: str | None  # ingest: the dataset's name
+    filename: str | None  # ingest: the uploaded file, as the user named it
+
+    @classmethod
+    def from_row(cls, job: Job) -> JobView:
+        payload = dict(job.payload or {})
+        return cls(job.id, job.kind, job.status, job.run_id, payload, dict(job.progress or {}), job.error,
+                   job.created_at, job.finished_at, payload.get("name"), payload.get("filename"))
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE_JOB
+
+    @property
+    def fraction(self) -> float:
+        return min(max(float(self.progress.get("fraction") or 0.0), 0.0), 1.0)
+
+
+def recent_jobs(kinds: Sequence[str], limit: int = 5, run_id: int | None = None) -> list[JobView]:
+    """The newest jobs of some kinds (newest first), after failing those whose worker died."""
+    reconcile_runs()
+    stmt = select(Job).where(Job.kind.in_([str(k) for k in kinds]))
+    if run_id is not None:
+        stmt = stmt.where(Job.run_id == run_id)
+    with _db()() as s:
+        return [JobView.from_row(j) for j in s.scalars(stmt.order_by(Job.id.desc()).limit(limit))]
+
+
+def job(job_id: int) -> JobView | None:
+    reconcile_runs()
+    with _db()() as s:
+        row = s.get(Job, job_id)
+        return None if row is None else JobView.from_row(row)
+
+
+def ingest_jobs_to_show(dismissed: Collection[int] = (), limit: int = 5, now: datetime | None = None) -> list[JobView]:
+    """Ingests still running, and those that ended recently unless the user dismissed them."""
+    since = (now or datetime.now(UTC)) - INGEST_SHOWN_FOR
+    return [j for j in recent_jobs([JobKind.INGEST], limit)
+            if j.active or (j.id not in dismissed and j.finished_at is not None and j.finished_at > since)]
+
+
+_last_reconcile = [0.0]
+
+
+def reconcile_runs(every_s: float = 15.0) -> None:
+    """Fail jobs (and runs) whose lane's worker died; at most every ``every_s`` seconds."""
+    if time.monotonic() - _last_reconcile[0] < every_s:
+        return
+    _last_reconcile[0] = time.monotonic()
+    try:
+        from workbench import worker  # imports every handler (and torch): only once it is needed
+        worker.reconcile()
+    except Exception:  # noqa: BLE001 - the page still shows what the database says
+        log.warning("reconcile failed", exc_info=True)
+
+
+# --- home, settings, datasets ----------------------------------------------------------
+@dataclass(frozen=True)
+class OverviewCounts:
+    datasets: int
+    runs: int
+    active: int
+
+
+def overview_counts() -> OverviewCounts:
+    """Three COUNT queries: fast at any size."""
+    with _db()() as s:
+        count = lambda table, *where: s.scalar(select(func.count()).select_from(table).where(*where)) or 0  # noqa: E731
+        return OverviewCounts(count(Dataset), count(Run), count(Run, Run.status.in_(list(ACTIVE_RUN))))
+
+
+@dataclass(frozen=True)
+class ImageSample:
+    path: Path  # absolute path of the stored file
+    caption: str
+
+
+def dataset_sample(dataset_id: int, classes: Sequence[str], per_class: int = 6) -> list[ImageSample]:
+    """A stable sample of images per class (one LIMIT query per class: fast on 10k+ images)."""
+    data_dir = get_settings().data_dir
+    out: list[ImageSample] = []
+    with _db()() as s:
+        for label in classes:
+            rows = s.execute(select(Image.store_path, Image.split)
+                             .where(Image.dataset_id == dataset_id, Image.label == label)
+                             .order_by(Image.sha256).limit(per_class)).all()  # content hash: stable, unbiased
+            out.extend(ImageSample(data_dir / p, f"{label} · {split}") for p, split in rows)
+    return out
+
+
+def store_paths_for(dataset_id: int, shas: Sequence[str], limit: int = 500) -> dict[str, Path]:
+    """Absolute stored file per sha256 for one dataset (a bounded IN query)."""
+    shas = list(dict.fromkeys(shas))[:limit]
+    if not shas:
+        return {}
+    data_dir = get_settings().data_dir
+    with _db()() as s:
+        rows = s.execute(select(Image.sha256, Image.store_path)
+                         .where(Image.dataset_id == dataset_id, Image.sha256.in_(shas))).all()
+    return {sha: data_dir / p for sha, p in rows}
+
+
+# --- training --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainChoices:  # what the Train page offers, from core's registries (pages do not import core)
+    variants: tuple[str, ...]
+    recipes: tuple[str, ...]
+    presets: tuple[str, ...]
+    resolutions: tuple[int, ...] = (96, 128, 160, 192, 224, 240, 260, 280, 300)
+    default_variant: str = "lite0"
+    default_recipe: str = "quick"
+    default_resolution: int = 224
+
+
+def train_choices() -> TrainChoices:
+    from core.augment import PRESETS
+    from core.efficientnet import VARIANTS
+    from core.train import RECIPES
+    return TrainChoices(tuple(VARIANTS), tuple(RECIPES), tuple(PRESETS))
+
+
+def default_preset(dataset_id: int) -> str | None:
+    """The training service's suggestion (medical for grayscale/DICOM data, else field); None if unknown."""
+    try:
+        with _db()() as s:
+            return runs.default_preset(s, dataset_id)
+    except Exception:  # noqa: BLE001 - a suggestion only
+        return None
+
+
+@dataclass(frozen=True)
+class LiveRun:  # a run as the Train page follows it: the service's RunInfo and its newest events
+    run: RunInfo
+    events: tuple[str, ...] = ()  # the newest event messages, newest first
+
+    @property
+    def active(self) -> bool:
+        return self.run.status in ACTIVE_RUN or self.run.job_status in ACTIVE_JOB
+
+
+def live_runs(limit: int = 10, events: int = 5) -> list[LiveRun]:
+    """Active runs first, then the most recent finished ones (``limit`` in all)."""
+    active_now = Run.status.in_(list(ACTIVE_RUN))
+    with _db()() as s:
+        ids = list(s.scalars(select(Run.id).where(active_now).order_by(Run.id.desc()).limit(limit)))
+        if len(ids) < limit:
+            ids += s.scalars(select(Run.id).where(~active_now).order_by(Run.id.desc()).limit(limit - len(ids)))
+    out: list[LiveRun] = []
+    for run_id in ids:
+        try:
+            info = runs.get_run(run_id)
+        except runs.RunError:
+            continue  # deleted since the ids were read
+        newest = runs.run_events(run_id)[-events:][::-1]
+        out.append(LiveRun(info, tuple(e["message"] for e in newest)))
+    return out
+
+
+# --- runs: leaderboard, scatter, curves ------------------------------------------------
+def summary_value(key: str) -> ColumnElement[Any]:
+    """One ``Run.summary`` key as an SQL expression (SQLite's json_extract: the one dialect-specific spot)."""
+    return func.json_extract(Run.summary, f"$.{key}")
+
+
+# Sort choice, as the page names it -> the summary key or Run column it sorts by.
+LEADERBOARD_SORTS: dict[str, tuple[str, str]] = {
+    "macro-F1": ("summary", "test_macro_f1"), "accuracy": ("summary", "test_accuracy"),
+    "latency ms": ("summary", "latency_ms_p50"), "size MB": ("summary", "onnx_mb"),
+    "training time": ("column", "train_seconds"), "created": ("column", "created_at"), "run": ("column", "id"),
+}
+ASCENDING_BY_DEFAULT = frozenset({"latency ms", "size MB", "training time"})  # smaller is better
+
+
+@dataclass(frozen=True)
+class LeaderboardRow:
+    run: int
+    dataset: str
+    variant: str
+    resolution: int
+    preset: str
+    status: str
+    test_macro_f1: float | None
+    test_accuracy: float | None
+    val_accuracy: float | None
+    latency_ms: float | None
+    size_mb: float | None
+    params_m: float | None
+    train_seconds: float | None
+    batch: str | None
+    created: datetime
+
+
+@functools.lru_cache(maxsize=512)
+def model_params(variant: str, resolution: int, num_classes: int) -> int | None:
+    """Parameter count of a variant with a ``num_classes`` head; None for an unknown variant."""
+    from core.efficientnet import count_cost
+
+    try:
+        return count_cost(variant, resolution, num_classes).params
+    except Exception:  # noqa: BLE001 - an unknown custom variant shows a dash
+        return None
+
+
+def _leaderboard_row(run: Run, dataset_name: str, num_classes: int) -> LeaderboardRow:
+    sm, best = run.summary or {}, run.best_metrics or {}
+    params = model_params(run.variant, run.resolution, num_classes)
+    return LeaderboardRow(
+        run=run.id, dataset=dataset_name, variant=run.variant, resolution=run.resolution, preset=run.preset,
+        status=run.status, test_macro_f1=sm.get("test_macro_f1"), test_accuracy=sm.get("test_accuracy"),
+        val_accuracy=best.get("accuracy"), latency_ms=sm.get("latency_ms_p50"), size_mb=sm.get("onnx_mb"),
+        params_m=params / 1e6 if params else None, train_seconds=run.train_seconds, batch=run.batch_label,
+        created=run.created_at)
+
+
+def _run_filter(dataset_id: int | None, statuses: Sequence[str] | None) -> list[ColumnElement[bool]]:
+    where = []
+    if dataset_id is not None:
+        where.append(Run.dataset_id == dataset_id)
+    if statuses:
+        where.append(Run.status.in_([str(s) for s in statuses]))
+    return where
+
+
+def count_runs(*, dataset_id: int | None = None, statuses: Sequence[str] | None = None) -> int:
+    with _db()() as s:
+        return s.scalar(select(func.count()).select_from(Run).where(*_run_filter(dataset_id, statuses))) or 0
+
+
+def runs_table(*, offset: int = 0, limit: int = 25, sort: str = "macro-F1", descending: bool = True,
+               dataset_id: int | None = None, statuses: Sequence[str] | None = None) -> list[LeaderboardRow]:
+    """One page of the leaderboard, sorted in SQL (LIMIT/OFFSET) so thousands of runs stay fast."""
+    source, key = LEADERBOARD_SORTS.get(sort, ("column", "id"))
+    col = summary_value(key) if source == "summary" else getattr(Run, key)
+    order = nulls_last(col.desc() if descending else col.asc())
+    with _db()() as s:
+        rows = s.execute(select(Run, Dataset.name, Dataset.num_classes).join(Dataset, Run.dataset_id == Dataset.id)
+                         .where(*_run_filter(dataset_id, statuses)).order_by(order, Run.id.desc())
+                         .offset(offset).limit(limit)).all()
+        return [_leaderboard_row(run, name, k) for run, name, k in rows]
+
+
+@dataclass(frozen=True)
+class RunPoint:  # an evaluated and measured run on the accuracy-vs-latency chart
+    run: int
+    model: str
+    accuracy: float
+    macro_f1: float | None
+    latency_ms: float
+    size_mb: float | None
+
+
+def run_points(dataset_id: int | None = None, limit: int = 5000) -> list[RunPoint]:
+    stmt = select(Run.id, Run.variant, Run.resolution, Run.summary).where(*_run_filter(dataset_id, None),
+                                                                          Run.summary.is_not(None))
+    with _db()() as s:
+        rows = s.execute(stmt.order_by(Run.id.desc()).limit(limit)).all()
+    return [RunPoint(rid, f"{variant}@{res}", sm["test_accuracy"], sm.get("test_macro_f1"), sm["latency_ms_p50"],
+                     sm.get("onnx_mb"))
+            for rid, variant, res, sm in rows
+            if sm.get("test_accuracy") is not None and sm.get("latency_ms_p50") is not None]
+
+
+def pareto_front(points: Sequence[RunPoint]) -> set[int]:
+    """Run ids no other run beats on both lower latency and higher accuracy."""
+    best = -math.inf
+    front: set[int] = set()
+    for p in sorted(points, key=lambda p: (p.latency_ms, -p.accuracy)):
+        if p.accuracy > best:
+            front.add(p.run)
+            best = p.accuracy
+    return front
+
+
+def run_choices(*, statuses: Sequence[str] | None = None, limit: int = 500) -> dict[int, str]:
+    """{run id: label} of the most recent runs, for select boxes."""
+    stmt = select(Run.id, Run.variant, Run.resolution, Run.status, Dataset.name).join(
+        Dataset, Run.dataset_id == Dataset.id).where(*_run_filter(None, statuses))
+    with _db()() as s:
+        rows = s.execute(stmt.order_by(Run.id.desc()).limit(limit)).all()
+    return {rid: f"#{rid} · {name} · {variant}@{res} · {status}" for rid, variant, res, status, name in rows}
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    run: str  # "#12": a label, so charts colour runs as categories
+    epoch: int
+    phase: str
+    metric: str
+    value: float
+
+
+def run_curves(run_ids: Sequence[int], max_runs: int = 20) -> list[CurvePoint]:
+    """Per-epoch metrics of some runs in long format: one point per run, epoch, phase and metric."""
+    out: list[CurvePoint] = []
+    for rid in list(run_ids)[:max_runs]:
+        for row in runs.run_metrics(rid):
+            out.extend(CurvePoint(f"#{rid}", row["epoch"], row["phase"], k, v) for k, v in row.items()
+                       if k not in ("epoch", "phase") and isinstance(v, (int, float)) and not isinstance(v, bool))
+    return out
+
+
+# --- recommend -------------------------------------------------------------------------
+def recommend_budget(*, device: str, latency_ms: float = 0, latency_p95_ms: float = 0, memory_mb: float = 0,
+                     size_mb: float = 0, precision: str = "fp32", max_params_m: float = 0, min_resolution: int = 0,
+                     dataset: DatasetInfo | None = None) -> dict[str, Any]:
+    """The recommender's budget from the form (0: no limit); a dataset adds its classes and training
+    images (small data favours small models), without one candidates are ranked as for ImageNet."""
+    train = ((dataset.health.get("split_counts") or {}).get("train") or {}) if dataset else {}
+    return {
+        "device": device, "latency_ms": latency_ms or None, "latency_p95_ms": latency_p95_ms or None,
+        "memory_mb": memory_mb or None, "size_mb": size_mb or None, "precision": precision,
+        "max_params_m": max_params_m or None, "min_resolution": int(min_resolution) or None,
+        "train_images": sum(train.values()) or None,
+        "num_classes": dataset.num_classes if dataset and dataset.num_classes else 1000,
+    }
