@@ -8,6 +8,8 @@ GIF is deliberately unsupported (mostly animations/placeholders in practice).
 """
 from __future__ import annotations
 
+import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,12 +68,59 @@ def is_dicom(path: PathLike) -> bool:
         return False
 
 
+def _too_many_pixels(width: int, height: int, max_pixels: int) -> ImageDecodeError:
+    return ImageDecodeError(
+        f"image is {width}x{height} = {width * height:,} pixels, over Workbench's limit of "
+        f"{max_pixels:,} pixels (possible decompression bomb)"
+    )
+
+
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
-        raise ImageDecodeError(
-            f"image is {width}x{height} = {width * height:,} pixels, over the limit of "
-            f"{max_pixels:,} (possible decompression bomb)"
+        raise _too_many_pixels(width, height, max_pixels)
+
+
+def _header_size(path: PathLike) -> tuple[int, int] | None:
+    """Width and height read from the header alone, without Pillow's own pixel cap.
+
+    Only called after that cap fired inside ``Image.open``, so the message can quote the
+    image's real size and Workbench's limit instead of Pillow's internal one. Opening is lazy:
+    no pixel data is read.
+    """
+    Image.init()
+    with open(path, "rb") as fp:
+        prefix = fp.read(16)
+        for fmt in list(Image.ID):
+            factory, accept = Image.OPEN[fmt]
+            try:
+                ok = True if accept is None else accept(prefix)
+                if isinstance(ok, str) or not ok:  # a str is Pillow's "maybe, with a warning"
+                    continue
+                fp.seek(0)
+                im = factory(fp, str(path))
+                return int(im.size[0]), int(im.size[1])
+            except Exception:  # noqa: BLE001 - not this format: try the next one
+                continue
+    return None
+
+
+def _bomb_error(path: PathLike, pillow_message: str, max_pixels: int) -> ImageDecodeError:
+    size = _header_size(path)
+    if size is None:  # fall back to the pixel count Pillow reports
+        m = re.search(r"\((\d+) pixels\)", pillow_message)
+        pixels = f"{int(m.group(1)):,} pixels" if m else "too many pixels"
+        return ImageDecodeError(
+            f"image has {pixels}, over Workbench's limit of {max_pixels:,} pixels "
+            "(possible decompression bomb)"
         )
+    w, h = size
+    if w * h > max_pixels:
+        return _too_many_pixels(w, h, max_pixels)
+    # Workbench's limit was raised above what the image library agrees to decode.
+    return ImageDecodeError(
+        f"image is {w}x{h} = {w * h:,} pixels: within Workbench's limit of {max_pixels:,} "
+        f"pixels, but over the {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels the image library decodes"
+    )
 
 
 def _to_uint8_gray(arr: np.ndarray, max_value: float) -> np.ndarray:
@@ -156,6 +205,8 @@ def decode(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, reduce_to: i
     exported model sees exactly the pixels it was validated on.
     Raises ImageDecodeError with a user-facing reason for anything unusable.
     """
+    if os.stat(path).st_size == 0:  # say so plainly rather than "unrecognised content"
+        raise ImageDecodeError("empty file (0 bytes)")
     if is_dicom(path):
         return _decode_dicom(path, max_pixels)
     try:
@@ -184,7 +235,7 @@ def decode(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, reduce_to: i
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageDecodeError(f"image exceeds the pixel limit (possible decompression bomb): {e}") from e
+        raise _bomb_error(path, str(e), max_pixels) from None
     except UnidentifiedImageError:
         raise ImageDecodeError("not an image (unrecognised file content)") from None
     except FileNotFoundError:

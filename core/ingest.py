@@ -10,10 +10,17 @@ Every accepted image is fully decoded (catching truncated files), hashed, and co
 ``data_dir/store/<sha[:2]>/<sha><ext>`` through a temp file in ``data_dir/tmp`` and an
 atomic rename. Store file names are computed by us, never taken from the archive, so no
 entry name can write outside the data dir.
+
+Store files are shared between datasets (same content, same file), so storing and removing
+them is coordinated by ``store_lock`` (``data_dir/store.lock``): an ingest holds it shared from
+its first store-file check until its rows are committed (the ``commit`` callback), and whoever
+removes store files (a failed ingest, a dataset delete, the garbage collector) holds it
+exclusively while it re-checks references and unlinks.
 """
 from __future__ import annotations
 
 import csv as csvlib
+import fcntl
 import hashlib
 import io
 import os
@@ -21,10 +28,12 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Optional
@@ -36,6 +45,13 @@ from core.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode
 from core.splits import DEFAULT_FRACTIONS, SplitItem, assign_splits
 
 ProgressFn = Callable[[int, int], None]
+# Given store paths (relative to the data dir), return those some committed dataset references.
+ReferencedFn = Callable[[Iterable[str]], set[str]]
+
+STORE_LOCK = "store.lock"
+# How long a failed ingest waits for the exclusive store lock to remove its own new files;
+# past that (another ingest is running) the garbage collector removes them later.
+DISCARD_WAIT_S = 2.0
 
 SPLIT_ALIASES = {
     "train": "train", "training": "train",
@@ -108,7 +124,11 @@ class IngestResult:
     source: str = ""
 
     def rollback(self, keep: Callable[[Path], bool] | None = None) -> int:
-        """Delete the store files this ingest created (unless ``keep(path)``); returns count."""
+        """Delete the store files this ingest created (unless ``keep(path)``); returns count.
+
+        Not coordinated with other ingests: callers recording rows pass ``commit`` and
+        ``referenced`` to ``ingest`` instead, which removes files under the store lock.
+        """
         removed = _remove_files(self.new_files, keep)
         self.new_files = []
         return removed
@@ -129,6 +149,94 @@ def _remove_files(paths: list[Path], keep: Callable[[Path], bool] | None = None)
         except OSError:
             pass
     return removed
+
+
+# --- the store lock ----------------------------------------------------------------------
+
+# Why a flock and not a reference count in the database: it coordinates every process on this
+# machine (UI, workers, CLI) through the one data dir, readers (ingests) share it while removers
+# take it alone, and the kernel drops it when its process dies, so a kill -9 never leaves a stale
+# lock or a count to repair. flock locks belong to the open file, so two threads of one process
+# that each open the file exclude each other too.
+
+def _flock(f: IO[bytes], mode: int, wait_s: float | None) -> bool:
+    if wait_s is None:
+        fcntl.flock(f, mode)
+        return True
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(f, mode | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+
+
+@contextmanager
+def store_lock(data_dir: Path, *, exclusive: bool, wait_s: float | None = None) -> Iterator[bool]:
+    """Hold ``data_dir/store.lock``: shared to add/reuse store files, exclusive to remove them.
+
+    Yields whether the lock was taken: always True with ``wait_s=None`` (wait as long as it
+    takes), else False when it stayed busy for ``wait_s`` seconds.
+    """
+    path = Path(data_dir) / STORE_LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as f:
+        got = _flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, wait_s)
+        try:
+            yield got
+        finally:
+            if got:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _discard_new_files(data_dir: Path, files: list[Path], referenced: ReferencedFn | None) -> int:
+    """Remove store files a failed ingest created, unless a committed dataset uses them meanwhile.
+
+    Under the exclusive lock no other ingest is between "file found" and "rows committed", so the
+    reference check is final. If the lock stays busy the files stay: the GC removes them later.
+    """
+    if not files:
+        return 0
+    with store_lock(data_dir, exclusive=True, wait_s=DISCARD_WAIT_S) as got:
+        if not got:
+            return 0
+        if referenced is not None:
+            rel = {p: p.relative_to(data_dir).as_posix() for p in files}
+            used = referenced(rel.values())
+            files = [p for p in files if rel[p] not in used]
+        return _remove_files(files)
+
+
+# --- names shown to people -------------------------------------------------------------
+
+# Characters that hide or reorder text on screen: C0/C1 controls, DEL, the bidi embeddings,
+# overrides and isolates (U+202A-U+202E, U+2066-U+2069) and the LRM/RLM marks.
+_UNSAFE_NAME_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_BIDI = re.compile("[\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def unsafe_name_chars(text: str) -> list[str]:
+    """The control and bidi characters in ``text``, as sorted ``U+XXXX`` codes (empty: none)."""
+    return sorted({f"U+{ord(c):04X}" for c in _UNSAFE_NAME_CHARS.findall(text)})
+
+
+def has_bidi_chars(text: str) -> bool:
+    return _BIDI.search(text) is not None
+
+
+def display_name(text: str) -> str:
+    """``text`` with control and bidi characters written as visible escapes (\\x07, \\u202e).
+
+    For messages and tables only: stored labels keep the exact name on disk so files map.
+    """
+    def esc(m: re.Match[str]) -> str:
+        cp = ord(m.group(0))
+        return f"\\x{cp:02x}" if cp < 0x100 else f"\\u{cp:04x}"
+
+    return _UNSAFE_NAME_CHARS.sub(esc, text)
 
 
 # --- sources ---------------------------------------------------------------------------
@@ -417,11 +525,16 @@ def ingest(
     near_threshold: int = NEAR_DUP_THRESHOLD,
     keep_near_duplicates_together: bool = True,
     input_size: int = 224,
+    commit: Callable[[IngestResult], None] | None = None,
+    referenced: ReferencedFn | None = None,
 ) -> IngestResult:
     """Ingest ``source`` into ``data_dir/store``; see the module docstring.
 
-    Image ``store_path`` values are relative to ``data_dir``. On any fatal error the
-    files this call added to the store are removed and IngestError is raised.
+    Image ``store_path`` values are relative to ``data_dir``. ``commit(result)`` runs while
+    the store lock is still held, so a caller that records the images there (the dataset
+    service) never points at a file a concurrent delete removed. On any fatal error (in
+    ``commit`` too) the files this call added to the store are removed, except those
+    ``referenced`` says a committed dataset uses, and the error is raised.
     """
     source = Path(source)
     data_dir = Path(data_dir).resolve()
@@ -446,6 +559,7 @@ def ingest(
 
     zf: Optional[zipfile.ZipFile] = None
     new_files: list[Path] = []
+    held = ExitStack()  # the shared store lock, from the first store check to the commit
     try:
         manifest_path: Optional[Path] = Path(csv) if csv is not None else None
         if source.is_dir():
@@ -508,6 +622,7 @@ def ingest(
 
         records: list[ImageRecord] = []
         budget = _Budget(limits)
+        held.enter_context(store_lock(data_dir, exclusive=False))
         unmatched_regex = 0
         total = len(planned)
         for done, p in enumerate(planned, start=1):
@@ -566,6 +681,16 @@ def ingest(
             "near_threshold": near_threshold,
         }
         extra = list(split.warnings)
+        # Class names keep the exact folder name / CSV label (so files and labels map back);
+        # names with control or bidi characters are reported, escaped, rather than refused,
+        # so an odd folder name never costs the user their images.
+        unsafe = [c for c in classes if unsafe_name_chars(c)]
+        for c in unsafe:
+            extra.append(
+                f"class name '{display_name(c)}' contains invisible control or text-direction "
+                f"characters ({', '.join(unsafe_name_chars(c))}), shown escaped here; the class keeps "
+                "the exact name on disk, but renaming its folder or label is safer"
+            )
         if regex is not None and unmatched_regex:
             extra.append(
                 f"group regex matched no group in {unmatched_regex} file name(s); each of those "
@@ -590,14 +715,25 @@ def ingest(
             missing_from_csv=missing, input_size=input_size, near_threshold=near_threshold,
             extra_warnings=extra,
         )
-        return IngestResult(
+        # Warnings are messages: any class or folder name they quote is shown escaped.
+        health["warnings"] = [display_name(w) for w in health.get("warnings", [])]
+        if unsafe:
+            health["unsafe_class_names"] = [
+                {"display_name": display_name(c), "characters": unsafe_name_chars(c)} for c in unsafe
+            ]
+        result = IngestResult(
             images=records, skipped=skipped, classes=classes, health=health,
             split_config=split_config, new_files=new_files, source=str(source),
         )
+        if commit is not None:
+            commit(result)
+        return result
     except BaseException:
-        _remove_files(new_files)
+        held.close()  # removing files needs the lock exclusively
+        _discard_new_files(data_dir, new_files, referenced)
         raise
     finally:
+        held.close()
         if zf is not None:
             zf.close()
 

@@ -73,12 +73,34 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
+class MigrationError(RuntimeError):
+    """A migration left the database inconsistent; it was rolled back."""
+
+
 def _run_alembic(engine: Engine, action: str, revision: str) -> None:
     cfg = alembic_config(str(engine.url.render_as_string(hide_password=False)))
-    with engine.begin() as conn:
-        # env.py reuses this connection (keeps our PRAGMAs, works for in-memory DBs).
-        cfg.attributes["connection"] = conn
-        getattr(command, action)(cfg, revision)
+    sqlite = engine.dialect.name == "sqlite"
+    with engine.connect() as conn:
+        if sqlite:
+            # Batch migrations rebuild a table (copy, drop the old one, rename). With foreign
+            # keys on, that DROP would cascade into every child table and delete their rows:
+            # SQLite's own procedure turns them off for the rebuild, then checks them.
+            # The PRAGMA only takes effect outside a transaction, hence before begin().
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            conn.commit()
+        try:
+            with conn.begin():
+                # env.py reuses this connection (keeps our PRAGMAs, works for in-memory DBs).
+                cfg.attributes["connection"] = conn
+                getattr(command, action)(cfg, revision)
+                if sqlite:
+                    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise MigrationError(f"migration {action} to {revision} broke foreign keys: {broken[:5]}")
+        finally:
+            if sqlite:
+                conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                conn.commit()
 
 
 def upgrade(url: str, revision: str = "head") -> None:

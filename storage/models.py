@@ -1,6 +1,6 @@
 """SQLAlchemy models: the whole Workbench schema.
 
-Every table is created by the first Alembic revision (storage/migrations/versions).
+Every table is created by the Alembic revisions in storage/migrations/versions.
 Paths stored here are always RELATIVE to the data dir, so a data dir can be moved.
 Timestamps are timezone-aware UTC.
 """
@@ -68,6 +68,9 @@ class Base(DeclarativeBase):
 
 class Dataset(Base):
     __tablename__ = "datasets"
+    # AUTOINCREMENT: a deleted dataset's id is never given to a new one (ids appear in
+    # commands, logs and exported model cards, so a reused id would point at the wrong data).
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
@@ -111,6 +114,7 @@ class Image(Base):
 
 class Run(Base):
     __tablename__ = "runs"
+    __table_args__ = {"sqlite_autoincrement": True}  # run ids are never reused either (run_00042/)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     dataset_id: Mapped[int] = mapped_column(

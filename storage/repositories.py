@@ -116,6 +116,11 @@ def store_paths_used_elsewhere(
     return used
 
 
+def all_store_paths(session: Session) -> set[str]:
+    """Every store path some image row references (what the garbage collector must keep)."""
+    return set(session.scalars(select(Image.store_path).distinct()).all())
+
+
 # --- artifacts ----------------------------------------------------------------------
 
 def add_artifact(

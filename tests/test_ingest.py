@@ -198,3 +198,51 @@ def test_splits_are_seeded(make_zip, tmp_path: Path) -> None:  # type: ignore[no
     assert s1 == s2 and s1 != s3
     zf = zipfile.ZipFile(z)
     assert len(zf.namelist()) == 90
+
+
+# --- names: control and bidi characters ------------------------------------------------
+
+@pytest.mark.parametrize("name, kind", [
+    ("bell\x07set", "control characters (U+0007)"),
+    ("two\nlines", "control characters (U+000A)"),
+    ("tab\there", "control characters (U+0009)"),
+    ("esc\x1b[31mred", "control characters (U+001B)"),
+    ("del\x7fete", "control characters (U+007F)"),
+    ("c1\x9bcsi", "control characters (U+009B)"),
+    ("invoice\u202egnp.exe", "text-direction (bidi) control characters (U+202E)"),
+    ("embed\u202aL", "text-direction (bidi) control characters (U+202A)"),
+    ("iso\u2066late\u2069", "text-direction (bidi) control characters (U+2066, U+2069)"),
+    ("mark\u200fRLM", "text-direction (bidi) control characters (U+200F)"),
+    ("mark\u200eLRM", "text-direction (bidi) control characters (U+200E)"),
+])
+def test_dataset_name_with_control_or_bidi_characters_refused(data_dir: Path, make_zip, name: str,  # type: ignore[no-untyped-def]
+                                                              kind: str) -> None:
+    z = make_zip({"a/1.png": png_bytes(pattern=1), "b/2.png": png_bytes(pattern=2)})
+    with pytest.raises(svc.DatasetError) as err:
+        svc.add_dataset(z, name)
+    assert str(err.value).startswith(f"dataset name contains {kind}")
+    assert svc.list_datasets() == [] and _store_files(data_dir) == set()
+
+
+@pytest.mark.parametrize("folder, escaped, chars", [
+    ("cat\u202egnp.exe", "cat\\u202egnp.exe", ["U+202E"]),
+    ("dog\x1b[31m", "dog\\x1b[31m", ["U+001B"]),
+    ("\u2067rtl\u2069", "\\u2067rtl\\u2069", ["U+2067", "U+2069"]),
+])
+def test_class_folder_with_control_or_bidi_characters_kept_and_reported(
+    data_dir: Path, make_zip, capsys: pytest.CaptureFixture[str], folder: str, escaped: str,  # type: ignore[no-untyped-def]
+    chars: list[str],
+) -> None:
+    from workbench.cli import main
+
+    z = make_zip({f"{folder}/1.png": png_bytes(pattern=1), f"{folder}/2.png": png_bytes(pattern=2),
+                  "plain/3.png": png_bytes(pattern=3), "plain/4.png": png_bytes(pattern=4)})
+    info = svc.add_dataset(z, "odd-classes")
+    assert folder in info.classes  # the label stays exactly as on disk, so files map back
+    assert {i.label for i in svc.dataset_images("odd-classes")} == {folder, "plain"}
+    assert info.health["unsafe_class_names"] == [{"display_name": escaped, "characters": chars}]
+    warning = next(w for w in info.health["warnings"] if "control or text-direction" in w)
+    assert f"'{escaped}'" in warning and folder not in warning
+    assert main(["data", "report", "odd-classes"]) == 0
+    out = capsys.readouterr().out
+    assert escaped in out and folder not in out  # the terminal never receives the raw characters

@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import png_bytes
-from core.ingest import IngestError, IngestLimits, ingest
+from core.images import DEFAULT_MAX_PIXELS
+from core.ingest import STORE_LOCK, IngestError, IngestLimits, ingest
 
 
 def _snapshot(root: Path) -> set[str]:
@@ -131,12 +132,50 @@ def _png_header_only(width: int, height: int) -> bytes:
             + chunk(b"IEND", b""))
 
 
-def test_decompression_bomb_image_skipped(make_zip, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def _bmp_header_only(width: int, height: int) -> bytes:
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 14 + len(info), 0, 0, 14 + len(info)) + info
+
+
+# Pillow refuses images over 2 x Image.MAX_IMAGE_PIXELS (178,956,970) itself, before Workbench's
+# own check runs; either way the message quotes Workbench's limit and the image's size.
+@pytest.mark.parametrize("name, data, max_pixels, size", [
+    ("huge.png", _png_header_only(200_000, 200_000), None, "200000x200000 = 40,000,000,000"),
+    ("wide.png", _png_header_only(20_000, 10_000), None, "20000x10000 = 200,000,000"),
+    ("huge.bmp", _bmp_header_only(30_000, 30_000), None, "30000x30000 = 900,000,000"),
+    ("mid.png", _png_header_only(12_000, 10_000), None, "12000x10000 = 120,000,000"),  # ours only
+    ("small-limit.png", _png_header_only(5_000, 5_000), 1_000_000, "5000x5000 = 25,000,000"),
+    ("raised-limit.png", _png_header_only(20_000, 20_000), 300_000_000, "20000x20000 = 400,000,000"),
+], ids=["png-over-pillow-cap", "png-200mp", "bmp-over-pillow-cap", "png-over-ours-only", "small-limit",
+        "limit-raised-above-pillow"])
+def test_pixel_bomb_message_quotes_workbench_limit(make_zip, tmp_path: Path, name: str, data: bytes,  # type: ignore[no-untyped-def]
+                                                  max_pixels: int | None, size: str) -> None:
     files = _two_classes()
-    files["a/huge.png"] = _png_header_only(200_000, 200_000)
-    r = ingest(make_zip(files), tmp_path / "data")
-    reason = {s.path: s.reason for s in r.skipped}["a/huge.png"]
-    assert "possible decompression bomb" in reason and "40000000000 pixels" in reason
+    files[f"a/{name}"] = data
+    limits = IngestLimits() if max_pixels is None else IngestLimits(max_pixels=max_pixels)
+    r = ingest(make_zip(files), tmp_path / "data", limits=limits)
+    reason = {s.path: s.reason for s in r.skipped}[f"a/{name}"]
+    limit = max_pixels or DEFAULT_MAX_PIXELS
+    assert reason == (f"image is {size} pixels, over Workbench's limit of {limit:,} pixels "
+                      "(possible decompression bomb)")
+    assert "178956970" not in reason and "178,956,970" not in reason  # Pillow's own cap
+    assert len(r.images) == 4
+
+
+@pytest.mark.parametrize("source", ["zip", "folder"])
+@pytest.mark.parametrize("name", ["a/empty.png", "a/empty.jpg", "b/empty.dcm", "b/no-extension"])
+def test_zero_byte_file_says_empty(make_zip, tmp_path: Path, source: str, name: str) -> None:  # type: ignore[no-untyped-def]
+    files = {**_two_classes(), name: b""}
+    if source == "zip":
+        src = make_zip(files)
+    else:
+        src = tmp_path / "src"
+        for k, v in files.items():
+            (src / k).parent.mkdir(parents=True, exist_ok=True)
+            (src / k).write_bytes(v)
+    r = ingest(src, tmp_path / "data")
+    assert {s.path: s.reason for s in r.skipped}[name] == "empty file (0 bytes)"
+    assert len(r.images) == 4
 
 
 def test_non_images_unreadable_and_clutter(make_zip, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -176,7 +215,7 @@ def test_single_class_fatal_and_leaves_no_files(make_zip, tmp_path: Path) -> Non
     z = make_zip({"only/1.png": png_bytes(pattern=1), "only/2.png": png_bytes(pattern=2)})
     with pytest.raises(IngestError, match="need at least 2 classes, found only 'only' \\(2 images\\)"):
         ingest(z, data)
-    assert not any(p.is_file() for p in data.rglob("*"))
+    assert not any(p.is_file() and p.name != STORE_LOCK for p in data.rglob("*"))
 
 
 def test_no_images_fatal(make_zip, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

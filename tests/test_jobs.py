@@ -58,9 +58,9 @@ def test_two_queued_jobs_run_back_to_back_without_lock_errors(data_dir: Path, sf
     assert [i.status for i in infos] == ["succeeded", "succeeded"], [i.error for i in infos]
     assert infos[1].started_at >= infos[0].finished_at  # one after the other
     assert all(i.checkpoint_path and (data_dir / i.checkpoint_path).is_file() for i in infos)
-    assert [m["epoch"] for m in runs.run_metrics(ids[0])] == [1, 2]
+    assert [m.epoch for m in runs.run_metrics(ids[0])] == [1, 2]
     assert infos[0].best_metrics["macro_f1"] > 0
-    events = [e["message"] for e in runs.run_events(ids[0])]
+    events = [e.message for e in runs.run_events(ids[0])]
     assert any("Training finished" in m for m in events)
     assert not any("locked" in (i.error or "") for i in infos)
     from storage.models import Job
@@ -97,10 +97,11 @@ def test_kill_worker_then_resume_matches_uninterrupted_run(data_dir: Path, sf) -
     assert res.status == "succeeded", res.error
     assert res.summary["resumed_from_epoch"] >= 3
     a, b = runs.run_metrics(ref_id), runs.run_metrics(run_id)
-    assert [m["epoch"] for m in a] == [m["epoch"] for m in b] == list(range(1, 11))
+    assert [m.epoch for m in a] == [m.epoch for m in b] == list(range(1, 11))
     for x, y in zip(a, b):
-        assert x["val_loss"] == pytest.approx(y["val_loss"], abs=1e-6), [(m["epoch"], m["val_loss"], n["val_loss"]) for m, n in zip(a, b)]
-        assert x["val_accuracy"] == y["val_accuracy"]
+        assert x.values["val_loss"] == pytest.approx(y.values["val_loss"], abs=1e-6), \
+            [(m.epoch, m.values["val_loss"], n.values["val_loss"]) for m, n in zip(a, b)]
+        assert x.values["val_accuracy"] == y.values["val_accuracy"]
     assert ref.best_metrics["epoch"] == res.best_metrics["epoch"]
     assert ref.best_metrics["loss"] == pytest.approx(res.best_metrics["loss"], abs=1e-6)
 

@@ -17,6 +17,7 @@ from storage.models import (
     Artifact, Base, Benchmark, Dataset, Evaluation, Image, Job, Run, RunEvent, RunMetric,
 )
 
+HEAD = "0002_autoincrement_ids"
 TABLES = {"datasets", "images", "runs", "run_metrics", "run_events", "evaluations",
           "artifacts", "benchmarks", "jobs"}
 
@@ -40,7 +41,7 @@ def test_upgrade_from_empty_creates_schema_matching_models(tmp_path: Path) -> No
     eng = make_engine(url)
     with eng.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001_initial"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == HEAD
     eng.dispose()
     assert diff == [], f"models and migrations drifted: {diff}"
 
@@ -172,3 +173,72 @@ def test_artifact_register_and_verify(tmp_path: Path) -> None:
     escaped = Artifact(id=9, kind="plot", path="../elsewhere.bin", sha256="x", bytes=1)
     with pytest.raises(ArtifactError, match="escapes the data dir"):
         verify_artifact(escaped, data)
+
+
+# --- ids are never reused (0002_autoincrement_ids) -------------------------------------
+
+_CHILDREN = (Dataset, Image, Run, RunMetric, RunEvent, Evaluation, Job, Artifact, Benchmark)
+
+
+def _snapshot_rows(sm) -> dict[str, list[tuple]]:  # type: ignore[no-untyped-def]
+    with sm() as s:
+        return {m.__tablename__: sorted(tuple(r) for r in s.execute(select(m.__table__)).all())
+                for m in _CHILDREN}
+
+
+def _new_dataset_and_run(sm, name: str) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    with sm.begin() as s:
+        ds = repo.add_dataset(s, name=name, source="src", classes=["a", "b"], health={},
+                              split_config={}, skipped=[], num_images=0)
+        run = Run(dataset_id=ds.id, variant="efficientnet_b0", resolution=224, preset="fast")
+        s.add(run)
+        s.flush()
+        return ds.id, run.id
+
+
+def _assert_ids_not_reused(sm) -> None:  # type: ignore[no-untyped-def]
+    ds_id, run_id = _new_dataset_and_run(sm, "newest")
+    with sm.begin() as s:  # delete the newest dataset (and its run): their ids are the highest
+        repo.delete_dataset(s, ds_id)
+    again_ds, again_run = _new_dataset_and_run(sm, "after-delete")
+    assert again_ds > ds_id and again_run > run_id
+
+
+@pytest.mark.parametrize("start", ["empty", "0001_initial"])
+def test_migration_keeps_every_row_and_ids_are_never_reused(tmp_path: Path, start: str) -> None:
+    from sqlalchemy.orm import sessionmaker
+
+    url = _url(tmp_path)
+    before: dict[str, list[tuple]] = {}
+    if start != "empty":  # a database made by the previous revision, with rows in every table
+        upgrade(url, start)
+        eng = make_engine(url)
+        old = sessionmaker(bind=eng)
+        _populate(old)
+        before = _snapshot_rows(old)
+        eng.dispose()
+    sm = init_db(url)  # migrates to head, as at start
+    if before:
+        assert _snapshot_rows(sm) == before  # nothing lost to the table rebuild's cascades
+    with sm() as s:
+        ddl = dict(s.execute(text("SELECT name, sql FROM sqlite_master WHERE name IN ('datasets', 'runs')")).all())
+        assert all("AUTOINCREMENT" in sql for sql in ddl.values()) and len(ddl) == 2
+        assert s.execute(text("PRAGMA foreign_keys")).scalar() == 1  # back on after the migration
+    _assert_ids_not_reused(sm)
+
+
+def test_downgrade_from_head_keeps_rows(tmp_path: Path) -> None:
+    url = _url(tmp_path)
+    sm = init_db(url)
+    _populate(sm)
+    before = _snapshot_rows(sm)
+    sm.kw["bind"].dispose()
+    downgrade(url, "0001_initial")
+    eng = make_engine(url)
+    with eng.connect() as conn:
+        sql = conn.execute(text("SELECT sql FROM sqlite_master WHERE name = 'datasets'")).scalar()
+        assert "AUTOINCREMENT" not in sql
+        assert conn.execute(text("SELECT count(*) FROM images")).scalar() == 2
+    eng.dispose()
+    sm = init_db(url)
+    assert _snapshot_rows(sm) == before

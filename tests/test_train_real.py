@@ -26,7 +26,7 @@ def test_rice_leaf_quick_recipe_through_the_worker(data_dir: Path, shared_datase
     assert run.status == "succeeded", run.error
     assert run.preset == "field"
     metrics = runs.run_metrics(run_id)
-    assert metrics and metrics[-1]["epoch"] == len(metrics)
+    assert metrics and metrics[-1].epoch == len(metrics)
     # 3 classes: chance macro-F1 is ~0.33; a fine-tuned ImageNet model must be well above it.
     assert run.best_metrics["macro_f1"] > 0.6, run.best_metrics
     from core.train import load_trained_model

@@ -1,11 +1,15 @@
 """Dataset service: ingest into the store, record in the DB, report, delete.
 
 Files first, rows second: ``core.ingest`` stores images, then one short transaction
-writes the dataset and its image rows. If that transaction fails the files this ingest
-added are removed again (unless another dataset references them meanwhile).
+writes the dataset and its image rows, still under the store's shared lock (see
+``core.ingest.store_lock``). If that transaction fails the files this ingest added are
+removed again (unless another dataset references them meanwhile). A delete removes the
+rows, then unlinks the files nobody references under the exclusive lock, so it can never
+unlink a file an ingest has found but not yet recorded.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -14,7 +18,15 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.ingest import IngestLimits, IngestResult, ProgressFn, ingest
+from core.ingest import (
+    IngestLimits,
+    IngestResult,
+    ProgressFn,
+    has_bidi_chars,
+    ingest,
+    store_lock,
+    unsafe_name_chars,
+)
 from core.splits import DEFAULT_FRACTIONS
 from storage import repositories as repo
 from storage.db import get_sessionmaker
@@ -22,6 +34,9 @@ from storage.models import Dataset
 from workbench.settings import Settings, get_settings
 
 MAX_NAME_LEN = 200
+# How long a delete waits for running ingests to release the store before leaving the
+# unreferenced files to the garbage collector (``workbench gc``, worker start).
+DELETE_LOCK_WAIT_S = 5.0
 
 
 class DatasetError(ValueError):
@@ -70,6 +85,7 @@ class DeleteResult:
     name: str
     images: int
     files_removed: int
+    files_left: int = 0  # unreferenced files left to the garbage collector (an ingest held the store)
 
 
 def _ctx(settings: Settings | None) -> tuple[Settings, sessionmaker[Session]]:
@@ -84,19 +100,33 @@ def _check_name(name: str) -> str:
         raise DatasetError("dataset name must not be empty")
     if len(name) > MAX_NAME_LEN:
         raise DatasetError(f"dataset name is longer than {MAX_NAME_LEN} characters")
+    bad = unsafe_name_chars(name)
+    if bad and has_bidi_chars(name):
+        raise DatasetError(f"dataset name contains text-direction (bidi) control characters ({', '.join(bad)}), "
+                           "which make a name look different from what it is; remove them")
+    if bad:
+        raise DatasetError(f"dataset name contains control characters ({', '.join(bad)}), such as a "
+                           "line break or tab; use letters, digits, spaces and punctuation")
     if name.isdigit():
         raise DatasetError(f"dataset name {name!r} is all digits, which would read as a dataset id; "
                            f"add a letter (e.g. 'set-{name}')")
     return name
 
 
+def _referenced(Session_: sessionmaker[Session]) -> Callable[[Iterable[str]], set[str]]:
+    """Which store paths a committed image row references (read fresh on each call)."""
+    def check(paths: Iterable[str]) -> set[str]:
+        with Session_() as session:
+            return repo.store_paths_used_elsewhere(session, paths)
+    return check
+
+
 def _remove_unreferenced(Session_: sessionmaker[Session], files: list[Path], data_dir: Path) -> int:
-    """Unlink store files no image row references (another ingest may have just claimed one)."""
+    """Unlink store files no image row references. Call with the store lock held exclusively."""
     if not files:
         return 0
     rel = {f.resolve().relative_to(data_dir.resolve()).as_posix(): f for f in files}
-    with Session_() as session:
-        used = repo.store_paths_used_elsewhere(session, rel.keys())
+    used = _referenced(Session_)(rel.keys())
     removed = 0
     for r, f in rel.items():
         if r in used:
@@ -135,11 +165,11 @@ def add_dataset(
         if repo.get_dataset_by_name(session, name) is not None:
             raise DatasetError(f"a dataset named {name!r} already exists; choose another name or delete it")
 
-    result: IngestResult = ingest(
-        Path(source), s.data_dir, csv=Path(csv) if csv else None, group_regex=group_regex,
-        seed=seed, split_fractions=split_fractions, limits=limits, progress=progress,
-    )
-    try:
+    infos: list[DatasetInfo] = []
+
+    def commit(result: IngestResult) -> None:
+        # Runs inside core.ingest while the store lock is held: no delete can unlink a file
+        # these rows point at between "found in the store" and "committed".
         with Session_.begin() as session:
             ds = repo.add_dataset(
                 session, name=name, source=str(source), classes=result.classes,
@@ -147,13 +177,19 @@ def add_dataset(
                 skipped=[x.as_dict() for x in result.skipped], num_images=len(result.images),
             )
             repo.add_images(session, ds.id, (r.as_row() for r in result.images))
-            info = DatasetInfo.from_row(ds)
-    except BaseException as e:
-        _remove_unreferenced(Session_, result.new_files, s.data_dir)
-        if isinstance(e, IntegrityError) and "datasets.name" in str(e.orig):
+            infos.append(DatasetInfo.from_row(ds))
+
+    try:
+        ingest(
+            Path(source), s.data_dir, csv=Path(csv) if csv else None, group_regex=group_regex,
+            seed=seed, split_fractions=split_fractions, limits=limits, progress=progress,
+            commit=commit, referenced=_referenced(Session_),
+        )
+    except IntegrityError as e:  # core.ingest already removed the files only this ingest used
+        if "datasets.name" in str(e.orig):
             raise DatasetError(f"a dataset named {name!r} already exists") from None
         raise
-    return info
+    return infos[0]
 
 
 def _get_row(session: Session, name_or_id: str | int) -> Dataset:
@@ -212,7 +248,12 @@ def dataset_report(name_or_id: str | int, *, settings: Settings | None = None) -
 
 
 def delete_dataset(name_or_id: str | int, *, settings: Settings | None = None) -> DeleteResult:
-    """Delete a dataset's rows (cascading) and the store files no other dataset uses."""
+    """Delete a dataset's rows (cascading) and the store files no other dataset uses.
+
+    Files are unlinked under the exclusive store lock, after re-reading the references: an
+    ingest of the same images holds the lock shared until its rows are committed. If ingests
+    keep the store busy for ``DELETE_LOCK_WAIT_S`` the files stay for the garbage collector.
+    """
     s, Session_ = _ctx(settings)
     with Session_.begin() as session:
         ds = _get_row(session, name_or_id)
@@ -220,5 +261,10 @@ def delete_dataset(name_or_id: str | int, *, settings: Settings | None = None) -
         paths = {im.store_path for im in repo.images_for_dataset(session, ds_id)}
         n_images = ds.num_images
         repo.delete_dataset(session, ds_id)
-    removed = _remove_unreferenced(Session_, [s.data_dir / p for p in sorted(paths)], s.data_dir)
-    return DeleteResult(name=name, images=n_images, files_removed=removed)
+    removed = left = 0
+    with store_lock(s.data_dir, exclusive=True, wait_s=DELETE_LOCK_WAIT_S) as got:
+        if got:
+            removed = _remove_unreferenced(Session_, [s.data_dir / p for p in sorted(paths)], s.data_dir)
+        else:
+            left = len(paths)
+    return DeleteResult(name=name, images=n_images, files_removed=removed, files_left=left)

@@ -215,21 +215,39 @@ def resume_run(run_id: int, *, settings: Settings | None = None, start_worker: b
     return job_id
 
 
-def run_metrics(run_id: int, *, settings: Settings | None = None) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class EpochMetrics:
+    epoch: int
+    phase: str
+    values: dict[str, Any]  # val_accuracy, val_macro_f1, val_loss, train_loss, lr, seconds...
+
+
+@dataclass(frozen=True)
+class RunEventInfo:
+    id: int
+    created_at: datetime
+    level: str
+    message: str
+    data: dict[str, Any] | None
+
+
+def run_metrics(run_id: int, *, settings: Settings | None = None) -> list[EpochMetrics]:
+    """The run's per-epoch validation metrics, in epoch order."""
     settings, sf = _ctx(settings)
     with sf() as s:
         rows = s.scalars(select(RunMetric).where(RunMetric.run_id == run_id).order_by(RunMetric.epoch)).all()
-        return [{"epoch": r.epoch, "phase": r.phase, **r.metrics} for r in rows]
+        return [EpochMetrics(r.epoch, r.phase, dict(r.metrics or {})) for r in rows]
 
 
-def run_events(run_id: int, since_id: int = 0, *, settings: Settings | None = None) -> list[dict[str, Any]]:
-    """Events newer than ``since_id`` (poll with the last id you saw)."""
+def run_events(run_id: int, since_id: int = 0, *, newest: int | None = None,
+               settings: Settings | None = None) -> list[RunEventInfo]:
+    """Events newer than ``since_id`` (poll with the last id you saw), oldest first; ``newest``:
+    only the last so many."""
     settings, sf = _ctx(settings)
+    stmt = select(RunEvent).where(RunEvent.run_id == run_id, RunEvent.id > since_id).order_by(RunEvent.id.desc())
     with sf() as s:
-        rows = s.scalars(select(RunEvent).where(RunEvent.run_id == run_id, RunEvent.id > since_id)
-                         .order_by(RunEvent.id)).all()
-        return [{"id": e.id, "created_at": e.created_at, "level": e.level, "message": e.message, "data": e.data}
-                for e in rows]
+        rows = s.scalars(stmt.limit(newest) if newest is not None else stmt).all()
+        return [RunEventInfo(e.id, e.created_at, e.level, e.message, e.data) for e in reversed(rows)]
 
 
 def last_checkpoint_epoch(s: Session, run: Run) -> int | None:

@@ -202,15 +202,16 @@ def live_runs(limit: int = 10, events: int = 5) -> list[LiveRun]:
             info = runs.get_run(run_id)
         except runs.RunError:
             continue  # deleted since the ids were read
-        newest = runs.run_events(run_id)[-events:][::-1]
-        out.append(LiveRun(info, tuple(e["message"] for e in newest)))
+        newest = runs.run_events(run_id, newest=events)[::-1]
+        out.append(LiveRun(info, tuple(e.message for e in newest)))
     return out
 
 
 # --- runs: leaderboard, scatter, curves ------------------------------------------------
 def summary_value(key: str) -> ColumnElement[Any]:
-    """One ``Run.summary`` key as an SQL expression (SQLite's json_extract: the one dialect-specific spot)."""
-    return func.json_extract(Run.summary, f"$.{key}")
+    """One numeric ``Run.summary`` key as an SQL expression, portable: SQLAlchemy's JSON indexing
+    renders json_extract on SQLite and ->> on PostgreSQL."""
+    return Run.summary[key].as_float()
 
 
 # Sort choice, as the page names it -> the summary key or Run column it sorts by.
@@ -345,7 +346,7 @@ def run_curves(run_ids: Sequence[int], max_runs: int = 20) -> list[CurvePoint]:
     out: list[CurvePoint] = []
     for rid in list(run_ids)[:max_runs]:
         for row in runs.run_metrics(rid):
-            out.extend(CurvePoint(f"#{rid}", row["epoch"], row["phase"], k, v) for k, v in row.items()
+            out.extend(CurvePoint(f"#{rid}", row.epoch, row.phase, k, v) for k, v in row.values.items()
                        if k not in ("epoch", "phase") and isinstance(v, (int, float)) and not isinstance(v, bool))
     return out
 

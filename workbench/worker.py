@@ -3,7 +3,10 @@
 It claims the lane's queued jobs one by one (workbench.jobs.claim_next_job) and runs each
 kind's handler from the handler table (workbench.handlers). ``reconcile`` makes the database
 tell the truth after a crash: a job marked running whose lane's worker is gone is failed, and
-its kind's orphan hook runs (a training run is offered for resume).
+its kind's orphan hook runs (a training run is offered for resume). It runs at worker start
+and every ``RECONCILE_EVERY_S`` seconds in the drain loop, so a job whose worker died (the other
+lane's, or a killed one) does not stay "running". At start the worker also runs the garbage
+collector (workbench.gc) with its default grace period.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import get_sessionmaker
 from storage.models import Job, utcnow
-from workbench import lanes
+from workbench import gc, lanes
 from workbench.handlers import get_handler
 from workbench.jobs import JobContext, JobOutcome, claim_next_job, finish_job
 from workbench.settings import Settings, get_settings
@@ -32,6 +35,7 @@ from workbench.status import JobKind, JobStatus
 
 log = logging.getLogger("workbench.worker")
 _RUNNING = (JobStatus.RUNNING, JobStatus.LEGACY_WORKING)
+RECONCILE_EVERY_S = 60.0
 
 
 def _is_orphan(status: str, pid: int | None, job_lane: str, lane: str, current_worker: int | None,
@@ -108,8 +112,14 @@ def _drain(sf: sessionmaker[Session], settings: Settings, me: int, lane: str, on
     kinds = lanes.kinds_of(lane)
     # The default lane also takes unknown kinds, so they fail readably instead of waiting forever.
     unknown = [str(k) for k in JobKind] if lane == lanes.DEFAULT_LANE else None
-    idle_since = time.monotonic()
+    idle_since = last_reconcile = time.monotonic()
     while not _Stop.requested:
+        if time.monotonic() - last_reconcile >= RECONCILE_EVERY_S:
+            last_reconcile = time.monotonic()
+            try:
+                reconcile(sf, settings, current_worker=me, lane=lane)
+            except Exception:  # noqa: BLE001 - a failed check must not stop the queue; next tick retries
+                log.warning("reconcile failed", exc_info=True)
         job = claim_next_job(sf, me, kinds, or_not_in=unknown)
         if job is not None:
             execute_job(job, sf, settings, lambda: _Stop.requested)
@@ -120,6 +130,18 @@ def _drain(sf: sessionmaker[Session], settings: Settings, me: int, lane: str, on
         if once or (idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s):
             return
         time.sleep(poll_s)
+
+
+def _collect_garbage(settings: Settings) -> None:
+    """Free what killed ingests and stale uploads left; never stops the worker from starting."""
+    try:
+        report = gc.collect_garbage(settings)
+    except Exception:  # noqa: BLE001 - garbage can wait for the next start
+        log.warning("garbage collection failed", exc_info=True)
+        return
+    if report.total.files:
+        for line in gc.describe(report):
+            log.info("gc: %s", line)
 
 
 def run_worker(settings: Settings | None = None, *, once: bool = False, idle_exit_s: float | None = None,
@@ -145,6 +167,7 @@ def run_worker(settings: Settings | None = None, *, once: bool = False, idle_exi
     try:
         sf = get_sessionmaker(settings.database_url)
         reconcile(sf, settings, current_worker=me, lane=lane)
+        _collect_garbage(settings)
         _drain(sf, settings, me, lane, once, idle_exit_s, poll_s)
     finally:
         try:

@@ -1,4 +1,4 @@
-"""`workbench data ...` commands: add, report, list, delete.
+"""`workbench data ...` commands: add, report, list, delete; and `workbench gc`.
 
 ``workbench.cli`` calls ``register(subparsers)`` and dispatches to ``args.func(args)``.
 Every handler returns an exit code: 0 ok, 2 bad input (message on stderr, no traceback).
@@ -13,7 +13,11 @@ from typing import Any, Callable, Optional
 
 from tqdm import tqdm
 
+from core.ingest import display_name
 from workbench import datasets as svc
+from workbench import gc
+
+GC_LOCK_WAIT_S = 10.0  # `workbench gc` waits this long for running ingests to release the store
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -59,28 +63,30 @@ def cmd_add(args: argparse.Namespace) -> int:
             bar.close()
     counts = info.split_config.get("counts", {})
     print(
-        f"dataset {info.name!r} (id {info.id}): {info.num_images} images, "
+        f"dataset '{display_name(info.name)}' (id {info.id}): {info.num_images} images, "
         f"{info.num_classes} classes, split train/val/test = "
         f"{counts.get('train', 0)}/{counts.get('val', 0)}/{counts.get('test', 0)}, "
         f"{len(info.skipped)} skipped"
     )
     for w in info.health.get("warnings", []):
-        print(f"  warning: {w}")
+        print(f"  warning: {display_name(w)}")
     return EXIT_OK
 
 
 def _print_report(r: dict[str, Any]) -> None:
     h = r["health"]
-    print(f"{r['name']} (id {r['id']}) from {r['source']}")
+    # Names are shown escaped: a control or bidi character must not rewrite the terminal line.
+    print(f"{display_name(r['name'])} (id {r['id']}) from {display_name(r['source'])}")
     print(f"  {r['num_images']} images, {r['num_classes']} classes, created {r['created_at']}")
     sc = r["split_config"]
     print(f"  split mode: {sc.get('mode')}, seed {sc.get('seed')}, counts {sc.get('counts')}")
     splits = [s for s in ("train", "val", "test") if s in h["split_counts"]]
-    width = max([len(c) for c in r["classes"]] + [5])
+    shown = {c: display_name(c) for c in r["classes"]}
+    width = max([len(c) for c in shown.values()] + [5])
     print("  " + "class".ljust(width) + "".join(s.rjust(8) for s in splits) + "total".rjust(8))
     for c in r["classes"]:
         row = [h["split_counts"][s].get(c, 0) for s in splits]
-        print("  " + c.ljust(width) + "".join(str(n).rjust(8) for n in row)
+        print("  " + shown[c].ljust(width) + "".join(str(n).rjust(8) for n in row)
               + str(h["class_counts"].get(c, 0)).rjust(8))
     print(f"  imbalance ratio: {h['imbalance_ratio']}")
     sz = h["sizes"]
@@ -91,11 +97,11 @@ def _print_report(r: dict[str, Any]) -> None:
     print(f"  exact duplicate groups: {d['exact_groups']} ({d['exact_cross_split_groups']} cross-split), "
           f"near-duplicate groups: {d['near_groups']} ({d['near_cross_split_groups']} cross-split)")
     for w in h["warnings"]:
-        print(f"  warning: {w}")
+        print(f"  warning: {display_name(w)}")
     if r["skipped"]:
         print(f"  skipped files ({len(r['skipped'])}):")
         for s in r["skipped"][:20]:
-            print(f"    {s['path']}: {s['reason']}")
+            print(f"    {display_name(s['path'])}: {display_name(s['reason'])}")
         if len(r["skipped"]) > 20:
             print(f"    ... and {len(r['skipped']) - 20} more (use --json)")
 
@@ -118,7 +124,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"{'id':>4}  {'name':<30} {'images':>7} {'classes':>7}  created")
     for d in rows:
-        print(f"{d.id:>4}  {d.name:<30} {d.num_images:>7} {d.num_classes:>7}  "
+        print(f"{d.id:>4}  {display_name(d.name):<30} {d.num_images:>7} {d.num_classes:>7}  "
               f"{d.created_at:%Y-%m-%d %H:%M}")
     return EXIT_OK
 
@@ -126,7 +132,21 @@ def cmd_list(args: argparse.Namespace) -> int:
 @_guard
 def cmd_delete(args: argparse.Namespace) -> int:
     res = svc.delete_dataset(args.name)
-    print(f"deleted dataset {res.name!r}: {res.images} images, {res.files_removed} store files removed")
+    print(f"deleted dataset '{display_name(res.name)}': {res.images} images, {res.files_removed} store files removed")
+    if res.files_left:
+        print(f"  {res.files_left} store files were left in place because an ingest was running; "
+              "`workbench gc` removes those no dataset uses")
+    return EXIT_OK
+
+
+@_guard
+def cmd_gc(args: argparse.Namespace) -> int:
+    if args.grace_hours < 0:
+        return _fail("--grace-hours must be 0 or more")
+    report = gc.collect_garbage(grace_hours=args.grace_hours, dry_run=args.dry_run,
+                                lock_wait_s=GC_LOCK_WAIT_S)
+    for line in gc.describe(report):
+        print(line)
     return EXIT_OK
 
 
@@ -159,4 +179,12 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p = sub.add_parser("delete", help="delete a dataset and its unshared store files")
     p.add_argument("name")
     p.set_defaults(func=cmd_delete)
+
+    # Top level (`workbench gc`), registered here because it cleans up after ingests.
+    p = subparsers.add_parser("gc", help="remove unreferenced store files and stale temporary files")
+    p.add_argument("--grace-hours", type=float, default=gc.DEFAULT_GRACE_HOURS,
+                   help=f"keep anything younger than this (default {gc.DEFAULT_GRACE_HOURS:g}); "
+                        "0 removes every unreferenced file now")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    p.set_defaults(func=cmd_gc)
     return data
