@@ -17,6 +17,9 @@ with st.expander("Upload a dataset", expanded=False, icon=":material/upload:"):
         "folders above them), or a zip holding a **CSV** with columns `path,label[,split][,group]`. "
         "A CSV alone works for images already on this server."
     )
+    st.caption(f"Up to {st.get_option('server.maxUploadSize')} MB through the browser (the server holds an "
+               "upload in memory until it is saved). Bigger datasets: copy the folder into the import folder "
+               "on the server and add it below, or run `workbench data add FOLDER --name NAME` there.")
     with st.form("upload", clear_on_submit=True):
         upload = st.file_uploader("Zip or CSV", type=["zip", "csv", "tsv"], key="upload_file")
         name = st.text_input("Dataset name", placeholder="e.g. beans-2026", key="upload_name")
@@ -36,6 +39,22 @@ with st.expander("Upload a dataset", expanded=False, icon=":material/upload:"):
                 actions.start_ingest(upload, upload.name, name or upload.name.rsplit(".", 1)[0],
                                    csv_upload=manifest, group_regex=group_regex, seed=int(seed))
                 st.toast(f"Checking {upload.name}… you can leave this page; the work continues.")
+
+
+with st.expander("Add a folder already on this server", expanded=False, icon=":material/folder_open:"):
+    choices = views.import_choices()
+    st.caption(f"Folders, zips and CSV manifests in `{choices.folder}` (set `WORKBENCH_IMPORT_DIR` to use "
+               "another). They are read where they are: nothing is copied through the browser.")
+    if not choices.entries:
+        st.info("The import folder is empty or does not exist yet.", icon=":material/info:")
+    else:
+        with st.form("import", clear_on_submit=True):
+            entry = st.selectbox("Folder or file", choices.entries, key="import_entry")
+            import_name = st.text_input("Dataset name (default: the folder's name)", key="import_name")
+            if st.form_submit_button("Add and check", type="primary", icon=":material/playlist_add:"):
+                with ui.errors("Could not start the import"):
+                    actions.start_import(entry, import_name)
+                    st.toast(f"Checking {entry}… you can leave this page; the work continues.")
 
 
 @ui.live_fragment(1, "Could not read the ingest jobs")

@@ -223,6 +223,34 @@ def test_datasets_bad_upload_shows_readable_error(data_dir: Path) -> None:
     assert "Traceback" not in at.error[0].value
 
 
+def test_datasets_imports_a_folder_on_the_server_in_place(data_dir: Path, shared_datasets: Path) -> None:
+    """Bigger than the upload cap: a folder in the import dir is ingested where it is, page and service."""
+    import shutil
+
+    from workbench import actions
+
+    at = open_page("datasets")
+    assert any("import folder is empty" in i.value for i in at.info)
+    assert any("MB through the browser" in c.value and "workbench data add" in c.value for c in at.caption)
+    folder = data_dir / "import" / "field-photos"
+    for cls in ("healthy", "bean_rust"):
+        (folder / cls).mkdir(parents=True)
+        for f in sorted((shared_datasets / "beans" / "train" / cls).iterdir())[:6]:
+            shutil.copy(f, folder / cls / f.name)
+    at = open_page("datasets")
+    assert at.selectbox(key="import_entry").options == ["field-photos"]
+    next(b for b in at.button if b.label == "Add and check").click().run()
+    wait_for(at, lambda a: any("field-photos" in s.value and "ingested 12 images" in s.value for s in a.success)
+             or bool(a.error), what="the import")
+    assert_clean(at)
+    assert list(at.dataframe[0].value["name"]) == ["field-photos"]
+    assert len(list(folder.rglob("*.jpg"))) == 12  # read in place, never moved or removed
+    # Only entries directly inside the import dir can be named: no way out of it.
+    for bad in ("../store", "field-photos/healthy", "/etc", "missing"):
+        with pytest.raises(ValueError, match="is not a folder or file in the import folder"):
+            actions.start_import(bad, "x")
+
+
 def test_home_counts_and_datasets_survive_a_new_session(data_dir: Path, shared_datasets: Path) -> None:
     at = open_page("datasets")
     upload_dataset(at, bean_zip(shared_datasets, per_class=6), "beans-tiny")

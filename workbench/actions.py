@@ -14,7 +14,7 @@ from typing import Any, BinaryIO
 from storage import repositories as repo
 from storage.db import get_sessionmaker
 from workbench import lanes
-from workbench.paths import PREDICT, UPLOADS, staging_dir
+from workbench.paths import PREDICT, UPLOADS, in_import_dir, staging_dir
 from workbench.settings import get_settings
 from workbench.status import JobKind
 
@@ -57,6 +57,20 @@ def start_ingest(upload: BinaryIO, filename: str, name: str, *, csv_upload: Bina
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)  # no job will ever read it
         raise
+
+
+def start_import(entry: str, name: str, *, group_regex: str | None = None, seed: int = 0) -> int:
+    """Queue the ingest of a folder (or zip, CSV) in the server's import dir; nothing is copied
+    through the browser, so its size is not limited by the upload cap. Returns the job id."""
+    settings = get_settings()
+    src = in_import_dir(settings, entry)
+    name = (name or "").strip() or src.stem
+    with _db()() as s:
+        if repo.get_dataset_by_name(s, name) is not None:
+            raise ValueError(f"A dataset named {name!r} already exists: choose another name or delete it.")
+    payload = {"name": name, "filename": src.name, "import": src.name, "group_regex": group_regex or None,
+               "seed": int(seed)}
+    return lanes.submit(JobKind.INGEST, payload, settings=settings)
 
 
 def start_predict(run_id: int, uploads: Sequence[Any], *, top_k: int = 3, gradcam: bool = True) -> int:

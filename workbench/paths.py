@@ -8,7 +8,7 @@ that folder. Versions before this module wrote evaluations and exports to ``runs
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from workbench.settings import Settings
@@ -19,7 +19,7 @@ PREDICT = "predict"  # staged images and Grad-CAM overlays: <data dir>/tmp/predi
 
 def stamp() -> str:
     """A sortable UTC time stamp for file and folder names."""
-    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,24 @@ class RunPaths:
 def staging_dir(settings: Settings, area: str) -> Path:
     """``<data dir>/tmp/<area>``: where the UI stages what a job will read."""
     return settings.tmp_dir / area
+
+
+def importable_folders(settings: Settings) -> list[Path]:
+    """The dataset folders (and zips, CSVs) directly inside the import dir, for the web UI to offer."""
+    root = settings.import_dir
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if not p.name.startswith(".")
+                  and (p.is_dir() or p.suffix.lower() in (".zip", ".csv", ".tsv")))
+
+
+def in_import_dir(settings: Settings, name: str) -> Path:
+    """A folder or file directly inside the import dir, refusing anything else (``..``, links out)."""
+    root = settings.import_dir.resolve()
+    p = (root / name).resolve()
+    if p.parent != root or not p.exists():
+        raise ValueError(f"{name!r} is not a folder or file in the import folder {root}")
+    return p
 
 
 def in_staging(settings: Settings, rel: str, area: str) -> Path:

@@ -23,6 +23,7 @@ from storage.db import get_sessionmaker
 from storage.models import Dataset, Image, Job, Run
 from workbench import runs
 from workbench.datasets import DatasetInfo
+from workbench.paths import importable_folders
 from workbench.runs import RunInfo
 from workbench.settings import get_settings
 from workbench.status import ACTIVE_JOB, ACTIVE_RUN, JobKind
@@ -149,6 +150,17 @@ def store_paths_for(dataset_id: int, shas: Sequence[str], limit: int = 500) -> d
         rows = s.execute(select(Image.sha256, Image.store_path)
                          .where(Image.dataset_id == dataset_id, Image.sha256.in_(shas))).all()
     return {sha: data_dir / p for sha, p in rows}
+
+
+@dataclass(frozen=True)
+class ImportChoices:  # what the Datasets page can import from the server without a browser upload
+    folder: Path  # the import dir (WORKBENCH_IMPORT_DIR)
+    entries: tuple[str, ...]  # folders, zips and CSVs directly inside it
+
+
+def import_choices() -> ImportChoices:
+    settings = get_settings()
+    return ImportChoices(settings.import_dir, tuple(p.name for p in importable_folders(settings)))
 
 
 # --- training --------------------------------------------------------------------------

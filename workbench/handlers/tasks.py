@@ -31,7 +31,7 @@ from storage.artifacts import resolve_in_data_dir
 from storage.models import Run
 from workbench import datasets, recommend
 from workbench.jobs import JobContext, JobOutcome, friendly
-from workbench.paths import PREDICT, UPLOADS, in_staging, staging_dir
+from workbench.paths import PREDICT, UPLOADS, in_import_dir, in_staging, staging_dir
 from workbench.status import JobStatus
 
 log = logging.getLogger("workbench.handlers.tasks")
@@ -55,13 +55,22 @@ def _throttled(ctx: JobContext, every: float = 0.5) -> Callable[[int, int], None
     return cb
 
 
+def _ingest_source(ctx: JobContext) -> tuple[Path, Path | None, Path | None]:
+    """(source, manifest, staged folder to remove afterwards) of an ingest job: an upload staged
+    under ``tmp/uploads/``, or an entry of the import dir (read in place, never removed)."""
+    p = ctx.payload
+    if p.get("import"):
+        return in_import_dir(ctx.settings, str(p["import"])), None, None
+    src = _in_tmp(ctx, str(p.get("upload") or ""), UPLOADS)
+    folder = src.parent if src.parent != staging_dir(ctx.settings, UPLOADS).resolve() else None
+    return src, (_in_tmp(ctx, p["csv"], UPLOADS) if p.get("csv") else None), folder
+
+
 def handle_ingest(ctx: JobContext) -> JobOutcome:
     p = ctx.payload
     folder = None
     try:
-        src = _in_tmp(ctx, str(p.get("upload") or ""), UPLOADS)
-        folder = src.parent if src.parent != staging_dir(ctx.settings, UPLOADS).resolve() else None
-        csv = _in_tmp(ctx, p["csv"], UPLOADS) if p.get("csv") else None
+        src, csv, folder = _ingest_source(ctx)
         ctx.progress({"phase": "reading the upload", "done": 0, "total": 0, "fraction": 0.0})
         info = datasets.add_dataset(src, p["name"], csv=csv, group_regex=p.get("group_regex") or None,
                                     seed=int(p.get("seed") or 0), progress=_throttled(ctx), settings=ctx.settings)
