@@ -3,17 +3,14 @@ then the page itself through AppTest, and the deep link through a real browser."
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT
 from streamlit.testing.v1 import AppTest
+from test_serve import free_port, stop, wait_for_200
 
 from workbench import auth
 
@@ -229,23 +226,14 @@ CHROMIUM = "/usr/bin/chromium"
 def test_deep_link_survives_sign_in(tmp_path: Path, encoded: str) -> None:
     from playwright.sync_api import sync_playwright
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "WORKBENCH_DATA_DIR": str(tmp_path / "data"), auth.ENV_VAR: encoded}
     env.pop("DATABASE_URL", None)
     proc = subprocess.Popen([str(REPO_ROOT / ".venv" / "bin" / "workbench"), "ui", "--port", str(port)], cwd=REPO_ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-                time.sleep(0.5)
+        assert wait_for_200(f"{url}/_stcore/health", proc) == 200
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
             page = browser.new_page()
@@ -260,8 +248,4 @@ def test_deep_link_survives_sign_in(tmp_path: Path, encoded: str) -> None:
         log = (tmp_path / "data" / "logs" / "auth.log").read_text()
         assert " success client=local " in log
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop(proc)
