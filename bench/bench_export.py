@@ -18,7 +18,7 @@ import random
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +91,8 @@ def beans_variants(train_per_class: int, runs: int, tmp: Path) -> dict:
     pre, model = lm.preprocessing, lm.model.eval()
     t0 = time.perf_counter()
     with torch.inference_mode():
-        emb = torch.cat([model.forward_embedding(torch.from_numpy(x)) for x in iter_batches([f for f, _ in train], pre)])
+        batches = iter_batches([f for f, _ in train], pre)
+        emb = torch.cat([model.forward_embedding(torch.from_numpy(x)) for x in batches])
     y = torch.tensor([lab for _, lab in train])
     # Linear head on frozen features: full-batch Adam with a little weight decay.
     mu, sd = emb.mean(0), emb.std(0) + 1e-6
@@ -130,9 +131,10 @@ def beans_variants(train_per_class: int, runs: int, tmp: Path) -> dict:
 
 def write_markdown(path: Path, speed: list[dict], beans: dict | None, cmd: str) -> None:
     L = ["# Export benchmark", "",
-         f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
+         f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M UTC}",
          f"- Machine: {machine_id()} (shared with other engineers: timings are noisy)",
-         f"- torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}, threads {torch.get_num_threads()}",
+         f"- torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}, "
+         f"threads {torch.get_num_threads()}",
          f"- Command: `{cmd}`", "",
          "## ONNX Runtime fp32 vs PyTorch eager, batch 1 (same process, calls alternated, median)", "",
          "| variant | input | weights | threads | PyTorch eager ms | ORT ms | ORT / eager | target <= 0.5 | "
@@ -159,7 +161,8 @@ def write_markdown(path: Path, speed: list[dict], beans: dict | None, cmd: str) 
         for name, m in beans["variants"].items():
             L.append(f"| {name} | {m['onnx_mb']:.2f} | {m['latency_ms_p50']:.1f} | {m['latency_ms_p95']:.1f} | "
                      f"{m['throughput_images_per_s']:.1f} | {base['latency_ms_p50'] / m['latency_ms_p50']:.2f}x | "
-                     f"{m['accuracy']:.2%} | {m['accuracy'] - base['accuracy']:+.2%} | {m['top1_agreement_vs_fp32']:.2%} |")
+                     f"{m['accuracy']:.2%} | {m['accuracy'] - base['accuracy']:+.2%} | "
+                     f"{m['top1_agreement_vs_fp32']:.2%} |")
         u = beans["uint8_graph"]
         L += ["", f"uint8 NHWC graph (resize inside, no antialias) vs PIL path on the beans test images "
               f"(320 px -> 224 px): top-1 agreement {u['top1_agreement']:.2%}, max |logit diff| "
@@ -188,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         beans = None if args.skip_beans or not BEANS.is_dir() else beans_variants(args.train_per_class, args.runs, tmp)
         if beans:
             for n, m in beans["variants"].items():
-                print(f"{n}: {m['onnx_mb']:.2f} MB p50 {m['latency_ms_p50']:.1f} ms  {m['throughput_images_per_s']:.1f} img/s "
-                      f" acc {m['accuracy']:.4f}")
+                print(f"{n}: {m['onnx_mb']:.2f} MB p50 {m['latency_ms_p50']:.1f} ms  "
+                      f"{m['throughput_images_per_s']:.1f} img/s  acc {m['accuracy']:.4f}")
     write_markdown(args.out, speed, beans, "python bench/bench_export.py " + " ".join(argv or sys.argv[1:]))
     print(f"wrote {args.out}")
     return 0

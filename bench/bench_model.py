@@ -85,7 +85,8 @@ def main() -> None:
                 (t_ref if first is ours else t_ours).append(b)
             mo, mr = statistics.median(t_ours), statistics.median(t_ref)
             rows.append((variant, name, mo * 1000, mr * 1000, mo / mr))
-            print(f"{variant:6s} {name:16s} ours {mo*1000:8.1f} ms  timm {mr*1000:8.1f} ms  ratio {mo/mr:.3f}", flush=True)
+            print(f"{variant:6s} {name:16s} ours {mo*1000:8.1f} ms  timm {mr*1000:8.1f} ms  ratio {mo/mr:.3f}",
+                  flush=True)
     lines = [
         "## Model speed: ours vs timm (same weights, same process)",
         "",

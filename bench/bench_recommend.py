@@ -18,13 +18,12 @@ import os
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.devices import (CALIBRATION_SET, CPU_SPEEDUP_ASSUMED, fit_throughput, measure_points,  # noqa: E402
-                          run_features)
+from core.devices import CALIBRATION_SET, CPU_SPEEDUP_ASSUMED, fit_throughput, measure_points, run_features  # noqa: E402
 from core.efficientnet import get_variant  # noqa: E402
 from core.latency import machine_id  # noqa: E402
 
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     all_mdape = statistics.median(r[4] for r in rows)
     oos = [r[4] for r in rows if not r[5]]
     oos_mdape = statistics.median(oos)
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
     lines = [
         "# Recommender: predicted vs measured latency (this machine)",

@@ -1,6 +1,7 @@
 """Fine-tuning benchmark on beans: our recipes vs a plain timm fine-tune, same weights, same split.
 
-    .venv/bin/python bench/bench_train.py [--recipes quick@192 default@224] [--no-baseline] [--out bench/results_train.md]
+    .venv/bin/python bench/bench_train.py [--recipes quick@192 default@224] [--no-baseline] \
+        [--out bench/results_train.md]
 
 Data: ../shared/datasets/beans, train/ split 85/15 (stratified, seed 0) into train/val for
 both contenders; test/ (128 images) is held out and only used for the reported accuracy.
@@ -28,11 +29,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from core.data import as_samples  # noqa: E402
 from core.images import load_rgb  # noqa: E402
 from core.latency import machine_id  # noqa: E402
 from core.preprocessing import preprocess  # noqa: E402
 from core.train import Callback, load_trained_model, make_config, stratified_val, train  # noqa: E402
-from core.data import as_samples  # noqa: E402
 from core.weights import create_model  # noqa: E402
 
 BEANS = REPO.parent / "shared" / "datasets" / "beans"
@@ -111,7 +112,7 @@ def run_baseline(tr, classes, test) -> dict:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=n * len(loader))
         model.train()
-        for e in range(n):
+        for _ in range(n):
             te = time.perf_counter()
             for x, y in loader:
                 opt.zero_grad()

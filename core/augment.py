@@ -15,8 +15,8 @@ Presets:
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import albumentations as A
 import cv2

@@ -7,17 +7,16 @@ starts from those pixels.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from core.augment import Augmenter, view_seed
-
 from core.images import load_rgb
 from core.preprocessing import Preprocessing, normalize, resize_and_crop
 

@@ -21,12 +21,13 @@ import os
 import tempfile
 import time
 import tomllib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -148,11 +149,11 @@ class DeviceProfile:
         }
 
 
-_REQUIRED = {
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
     "description": str, "kind": str, "memory_mb": (int, float), "runtime_overhead_mb": (int, float),
     "throughput": dict,
 }
-_THROUGHPUT_REQUIRED = {"overhead_ms": (int, float), "gmacs_per_s": (int, float), "speedup": dict}
+_THROUGHPUT_REQUIRED: dict[str, type | tuple[type, ...]] = {"overhead_ms": (int, float), "gmacs_per_s": (int, float), "speedup": dict}
 _KNOWN = set(_REQUIRED) | {"sources", "measured", "calibration", "name", "origin"}
 _THROUGHPUT_KNOWN = set(_THROUGHPUT_REQUIRED) | {"bandwidth_gb_s", "p95_ratio"}
 
@@ -201,7 +202,8 @@ def profile_from_dict(name: str, data: Mapping[str, Any], origin: str = "built-i
     _check(bw is None or (isinstance(bw, (int, float)) and not isinstance(bw, bool) and bw > 0), where,
            "throughput.bandwidth_gb_s", "a positive number (GB/s) or absent", bw)
     p95 = tp.get("p95_ratio", 1.15)
-    _check(isinstance(p95, (int, float)) and not isinstance(p95, bool) and p95 >= 1, where, "throughput.p95_ratio", "a number >= 1", p95)
+    _check(isinstance(p95, (int, float)) and not isinstance(p95, bool) and p95 >= 1, where, "throughput.p95_ratio",
+           "a number >= 1", p95)
     speed = tp["speedup"]
     for p in PRECISIONS:
         if p not in speed:
@@ -351,7 +353,7 @@ def fit_throughput(points: Sequence[LatencyPoint], speedup: Mapping[str, float] 
     coef_used = _nnls_relative(np.stack([cols[i] for i in use], 1), y)
     coef = np.zeros(3)
     coef[use] = coef_used
-    overhead, ms_per_gmac, ms_per_gb = coef
+    overhead, ms_per_gmac, ms_per_gb = (float(c) for c in coef)
     if ms_per_gmac <= 0:  # everything explained by traffic: keep a (slow) compute term defined
         ms_per_gmac = 1e-6
     p95 = float(np.median([p.p95_ms / p.p50_ms for p in points]))
@@ -426,7 +428,7 @@ def measure_points(keys: Iterable[str], *, repeats: int = 3, runs: int = 15, max
             out[k] = LatencyPoint(k, p50, max(p50, p95))
             if cache is not None:
                 cache.put(cache_key(k), {"p50_ms": p50, "p95_ms": max(p50, p95), "repeats": repeats,
-                                         "runs": runs, "measured_at": datetime.now(timezone.utc).isoformat()})
+                                         "runs": runs, "measured_at": datetime.now(UTC).isoformat()})
     return [out[k] for k in keys]
 
 
@@ -481,7 +483,7 @@ def calibrate(name: str = "this-machine", *, points: Sequence[str] = CALIBRATION
         memory_mb=float(memory_mb),
         runtime_overhead_mb=60.0,
         throughput=model,
-        sources=(f"workbench calibrate, {datetime.now(timezone.utc).date().isoformat()}, "
+        sources=(f"workbench calibrate, {datetime.now(UTC).date().isoformat()}, "
                  f"{len(measured)} models, {time.perf_counter() - t0:.0f} s; fp16/int8 speed-ups assumed "
                  f"{CPU_SPEEDUP_ASSUMED['fp16']}x/{CPU_SPEEDUP_ASSUMED['int8']}x (not measured)",),
         measured=True,

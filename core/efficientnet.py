@@ -11,15 +11,34 @@ state dicts load without renaming; the classes here are our own. Named entry poi
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.efficientnet_arch import (ALPHA, B0_STAGES, BETA, GAMMA, HEAD_CHANNELS, STEM_CHANNELS, VARIANTS, BlockSpec,
-                                    Family, ModelCost, ScaledArch, StageSpec, UnknownVariantError, VariantSpec,
-                                    compound_variant, count_cost, get_variant, make_divisible, scaled_arch)
+from core.efficientnet_arch import (
+    ALPHA,
+    B0_STAGES,
+    BETA,
+    GAMMA,
+    HEAD_CHANNELS,
+    STEM_CHANNELS,
+    VARIANTS,
+    BlockSpec,
+    Family,
+    ModelCost,
+    ScaledArch,
+    StageSpec,
+    UnknownVariantError,
+    VariantSpec,
+    compound_variant,
+    count_cost,
+    get_variant,
+    make_divisible,
+    scaled_arch,
+)
 
 Padding = Literal["symmetric", "same"]
 

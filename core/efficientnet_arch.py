@@ -61,7 +61,7 @@ class VariantSpec:
         # stage repeats not scaled (friendlier to int8 and mobile accelerators).
         return self.family == "lite"
 
-    def at_resolution(self, resolution: int) -> "VariantSpec":
+    def at_resolution(self, resolution: int) -> VariantSpec:
         """The same network fed a different input size (weights are resolution-independent)."""
         name = self.name if resolution == self.resolution else f"{self.name}@{resolution}"
         return replace(self, name=name, resolution=int(resolution))

@@ -22,8 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from core.metrics import (calibration, classification_metrics, fit_temperature, nll, per_sample_loss, softmax,
-                          threshold_for_sensitivity)
+from core.metrics import (
+    calibration,
+    classification_metrics,
+    fit_temperature,
+    nll,
+    per_sample_loss,
+    softmax,
+    threshold_for_sensitivity,
+)
 from core.preprocessing import Preprocessing, preprocess
 
 ProgressCb = Callable[[str, float], None]

@@ -32,9 +32,9 @@ def grad_cam(model: Any, x: np.ndarray, target: int) -> np.ndarray:
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    cam = F.interpolate(cam, size=t.shape[-2:], mode="bilinear", align_corners=False)[0, 0].numpy()
-    hi = float(cam.max())
-    return (cam / hi).astype(np.float32) if hi > 0 else np.zeros_like(cam, dtype=np.float32)
+    heat = F.interpolate(cam, size=t.shape[-2:], mode="bilinear", align_corners=False)[0, 0].numpy()
+    hi = float(heat.max())
+    return (heat / hi).astype(np.float32) if hi > 0 else np.zeros_like(heat, dtype=np.float32)
 
 
 def overlay(rgb_uint8: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:

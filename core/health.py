@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -89,7 +89,7 @@ def near_duplicate_pairs(hashes: Sequence[str], threshold: int = NEAR_DUP_THRESH
 
 
 def duplicate_clusters(
-    records: Sequence[ImageLike], *, near_threshold: Optional[int] = NEAR_DUP_THRESHOLD
+    records: Sequence[ImageLike], *, near_threshold: int | None = NEAR_DUP_THRESHOLD
 ) -> list[int]:
     """Cluster id per record: exact duplicates (same sha256) and, unless
     ``near_threshold`` is None, near duplicates (phash) share a cluster (transitively)."""

@@ -13,7 +13,6 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -37,7 +36,7 @@ GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", 
 ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 class ImageDecodeError(ValueError):

@@ -173,8 +173,9 @@ def calibration(probs: np.ndarray, y_true: Sequence[int] | np.ndarray, n_bins: i
         m = idx == b
         cnt = int(m.sum())
         if cnt:
-            acc_b, conf_b = float(correct[m].mean()), float(conf[m].mean())
-            ece += cnt / len(y) * abs(acc_b - conf_b)
+            acc_b: float | None = float(correct[m].mean())
+            conf_b: float | None = float(conf[m].mean())
+            ece += cnt / len(y) * abs(float(correct[m].mean()) - float(conf[m].mean()))
         else:
             acc_b = conf_b = None
         bins.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": cnt,

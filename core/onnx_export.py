@@ -37,7 +37,8 @@ def export_onnx(model: nn.Module, path: str | Path, resolution: int, *, metadata
             # The TorchScript exporter: our dynamic "same" padding is traced to constants for
             # the exported resolution, and the batch axis stays dynamic.
             torch.onnx.export(
-                model.cpu(), (dummy,), buf, input_names=["image"], output_names=["logits"],
+                model.cpu(), (dummy,), buf,  # type: ignore[arg-type]  # file objects work too
+                input_names=["image"], output_names=["logits"],
                 dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
                 opset_version=opset, do_constant_folding=True, dynamo=False,
             )

@@ -20,7 +20,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TF_MEAN = (0.5, 0.5, 0.5)  # TF-ported Lite weights were trained on inputs scaled to [-1, 1]
 TF_STD = (0.5, 0.5, 0.5)
 
-_PIL_INTERP = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+_PIL_INTERP = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+               "nearest": Image.Resampling.NEAREST}
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class Preprocessing:
     def resize_to(self) -> int:
         return int(round(self.resolution / self.crop_pct))
 
-    def with_resolution(self, resolution: int) -> "Preprocessing":
+    def with_resolution(self, resolution: int) -> Preprocessing:
         return replace(self, resolution=int(resolution))
 
     def to_dict(self) -> dict[str, Any]:
@@ -58,7 +59,7 @@ class Preprocessing:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
         return cls(
             resolution=int(d["resolution"]),
             crop_pct=float(d.get("crop_pct", 1.0)),
@@ -84,7 +85,7 @@ def resize_and_crop(img: Image.Image, pre: Preprocessing) -> Image.Image:
 
 def normalize(rgb_uint8_hwc: np.ndarray, pre: Preprocessing) -> np.ndarray:
     """uint8 HWC RGB -> float32 CHW normalised."""
-    x = rgb_uint8_hwc.astype(np.float32) / 255.0
+    x: np.ndarray = rgb_uint8_hwc.astype(np.float32) / 255.0
     x = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import math
 import tomllib
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from core.devices import PRECISIONS, DeviceProfile, get_profile, load_profiles, run_features
 from core.efficientnet import GAMMA, VARIANTS, ModelCost, VariantSpec, compound_variant, count_cost, get_variant
@@ -84,7 +85,7 @@ class Budget:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Budget":
+    def from_dict(cls, data: Mapping[str, Any]) -> Budget:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -110,7 +111,7 @@ def default_candidates() -> list[VariantSpec]:
     """Every named variant at its default resolution and at ~0.857x / 0.75x of it (multiples of
     32 px), plus compound-scaled in-between models (phi 0.5, 1.5, 2.5 for B; 0.5, 1.5 for Lite)."""
     out: dict[str, VariantSpec] = {}
-    for name, v in VARIANTS.items():
+    for v in VARIANTS.values():
         for f in RESOLUTION_FACTORS:
             r = v.resolution if f == 1.0 else round32(v.resolution * f)
             if r >= MIN_CANDIDATE_RESOLUTION:
@@ -484,8 +485,9 @@ def format_table(rec: Recommendation, top: int = 10) -> str:
         lines.append(hdr)
         for i, c in enumerate(rec.ranked[:top], 1):
             tight = min(c.checks, key=lambda ch: ch.margin_pct)
+            measured = "m" if c.latency_source.startswith("measured") else " "
             lines.append(f"{i:>3} {c.key:<16} {c.prior_top1:>6.1f} {c.score:>6.1f} {c.params / 1e6:>6.1f}M "
-                         f"{c.gmacs:>6.2f} {c.latency_p50_ms:>7.1f}{'m' if c.latency_source.startswith('measured') else ' '} {c.memory_mb:>7.0f} {c.file_mb:>7.1f} "
+                         f"{c.gmacs:>6.2f} {c.latency_p50_ms:>7.1f}{measured} {c.memory_mb:>7.0f} {c.file_mb:>7.1f} "
                          f"{'yes' if c.weights_available else 'NO':>7}  {tight.name} {tight.margin_pct:+.0f} %")
         if len(rec.ranked) > top:
             lines.append(f"    ... {len(rec.ranked) - top} more (use --top or --json)")

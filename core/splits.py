@@ -17,7 +17,7 @@ import random
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
@@ -26,9 +26,9 @@ DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
 @dataclass
 class SplitItem:
     label: str
-    group: Optional[str] = None  # images with the same group stay in one split
-    cluster: Optional[int] = None  # duplicate cluster id (same meaning as group)
-    user_split: Optional[str] = None  # train|val|test if the user provided it
+    group: str | None = None  # images with the same group stay in one split
+    cluster: int | None = None  # duplicate cluster id (same meaning as group)
+    user_split: str | None = None  # train|val|test if the user provided it
 
 
 @dataclass

@@ -120,7 +120,8 @@ def lukemelas_to_ours(state_dict: dict[str, torch.Tensor], variant: str | Varian
     return out
 
 
-def load_weights_into(model: EfficientNet, state_dict: dict[str, torch.Tensor], *, load_classifier: bool | None = None) -> None:
+def load_weights_into(model: EfficientNet, state_dict: dict[str, torch.Tensor], *,
+                      load_classifier: bool | None = None) -> None:
     """Load a timm- or lukemelas-layout state dict into ``model``, checking every tensor's shape.
 
     The classifier is loaded only when its shape matches (``load_classifier=None``): a model
@@ -177,6 +178,8 @@ def _package_file(module: str) -> Path | None:
     try:
         mod = importlib.import_module(module)
     except ImportError:
+        return None
+    if mod.__file__ is None:  # a namespace package: not the weights package we know
         return None
     files = sorted((Path(mod.__file__).parent / "models").glob("*.pth"))
     return files[0] if files else None

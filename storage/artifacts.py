@@ -6,7 +6,7 @@ so a download can refuse a file that went missing or was altered on disk.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -45,9 +45,9 @@ def register_artifact(
     data_dir: Path,
     *,
     kind: str,
-    run_id: Optional[int] = None,
-    dataset_id: Optional[int] = None,
-    meta: Optional[dict[str, Any]] = None,
+    run_id: int | None = None,
+    dataset_id: int | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> Artifact:
     """Hash an existing file under the data dir and add an Artifact row (no commit)."""
     path = Path(path)

@@ -6,8 +6,8 @@ Timestamps are timezone-aware UTC.
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Any, Optional
+from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -36,7 +36,7 @@ NAMING_CONVENTION = {
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -49,17 +49,17 @@ class UTCDateTime(TypeDecorator[datetime]):
     impl = DateTime
     cache_ok = True
 
-    def process_bind_param(self, value: Optional[datetime], dialect: Any) -> Optional[datetime]:
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
         if value is None:
             return None
         if value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc).replace(tzinfo=None)
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC).replace(tzinfo=None)
 
-    def process_result_value(self, value: Optional[datetime], dialect: Any) -> Optional[datetime]:
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
         if value is None:
             return None
-        return value.replace(tzinfo=timezone.utc)
+        return value.replace(tzinfo=UTC)
 
 
 class Base(DeclarativeBase):
@@ -84,10 +84,10 @@ class Dataset(Base):
     split_config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     skipped: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)
 
-    images: Mapped[list["Image"]] = relationship(
+    images: Mapped[list[Image]] = relationship(
         back_populates="dataset", cascade="all, delete-orphan", passive_deletes=True
     )
-    runs: Mapped[list["Run"]] = relationship(
+    runs: Mapped[list[Run]] = relationship(
         back_populates="dataset", cascade="all, delete-orphan", passive_deletes=True
     )
 
@@ -106,7 +106,7 @@ class Image(Base):
     mode: Mapped[str] = mapped_column(String(20))  # original PIL mode, or 'DICOM'
     label: Mapped[str] = mapped_column(String(200))
     split: Mapped[str] = mapped_column(String(10))  # train | val | test
-    group: Mapped[Optional[str]] = mapped_column(String(300), nullable=True)
+    group: Mapped[str | None] = mapped_column(String(300), nullable=True)
     original_name: Mapped[str] = mapped_column(String(1000))
 
     dataset: Mapped[Dataset] = relationship(back_populates="images")
@@ -126,25 +126,25 @@ class Run(Base):
     status: Mapped[str] = mapped_column(String(20), default="queued")
     config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    started_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime, nullable=True)
-    finished_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime, nullable=True)
-    worker_pid: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
-    error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
-    checkpoint_path: Mapped[Optional[str]] = mapped_column(String(1000), nullable=True)
-    best_metrics: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
-    summary: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
-    batch_label: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
-    train_seconds: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    worker_pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    checkpoint_path: Mapped[str | None] = mapped_column(String(1000), nullable=True)
+    best_metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    batch_label: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    train_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
 
     dataset: Mapped[Dataset] = relationship(back_populates="runs")
-    metrics: Mapped[list["RunMetric"]] = relationship(
+    metrics: Mapped[list[RunMetric]] = relationship(
         back_populates="run", cascade="all, delete-orphan", passive_deletes=True
     )
-    events: Mapped[list["RunEvent"]] = relationship(
+    events: Mapped[list[RunEvent]] = relationship(
         back_populates="run", cascade="all, delete-orphan", passive_deletes=True
     )
-    evaluations: Mapped[list["Evaluation"]] = relationship(
+    evaluations: Mapped[list[Evaluation]] = relationship(
         back_populates="run", cascade="all, delete-orphan", passive_deletes=True
     )
 
@@ -171,7 +171,7 @@ class RunEvent(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     level: Mapped[str] = mapped_column(String(20), default="info")
     message: Mapped[str] = mapped_column(Text)
-    data: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
     run: Mapped[Run] = relationship(back_populates="events")
 
@@ -193,10 +193,10 @@ class Artifact(Base):
     __tablename__ = "artifacts"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    run_id: Mapped[Optional[int]] = mapped_column(
+    run_id: Mapped[int | None] = mapped_column(
         ForeignKey("runs.id", ondelete="CASCADE"), nullable=True, index=True
     )
-    dataset_id: Mapped[Optional[int]] = mapped_column(
+    dataset_id: Mapped[int | None] = mapped_column(
         ForeignKey("datasets.id", ondelete="CASCADE"), nullable=True, index=True
     )
     # checkpoint, onnx_fp32, onnx_fp16, onnx_int8, bundle, plot, eval_json, report, ...
@@ -205,7 +205,7 @@ class Artifact(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     bytes: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    meta: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
+    meta: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Benchmark(Base):
@@ -225,16 +225,16 @@ class Job(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String(50))  # train | evaluate | export | ...
     status: Mapped[str] = mapped_column(String(20), default="queued", index=True)
-    run_id: Mapped[Optional[int]] = mapped_column(
+    run_id: Mapped[int | None] = mapped_column(
         ForeignKey("runs.id", ondelete="CASCADE"), nullable=True, index=True
     )
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    started_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime, nullable=True)
-    finished_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime, nullable=True)
-    worker_pid: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
-    error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
-    progress: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    worker_pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 __all__ = [

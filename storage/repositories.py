@@ -6,25 +6,24 @@ never commit. Other modules add their own helpers in their own files.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Optional
+from typing import Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from storage.models import Artifact, Dataset, Image
 
-
 # --- datasets -----------------------------------------------------------------------
 
-def get_dataset_by_name(session: Session, name: str) -> Optional[Dataset]:
+def get_dataset_by_name(session: Session, name: str) -> Dataset | None:
     return session.scalar(select(Dataset).where(Dataset.name == name))
 
 
-def get_dataset(session: Session, dataset_id: int) -> Optional[Dataset]:
+def get_dataset(session: Session, dataset_id: int) -> Dataset | None:
     return session.get(Dataset, dataset_id)
 
 
-def get_dataset_by_name_or_id(session: Session, name_or_id: str | int) -> Optional[Dataset]:
+def get_dataset_by_name_or_id(session: Session, name_or_id: str | int) -> Dataset | None:
     """An int or an all-digit string is an id (dataset names may not be all digits), else a name.
 
     So a lookup by id is never shadowed by a dataset whose name is that number.
@@ -80,7 +79,7 @@ def delete_dataset(session: Session, dataset_id: int) -> None:
 # --- images -------------------------------------------------------------------------
 
 def images_for_dataset(
-    session: Session, dataset_id: int, split: Optional[str] = None
+    session: Session, dataset_id: int, split: str | None = None
 ) -> Sequence[Image]:
     stmt = select(Image).where(Image.dataset_id == dataset_id)
     if split is not None:
@@ -102,7 +101,7 @@ def split_counts(session: Session, dataset_id: int) -> dict[str, dict[str, int]]
 
 
 def store_paths_used_elsewhere(
-    session: Session, store_paths: Iterable[str], exclude_dataset_id: Optional[int] = None
+    session: Session, store_paths: Iterable[str], exclude_dataset_id: int | None = None
 ) -> set[str]:
     """Which of these store paths are referenced by images of (other) datasets."""
     paths = list(set(store_paths))
@@ -130,9 +129,9 @@ def add_artifact(
     path: str,
     sha256: str,
     bytes: int,
-    run_id: Optional[int] = None,
-    dataset_id: Optional[int] = None,
-    meta: Optional[dict[str, Any]] = None,
+    run_id: int | None = None,
+    dataset_id: int | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> Artifact:
     art = Artifact(
         kind=kind, path=path, sha256=sha256, bytes=bytes,
@@ -143,7 +142,7 @@ def add_artifact(
     return art
 
 
-def artifacts_for_run(session: Session, run_id: int, kind: Optional[str] = None) -> Sequence[Artifact]:
+def artifacts_for_run(session: Session, run_id: int, kind: str | None = None) -> Sequence[Artifact]:
     stmt = select(Artifact).where(Artifact.run_id == run_id)
     if kind is not None:
         stmt = stmt.where(Artifact.kind == kind)

@@ -6,8 +6,8 @@ fine-tuned for a few epochs can separate them, with per-image noise so no two ar
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -42,7 +42,8 @@ def write_images(root: Path, counts: Sequence[int], size: int = 48, fmt: str = "
 def create_dataset_rows(data_dir: Path, session_factory, name: str, counts: Sequence[int],
                         val_per_class: int = 3, size: int = 48) -> int:
     """A dataset + image rows in the real DB, image files in the real store; returns the dataset id."""
-    from storage.models import Dataset, Image as ImageRow
+    from storage.models import Dataset
+    from storage.models import Image as ImageRow
 
     classes = [f"class{c}" for c in range(len(counts))]
     rows = []

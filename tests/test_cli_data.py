@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import png_bytes
+
 from workbench.cli import data as cli_data
 
 

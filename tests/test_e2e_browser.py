@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO_ROOT, SHARED_DATASETS
 
 CHROMIUM = "/usr/bin/chromium"
@@ -78,7 +77,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
             if proc.poll() is not None or time.monotonic() > deadline:
                 log.close()
                 raise RuntimeError("streamlit did not start:\n"
-                                   + (data_dir.parent / "streamlit.log").read_text(errors="replace")[-3000:])
+                                   + (data_dir.parent / "streamlit.log").read_text(errors="replace")[-3000:]) from None
             time.sleep(0.3)
     try:
         yield url, data_dir

@@ -8,9 +8,17 @@ import pytest
 import torch
 
 from core.efficientnet import (
-    B0_STAGES, ENTRY_POINTS, VARIANTS, EfficientNet, UnknownVariantError, compound_variant, count_cost, get_variant,
+    B0_STAGES,
+    ENTRY_POINTS,
+    VARIANTS,
+    EfficientNet,
+    UnknownVariantError,
+    compound_variant,
+    count_cost,
+    get_variant,
     group_entry,
-    make_divisible, scaled_arch,
+    make_divisible,
+    scaled_arch,
 )
 
 timm = pytest.importorskip("timm")

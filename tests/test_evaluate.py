@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from core.evaluate import (EvalItem, calibration, classification_metrics, evaluate_model, fit_temperature, nll,
-                           softmax, threshold_for_sensitivity)
+from core.evaluate import (
+    EvalItem,
+    calibration,
+    classification_metrics,
+    evaluate_model,
+    fit_temperature,
+    nll,
+    softmax,
+    threshold_for_sensitivity,
+)
 
 
 def _random_case(seed: int, n: int = 200, k: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -35,7 +43,8 @@ def test_classification_metrics_match_sklearn(seed: int) -> None:
         assert c["roc_auc"] == pytest.approx(skm.roc_auc_score(y == i, p[:, i]))
         assert c["average_precision"] == pytest.approx(skm.average_precision_score(y == i, p[:, i]))
     assert np.array_equal(m["confusion_matrix"], skm.confusion_matrix(y, pred, labels=range(4)))
-    assert np.allclose(m["confusion_matrix_normalized"], skm.confusion_matrix(y, pred, labels=range(4), normalize="true"))
+    assert np.allclose(m["confusion_matrix_normalized"],
+                       skm.confusion_matrix(y, pred, labels=range(4), normalize="true"))
     assert m["macro_roc_auc"] == pytest.approx(skm.roc_auc_score(y, p, multi_class="ovr", average="macro"))
     assert m["top_k"]["top3"] == pytest.approx(skm.top_k_accuracy_score(y, p, k=3, labels=range(4)))
     json.dumps(m)  # JSON-ready
@@ -140,7 +149,7 @@ def test_evaluate_model_real_images_plots_gradcam(ws, tmp_path: Path) -> None:
     assert cal["fitted_on"] == "val" and cal["n_val"] == 9 and cal["temperature"] > 0
     assert math.isfinite(cal["nll_after"]) and 0.0 <= cal["after"]["ece"] <= 1.0  # fitted on val, reported on test
     assert "operating_point" not in m  # 3 classes: no binary threshold
-    wrong = int((np.asarray(m["confusion_matrix"]).trace()))
+    wrong = int(np.asarray(m["confusion_matrix"]).trace())
     assert len(m["misclassified"]) == min(4, 12 - wrong)
     losses = [e["loss"] for e in m["misclassified"]]
     assert losses == sorted(losses, reverse=True)
@@ -196,9 +205,10 @@ def test_binary_operating_point(ws) -> None:
 
 
 def test_evaluate_run_stores_tta_evaluation(ws) -> None:
+    from test_export import make_run
+
     from storage import repositories as repo
     from storage.models import Evaluation, Run
-    from test_export import make_run
     from workbench.evaluations import evaluate_run
 
     rid = make_run(ws)

@@ -4,12 +4,15 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import pytest
 
 from core.health import (
-    MIN_IMAGES_TO_TRAIN, build_health, check_trainable, duplicate_clusters, near_duplicate_pairs,
+    MIN_IMAGES_TO_TRAIN,
+    build_health,
+    check_trainable,
+    duplicate_clusters,
+    near_duplicate_pairs,
     untrainable_classes,
 )
 from core.splits import SplitItem, assign_splits, validate_fractions
@@ -53,9 +56,10 @@ def test_near_duplicates_fast_on_20k() -> None:
 
 def test_health_flags_cross_split_and_label_conflicts_first() -> None:
     recs = [
-        Rec("s1", _hex(0x0123456789ABCDEF), "a", "train"), Rec("s1", _hex(0x0123456789ABCDEF), "a", "train"),  # harmless dup
-        Rec("s2", _hex(0xFEDCBA9876543210), "a", "train"), Rec("s2", _hex(0xFEDCBA9876543210), "a", "test"),  # leakage
-        Rec("s3", _hex(0x5555AAAA5555AAAA), "a", "val"), Rec("s3", _hex(0x5555AAAA5555AAAA), "b", "val"),  # label conflict
+        # A harmless duplicate, a leak across splits, a label conflict:
+        Rec("s1", _hex(0x0123456789ABCDEF), "a", "train"), Rec("s1", _hex(0x0123456789ABCDEF), "a", "train"),
+        Rec("s2", _hex(0xFEDCBA9876543210), "a", "train"), Rec("s2", _hex(0xFEDCBA9876543210), "a", "test"),
+        Rec("s3", _hex(0x5555AAAA5555AAAA), "a", "val"), Rec("s3", _hex(0x5555AAAA5555AAAA), "b", "val"),
         Rec("s4", _hex(0xF0F0F0F0F0F0F0F0), "b", "test"), Rec("s5", _hex(0xF0F0F0F0F0F0F0F1), "b", "train"),
     ] + [Rec(f"u{i}", _hex(random.Random(i).getrandbits(64)), "b", "train", width=100, height=100,
              mode="L") for i in range(3)]
@@ -161,5 +165,5 @@ def test_duplicate_clusters_exact_and_near() -> None:
 def test_optional_fields_type() -> None:
     it = SplitItem("a")
     assert it.group is None and it.cluster is None and it.user_split is None
-    x: Optional[str] = it.user_split
+    x: str | None = it.user_split
     assert x is None

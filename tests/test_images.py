@@ -129,7 +129,7 @@ def test_decompression_bomb_refused_before_decoding(tmp_path: Path) -> None:
     with pytest.raises(ImageDecodeError, match="decompression bomb"):
         decode(bomb)
     ok = _save(Image.new("RGB", (100, 100)), tmp_path / "ok.png")
-    with pytest.raises(ImageDecodeError, match="10,000 pixels, over the limit of 5,000"):
+    with pytest.raises(ImageDecodeError, match="10,000 pixels, over Workbench.s limit of 5,000 pixels"):
         decode(ok, max_pixels=5_000)
 
 

@@ -5,9 +5,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import png_bytes, zip_folder
 from sqlalchemy import select, text
 
-from conftest import png_bytes, zip_folder
 from core.ingest import IngestError, ingest
 from storage.db import get_sessionmaker
 from storage.models import Dataset, Image

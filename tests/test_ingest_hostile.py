@@ -10,10 +10,10 @@ import zlib
 from pathlib import Path
 
 import pytest
+from conftest import png_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import png_bytes
 from core.images import DEFAULT_MAX_PIXELS
 from core.ingest import STORE_LOCK, IngestError, IngestLimits, ingest
 

@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import wait_for
 from helpers_train import create_dataset_rows
+
 from workbench import jobs, lanes, runs, worker
-from workbench.status import TERMINAL
 from workbench.settings import get_settings
+from workbench.status import TERMINAL
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(head_epochs=2, finetune_epochs=3, unfreeze_stages=1, cache_views=1, batch_size=8, head_batch_size=16,

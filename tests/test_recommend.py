@@ -9,8 +9,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.devices import (DictCache, ProfileError, calibrate, load_profile_file, load_profiles, run_features,
-                          save_profile_json)
+from core.devices import (
+    DictCache,
+    ProfileError,
+    calibrate,
+    load_profile_file,
+    load_profiles,
+    run_features,
+    save_profile_json,
+)
 from core.recommend import Budget, BudgetError, Candidate, default_candidates, recommend
 
 BUILTIN = load_profiles(use_env=False)

@@ -1,7 +1,7 @@
 """Schema, migrations, SQLite settings, cascades, repositories and artifact checks (real SQLite)."""
 from __future__ import annotations
 
-from datetime import timezone
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,16 @@ from storage import repositories as repo
 from storage.artifacts import ArtifactError, register_artifact, verify_artifact
 from storage.db import downgrade, get_sessionmaker, init_db, make_engine, upgrade
 from storage.models import (
-    Artifact, Base, Benchmark, Dataset, Evaluation, Image, Job, Run, RunEvent, RunMetric,
+    Artifact,
+    Base,
+    Benchmark,
+    Dataset,
+    Evaluation,
+    Image,
+    Job,
+    Run,
+    RunEvent,
+    RunMetric,
 )
 
 HEAD = "0002_autoincrement_ids"
@@ -134,10 +143,10 @@ def test_timestamps_are_utc_aware_and_defaults_apply(tmp_path: Path) -> None:
     _populate(sm)
     with sm() as s:
         ds = repo.get_dataset_by_name(s, "d")
-        assert ds is not None and ds.created_at.tzinfo == timezone.utc
+        assert ds is not None and ds.created_at.tzinfo == UTC
         run = s.scalars(select(Run)).one()
         assert run.status == "queued" and run.cancel_requested is False
-        assert run.created_at.tzinfo == timezone.utc
+        assert run.created_at.tzinfo == UTC
         assert repo.get_dataset_by_name_or_id(s, str(ds.id)) is ds
         assert [i.label for i in repo.images_for_dataset(s, ds.id, "train")] == ["a", "b"]
         assert repo.split_counts(s, ds.id) == {"train": {"a": 1, "b": 1}}

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers_train import write_images
 
 from core.augment import augment_preview, build_augment
 from core.data import DataError
@@ -26,7 +27,6 @@ from core.train import (
     retry_on_oom,
     train,
 )
-from helpers_train import write_images
 
 CLASSES = ["red", "green", "blue"]
 CKPT_KEYS = {"model", "optimizer", "scheduler", "epoch", "phase", "config", "variant", "resolution", "num_classes",

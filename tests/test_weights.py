@@ -11,7 +11,12 @@ from PIL import Image
 from core.efficientnet import EfficientNet
 from core.preprocessing import Preprocessing, preprocess
 from core.weights import (
-    WeightsError, create_model, find_weights, load_weights_into, lukemelas_to_ours, read_weight_file,
+    WeightsError,
+    create_model,
+    find_weights,
+    load_weights_into,
+    lukemelas_to_ours,
+    read_weight_file,
     weights_availability,
 )
 

@@ -57,7 +57,7 @@ class DatasetInfo:
     skipped: list[dict[str, str]]
 
     @classmethod
-    def from_row(cls, ds: Dataset) -> "DatasetInfo":
+    def from_row(cls, ds: Dataset) -> DatasetInfo:
         return cls(
             id=ds.id, name=ds.name, created_at=ds.created_at, source=ds.source,
             num_images=ds.num_images, num_classes=ds.num_classes, classes=list(ds.classes),

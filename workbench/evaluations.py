@@ -21,8 +21,8 @@ from core.evaluate import EvalItem, evaluate_model
 from storage import repositories as repo
 from storage.artifacts import register_artifact, resolve_in_data_dir
 from storage.models import Dataset, Evaluation, Run
-from workbench.paths import RunPaths
 from workbench.artifacts import service_context
+from workbench.paths import RunPaths
 from workbench.settings import Settings
 from workbench.summary import RunSummary, update_summary
 
@@ -130,7 +130,8 @@ def evaluate_run(run_id: int, *, tta: bool = False, sensitivity: float = 0.95, p
     classes = list(tm.classes)
     test = rd.items("test", classes)
     if not test:
-        raise EvaluationError(f"run {run_id}: the dataset has no test images, so there is nothing honest to evaluate on")
+        raise EvaluationError(f"run {run_id}: the dataset has no test images, so there is nothing honest to "
+                              "evaluate on")
     val = rd.items("val", classes)
     out_dir = RunPaths(s, run_id).new_evaluation_dir(tta)
     say(progress, f"evaluating on {len(test)} test images", 0.0)

@@ -17,8 +17,16 @@ from storage import repositories as repo
 from storage.artifacts import ArtifactError, register_artifact, resolve_in_data_dir, verify_artifact
 from storage.models import Artifact
 from workbench.artifacts import artifact_for_download, service_context
-from workbench.evaluations import (EvaluationError, LoadedRun, ProgressCb, evaluate_run, latest_evaluation, load_run,
-                                   say, scaled)
+from workbench.evaluations import (
+    EvaluationError,
+    LoadedRun,
+    ProgressCb,
+    evaluate_run,
+    latest_evaluation,
+    load_run,
+    say,
+    scaled,
+)
 from workbench.paths import RunPaths
 from workbench.settings import Settings
 from workbench.summary import update_summary
@@ -99,7 +107,8 @@ def ensure_fp32(run_id: int, *, settings: Settings | None = None,
     meas = cx.measure_variant(path, tm.preprocessing.resolution, runs=latency_runs, max_seconds=latency_seconds,
                               throughput_runs=min(5, latency_runs))
     y = np.array([it.label for it in test])
-    meas["accuracy"] = float((ver.ort_logits.argmax(1) == y).mean()) if len(y) else None
+    ort = ver.ort_logits
+    meas["accuracy"] = float((ort.argmax(1) == y).mean()) if len(y) and ort is not None else None
     meta = {"verified": ver.passed, "verification": ver.to_dict(), "measurements": meas, "precision": "fp32",
             "file": "model.onnx"}
     art_id = _register(sf, s, path, "onnx_fp32", run_id, meta)

@@ -8,14 +8,26 @@ models happens only on request (``measure=True``): it takes seconds per model.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from sqlalchemy import select
 
-from core.devices import (CALIBRATION_SET, CPU_SPEEDUP_ASSUMED, DeviceProfile, LatencyPoint, calibrate,
-                          fit_throughput, get_profile, load_profile_file, load_profiles, measure_points,
-                          replace_throughput, run_features)
+from core.devices import (
+    CALIBRATION_SET,
+    CPU_SPEEDUP_ASSUMED,
+    DeviceProfile,
+    LatencyPoint,
+    calibrate,
+    fit_throughput,
+    get_profile,
+    load_profile_file,
+    load_profiles,
+    measure_points,
+    replace_throughput,
+    run_features,
+)
 from core.latency import machine_id
 from core.recommend import Budget, Recommendation, recommend
 from storage.db import get_sessionmaker

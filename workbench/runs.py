@@ -6,9 +6,10 @@ whose ``train`` handler lives in workbench.handlers.train.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any, Sequence
+from typing import Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -18,13 +19,12 @@ from core.images import GRAYSCALE_MODES
 from storage import repositories as repo
 from storage.artifacts import ArtifactError, resolve_in_data_dir
 from storage.db import get_sessionmaker
-from storage.models import Artifact, Dataset, Image, Job, Run, RunEvent, RunMetric, utcnow
+from storage.models import Artifact, Image, Job, Run, RunEvent, RunMetric, utcnow
 from workbench import jobs, lanes
 from workbench.paths import RunPaths
 from workbench.settings import Settings, get_settings
 from workbench.status import ACTIVE_RUN, RESUMABLE_RUN, JobKind, JobStatus, RunStatus
 from workbench.summary import BestMetrics, RunSummary, read_best, read_summary
-
 
 
 class RunError(ValueError):

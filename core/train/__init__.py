@@ -38,8 +38,14 @@ from core.efficientnet import EfficientNet
 from core.metrics import validation_metrics
 from core.preprocessing import Preprocessing
 from core.train.callbacks import Callback, Progress, TrainingCancelled, TrainingError
-from core.train.checkpoint import (ResumeState, TrainedModel, load_checkpoint, load_trained_model, restore_run,
-                                   set_rng_state)
+from core.train.checkpoint import (
+    ResumeState,
+    TrainedModel,
+    load_checkpoint,
+    load_trained_model,
+    restore_run,
+    set_rng_state,
+)
 from core.train.config import RECIPES, TrainConfig, make_config
 from core.train.context import TrainContext
 from core.train.data import SampleList, check_samples, class_weights, imbalance_policy, stratified_val
@@ -123,6 +129,7 @@ def _create_seeded_model(variant: str, base_variant: str, resolution: int | None
     model = loaded.model
     # Zero-init head: create_model's ImageNet-style init (uniform +-1/sqrt(num_classes)) gives
     # logits in the tens on 1280-d embeddings and a first epoch spent undoing it.
+    assert isinstance(model.classifier, nn.Linear)
     nn.init.zeros_(model.classifier.weight)
     nn.init.zeros_(model.classifier.bias)
     run.summary.update(weights=loaded.weights, variant=base_variant, resolution=loaded.preprocessing.resolution)

@@ -32,7 +32,7 @@ class TrainedModel:
 
 
 def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     return {"python": random.getstate(),
             # numpy's key array as a list keeps the checkpoint loadable with weights_only=True
             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],

@@ -74,7 +74,7 @@ class TrainConfig:
             raise ValueError(f"on_missing must be fail or skip, got {self.on_missing!r}")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 

@@ -23,8 +23,8 @@ from core.preprocessing import normalize
 from core.train.callbacks import Progress, TrainingCancelled, TrainingError
 from core.train.config import TrainConfig
 from core.train.context import TrainContext
-from core.train.robustness import retry_on_oom
 from core.train.phases import PhaseSpec
+from core.train.robustness import retry_on_oom
 from core.train.runner import Runner
 
 PrefixFn = Callable[[np.ndarray], list[torch.Tensor]]
@@ -64,7 +64,8 @@ def _onnx_prefix(prefix: FrozenPrefix, resolution: int, threads: int) -> PrefixF
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(prefix, (torch.zeros(1, 3, resolution, resolution),), buf, input_names=["x"],
+        torch.onnx.export(prefix, (torch.zeros(1, 3, resolution, resolution),),
+                          buf, input_names=["x"],  # type: ignore[arg-type]  # file objects work too
                           output_names=outputs, dynamic_axes={"x": {0: "n"}, **{y: {0: "n"} for y in outputs}},
                           opset_version=17, do_constant_folding=True, dynamo=False)
     so = ort.SessionOptions()

@@ -150,7 +150,9 @@ def train_one_epoch(
         x, y = to_device(x, ctx), to_device(y, ctx)
         tried = min(ctx.micro_batch, len(x))
         (loss_sum, correct), used = retry_on_oom(
-            lambda micro: accumulated_step(tail, criterion, optimizer, x, y, micro, step, ctx), tried, ctx.log)
+            # Called at once (not stored), so the loop variables are bound as they are now.
+            lambda micro: accumulated_step(tail, criterion, optimizer, x, y, micro, step, ctx),  # noqa: B023
+            tried, ctx.log)
         if used < tried:  # halved after an OOM: keep the smaller micro-batch for the rest of the run
             ctx.micro_batch = used
         scheduler.step()

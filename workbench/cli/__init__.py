@@ -8,7 +8,8 @@ from workbench.cli import data, export, recommend, train, ui
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="workbench", description="Transfer-learning workbench for image classification.")
+    parser = argparse.ArgumentParser(prog="workbench",
+                                     description="Transfer-learning workbench for image classification.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for area in (data, recommend, train, export, ui):
         area.register(sub)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from tqdm import tqdm
 
@@ -44,7 +45,7 @@ def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
 
 @_guard
 def cmd_add(args: argparse.Namespace) -> int:
-    bar: Optional[tqdm] = None
+    bar: tqdm | None = None
 
     def progress(done: int, total: int) -> None:
         nonlocal bar
@@ -150,7 +151,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Add the `data` command group to the top-level CLI."""
     data = subparsers.add_parser("data", help="add, inspect and delete datasets")
     sub = data.add_subparsers(dest="data_command", metavar="{add,report,list,delete}")
