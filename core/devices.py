@@ -153,7 +153,8 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "description": str, "kind": str, "memory_mb": (int, float), "runtime_overhead_mb": (int, float),
     "throughput": dict,
 }
-_THROUGHPUT_REQUIRED: dict[str, type | tuple[type, ...]] = {"overhead_ms": (int, float), "gmacs_per_s": (int, float), "speedup": dict}
+_THROUGHPUT_REQUIRED: dict[str, type | tuple[type, ...]] = {"overhead_ms": (int, float), "gmacs_per_s": (int, float),
+                                                            "speedup": dict}
 _KNOWN = set(_REQUIRED) | {"sources", "measured", "calibration", "name", "origin"}
 _THROUGHPUT_KNOWN = set(_THROUGHPUT_REQUIRED) | {"bandwidth_gb_s", "p95_ratio"}
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv as csvlib
 import fcntl
+import functools
 import hashlib
 import io
 import os
@@ -36,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Optional
+from typing import IO, Any
 
 import imagehash
 
@@ -93,9 +94,9 @@ class ImageRecord:
     mode: str
     label: str
     split: str
-    group: Optional[str]
+    group: str | None
     original_name: str  # path inside the zip / folder
-    user_split: Optional[str] = None
+    user_split: str | None = None
 
     def as_row(self) -> dict[str, Any]:
         """Column values for the ``images`` table."""
@@ -246,7 +247,7 @@ class _Entry:
     name: str  # normalised POSIX path relative to the source root
     size: int
     open: Callable[[], IO[bytes]]
-    local_path: Optional[Path] = None  # for folder sources: hash/decode in place
+    local_path: Path | None = None  # for folder sources: hash/decode in place
 
 
 def _is_clutter(name: str) -> bool:
@@ -257,7 +258,7 @@ def _is_clutter(name: str) -> bool:
     return base in CLUTTER_FILES or base.startswith("._")
 
 
-def _unsafe_reason(raw: str) -> Optional[str]:
+def _unsafe_reason(raw: str) -> str | None:
     name = raw.replace("\\", "/")
     if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
         return "has an absolute path"
@@ -326,8 +327,12 @@ def _scan_zip(zf: zipfile.ZipFile, limits: IngestLimits) -> tuple[list[_Entry], 
         if info.flag_bits & 0x1:
             skipped.append(SkippedFile(name, "encrypted zip entry (password-protected zips are not supported)"))
             continue
-        entries.append(_Entry(name=name, size=info.file_size, open=lambda i=info: zf.open(i)))
+        entries.append(_Entry(name=name, size=info.file_size, open=functools.partial(zf.open, info)))
     return entries, dirs, skipped
+
+
+def _file_opener(path: Path) -> Callable[[], IO[bytes]]:
+    return lambda: open(path, "rb")
 
 
 def _scan_folder(root: Path, limits: IngestLimits) -> tuple[list[_Entry], set[str], list[SkippedFile]]:
@@ -353,12 +358,19 @@ def _scan_folder(root: Path, limits: IngestLimits) -> tuple[list[_Entry], set[st
                 skipped.append(SkippedFile(rel, "not a regular file"))
                 continue
             entries.append(_Entry(name=rel, size=p.stat().st_size,
-                                  open=lambda p=p: open(p, "rb"), local_path=p))
+                                  open=_file_opener(p), local_path=p))
             if len(entries) > limits.max_entries:
                 raise IngestError(
                     f"folder has more than {limits.max_entries:,} files, over the limit"
                 )
     return entries, dirs, skipped
+
+
+# Public names for the deploy-bundle reader (core/bundle.py): a bundle is opened with exactly
+# the guards a dataset upload gets (entry count, sizes, ratio, zip-slip, symlinks).
+open_zip = _open_zip
+scan_zip = _scan_zip
+scan_folder = _scan_folder
 
 
 # --- manifests -------------------------------------------------------------------------
@@ -367,11 +379,11 @@ def _scan_folder(root: Path, limits: IngestLimits) -> tuple[list[_Entry], set[st
 class _Planned:
     entry: _Entry
     label: str
-    split: Optional[str]
-    group: Optional[str]
+    split: str | None
+    group: str | None
 
 
-def _parse_manifest(text: str, name: str, required: bool) -> Optional[list[dict[str, str]]]:
+def _parse_manifest(text: str, name: str, required: bool) -> list[dict[str, str]] | None:
     """Rows with keys path,label[,split][,group]; None if an auto-found CSV is not a manifest."""
     sample = text[:8192]
     if name.lower().endswith(".tsv"):
@@ -440,11 +452,12 @@ def _plan_from_manifest(
         if not row["label"]:
             skipped.append(SkippedFile(name, f"CSV row {lineno} has an empty label"))
             continue
-        split: Optional[str] = None
+        split: str | None = None
         if row["split"]:
             split = SPLIT_ALIASES.get(row["split"].lower())
             if split is None:
-                skipped.append(SkippedFile(name, f"CSV row {lineno} has unknown split {row['split']!r} (use train, val or test)"))
+                skipped.append(SkippedFile(name, f"CSV row {lineno} has unknown split {row['split']!r} "
+                                                 "(use train, val or test)"))
                 continue
         entry = entries.get(name)
         if entry is None:
@@ -516,12 +529,12 @@ def ingest(
     source: Path,
     data_dir: Path,
     *,
-    csv: Optional[Path] = None,
-    group_regex: Optional[str] = None,
+    csv: Path | None = None,
+    group_regex: str | None = None,
     seed: int = 0,
     split_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
     limits: IngestLimits = IngestLimits(),
-    progress: Optional[ProgressFn] = None,
+    progress: ProgressFn | None = None,
     near_threshold: int = NEAR_DUP_THRESHOLD,
     keep_near_duplicates_together: bool = True,
     input_size: int = 224,
@@ -540,7 +553,7 @@ def ingest(
     data_dir = Path(data_dir).resolve()
     if not source.exists():
         raise IngestError(f"source not found: {source}")
-    regex: Optional[re.Pattern[str]] = None
+    regex: re.Pattern[str] | None = None
     if group_regex:
         try:
             regex = re.compile(group_regex)
@@ -557,11 +570,11 @@ def ingest(
     tmp_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "store").mkdir(parents=True, exist_ok=True)
 
-    zf: Optional[zipfile.ZipFile] = None
+    zf: zipfile.ZipFile | None = None
     new_files: list[Path] = []
     held = ExitStack()  # the shared store lock, from the first store check to the commit
     try:
-        manifest_path: Optional[Path] = Path(csv) if csv is not None else None
+        manifest_path: Path | None = Path(csv) if csv is not None else None
         if source.is_dir():
             entries, dirs, skipped = _scan_folder(source, limits)
         elif source.suffix.lower() in MANIFEST_SUFFIXES:
@@ -572,17 +585,17 @@ def ingest(
             entries, dirs, skipped = _scan_zip(zf, limits)
 
         kept: list[_Entry] = []
-        for e in entries:
-            if _is_clutter(e.name):
-                skipped.append(SkippedFile(e.name, "OS clutter"))
+        for entry in entries:
+            if _is_clutter(entry.name):
+                skipped.append(SkippedFile(entry.name, "OS clutter"))
             else:
-                kept.append(e)
+                kept.append(entry)
         dirs = {d for d in dirs if not _is_clutter(d + "/x")}
         manifests = [e for e in kept if PurePosixPath(e.name).suffix.lower() in MANIFEST_SUFFIXES]
         by_name = {e.name: e for e in kept}
 
         missing: list[str] = []
-        rows: Optional[list[dict[str, str]]] = None
+        rows: list[dict[str, str]] | None = None
         base = ""
         manifest_name = ""
         if manifest_path is not None:
@@ -634,9 +647,9 @@ def ingest(
             if rec is not None:
                 group = p.group
                 if group is None and regex is not None:
-                    m = regex.search(PurePosixPath(p.entry.name).name)
-                    if m and m.group(1):
-                        group = m.group(1)
+                    found = regex.search(PurePosixPath(p.entry.name).name)
+                    if found and found.group(1):
+                        group = found.group(1)
                     else:
                         unmatched_regex += 1
                 rec.label, rec.user_split, rec.group = p.label, p.split, group
@@ -699,8 +712,8 @@ def ingest(
 
         image_dirs = {str(PurePosixPath(r.original_name).parent) for r in records}
         all_dirs = set(dirs)
-        for e in kept:
-            parent = PurePosixPath(e.name).parent
+        for entry in kept:
+            parent = PurePosixPath(entry.name).parent
             while str(parent) != ".":
                 all_dirs.add(str(parent))
                 parent = parent.parent
@@ -746,9 +759,9 @@ def _ingest_one(
     budget: _Budget,
     skipped: list[SkippedFile],
     new_files: list[Path],
-) -> Optional[ImageRecord]:
+) -> ImageRecord | None:
     e = p.entry
-    tmp_path: Optional[Path] = None
+    tmp_path: Path | None = None
     try:
         if e.size > limits.max_file_bytes:
             skipped.append(SkippedFile(e.name, f"file is larger than {limits.max_file_bytes:,} bytes"))

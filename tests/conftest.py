@@ -89,9 +89,8 @@ def shared_datasets() -> Path:
 def png_bytes(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (32, 32),
               mode: str = "RGB", pattern: int = 0) -> bytes:
     """A small, valid PNG; ``pattern`` makes images perceptually different."""
-    from PIL import Image
-
     import numpy as np
+    from PIL import Image
 
     if pattern:
         # Seeded random 8x8 blocks, upscaled: perceptually distinct images per pattern.

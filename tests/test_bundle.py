@@ -99,6 +99,7 @@ def test_predict_py_without_pydicom_says_what_to_install(tmp_path: Path, monkeyp
 @pytest.fixture(scope="module")
 def exported(ws):
     from test_export import FAST, make_run
+
     from workbench.exports import export_run
 
     rid = make_run(ws)
@@ -115,19 +116,26 @@ def test_bundle_predict_subprocess_reproduces_test_accuracy(ws, exported, tmp_pa
     with zipfile.ZipFile(bundle) as zf:
         names = set(zf.namelist())
         zf.extractall(dest)
-    assert {"model.onnx", "model_int8.onnx", "labels.json", "preprocessing.json", "README.md", "predict.py"} <= names
+    assert {"model.onnx", "model_int8.onnx", "labels.json", "preprocessing.json", "README.md", "predict.py",
+            "manifest.json"} <= names
 
-    # The model card lists the sha256 of every other file, and they match.
+    # The model card lists the sha256 of every other file (for people), and they match.
     card = (dest / "README.md").read_text()
-    for n in names - {"README.md"}:
+    for n in names - {"README.md", "manifest.json"}:
         assert hashlib.sha256((dest / n).read_bytes()).hexdigest() in card, n
+    # The manifest lists every file but itself (for machines), README.md included; unsigned here.
+    manifest = json.loads((dest / "manifest.json").read_text())
+    assert set(manifest["files"]) == names - {"manifest.json"} and manifest["run_id"] == str(rid)
+    assert manifest["format_version"] == 1 and "signature" not in manifest
+    for n, sha in manifest["files"].items():
+        assert hashlib.sha256((dest / n).read_bytes()).hexdigest() == sha, n
     assert "seed" in card.lower() and "Health warnings" in card and "Intended use" in card and "int8" in card
 
     # A clean subprocess with only the bundle: classify the test images, compare with Workbench.
     test_dir = ws.source / "test"
     csv_path = tmp_path / "pred.csv"
-    r = subprocess.run([sys.executable, str(dest / "predict.py"), str(test_dir), "--csv", str(csv_path), "--top-k", "2"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, str(dest / "predict.py"), str(test_dir), "--csv", str(csv_path),
+                        "--top-k", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader(open(csv_path)))
     assert len(rows) == 12
@@ -152,7 +160,7 @@ def test_cli_evaluate_export_predict(ws, exported, tmp_path: Path, monkeypatch: 
     assert "verified on 12 test images" in capsys.readouterr().out and zip_path.is_file()
     imgs = sorted((ws.source / "test" / "bean_rust").iterdir())[:2]
     labels = []
-    for i, target in enumerate((str(zip_path), str(rid))):  # the bundle's predict.py, then the run
+    for i, target in enumerate((str(zip_path), str(rid))):  # the checked bundle, then the run's ONNX
         out_csv = tmp_path / f"p{i}.csv"
         assert main(["predict", target, *map(str, imgs), "--csv", str(out_csv), "--top-k", "1"]) == 0
         rows = list(csv.DictReader(open(out_csv)))
@@ -186,3 +194,30 @@ def test_export_job_handler_runs_in_worker_context(ws, exported) -> None:
     bad = jobs.JobContext(job_id, "export", 99999, {}, ws.Session, ws.settings)
     out = handle_export(bad)
     assert out.status == JobStatus.FAILED and "no run with id 99999" in (out.error or "")
+
+
+def test_export_signs_with_the_installation_key_and_predict_checks_it(ws, exported, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`workbench export` signs with WORKBENCH_BUNDLE_KEY; `predict` accepts it under that key only."""
+    import json
+
+    from storage.db import reset_sessionmakers
+    from workbench.cli import main
+
+    monkeypatch.setenv("WORKBENCH_DATA_DIR", str(ws.settings.data_dir))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("WORKBENCH_BUNDLE_KEY", "lab-key-1")
+    zip_path = tmp_path / "signed.zip"
+    assert main(["export", str(exported[0]), "-o", str(zip_path)]) == 0
+    with zipfile.ZipFile(zip_path) as zf:
+        manifest = json.loads(zf.read("manifest.json"))
+    assert manifest["signature"]["algorithm"] == "HMAC-SHA256"
+    img = sorted((ws.source / "test" / "healthy").iterdir())[0]
+    capsys.readouterr()
+    assert main(["predict", str(zip_path), str(img), "--csv", str(tmp_path / "p.csv")]) == 0
+    assert "signed by this installation's key" in capsys.readouterr().out
+    monkeypatch.setenv("WORKBENCH_BUNDLE_KEY", "another-lab")
+    assert main(["predict", str(zip_path), str(img), "--csv", str(tmp_path / "q.csv")]) == 1
+    assert "refusing bundle" in capsys.readouterr().err and not (tmp_path / "q.csv").exists()
+    reset_sessionmakers()

@@ -208,7 +208,7 @@ def export_run(run_id: int, *, fp16: bool = False, int8: bool = False, uint8_gra
             "variant": tm.variant, "preprocessing": pre, "dataset": rd.dataset, "config": rd.config,
             "seed": rd.config.get("seed", "n/a"), "metrics": ev.metrics if ev else None,
             "verification": fp32.verification, "variants": out.variants, "uint8_graph": uint8_info}
-    bundle = cx.build_bundle(paths.new_bundle(), out.models, info)
+    bundle = cx.build_bundle(paths.new_bundle(), out.models, info, key=s.bundle_key)
     bundle_id = _register(sf, s, bundle, "bundle", run_id, {
         "files": sorted(out.models),
         "variants": {k: {kk: v[kk] for kk in BUNDLE_VARIANT_KEYS} for k, v in out.variants.items()}})

@@ -9,11 +9,15 @@ Folders are searched recursively. Preprocessing is read from preprocessing.json 
 and is an exact copy of Workbench's (a Workbench test checks the arrays are identical).
 DICOM files (.dcm, or any file with the DICM marker) are read like Workbench reads them: modality
 LUT, the file's own window if it has one, min-max to 8 bits, MONOCHROME1 inverted, first frame.
+
+Before loading anything it checks every file against manifest.json (sha256), so a damaged or
+altered model, label list or preprocessing file is refused with the file's name.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -24,6 +28,37 @@ from PIL import Image, ImageOps
 HERE = Path(__file__).resolve().parent
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm"}
 _PIL_INTERP = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+# --- the manifest check: stdlib only ---------------------------------------------------------
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_manifest(folder: Path = HERE) -> list[str]:
+    """Check each file listed in manifest.json against its sha256; the names checked, or SystemExit."""
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise SystemExit(f"error: {manifest_path} is missing, so this bundle cannot be checked; "
+                         "export it again from Workbench")
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+        items = sorted(files.items())
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SystemExit(f"error: manifest.json is not readable ({e}); export the bundle again") from None
+    for name, want in items:
+        if not isinstance(name, str) or name != Path(name).name or name in ("", ".", ".."):
+            raise SystemExit(f"error: manifest.json lists an unsafe file name {name!r}")
+        path = folder / name
+        if not path.is_file():
+            raise SystemExit(f"error: {name}: listed in manifest.json but missing from the bundle")
+        if sha256_file(path) != want:
+            raise SystemExit(f"error: {name}: sha256 does not match the manifest (bundle altered?)")
+    return [name for name, _ in items]
 
 
 # --- image decoding: same rules as Workbench's core.images.load_rgb -------------------------
@@ -136,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=str(HERE / "model.onnx"), help="ONNX file (default model.onnx beside this script)")
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args(argv)
+
+    checked = verify_manifest()
+    model = Path(args.model).resolve()
+    if model.parent != HERE or model.name not in checked:
+        print(f"note: {model} is not part of this bundle; manifest.json does not cover it", file=sys.stderr)
 
     import onnxruntime as ort
 

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import sys
-import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
+
+from core.bundle import BundleError, BundlePredictor, Prediction, Signature, open_bundle
 
 
 def _progress(msg: str, frac: float) -> None:
@@ -38,7 +37,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 1
     m = out.metrics
     print(f"run {args.run}: test split, {m['n']} images{' (flip TTA)' if m['tta'] else ''}")
-    print(f"  accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}"
+    print(f"  accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}"
+          f"  macro-F1 {m['macro_f1']:.4f}"
           + (f"  macro ROC-AUC {m['macro_roc_auc']:.4f}" if m["macro_roc_auc"] is not None else ""))
     for c in m["per_class"]:
         scores = "  ".join(f"{k} {_score(c[key])}" for k, key in (("P", "precision"), ("R", "recall"), ("F1", "f1")))
@@ -92,26 +92,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_predict_module(folder: Path) -> Any:
-    spec = importlib.util.spec_from_file_location("workbench_bundle_predict", folder / "predict.py")
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"{folder}/predict.py cannot be loaded")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def _write_predictions(rows: list[Prediction], csv_path: Path) -> None:
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "predicted_label", "confidence", "top_k"])
+        w.writerows([str(r.path), r.label, f"{r.confidence:.6f}", ";".join(f"{lab}:{p:.6f}" for lab, p in r.top_k)]
+                    for r in rows)
+
+
+def _skip(path: Path, reason: str) -> None:
+    print(f"skipped {path}: {reason}", file=sys.stderr)
+
+
+def _classify(predictor: BundlePredictor, images: list[str], csv_path: Path, top_k: int) -> int:
+    rows = predictor.predict(_expand(images), top_k, on_skip=_skip)
+    _write_predictions(rows, csv_path)
+    print(f"{len(rows)} images classified -> {csv_path}")
+    return 0 if rows else 1
 
 
 def _predict_run(run_id: int, images: list[str], csv_path: Path, top_k: int) -> int:
-    """Predict with a run's verified fp32 ONNX (ONNX Runtime, Workbench preprocessing)."""
-    import json
-
-    import numpy as np
-
-    from core.evaluate import softmax
-    from core.export import read_metadata
-    from core.images import ImageDecodeError, load_rgb
-    from core.latency import ort_session
-    from core.preprocessing import Preprocessing, preprocess
+    """Predict with a run's verified fp32 ONNX (the same predictor as for a bundle)."""
     from workbench.evaluations import EvaluationError
     from workbench.exports import ensure_fp32
 
@@ -123,27 +124,30 @@ def _predict_run(run_id: int, images: list[str], csv_path: Path, top_k: int) -> 
     if not exp.passed:
         print(f"error: run {run_id}'s ONNX export failed verification; not used for predictions", file=sys.stderr)
         return 1
-    md = read_metadata(exp.path)
-    labels = json.loads(md["classes"])
-    pre = Preprocessing.from_dict(json.loads(md["preprocessing"]))
-    sess = ort_session(exp.path)
-    mod_files = _expand(images)
-    rows = []
-    for p in mod_files:
-        try:
-            x = preprocess(load_rgb(p), pre)[None]
-        except (ImageDecodeError, OSError) as e:
-            print(f"skipped {p}: {e}", file=sys.stderr)
-            continue
-        pr = softmax(sess.run(None, {"image": x})[0])[0]
-        order = np.argsort(-pr, kind="stable")[:max(1, min(top_k, len(labels)))]
-        rows.append([str(p), labels[order[0]], f"{pr[order[0]]:.6f}", ";".join(f"{labels[j]}:{pr[j]:.6f}" for j in order)])
-    with open(csv_path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "predicted_label", "confidence", "top_k"])
-        w.writerows(rows)
-    print(f"{len(rows)} images classified -> {csv_path}")
-    return 0 if rows else 1
+    try:
+        predictor = BundlePredictor.from_onnx(exp.path)
+    except BundleError as e:
+        print(f"error: run {run_id}'s ONNX export cannot be used: {e}", file=sys.stderr)
+        return 1
+    return _classify(predictor, images, csv_path, top_k)
+
+
+def _predict_bundle(target: Path, images: list[str], csv_path: Path, top_k: int, allow_unsigned: bool) -> int:
+    """A bundle is data: checked against its manifest (and signature), its model loaded in-process.
+    Its predict.py is never imported or run."""
+    from workbench.settings import get_settings
+
+    try:
+        bundle = open_bundle(target, key=get_settings().bundle_key, allow_unsigned=allow_unsigned)
+        predictor = BundlePredictor.from_bundle(bundle)
+    except BundleError as e:
+        print(f"error: refusing bundle {target}: {e}", file=sys.stderr)
+        return 1
+    note = bundle.signature.value
+    if bundle.signature is Signature.UNSIGNED:
+        note += " (accepted with --allow-unsigned)" if allow_unsigned else " (no WORKBENCH_BUNDLE_KEY configured here)"
+    print(f"bundle {target}: {len(bundle.files)} files match its manifest; {note}")
+    return _classify(predictor, images, csv_path, top_k)
 
 
 def _expand(inputs: list[str]) -> list[Path]:
@@ -163,20 +167,9 @@ def _expand(inputs: list[str]) -> list[Path]:
 def cmd_predict(args: argparse.Namespace) -> int:
     target = Path(args.target)
     csv_path = Path(args.csv)
-    if target.suffix == ".zip" and target.is_file():
-        # Use the bundle exactly as a customer would: its own predict.py and model.onnx.
-        with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(target) as zf:
-            names = set(zf.namelist())
-            missing = {"predict.py", "model.onnx", "labels.json", "preprocessing.json"} - names
-            if missing:
-                print(f"error: {target} is not a Workbench bundle (missing {sorted(missing)})", file=sys.stderr)
-                return 1
-            zf.extractall(tmp)
-            mod = _load_predict_module(Path(tmp))
-            return int(mod.main([*args.images, "--csv", str(csv_path), "--top-k", str(args.top_k)]))
-    if target.is_dir() and (target / "predict.py").is_file():
-        mod = _load_predict_module(target)
-        return int(mod.main([*args.images, "--csv", str(csv_path), "--top-k", str(args.top_k)]))
+    # A folder named like a run id ("42") is the run; write ./42 for such a bundle folder.
+    if (target.suffix == ".zip" and target.is_file()) or (target.is_dir() and not args.target.isdigit()):
+        return _predict_bundle(target, args.images, csv_path, args.top_k, args.allow_unsigned)
     try:
         run_id = int(args.target)
     except ValueError:
@@ -207,4 +200,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGES")
     p.add_argument("--csv", default="predictions.csv")
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--allow-unsigned", action="store_true",
+                   help="accept an unsigned bundle although WORKBENCH_BUNDLE_KEY is set (its files are still checked)")
     p.set_defaults(func=cmd_predict)
