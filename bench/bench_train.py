@@ -57,11 +57,11 @@ def test_accuracy(model: torch.nn.Module, pre, test: list[tuple[str, int]]) -> f
 
 
 class Printer(Callback):
-    def on_epoch_end(self, phase, epoch, m):  # noqa: ANN001
+    def on_epoch_end(self, phase, epoch, m):
         print(f"  epoch {epoch} {phase}: val acc {m['val_accuracy']:.3f} F1 {m['val_macro_f1']:.3f} "
               f"({m['epoch_seconds']:.1f} s, {m['images_per_s']:.0f} img/s)", flush=True)
 
-    def on_log(self, level, message, data=None):  # noqa: ANN001
+    def on_log(self, level, message, data=None):
         print(f"  [{level}] {message}", flush=True)
 
 

@@ -27,7 +27,7 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     reset_sessionmakers()  # release the SQLite file before tmp_path is removed
 
 
-def wait_for(pred, timeout: float = 180, poll: float = 0.3, what: str = "condition"):  # noqa: ANN001, ANN201
+def wait_for(pred, timeout: float = 180, poll: float = 0.3, what: str = "condition"):
     """Poll ``pred`` until it returns something truthy (returned); fail after ``timeout`` seconds."""
     import time
 

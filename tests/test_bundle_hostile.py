@@ -329,7 +329,7 @@ def test_signature_covers_canonical_manifest() -> None:
 
 
 # --- the bundle's own predict.py checks the manifest too --------------------------------------
-def _bundle_predict_module(folder: Path):  # noqa: ANN202
+def _bundle_predict_module(folder: Path):
     spec = importlib.util.spec_from_file_location("unpacked_bundle_predict", folder / "predict.py")
     mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(mod)  # type: ignore[union-attr]  # our own template, from a real bundle

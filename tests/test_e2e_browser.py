@@ -99,7 +99,7 @@ def _stop_worker(data_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def page(server: tuple[str, Path]):  # noqa: ANN201
+def page(server: tuple[str, Path]):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
@@ -112,13 +112,13 @@ def page(server: tuple[str, Path]):  # noqa: ANN201
         browser.close()
 
 
-def _goto(page, url: str) -> None:  # noqa: ANN001
+def _goto(page, url: str) -> None:
     page.goto(url)
     page.locator('[data-testid="stApp"]').wait_for()
     page.locator('[data-testid="stMainBlockContainer"] h1').first.wait_for()
 
 
-def _shot(page, name: str) -> None:  # noqa: ANN001
+def _shot(page, name: str) -> None:
     """Screenshot the whole page: Streamlit scrolls inside its main section, so grow the viewport to fit."""
     if not SCREENSHOTS:
         return
@@ -137,11 +137,11 @@ def _shot(page, name: str) -> None:  # noqa: ANN001
     page.set_viewport_size(size)
 
 
-def _no_exception_box(page) -> None:  # noqa: ANN001
+def _no_exception_box(page) -> None:
     assert page.locator('[data-testid="stException"]').count() == 0
 
 
-def test_upload_train_export_download(server: tuple[str, Path], page, tmp_path: Path) -> None:  # noqa: ANN001
+def test_upload_train_export_download(server: tuple[str, Path], page, tmp_path: Path) -> None:
     url, data_dir = server
     started = time.monotonic()
 

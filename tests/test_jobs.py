@@ -22,7 +22,7 @@ TINY = dict(head_epochs=2, finetune_epochs=3, unfreeze_stages=1, cache_views=1, 
 
 
 @pytest.fixture
-def sf(data_dir: Path):  # noqa: ANN201
+def sf(data_dir: Path):
     from storage.db import get_sessionmaker
 
     return get_sessionmaker(get_settings().database_url)

@@ -47,7 +47,7 @@ def enqueue(kind: str, payload: dict, run_id: int | None = None) -> int:
         return jobs.enqueue(s, kind, run_id, payload).id
 
 
-def job_row(job_id: int):  # noqa: ANN201
+def job_row(job_id: int):
     from storage.db import get_sessionmaker
     from storage.models import Job
 

@@ -33,7 +33,7 @@ CKPT_KEYS = {"model", "optimizer", "scheduler", "epoch", "phase", "config", "var
              "classes", "preprocessing", "padding", "bn_eps", "rng", "history", "best"}
 
 
-def small_config(**kw):  # noqa: ANN001, ANN201
+def small_config(**kw):
     base = dict(head_epochs=2, finetune_epochs=2, unfreeze_stages=1, cache_views=2, batch_size=8,
                 head_batch_size=16, num_threads=2, patience=10)
     base.update(kw)
@@ -54,16 +54,16 @@ class Recorder(Callback):
         self.phases: list[str] = []
         self.stop_after_steps, self.stop_phase, self.stop_after_epoch = stop_after_steps, stop_phase, stop_after_epoch
 
-    def on_phase_start(self, phase, epochs, steps_per_epoch):  # noqa: ANN001
+    def on_phase_start(self, phase, epochs, steps_per_epoch):
         self.phases.append(phase)
 
-    def on_step(self, p):  # noqa: ANN001
+    def on_step(self, p):
         self.steps.append((p.phase, p.epoch, p.step))
 
-    def on_epoch_end(self, phase, epoch, metrics):  # noqa: ANN001
+    def on_epoch_end(self, phase, epoch, metrics):
         self.epochs.append(metrics)
 
-    def on_log(self, level, message, data=None):  # noqa: ANN001
+    def on_log(self, level, message, data=None):
         self.logs.append((level, message))
 
     def should_stop(self) -> bool:
@@ -106,7 +106,7 @@ def test_staged_training_checkpoints_and_reload(samples, tmp_path: Path) -> None
     assert acc > 1 / 3  # better than chance on separable classes
 
 
-def _val_set(samples, res):  # noqa: ANN001, ANN202
+def _val_set(samples, res):
     from core.data import as_samples
     from core.train import stratified_val
     _, val = stratified_val(as_samples(samples), 0.15, 0)
