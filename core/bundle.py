@@ -4,8 +4,12 @@ A bundle (the zip ``core.export.build_bundle`` writes, or that zip unpacked into
 read with the same guards as a dataset upload (``core.ingest``: entry count, sizes, compression
 ratio, zip-slip names, symlinks). Every file must be listed in its ``manifest.json`` with the
 right sha256, and no other file may be present. Only then are ``model.onnx`` (ONNX Runtime),
-``labels.json`` and ``preprocessing.json`` loaded, from the very bytes that were hashed. The
-bundle's ``predict.py`` is hashed like any file but never imported or run here.
+``labels.json``, ``preprocessing.json`` and ``calibration.json`` loaded, from the very bytes that
+were hashed. The bundle's ``predict.py`` is hashed like any file but never imported or run here.
+
+``calibration.json`` is the evaluation's temperature (fitted on the validation split) and, for
+two-class models, the decision threshold; every reader reports softmax(logits / T), so the
+confidences a user sees are the calibrated ones the model card describes.
 
 The manifest may carry an HMAC-SHA256 signature over its canonical JSON, made with this
 installation's key (the caller passes it; core reads no environment variable).
@@ -15,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -35,6 +40,15 @@ BUNDLE_FORMAT = "workbench-bundle"
 FORMAT_VERSION = 1
 SIGNATURE_ALGORITHM = "HMAC-SHA256"
 REQUIRED_FILES = ("model.onnx", "labels.json", "preprocessing.json")
+# Optional so that bundles exported before it existed still open (reported as not calibrated).
+CALIBRATION_NAME = "calibration.json"
+CALIBRATION_VERSION = 1
+NOT_CALIBRATED_NO_VAL = "not calibrated: no validation images"
+NOT_CALIBRATED_NO_EVAL = "not calibrated: the model has not been evaluated"
+NOT_CALIBRATED_OLD_BUNDLE = "not calibrated: this bundle has no calibration.json (exported before Workbench added it)"
+NOT_CALIBRATED = "not calibrated: no temperature was given"
+# Above this test ECE a fitted temperature is not worth the "90 % means 90 % right" sentence.
+WELL_CALIBRATED_ECE = 0.05
 # The dataset-upload guards, with room for a handful of files instead of a dataset.
 BUNDLE_LIMITS = IngestLimits(max_entries=64, max_total_bytes=4 * 2**30)
 MAX_SMALL_FILE_BYTES = 16 * 2**20  # manifest.json, labels.json, preprocessing.json
@@ -123,6 +137,169 @@ def check_signature(manifest: dict[str, Any], key: bytes | None, allow_unsigned:
 
 
 # ------------------------------------------------------------------------------------------
+# Calibration: the temperature and the two-class decision, as data
+# ------------------------------------------------------------------------------------------
+def _sigmoid(z: float) -> float:
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
+
+
+def calibrated_threshold(threshold: float, temperature: float) -> float:
+    """A threshold on softmax(logits)[positive] moved onto softmax(logits / T)[positive].
+
+    With two classes p(positive) = sigmoid(margin) and the calibrated one is sigmoid(margin / T):
+    a monotone map of the same margin, so every decision stays the same (up to rounding)."""
+    if threshold <= 0.0 or threshold >= 1.0:
+        return min(max(threshold, 0.0), 1.0)
+    margin = math.log(threshold) - math.log1p(-threshold)
+    return _sigmoid(margin / temperature)
+
+
+def _rates(sens: Any, spec: Any) -> dict[str, float] | None:
+    return None if sens is None or spec is None else {"sensitivity": float(sens), "specificity": float(spec)}
+
+
+def calibration_record(metrics: dict[str, Any] | None, classes: Sequence[str]) -> dict[str, Any]:
+    """The content of ``calibration.json`` from an evaluation's metrics (``core.evaluate``):
+    temperature (1.0 when none was fitted, saying why), ECE on test before/after and, for two
+    classes, the validation-chosen threshold moved onto the calibrated probability."""
+    cal = (metrics or {}).get("calibration") or {}
+    temp = cal.get("temperature")
+    t = float(temp) if isinstance(temp, int | float) and not isinstance(temp, bool) else float("nan")
+    fitted = math.isfinite(t) and t > 0
+    if metrics is None:
+        note = NOT_CALIBRATED_NO_EVAL
+    elif fitted:
+        note = f"temperature fitted on {cal.get('n_val', '?')} validation images"
+    else:
+        note = NOT_CALIBRATED_NO_VAL
+    t = t if fitted else 1.0
+    record: dict[str, Any] = {
+        "format_version": CALIBRATION_VERSION,
+        "calibrated": bool(fitted),
+        "temperature": t,
+        "probabilities": "softmax(logits / temperature)",
+        "note": note,
+        "fitted_on": "validation split" if fitted else None,
+        "n_val": int(cal["n_val"]) if fitted and cal.get("n_val") is not None else None,
+        "test": {"n": (metrics or {}).get("n"),
+                 "ece_before": (cal.get("before") or {}).get("ece"),
+                 "ece_after": (cal.get("after") or {}).get("ece") if fitted else None},
+        "decision": None,
+    }
+    op = (metrics or {}).get("operating_point") or {}
+    if len(classes) == 2 and "threshold" in op and op.get("positive_class") in classes:
+        pos = str(op["positive_class"])
+        on_val = op.get("chosen_on") == "val"
+        record["decision"] = {
+            "positive_class": pos,
+            "negative_class": next(c for c in classes if c != pos),
+            "threshold": calibrated_threshold(float(op["threshold"]), t),
+            "rule": "positive_class when its probability >= threshold, else negative_class",
+            "target_sensitivity": op.get("target_sensitivity"),
+            "chosen_on": "validation split" if on_val else "test split (no validation images: optimistic)",
+            "val": _rates(op.get("val_sensitivity"), op.get("val_specificity")) if on_val else None,
+            "test": _rates(op.get("sensitivity"), op.get("specificity")),
+        }
+    elif len(classes) == 2:
+        record["decision_note"] = op.get("error") or "the evaluation chose none"
+    return record
+
+
+def confidence_sentence(record: dict[str, Any]) -> str:
+    """What the confidences of a ``calibration.json`` mean, in plain words, with the test figures."""
+    test = record.get("test") or {}
+    n = f"{test['n']} test images" if test.get("n") else "the test split"
+    after, before = test.get("ece_after"), test.get("ece_before")
+    raw = "" if before is None else f", against {before:.3f} for the model's raw scores"
+    if record.get("calibrated") and after is not None:
+        gap = f"confidence and accuracy differed by {after * 100:.1f} percentage points on average"
+        if after <= WELL_CALIBRATED_ECE:
+            return (f"Confidences are calibrated: of the images given 90 %, about 90 % are right, measured on the "
+                    f"test split ({n}: {gap}, expected calibration error {after:.3f}{raw}).")
+        return (f"Confidences were rescaled with a temperature but are still unreliable: on {n} {gap} (expected "
+                f"calibration error {after:.3f}{raw}). Treat them as rough.")
+    reason = str(record.get("note") or "not calibrated").removeprefix("not calibrated: ")
+    text = (f"Confidences are NOT calibrated ({reason}): a confidence of 90 % need not mean that 90 % of such "
+            "images are right.")
+    return text + ("" if before is None else f" Expected calibration error on {n}: {before:.3f}.")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How logits become the probabilities and decisions a reader reports."""
+
+    temperature: float = 1.0
+    calibrated: bool = False
+    note: str = NOT_CALIBRATED
+    positive_class: str | None = None
+    negative_class: str | None = None
+    threshold: float | None = None  # on the calibrated probability of positive_class
+    record: dict[str, Any] | None = None  # calibration.json as read
+
+    @classmethod
+    def from_record(cls, record: Any, labels: Sequence[str]) -> Calibration:
+        """Validate ``calibration.json`` content against the labels; BundleError naming the file."""
+        def bad(why: str) -> BundleError:
+            return BundleError(f"{CALIBRATION_NAME}: {why}")
+
+        if not isinstance(record, dict):
+            raise bad("must be a JSON object")
+        temp = record.get("temperature")
+        if isinstance(temp, bool) or not isinstance(temp, int | float) or not math.isfinite(temp) or temp <= 0:
+            raise bad(f"temperature must be a positive number, got {temp!r}")
+        dec = record.get("decision")
+        pos = neg = thr = None
+        if dec is not None:
+            if not isinstance(dec, dict) or len(labels) != 2:
+                raise bad("a decision threshold is only defined for a two-class model")
+            pos, neg, thr = dec.get("positive_class"), dec.get("negative_class"), dec.get("threshold")
+            if pos not in labels or neg not in labels or pos == neg:
+                raise bad(f"decision classes {pos!r}/{neg!r} are not the model's classes {list(labels)}")
+            if isinstance(thr, bool) or not isinstance(thr, int | float) or not 0.0 <= thr <= 1.0:
+                raise bad(f"decision threshold must be a probability between 0 and 1, got {thr!r}")
+            thr = float(thr)
+        return cls(float(temp), bool(record.get("calibrated")), str(record.get("note") or ""), pos, neg, thr,
+                   record)
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, Any] | None, labels: Sequence[str]) -> Calibration:
+        """From an evaluation's metrics directly (a run, no bundle in between)."""
+        return cls.from_record(calibration_record(metrics, labels), labels)
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        return softmax(logits, self.temperature)
+
+    def decide(self, probs: np.ndarray, labels: Sequence[str]) -> tuple[str, float] | None:
+        """(decision, calibrated p(positive)) of one image's probabilities, or None without a threshold."""
+        if self.threshold is None or self.positive_class is None or self.negative_class is None:
+            return None
+        p = float(probs[list(labels).index(self.positive_class)])
+        return (self.positive_class if p >= self.threshold else self.negative_class), p
+
+    def describe(self) -> str:
+        """One line for people: what the confidences mean and how the decision is made."""
+        if self.calibrated:
+            text = f"confidences calibrated with temperature {self.temperature:.3f} ({self.note})"
+        else:
+            text = f"confidences {self.note}"
+        if self.threshold is not None:
+            text += (f"; decision: '{self.positive_class}' when its probability is at least {self.threshold:.4f}, "
+                     f"else '{self.negative_class}'")
+        return text
+
+
+def _calibration(data: bytes, labels: Sequence[str]) -> Calibration:
+    try:
+        record = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{CALIBRATION_NAME}: not valid JSON ({e})") from None
+    return Calibration.from_record(record, labels)
+
+
+# ------------------------------------------------------------------------------------------
 # Reading members with the ingest guards
 # ------------------------------------------------------------------------------------------
 class _Member(Protocol):
@@ -193,6 +370,7 @@ class VerifiedBundle:
     model: bytes
     labels: list[str]
     preprocessing: Preprocessing
+    calibration: Calibration = Calibration(note=NOT_CALIBRATED_OLD_BUNDLE)
 
     @property
     def files(self) -> list[str]:
@@ -218,7 +396,7 @@ def open_bundle(source: str | Path, *, key: bytes | None = None, allow_unsigned:
         _check_names(members, manifest["files"])
         kept: dict[str, bytes] = {}
         for name, want in sorted(manifest["files"].items()):
-            keep = name in REQUIRED_FILES
+            keep = name in REQUIRED_FILES or name == CALIBRATION_NAME
             got, data = _read(members[name], limits.max_file_bytes if name.endswith(".onnx") else MAX_SMALL_FILE_BYTES,
                               keep)
             if not hmac.compare_digest(got, want):
@@ -227,8 +405,12 @@ def open_bundle(source: str | Path, *, key: bytes | None = None, allow_unsigned:
                 kept[name] = data
     finally:
         close()
-    return VerifiedBundle(source, manifest, signature, kept["model.onnx"], _labels(kept["labels.json"]),
-                          _preprocessing(kept["preprocessing.json"]))
+    labels = _labels(kept["labels.json"])
+    calibration = Calibration(note=NOT_CALIBRATED_OLD_BUNDLE)
+    if CALIBRATION_NAME in kept:
+        calibration = _calibration(kept[CALIBRATION_NAME], labels)
+    return VerifiedBundle(source, manifest, signature, kept["model.onnx"], labels,
+                          _preprocessing(kept["preprocessing.json"]), calibration)
 
 
 def _labels(data: bytes) -> list[str]:
@@ -257,6 +439,8 @@ class Prediction:
     label: str
     confidence: float
     top_k: tuple[tuple[str, float], ...]  # (label, probability), most likely first
+    decision: str | None = None  # two-class models with a threshold: the class decided
+    p_positive: float | None = None  # ... and the calibrated probability of the positive class
 
 
 SkipFn = Callable[[Path, str], None]
@@ -278,9 +462,11 @@ def _refuse_external_data(model: bytes) -> None:
 
 class BundlePredictor:
     """ONNX Runtime classifier with Workbench preprocessing: the one ONNX prediction path of
-    Workbench, for a verified bundle and for a run's verified export alike."""
+    Workbench, for a verified bundle and for a run's verified export alike. Probabilities are
+    softmax(logits / T) with the calibration's temperature; two-class models also decide."""
 
-    def __init__(self, model: bytes | Path, labels: Sequence[str], pre: Preprocessing) -> None:
+    def __init__(self, model: bytes | Path, labels: Sequence[str], pre: Preprocessing,
+                 calibration: Calibration | None = None) -> None:
         import onnxruntime as ort
 
         src = model if isinstance(model, bytes) else str(model)
@@ -293,19 +479,27 @@ class BundlePredictor:
         if isinstance(width, int) and width != len(labels):
             raise BundleError(f"labels.json: {len(labels)} labels, but model.onnx outputs {width} scores")
         self.labels, self.preprocessing = list(labels), pre
+        self.calibration = calibration or Calibration()
+        if self.calibration.positive_class is not None and self.calibration.positive_class not in self.labels:
+            raise BundleError(f"{CALIBRATION_NAME}: positive class {self.calibration.positive_class!r} is not one "
+                              f"of the labels {self.labels}")
 
     @classmethod
     def from_bundle(cls, bundle: VerifiedBundle) -> BundlePredictor:
         _refuse_external_data(bundle.model)
-        return cls(bundle.model, bundle.labels, bundle.preprocessing)
+        return cls(bundle.model, bundle.labels, bundle.preprocessing, bundle.calibration)
 
     @classmethod
-    def from_onnx(cls, path: str | Path) -> BundlePredictor:
-        """A Workbench ONNX export: labels and preprocessing come from its metadata."""
+    def from_onnx(cls, path: str | Path, metrics: dict[str, Any] | None = None) -> BundlePredictor:
+        """A Workbench ONNX export: labels and preprocessing come from its metadata; the
+        temperature and threshold from ``metrics``, the run's latest evaluation (the caller
+        reads it: core reads no database). Without it the confidences are not calibrated."""
         from core.onnx_export import read_metadata
 
         md = read_metadata(path)
-        return cls(Path(path), json.loads(md["classes"]), Preprocessing.from_dict(json.loads(md["preprocessing"])))
+        labels = json.loads(md["classes"])
+        return cls(Path(path), labels, Preprocessing.from_dict(json.loads(md["preprocessing"])),
+                   Calibration.from_metrics(metrics, labels))
 
     def predict(self, paths: Sequence[Path], top_k: int = 3, *, on_skip: SkipFn | None = None,
                 batch_size: int = 16) -> list[Prediction]:
@@ -322,18 +516,20 @@ class BundlePredictor:
                     if on_skip:
                         on_skip(Path(p), str(e))
             if xs:
-                probs = softmax(self._sess.run(None, {self._input: np.stack(xs)})[0])
+                probs = self.calibration.probabilities(self._sess.run(None, {self._input: np.stack(xs)})[0])
                 rows += [self._row(p, pr, k) for p, pr in zip(ok, probs)]
         return rows
 
     def _row(self, path: Path, probs: np.ndarray, k: int) -> Prediction:
         order = np.argsort(-probs, kind="stable")[:k]
         top = tuple((self.labels[j], float(probs[j])) for j in order)
-        return Prediction(path, top[0][0], top[0][1], top)
+        decided = self.calibration.decide(probs, self.labels)
+        return Prediction(path, top[0][0], top[0][1], top, *(decided or (None, None)))
 
 
 __all__ = [
-    "BUNDLE_FORMAT", "BUNDLE_LIMITS", "FORMAT_VERSION", "MANIFEST_NAME", "REQUIRED_FILES", "BundleError",
-    "BundlePredictor", "Prediction", "Signature", "VerifiedBundle", "canonical_json", "check_signature",
+    "BUNDLE_FORMAT", "BUNDLE_LIMITS", "CALIBRATION_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "REQUIRED_FILES",
+    "BundleError", "BundlePredictor", "Calibration", "Prediction", "Signature", "VerifiedBundle",
+    "calibrated_threshold", "calibration_record", "canonical_json", "check_signature", "confidence_sentence",
     "make_manifest", "manifest_signature", "open_bundle",
 ]

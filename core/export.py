@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from core.bundle import MANIFEST_NAME, make_manifest
+from core.bundle import CALIBRATION_NAME, MANIFEST_NAME, calibration_record, confidence_sentence, make_manifest
 from core.evaluate import iter_batches
 from core.hashing import sha256_file
 from core.latency import Latency, machine_id, measure_latency, ort_session
@@ -352,6 +352,50 @@ def _fmt3(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
+def bundle_calibration(info: dict[str, Any]) -> dict[str, Any]:
+    """What goes into calibration.json: ``info["calibration"]`` if the caller made it, else
+    derived from the evaluation's metrics (``core.bundle.calibration_record``)."""
+    given = info.get("calibration")
+    return given if isinstance(given, dict) else calibration_record(info.get("metrics"), list(info["classes"]))
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.1%}"
+
+
+def calibration_section(cal: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
+    """The model card's calibration and decision paragraphs, in plain words."""
+    L = ["## Confidence and decisions", f"- {confidence_sentence(cal)}"]
+    if cal.get("calibrated"):
+        L.append(f"- How: a temperature of {cal['temperature']:.3f}, fitted on {cal.get('n_val') or 'the'} "
+                 f"validation images, softens or sharpens the scores. `predict.py` and Workbench apply it for you "
+                 f"(it is in `{CALIBRATION_NAME}`); the ONNX files output the raw scores.")
+    else:
+        L.append(f"- `{CALIBRATION_NAME}` holds temperature 1.0: the scores are used as they are.")
+    warning = (metrics.get("calibration") or {}).get("warning")
+    if warning:
+        L.append(f"- Warning: {warning}")
+    dec = cal.get("decision")
+    if dec:
+        val, tst = dec.get("val"), dec.get("test") or {}
+        target = dec.get("target_sensitivity")
+        L.append(f"- Decision: `predict.py` answers `{dec['positive_class']}` when the probability of "
+                 f"`{dec['positive_class']}` is at least {dec['threshold']:.4f}, otherwise "
+                 f"`{dec['negative_class']}` (CSV column `decision`).")
+        chosen = (f"The threshold was chosen on the {dec['chosen_on']}"
+                  + (f" to find {target:.0%} of the `{dec['positive_class']}` images" if target else ""))
+        if val:
+            chosen += (f": sensitivity {_pct(val['sensitivity'])}, specificity {_pct(val['specificity'])} there; "
+                       f"on the test split {_pct(tst.get('sensitivity'))} and {_pct(tst.get('specificity'))}.")
+        else:
+            chosen += (f": test sensitivity {_pct(tst.get('sensitivity'))}, specificity "
+                       f"{_pct(tst.get('specificity'))}.")
+        L.append(f"- {chosen} Confirm it on new data before relying on it.")
+    elif cal.get("decision_note"):
+        L.append(f"- No decision threshold: {cal['decision_note']}. The predicted label is the most likely class.")
+    return L
+
+
 def model_card(info: dict[str, Any], file_hashes: dict[str, str]) -> str:
     """README.md for the bundle. ``info`` keys (all optional except classes/pre/variant):
     run_id, dataset {name, num_images, split_counts, health_warnings}, config, seed, metrics,
@@ -387,22 +431,8 @@ def model_card(info: dict[str, Any], file_hashes: dict[str, str]) -> str:
         # None: undefined for a class absent from the test split (not counted in the macro average).
         L += [f"| {c['class']} | {_fmt3(c['precision'])} | {_fmt3(c['recall'])} | {_fmt3(c['f1'])} | {c['support']} |"
               for c in m.get("per_class", [])]
-        cal = m.get("calibration") or {}
-        L += ["", "## Calibration",
-              f"- ECE before temperature scaling: {_fmt((cal.get('before') or {}).get('ece'))}"]
-        if cal.get("temperature"):
-            L.append(f"- Temperature {cal['temperature']:.3f} fitted on the validation split; ECE after: "
-                     f"{_fmt(cal['after']['ece'])}. The exported model outputs UNSCALED logits: divide by T "
-                     "before softmax for calibrated confidences.")
-        op = m.get("operating_point")
-        if op and "threshold" in op:
-            L.append(f"- Two-class operating point: predict `{op['positive_class']}` when its probability >= "
-                     f"{op['threshold']:.4f} -> test sensitivity {op['sensitivity']:.1%}, specificity "
-                     f"{op['specificity']:.1%} (threshold chosen on the {op.get('chosen_on', 'test')} split for "
-                     f"{op['target_sensitivity']:.0%} sensitivity; confirm on new data)")
-        if cal.get("warning"):
-            L.append(f"- Warning: {cal['warning']}")
         L.append("")
+    L += [*calibration_section(bundle_calibration(info), m), ""]
     ver = info.get("verification")
     if ver:
         L += ["## Export verification (ONNX Runtime vs PyTorch, whole test split)",
@@ -429,7 +459,10 @@ def model_card(info: dict[str, Any], file_hashes: dict[str, str]) -> str:
           "- The model only knows the classes above: anything else is forced into one of them.",
           "- The test split is small if the dataset is small: treat the metrics as estimates with uncertainty.", "",
           "## Usage", "```", "pip install onnxruntime numpy pillow  # plus pydicom for DICOM (.dcm) files",
-          "python predict.py path/to/images_or_folder --csv predictions.csv --top-k 3", "```", "",
+          "python predict.py path/to/images_or_folder --csv predictions.csv --top-k 3", "```",
+          "The CSV has one row per image: path, predicted_label, confidence, top_k"
+          + (", decision" if (bundle_calibration(info).get("decision")) else "")
+          + ". The confidences already include the temperature above: use them as they are.", "",
           "## Library versions", *[f"- {k}: {v}" for k, v in library_versions().items()], "",
           "## File checksums (sha256)", *[f"- `{n}`: `{h}`" for n, h in sorted(file_hashes.items())], ""]
     return "\n".join(L)
@@ -438,7 +471,8 @@ def model_card(info: dict[str, Any], file_hashes: dict[str, str]) -> str:
 def build_bundle(zip_path: str | Path, models: dict[str, Path], info: dict[str, Any], *,
                  key: bytes | None = None) -> Path:
     """Write the deploy zip: the ONNX files (``{"model.onnx": path, "model_int8.onnx": path}``),
-    labels.json, preprocessing.json, predict.py, README.md (the model card, with the sha256 of
+    labels.json, preprocessing.json, calibration.json (temperature and two-class threshold, see
+    ``bundle_calibration``), predict.py, README.md (the model card, with the sha256 of
     every other file for people) and manifest.json (the sha256 of every file, for machines:
     ``core.bundle.open_bundle`` and predict.py check it). With ``key`` the manifest carries an
     HMAC-SHA256 signature; the caller reads the key from its settings."""
@@ -448,6 +482,7 @@ def build_bundle(zip_path: str | Path, models: dict[str, Path], info: dict[str, 
     texts = {
         "labels.json": json.dumps(list(info["classes"]), indent=1),
         "preprocessing.json": pre.to_json(),
+        CALIBRATION_NAME: json.dumps(bundle_calibration(info), indent=1) + "\n",
         "predict.py": (TEMPLATE_DIR / "predict.py").read_text(),
     }
     hashes = {n: sha256_file(p) for n, p in models.items()}
@@ -472,5 +507,5 @@ __all__ = [
     "FP32_TOLERANCE", "ExportError", "Verification", "judge_verification", "load_trained",
     "onnx_metadata", "export_fp32", "verify_onnx", "ort_logits", "convert_fp16", "quantize_int8",
     "build_uint8_graph", "uint8_agreement", "UINT8_RESIZE_NOTE", "measure_variant", "model_card",
-    "build_bundle", "library_versions", "read_metadata",
+    "build_bundle", "bundle_calibration", "calibration_section", "library_versions", "read_metadata",
 ]

@@ -36,6 +36,13 @@ def results() -> None:
     if j.status == JobStatus.FAILED:
         st.error(f"Prediction failed: {j.error}")
         return
+    cal = j.payload.get("calibration") or {}
+    if cal:
+        how = f" Temperature {cal['temperature']:.3f} ({cal.get('note', '')})." if cal.get("calibrated") else ""
+        st.caption(f"{cal.get('confidence', '')}{how}")
+    if cal.get("threshold") is not None:
+        st.caption(f"Decision: **{cal['positive_class']}** when its probability is at least {cal['threshold']:.1%}, "
+                   f"otherwise **{cal['negative_class']}** (threshold chosen on the {cal.get('chosen_on') or 'n/a'}).")
     for r in j.payload.get("results", []):
         with st.container(border=True):
             left, right = st.columns([1, 2])
@@ -47,6 +54,9 @@ def results() -> None:
                     st.image(r["overlay"], caption=f"Grad-CAM for {r['top'][0]['class']}", width=224)
             with right:
                 st.markdown(f"**{r['name']}** → **{r['top'][0]['class']}** ({r['top'][0]['p']:.1%})")
+                if r.get("decision") is not None:
+                    st.markdown(f"Decision: **{r['decision']}** ({cal.get('positive_class')} "
+                                f"{r['p_positive']:.1%}, threshold {cal['threshold']:.1%})")
                 for t in r["top"]:
                     st.progress(t["p"], text=f"{t['class']}: {t['p']:.1%}")
 

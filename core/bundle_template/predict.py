@@ -4,9 +4,16 @@
 
     python predict.py IMAGE_OR_FOLDER [...] [--csv predictions.csv] [--top-k 3] [--model model.onnx]
 
-Writes a CSV with columns: path, predicted_label, confidence, top_k (label:prob;...).
-Folders are searched recursively. Preprocessing is read from preprocessing.json next to this file
-and is an exact copy of Workbench's (a Workbench test checks the arrays are identical).
+Writes a CSV with columns: path, predicted_label, confidence, top_k (label:prob;...), and for a
+two-class model with a decision threshold also: decision. Folders are searched recursively.
+
+Confidences are calibrated: the probabilities are softmax(logits / T) with the temperature T in
+calibration.json (fitted on the validation split; 1.0 when there was none). For a two-class model
+calibration.json also holds the decision threshold on the positive class's probability, and the
+`decision` column names the positive class when its probability is at least that threshold.
+
+Preprocessing is read from preprocessing.json next to this file and is an exact copy of
+Workbench's (a Workbench test checks the arrays are identical).
 DICOM files (.dcm, or any file with the DICM marker) are read like Workbench reads them: modality
 LUT, the file's own window if it has one, min-max to 8 bits, MONOCHROME1 inverted, first frame.
 
@@ -144,10 +151,48 @@ def preprocess(img: Image.Image, pre: dict) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = z.astype(np.float64) - z.max(axis=1, keepdims=True)
+def softmax(z: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """softmax(z / T), computed as Workbench does (float64, max subtracted)."""
+    z = z.astype(np.float64) / float(temperature)
+    z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+# --- calibration: the temperature and the two-class decision ---------------------------------
+def load_calibration(labels: list, checked: list, folder: Path = HERE) -> dict:
+    """calibration.json, checked: {temperature, note, decision: {positive_class, negative_class,
+    threshold} or None}. A bundle from before calibration.json existed gets temperature 1.0.
+    ``checked``: the names verify_manifest hashed; an unlisted calibration.json is refused."""
+    path = folder / "calibration.json"
+    if "calibration.json" not in checked:
+        if path.exists():
+            raise SystemExit("error: calibration.json is not listed in manifest.json (bundle altered?)")
+        return {"temperature": 1.0, "calibrated": False, "decision": None,
+                "note": "not calibrated: this bundle has no calibration.json"}
+    try:
+        cal = json.loads(path.read_text())
+        temp = cal["temperature"]
+        dec = cal.get("decision")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SystemExit(f"error: calibration.json is not readable ({e}); export the bundle again") from None
+    if isinstance(temp, bool) or not isinstance(temp, (int, float)) or not np.isfinite(temp) or temp <= 0:
+        raise SystemExit(f"error: calibration.json: temperature must be a positive number, got {temp!r}")
+    if dec is not None:
+        thr = dec.get("threshold") if isinstance(dec, dict) else None
+        ok = (isinstance(dec, dict) and len(labels) == 2 and dec.get("positive_class") in labels
+              and dec.get("negative_class") in labels and dec.get("positive_class") != dec.get("negative_class")
+              and isinstance(thr, (int, float)) and not isinstance(thr, bool) and 0.0 <= thr <= 1.0)
+        if not ok:
+            raise SystemExit("error: calibration.json: the decision needs two of the model's classes and a "
+                             "threshold between 0 and 1")
+    return cal
+
+
+def decide(probs: np.ndarray, labels: list, decision: dict) -> str:
+    """The positive class when its calibrated probability reaches the threshold, else the other class."""
+    p = float(probs[labels.index(decision["positive_class"])])
+    return decision["positive_class"] if p >= float(decision["threshold"]) else decision["negative_class"]
 
 
 def find_images(inputs: list[str]) -> list[Path]:
@@ -181,6 +226,15 @@ def main(argv: list[str] | None = None) -> int:
 
     labels = json.loads((HERE / "labels.json").read_text())
     pre = json.loads((HERE / "preprocessing.json").read_text())
+    cal = load_calibration(labels, checked)
+    temperature, decision = float(cal["temperature"]), cal.get("decision")
+    if cal.get("calibrated"):
+        print(f"confidences calibrated with temperature {temperature:.3f} ({cal.get('note', '')})", file=sys.stderr)
+    else:
+        print(f"confidences {cal.get('note') or 'not calibrated'}", file=sys.stderr)
+    if decision:
+        print(f"decision: '{decision['positive_class']}' when its probability is at least "
+              f"{float(decision['threshold']):.4f}, else '{decision['negative_class']}'", file=sys.stderr)
     sess = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     paths = find_images(args.images)
@@ -200,14 +254,15 @@ def main(argv: list[str] | None = None) -> int:
                 failed += 1
         if not batch:
             continue
-        probs = softmax(sess.run(None, {name: np.stack(batch)})[0])
+        probs = softmax(sess.run(None, {name: np.stack(batch)})[0], temperature)
         for p, pr in zip(ok, probs):
             order = np.argsort(-pr, kind="stable")[:k]
-            rows.append([str(p), labels[order[0]], f"{pr[order[0]]:.6f}",
-                         ";".join(f"{labels[j]}:{pr[j]:.6f}" for j in order)])
+            row = [str(p), labels[order[0]], f"{pr[order[0]]:.6f}",
+                   ";".join(f"{labels[j]}:{pr[j]:.6f}" for j in order)]
+            rows.append(row + ([decide(pr, labels, decision)] if decision else []))
     with open(args.csv, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "predicted_label", "confidence", "top_k"])
+        w.writerow(["path", "predicted_label", "confidence", "top_k"] + (["decision"] if decision else []))
         w.writerows(rows)
     print(f"{len(rows)} images classified -> {args.csv}" + (f" ({failed} skipped)" if failed else ""))
     return 0 if rows else 1

@@ -92,12 +92,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_predictions(rows: list[Prediction], csv_path: Path) -> None:
+def _write_predictions(rows: list[Prediction], csv_path: Path, decides: bool) -> None:
+    """The bundle's predict.py columns; ``decision`` only for a two-class model with a threshold."""
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "predicted_label", "confidence", "top_k"])
+        w.writerow(["path", "predicted_label", "confidence", "top_k"] + (["decision"] if decides else []))
         w.writerows([str(r.path), r.label, f"{r.confidence:.6f}", ";".join(f"{lab}:{p:.6f}" for lab, p in r.top_k)]
-                    for r in rows)
+                    + ([r.decision or ""] if decides else []) for r in rows)
 
 
 def _skip(path: Path, reason: str) -> None:
@@ -105,15 +106,17 @@ def _skip(path: Path, reason: str) -> None:
 
 
 def _classify(predictor: BundlePredictor, images: list[str], csv_path: Path, top_k: int) -> int:
+    print(predictor.calibration.describe())
     rows = predictor.predict(_expand(images), top_k, on_skip=_skip)
-    _write_predictions(rows, csv_path)
+    _write_predictions(rows, csv_path, predictor.calibration.threshold is not None)
     print(f"{len(rows)} images classified -> {csv_path}")
     return 0 if rows else 1
 
 
 def _predict_run(run_id: int, images: list[str], csv_path: Path, top_k: int) -> int:
-    """Predict with a run's verified fp32 ONNX (the same predictor as for a bundle)."""
-    from workbench.evaluations import EvaluationError
+    """Predict with a run's verified fp32 ONNX (the same predictor as for a bundle), calibrated
+    with the temperature and threshold of the run's latest evaluation, as its bundle would be."""
+    from workbench.evaluations import EvaluationError, latest_evaluation
     from workbench.exports import ensure_fp32
 
     try:
@@ -124,8 +127,9 @@ def _predict_run(run_id: int, images: list[str], csv_path: Path, top_k: int) -> 
     if not exp.passed:
         print(f"error: run {run_id}'s ONNX export failed verification; not used for predictions", file=sys.stderr)
         return 1
+    ev = latest_evaluation(run_id)
     try:
-        predictor = BundlePredictor.from_onnx(exp.path)
+        predictor = BundlePredictor.from_onnx(exp.path, ev.metrics if ev else None)
     except BundleError as e:
         print(f"error: run {run_id}'s ONNX export cannot be used: {e}", file=sys.stderr)
         return 1

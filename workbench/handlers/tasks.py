@@ -12,7 +12,8 @@ Payloads hold paths relative to the data dir:
   filename (as the user named it), group_regex, seed. The upload folder is removed when the
   job ends, whatever the outcome.
 * ``predict``: files ([{name, path}] under ``tmp/predict/<id>/``), top_k, gradcam, out_dir;
-  the result (``results``, ``classes``) is merged into the job's payload for the page.
+  the result (``results``, ``classes``, ``calibration``) is merged into the job's payload for the
+  page. Probabilities are calibrated with the run's latest evaluation (temperature, threshold).
 * ``measure``: budget (a recommender budget dict, device ``this-machine``). Measures ONNX
   Runtime latency on this machine (the calibration set, then the candidates that decide the
   answer), caching every figure in the benchmarks table; the result is ``measured`` (keys).
@@ -25,14 +26,17 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from storage.artifacts import resolve_in_data_dir
 from storage.models import Run
-from workbench import datasets, recommend
+from workbench import datasets, evaluations, recommend
 from workbench.jobs import JobContext, JobOutcome, friendly
 from workbench.paths import PREDICT, UPLOADS, in_import_dir, in_staging, staging_dir
 from workbench.status import JobStatus
+
+if TYPE_CHECKING:
+    from core.bundle import Calibration
 
 log = logging.getLogger("workbench.handlers.tasks")
 
@@ -91,20 +95,26 @@ def handle_ingest(ctx: JobContext) -> JobOutcome:
 
 
 def predict_images(model_path: Path, files: list[tuple[str, Path]], top_k: int, gradcam: bool, out_dir: Path,
-                   progress: Callable[[str, float], None]) -> dict[str, Any]:
-    """Top-k probabilities (+ Grad-CAM overlay PNGs in ``out_dir``) for image files, with core."""
+                   progress: Callable[[str, float], None], calibration: Calibration | None = None) -> dict[str, Any]:
+    """Top-k probabilities (+ Grad-CAM overlay PNGs in ``out_dir``) for image files, with core.
+
+    Probabilities are softmax(logits / T) with ``calibration``'s temperature (the run's latest
+    evaluation; none: not calibrated), and two-class models get the threshold's decision."""
     import numpy as np
     import torch
     from PIL import Image as PILImage
 
     from core import gradcam as gc
-    from core.evaluate import softmax
+    from core.bundle import Calibration, confidence_sentence
     from core.export import load_trained
     from core.images import load_rgb
     from core.preprocessing import preprocess, resize_and_crop
 
     progress("loading the model", 0.05)
     tm = load_trained(model_path)
+    cal = calibration or Calibration(note="not calibrated: the model has not been evaluated")
+    if cal.positive_class is not None and cal.positive_class not in tm.classes:
+        raise ValueError(f"the evaluation's positive class {cal.positive_class!r} is not one of the model's classes")
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     for i, (name, src) in enumerate(files):
@@ -117,9 +127,12 @@ def predict_images(model_path: Path, files: list[tuple[str, Path]], top_k: int, 
         x = preprocess(img, tm.preprocessing)[None].astype(np.float32)
         with torch.inference_mode():
             logits = tm.model(torch.from_numpy(x)).float().numpy()
-        probs = softmax(logits)[0]
+        probs = cal.probabilities(logits)[0]
         order = np.argsort(-probs)[:top_k]
         entry: dict[str, Any] = {"name": name, "top": [{"class": tm.classes[j], "p": float(probs[j])} for j in order]}
+        decided = cal.decide(probs, tm.classes)
+        if decided is not None:
+            entry["decision"], entry["p_positive"] = decided
         if gradcam:
             cam = gc.grad_cam(tm.model, x, int(order[0]))
             base = np.asarray(resize_and_crop(img, tm.preprocessing), dtype=np.uint8)
@@ -127,7 +140,23 @@ def predict_images(model_path: Path, files: list[tuple[str, Path]], top_k: int, 
             PILImage.fromarray(gc.overlay(base, cam)).save(over)
             entry["overlay"] = str(over)
         results.append(entry)
-    return {"results": results, "classes": list(tm.classes)}
+    record = cal.record or {"note": cal.note}
+    return {"results": results, "classes": list(tm.classes),
+            "calibration": {"temperature": cal.temperature, "calibrated": cal.calibrated, "note": cal.note,
+                            "confidence": confidence_sentence(record),
+                            "positive_class": cal.positive_class, "negative_class": cal.negative_class,
+                            "threshold": cal.threshold, "chosen_on": (record.get("decision") or {}).get("chosen_on"),
+                            "description": cal.describe()}}
+
+
+def _run_calibration(ctx: JobContext, run_id: int | None) -> Calibration:
+    """Temperature and two-class threshold of the run's latest evaluation, as its bundle has them."""
+    from core.bundle import Calibration
+
+    ev = None if run_id is None else evaluations.latest_evaluation(run_id, settings=ctx.settings,
+                                                                   session_factory=ctx.session_factory)
+    metrics = ev.metrics if ev else None
+    return Calibration.from_metrics(metrics, list((metrics or {}).get("classes") or []))
 
 
 def handle_predict(ctx: JobContext) -> JobOutcome:
@@ -142,7 +171,7 @@ def handle_predict(ctx: JobContext) -> JobOutcome:
         files = [(f["name"], _in_tmp(ctx, f["path"], PREDICT)) for f in p.get("files", [])]
         out_dir = _in_tmp(ctx, p["out_dir"], PREDICT) if p.get("out_dir") else files[0][1].parent
         res = predict_images(ckpt, files, int(p.get("top_k") or 3), bool(p.get("gradcam", True)), out_dir,
-                             lambda m, f: ctx.progress({"phase": m, "fraction": f}))
+                             lambda m, f: ctx.progress({"phase": m, "fraction": f}), _run_calibration(ctx, run_id))
     except Exception as exc:  # noqa: BLE001 - shown on the page
         log.warning("predict job %s failed", ctx.job_id, exc_info=True)
         return JobOutcome(JobStatus.FAILED, friendly(exc))
