@@ -86,7 +86,6 @@ def test_sqlite_pragmas_on_every_connection(tmp_path: Path) -> None:
         assert s.execute(text("PRAGMA busy_timeout")).scalar() >= 1000
 
 
-@sqlite_only
 @pytest.mark.skipif(not on_postgresql(), reason="PostgreSQL's engine options (WORKBENCH_TEST_DATABASE_URL unset)")
 def test_postgresql_engine_options_and_non_finite_json(db_url: str) -> None:
     sm = init_db(db_url)
@@ -99,6 +98,7 @@ def test_postgresql_engine_options_and_non_finite_json(db_url: str) -> None:
         assert got is not None and got.health == {"score": None} and got.split_config == {"ratio": [0.5, None]}
 
 
+@sqlite_only
 def test_in_memory_database_works(tmp_path: Path) -> None:
     sm = init_db("sqlite://")
     with sm.begin() as s:
