@@ -5,6 +5,8 @@ storage must not import workbench: callers pass the database URL
 """
 from __future__ import annotations
 
+import json
+import math
 import threading
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,9 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # Several processes (UI, worker, CLI) write to one SQLite file: wait for locks
 # rather than failing immediately with "database is locked".
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Any fixed key: the UI, workers and CLI starting together on an empty PostgreSQL database
+# take this advisory lock so one migrates and the others then find it at head.
+PG_MIGRATION_LOCK = 0x5742_0001
 
 _lock = threading.Lock()
 _sessionmakers: dict[str, sessionmaker[Session]] = {}
@@ -26,6 +31,10 @@ _sessionmakers: dict[str, sessionmaker[Session]] = {}
 
 def _is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
+
+
+def _is_postgresql(url: str) -> bool:
+    return url.startswith("postgresql")
 
 
 def _sqlite_file(url: str) -> Path | None:
@@ -39,8 +48,30 @@ def _sqlite_file(url: str) -> Path | None:
     return Path(rest)
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN/Infinity float replaced by None, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _pg_json_dumps(value: Any) -> str:
+    # PostgreSQL's json type refuses the NaN/Infinity tokens Python writes (they are not JSON);
+    # an undefined metric is stored as null there instead of failing the whole write.
+    return json.dumps(_finite(value), allow_nan=False)
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
-    """Create an Engine; for SQLite enable FKs, WAL and a busy timeout on every connection."""
+    """Create an Engine with the options its dialect needs.
+
+    SQLite: FKs, WAL and a busy timeout on every connection. PostgreSQL (or any server):
+    pool_pre_ping, so a connection the server dropped (restart, idle timeout) is replaced
+    instead of failing the next query.
+    """
     if _is_sqlite(url):
         f = _sqlite_file(url)
         if f is not None:
@@ -61,6 +92,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             cur.close()
 
         return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    if _is_postgresql(url):
+        kwargs.setdefault("json_serializer", _pg_json_dumps)
     return create_engine(url, **kwargs)
 
 
@@ -92,6 +126,8 @@ def _run_alembic(engine: Engine, action: str, revision: str) -> None:
             with conn.begin():
                 # env.py reuses this connection (keeps our PRAGMAs, works for in-memory DBs).
                 cfg.attributes["connection"] = conn
+                if engine.dialect.name == "postgresql":  # released at commit/rollback
+                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_MIGRATION_LOCK})")
                 getattr(command, action)(cfg, revision)
                 if sqlite:
                     broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()

@@ -1,7 +1,10 @@
 """Shared fixtures. Keep this general: area-specific fixtures live in their own test files."""
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import secrets
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,19 +15,72 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO_ROOT.parent / "shared" / "datasets"
 
 
+# A PostgreSQL server URL without a database (postgresql+psycopg://user:pw@127.0.0.1:5432):
+# when set, every test that asks for a database gets a fresh one on that server, else SQLite.
+TEST_SERVER_ENV = "WORKBENCH_TEST_DATABASE_URL"
+
+
+def test_server_url() -> str | None:
+    return os.environ.get(TEST_SERVER_ENV) or None
+
+
+def on_postgresql() -> bool:
+    return test_server_url() is not None
+
+
+sqlite_only = pytest.mark.skipif(on_postgresql(), reason=f"SQLite-specific ({TEST_SERVER_ENV} is set)")
+
+
+@contextlib.contextmanager
+def fresh_database() -> Iterator[str | None]:
+    """A new empty database on the test server (its URL), dropped afterwards; None when SQLite."""
+    server = test_server_url()
+    if server is None:
+        yield None
+        return
+    from sqlalchemy import create_engine, make_url
+
+    name = f"wb_test_{secrets.token_hex(6)}"
+    # CREATE/DROP DATABASE cannot run inside a transaction block.
+    admin = create_engine(make_url(server).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        try:
+            yield make_url(server).set(database=name).render_as_string(hide_password=False)
+        finally:
+            # FORCE: a worker this test started may still hold a connection (PostgreSQL >= 13).
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        admin.dispose()
+
+
+def use_database(monkeypatch: pytest.MonkeyPatch, url: str | None) -> None:
+    """Point DATABASE_URL at ``url``; None: unset it (SQLite inside WORKBENCH_DATA_DIR)."""
+    if url is None:
+        monkeypatch.delenv("DATABASE_URL", raising=False)
+    else:
+        monkeypatch.setenv("DATABASE_URL", url)
+
+
 @pytest.fixture
 def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A fresh WORKBENCH_DATA_DIR (SQLite DB inside it) for one test."""
+    """A fresh WORKBENCH_DATA_DIR for one test, with a fresh database: SQLite inside the data
+    dir, or a new PostgreSQL database when WORKBENCH_TEST_DATABASE_URL is set."""
     from storage.db import reset_sessionmakers
 
     d = tmp_path / "workbench-data"
     d.mkdir()
     monkeypatch.setenv("WORKBENCH_DATA_DIR", str(d))
-    monkeypatch.delenv("DATABASE_URL", raising=False)
-    reset_sessionmakers()
-    yield d
-    stop_workers(d)  # the job-runner workers (every lane) this test started, detached by design
-    reset_sessionmakers()  # release the SQLite file before tmp_path is removed
+    with fresh_database() as url:
+        use_database(monkeypatch, url)
+        reset_sessionmakers()
+        try:
+            yield d
+        finally:
+            stop_workers(d)  # the job-runner workers (every lane) this test started, detached by design
+            reset_sessionmakers()  # release the SQLite file (or PG connections) before it is removed
 
 
 def wait_for(pred, timeout: float = 180, poll: float = 0.3, what: str = "condition"):

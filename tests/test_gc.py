@@ -62,8 +62,8 @@ def test_gc_after_kill_9_of_cli_ingest_leaves_only_referenced_files(
     beans = shared_datasets / "beans"
     kept = svc.add_dataset(beans / "test", "beans-test")  # referenced files the GC must keep
     baseline = len(_store_files(data_dir))
+    # DATABASE_URL as data_dir set it: unset (SQLite in data_dir) or this test's PG database.
     env = dict(os.environ, WORKBENCH_DATA_DIR=str(data_dir), PYTHONPATH=str(REPO_ROOT))
-    env.pop("DATABASE_URL", None)
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; from workbench.cli import main; sys.exit(main())",
          "data", "add", str(beans), "--name", "beans-all", "--quiet"],

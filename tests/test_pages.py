@@ -8,13 +8,14 @@ needed), never from mocks.
 from __future__ import annotations
 
 import io
+import os
 import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, fresh_database, use_database
 from streamlit.testing.v1 import AppTest
 
 APP = REPO_ROOT / "workbench" / "app.py"
@@ -66,7 +67,15 @@ def test_home_page(data_dir: Path) -> None:
     assert_clean(at)
     assert titles(at) == ["Workbench"]
     text = " ".join(m.value for m in at.markdown)
-    assert str(data_dir) in text and "workbench.db" in text
+    assert str(data_dir) in text
+    server = os.environ.get("DATABASE_URL")  # set by data_dir on the PostgreSQL pass
+    if server is None:
+        assert "workbench.db" in text
+    else:  # the server's URL is shown, its password never
+        from sqlalchemy import make_url
+
+        url = make_url(server)
+        assert url.render_as_string(hide_password=True) in text and f":{url.password}@" not in text
     assert [m.label for m in at.metric] == ["Datasets", "Runs", "Running now"]
     assert [m.value for m in at.metric] == ["0", "0", "0"]
 
@@ -459,14 +468,16 @@ def _stop_worker(data_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained_dir(tmp_path_factory: pytest.TempPathFactory, shared_datasets: Path) -> Iterator[tuple[Path, int]]:
-    """A data dir with the bean dataset and one finished lite0@96 run (trained by the real worker)."""
+def trained_dir(tmp_path_factory: pytest.TempPathFactory,
+                shared_datasets: Path) -> Iterator[tuple[Path, int, str | None]]:
+    """A data dir with the bean dataset and one finished lite0@96 run (trained by the real worker),
+    and its database URL (None: SQLite in the data dir)."""
     from storage.db import reset_sessionmakers
 
     d = tmp_path_factory.mktemp("trained") / "workbench-data"
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, fresh_database() as url:
         mp.setenv("WORKBENCH_DATA_DIR", str(d))
-        mp.delenv("DATABASE_URL", raising=False)
+        use_database(mp, url)
         reset_sessionmakers()
         from workbench import datasets, runs
 
@@ -482,16 +493,16 @@ def trained_dir(tmp_path_factory: pytest.TempPathFactory, shared_datasets: Path)
             assert time.monotonic() < deadline, "training did not finish in 5 minutes"
             time.sleep(1)
         assert r.status == "succeeded", r.error
-        yield d, run_id
+        yield d, run_id, url
         _stop_worker(d)
         reset_sessionmakers()
 
 
 @pytest.fixture
-def trained(trained_dir: tuple[Path, int], monkeypatch: pytest.MonkeyPatch) -> tuple[Path, int]:
+def trained(trained_dir: tuple[Path, int, str | None], monkeypatch: pytest.MonkeyPatch) -> tuple[Path, int]:
     monkeypatch.setenv("WORKBENCH_DATA_DIR", str(trained_dir[0]))
-    monkeypatch.delenv("DATABASE_URL", raising=False)
-    return trained_dir
+    use_database(monkeypatch, trained_dir[2])
+    return trained_dir[0], trained_dir[1]
 
 
 @pytest.mark.slow

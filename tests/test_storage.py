@@ -1,12 +1,17 @@
-"""Schema, migrations, SQLite settings, cascades, repositories and artifact checks (real SQLite)."""
+"""Schema, migrations, SQLite settings, cascades, repositories and artifact checks.
+
+On real SQLite, and on a real PostgreSQL database when WORKBENCH_TEST_DATABASE_URL is set
+(``db_url``); the tests of SQLite's own settings run on SQLite only."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from conftest import fresh_database, on_postgresql, sqlite_only
 from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
@@ -35,6 +40,13 @@ def _url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'wb.db'}"
 
 
+@pytest.fixture
+def db_url(tmp_path: Path) -> Iterator[str]:
+    """An empty database: a SQLite file, or a fresh PostgreSQL database on the test server."""
+    with fresh_database() as url:
+        yield url or _url(tmp_path)
+
+
 def _tables(url: str) -> set[str]:
     eng = make_engine(url)
     try:
@@ -43,8 +55,8 @@ def _tables(url: str) -> set[str]:
         eng.dispose()
 
 
-def test_upgrade_from_empty_creates_schema_matching_models(tmp_path: Path) -> None:
-    url = _url(tmp_path)
+def test_upgrade_from_empty_creates_schema_matching_models(db_url: str) -> None:
+    url = db_url
     init_db(url)
     assert _tables(url) == TABLES
     eng = make_engine(url)
@@ -55,8 +67,8 @@ def test_upgrade_from_empty_creates_schema_matching_models(tmp_path: Path) -> No
     assert diff == [], f"models and migrations drifted: {diff}"
 
 
-def test_upgrade_downgrade_upgrade_roundtrip(tmp_path: Path) -> None:
-    url = _url(tmp_path)
+def test_upgrade_downgrade_upgrade_roundtrip(db_url: str) -> None:
+    url = db_url
     upgrade(url)
     downgrade(url, "base")
     assert _tables(url) == set()
@@ -65,6 +77,7 @@ def test_upgrade_downgrade_upgrade_roundtrip(tmp_path: Path) -> None:
     upgrade(url)  # idempotent at head
 
 
+@sqlite_only
 def test_sqlite_pragmas_on_every_connection(tmp_path: Path) -> None:
     sm = init_db(_url(tmp_path))
     with sm() as s:
@@ -73,6 +86,19 @@ def test_sqlite_pragmas_on_every_connection(tmp_path: Path) -> None:
         assert s.execute(text("PRAGMA busy_timeout")).scalar() >= 1000
 
 
+@pytest.mark.skipif(not on_postgresql(), reason="PostgreSQL's engine options (WORKBENCH_TEST_DATABASE_URL unset)")
+def test_postgresql_engine_options_and_non_finite_json(db_url: str) -> None:
+    sm = init_db(db_url)
+    assert sm.kw["bind"].pool._pre_ping  # a connection the server dropped is replaced, not used
+    with sm.begin() as s:
+        ds = repo.add_dataset(s, name="n", source="x", classes=[], health={"score": float("nan")},
+                              split_config={"ratio": [0.5, float("inf")]}, skipped=[], num_images=0)
+    with sm() as s:  # json refuses NaN/Infinity: stored as null rather than failing the write
+        got = s.get(Dataset, ds.id)
+        assert got is not None and got.health == {"score": None} and got.split_config == {"ratio": [0.5, None]}
+
+
+@sqlite_only
 def test_in_memory_database_works(tmp_path: Path) -> None:
     sm = init_db("sqlite://")
     with sm.begin() as s:
@@ -81,6 +107,7 @@ def test_in_memory_database_works(tmp_path: Path) -> None:
         assert repo.get_dataset_by_name(s, "m") is not None
 
 
+@sqlite_only  # about the cache, not the backend: SQLite files are the cheap way to have two URLs
 def test_get_sessionmaker_cached_per_url(tmp_path: Path) -> None:
     a = get_sessionmaker(f"sqlite:///{tmp_path / 'a.db'}")
     assert get_sessionmaker(f"sqlite:///{tmp_path / 'a.db'}") is a
@@ -111,8 +138,8 @@ def _populate(sm) -> int:  # type: ignore[no-untyped-def]
         return ds.id
 
 
-def test_deleting_a_dataset_cascades_to_every_child_table(tmp_path: Path) -> None:
-    sm = init_db(_url(tmp_path))
+def test_deleting_a_dataset_cascades_to_every_child_table(db_url: str) -> None:
+    sm = init_db(db_url)
     ds_id = _populate(sm)
     with sm.begin() as s:
         repo.delete_dataset(s, ds_id)
@@ -122,8 +149,8 @@ def test_deleting_a_dataset_cascades_to_every_child_table(tmp_path: Path) -> Non
         assert len(s.scalars(select(Benchmark)).all()) == 1  # not dataset-owned
 
 
-def test_run_metrics_unique_per_epoch_and_phase(tmp_path: Path) -> None:
-    sm = init_db(_url(tmp_path))
+def test_run_metrics_unique_per_epoch_and_phase(db_url: str) -> None:
+    sm = init_db(db_url)
     _populate(sm)
     with pytest.raises(IntegrityError):
         with sm.begin() as s:
@@ -131,15 +158,15 @@ def test_run_metrics_unique_per_epoch_and_phase(tmp_path: Path) -> None:
             s.add(RunMetric(run_id=run_id, epoch=1, phase="val", metrics={}))
 
 
-def test_foreign_keys_enforced(tmp_path: Path) -> None:
-    sm = init_db(_url(tmp_path))
+def test_foreign_keys_enforced(db_url: str) -> None:
+    sm = init_db(db_url)
     with pytest.raises(IntegrityError):
         with sm.begin() as s:
             s.add(Run(dataset_id=999, variant="v", resolution=224, preset="p"))
 
 
-def test_timestamps_are_utc_aware_and_defaults_apply(tmp_path: Path) -> None:
-    sm = init_db(_url(tmp_path))
+def test_timestamps_are_utc_aware_and_defaults_apply(db_url: str) -> None:
+    sm = init_db(db_url)
     _populate(sm)
     with sm() as s:
         ds = repo.get_dataset_by_name(s, "d")
@@ -154,12 +181,12 @@ def test_timestamps_are_utc_aware_and_defaults_apply(tmp_path: Path) -> None:
         assert repo.store_paths_used_elsewhere(s, ["store/aa/x.png"]) == {"store/aa/x.png"}
 
 
-def test_artifact_register_and_verify(tmp_path: Path) -> None:
+def test_artifact_register_and_verify(tmp_path: Path, db_url: str) -> None:
     data = tmp_path / "data"
     (data / "runs" / "1").mkdir(parents=True)
     f = data / "runs" / "1" / "model.onnx"
     f.write_bytes(b"onnx-bytes")
-    sm = init_db(f"sqlite:///{data / 'wb.db'}")
+    sm = init_db(db_url)
     with sm.begin() as s:
         art = register_artifact(s, f, data, kind="onnx_fp32", meta={"opset": 17})
         assert art.path == "runs/1/model.onnx" and art.bytes == 10
@@ -214,10 +241,10 @@ def _assert_ids_not_reused(sm) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("start", ["empty", "0001_initial"])
-def test_migration_keeps_every_row_and_ids_are_never_reused(tmp_path: Path, start: str) -> None:
+def test_migration_keeps_every_row_and_ids_are_never_reused(db_url: str, start: str) -> None:
     from sqlalchemy.orm import sessionmaker
 
-    url = _url(tmp_path)
+    url = db_url
     before: dict[str, list[tuple]] = {}
     if start != "empty":  # a database made by the previous revision, with rows in every table
         upgrade(url, start)
@@ -229,15 +256,16 @@ def test_migration_keeps_every_row_and_ids_are_never_reused(tmp_path: Path, star
     sm = init_db(url)  # migrates to head, as at start
     if before:
         assert _snapshot_rows(sm) == before  # nothing lost to the table rebuild's cascades
-    with sm() as s:
-        ddl = dict(s.execute(text("SELECT name, sql FROM sqlite_master WHERE name IN ('datasets', 'runs')")).all())
-        assert all("AUTOINCREMENT" in sql for sql in ddl.values()) and len(ddl) == 2
-        assert s.execute(text("PRAGMA foreign_keys")).scalar() == 1  # back on after the migration
+    if not on_postgresql():  # PostgreSQL's sequences never hand out an id twice: 0002 does nothing there
+        with sm() as s:
+            ddl = dict(s.execute(text("SELECT name, sql FROM sqlite_master WHERE name IN ('datasets', 'runs')")).all())
+            assert all("AUTOINCREMENT" in sql for sql in ddl.values()) and len(ddl) == 2
+            assert s.execute(text("PRAGMA foreign_keys")).scalar() == 1  # back on after the migration
     _assert_ids_not_reused(sm)
 
 
-def test_downgrade_from_head_keeps_rows(tmp_path: Path) -> None:
-    url = _url(tmp_path)
+def test_downgrade_from_head_keeps_rows(db_url: str) -> None:
+    url = db_url
     sm = init_db(url)
     _populate(sm)
     before = _snapshot_rows(sm)
@@ -245,8 +273,9 @@ def test_downgrade_from_head_keeps_rows(tmp_path: Path) -> None:
     downgrade(url, "0001_initial")
     eng = make_engine(url)
     with eng.connect() as conn:
-        sql = conn.execute(text("SELECT sql FROM sqlite_master WHERE name = 'datasets'")).scalar()
-        assert "AUTOINCREMENT" not in sql
+        if not on_postgresql():
+            sql = conn.execute(text("SELECT sql FROM sqlite_master WHERE name = 'datasets'")).scalar()
+            assert "AUTOINCREMENT" not in sql
         assert conn.execute(text("SELECT count(*) FROM images")).scalar() == 2
     eng.dispose()
     sm = init_db(url)

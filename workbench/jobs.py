@@ -78,11 +78,16 @@ def claim_next_job(session_factory: sessionmaker[Session], worker_pid: int, kind
     cond: Any = Job.kind.in_(list(kinds))
     if or_not_in is not None:
         cond = or_(cond, Job.kind.not_in(list(or_not_in)))
-    oldest = (select(Job.id).where(Job.status == JobStatus.QUEUED, cond).order_by(Job.id).limit(1)
-              .scalar_subquery())
+    oldest = select(Job.id).where(Job.status == JobStatus.QUEUED, cond).order_by(Job.id).limit(1)
     with session_factory.begin() as s:
+        if s.get_bind().dialect.name == "postgresql":
+            # Under READ COMMITTED two workers would pick the same oldest row; the loser would
+            # wait for the winner's lock, then match nothing and go idle with work still queued.
+            # SKIP LOCKED makes each worker take the oldest row no other claim holds.
+            oldest = oldest.with_for_update(skip_locked=True)
+        # SQLite: one writer at a time, so the single UPDATE is already atomic.
         job_id = s.execute(
-            update(Job).where(Job.id == oldest, Job.status == JobStatus.QUEUED)
+            update(Job).where(Job.id == oldest.scalar_subquery(), Job.status == JobStatus.QUEUED)
             .values(status=JobStatus.RUNNING, worker_pid=worker_pid, started_at=utcnow(), error=None)
             .returning(Job.id)
         ).scalar()
