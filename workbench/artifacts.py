@@ -15,9 +15,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage import repositories as repo
 from storage.artifacts import ArtifactError, verify_artifact
-from storage.db import get_sessionmaker
 from storage.models import Artifact
-from workbench.settings import Settings, get_settings
+from workbench.settings import Settings, service_context
 
 ONNX_KINDS = ("onnx_fp32", "onnx_fp16", "onnx_int8", "onnx_uint8")
 
@@ -32,14 +31,6 @@ class ArtifactInfo:
     created_at: datetime
     meta: dict[str, Any]
     status: str  # "ok", or why it cannot be served
-
-
-def service_context(settings: Settings | None, session_factory: sessionmaker[Session] | None
-                    ) -> tuple[Settings, sessionmaker[Session]]:
-    """The settings (data dirs created) and session factory a service call works with."""
-    s = settings or get_settings()
-    s.ensure_dirs()
-    return s, session_factory or get_sessionmaker(s.database_url)
 
 
 def _refusal(a: Artifact) -> str | None:
@@ -86,7 +77,7 @@ def artifact_for_download(artifact_id: int, *, settings: Settings | None = None,
 def evaluation_plots(run_id: int, evaluation_id: int, *, settings: Settings | None = None
                      ) -> dict[str, Path | ArtifactError]:
     """{plot name: verified path, or the error saying why it cannot be shown} for one evaluation."""
-    s, sf = service_context(settings, None)
+    s, sf = service_context(settings)
     with sf() as session:
         rows = [(a.id, a.kind, dict(a.meta or {})) for a in repo.artifacts_for_run(session, run_id)
                 if a.kind in ("plot", "eval_json")]

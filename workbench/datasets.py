@@ -29,9 +29,8 @@ from core.ingest import (
 )
 from core.splits import DEFAULT_FRACTIONS
 from storage import repositories as repo
-from storage.db import get_sessionmaker
 from storage.models import Dataset
-from workbench.settings import Settings, get_settings
+from workbench.settings import Settings, service_context
 
 MAX_NAME_LEN = 200
 # How long a delete waits for running ingests to release the store before leaving the
@@ -86,12 +85,6 @@ class DeleteResult:
     images: int
     files_removed: int
     files_left: int = 0  # unreferenced files left to the garbage collector (an ingest held the store)
-
-
-def _ctx(settings: Settings | None) -> tuple[Settings, sessionmaker[Session]]:
-    s = settings or get_settings()
-    s.ensure_dirs()
-    return s, get_sessionmaker(s.database_url)
 
 
 def _check_name(name: str) -> str:
@@ -160,7 +153,7 @@ def add_dataset(
     Raises DatasetError / core.ingest.IngestError (both ValueError) on bad input.
     """
     name = _check_name(name)
-    s, Session_ = _ctx(settings)
+    s, Session_ = service_context(settings)
     with Session_() as session:  # fail fast, before the (slow) ingest
         if repo.get_dataset_by_name(session, name) is not None:
             raise DatasetError(f"a dataset named {name!r} already exists; choose another name or delete it")
@@ -200,13 +193,13 @@ def _get_row(session: Session, name_or_id: str | int) -> Dataset:
 
 
 def list_datasets(*, settings: Settings | None = None) -> list[DatasetInfo]:
-    _, Session_ = _ctx(settings)
+    _, Session_ = service_context(settings)
     with Session_() as session:
         return [DatasetInfo.from_row(d) for d in repo.list_datasets(session)]
 
 
 def get_dataset(name_or_id: str | int, *, settings: Settings | None = None) -> DatasetInfo:
-    _, Session_ = _ctx(settings)
+    _, Session_ = service_context(settings)
     with Session_() as session:
         return DatasetInfo.from_row(_get_row(session, name_or_id))
 
@@ -215,7 +208,7 @@ def dataset_images(
     name_or_id: str | int, split: str | None = None, *, settings: Settings | None = None
 ) -> list[ImageInfo]:
     """Images of a dataset (optionally one split) with absolute paths and class indices."""
-    s, Session_ = _ctx(settings)
+    s, Session_ = service_context(settings)
     with Session_() as session:
         ds = _get_row(session, name_or_id)
         index = {c: i for i, c in enumerate(ds.classes)}
@@ -254,7 +247,7 @@ def delete_dataset(name_or_id: str | int, *, settings: Settings | None = None) -
     ingest of the same images holds the lock shared until its rows are committed. If ingests
     keep the store busy for ``DELETE_LOCK_WAIT_S`` the files stay for the garbage collector.
     """
-    s, Session_ = _ctx(settings)
+    s, Session_ = service_context(settings)
     with Session_.begin() as session:
         ds = _get_row(session, name_or_id)
         name, ds_id = ds.name, ds.id

@@ -21,9 +21,8 @@ from core.evaluate import EvalItem, evaluate_model
 from storage import repositories as repo
 from storage.artifacts import register_artifact, resolve_in_data_dir
 from storage.models import Dataset, Evaluation, Run
-from workbench.artifacts import service_context
 from workbench.paths import RunPaths
-from workbench.settings import Settings
+from workbench.settings import Settings, service_context
 from workbench.summary import RunSummary, update_summary
 
 ProgressCb = Callable[[str, float], None]

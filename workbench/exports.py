@@ -16,7 +16,7 @@ from core import export as cx
 from storage import repositories as repo
 from storage.artifacts import ArtifactError, register_artifact, resolve_in_data_dir, verify_artifact
 from storage.models import Artifact
-from workbench.artifacts import artifact_for_download, service_context
+from workbench.artifacts import artifact_for_download
 from workbench.evaluations import (
     EvaluationError,
     LoadedRun,
@@ -28,7 +28,7 @@ from workbench.evaluations import (
     scaled,
 )
 from workbench.paths import RunPaths
-from workbench.settings import Settings
+from workbench.settings import Settings, service_context
 from workbench.summary import update_summary
 
 BUNDLE_VARIANT_KEYS = ("onnx_mb", "latency_ms_p50", "latency_ms_p95", "throughput_images_per_s", "accuracy",

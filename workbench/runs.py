@@ -12,29 +12,22 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from core.efficientnet_arch import get_variant  # torch-free: the pages import this service
 from core.images import GRAYSCALE_MODES
 from storage import repositories as repo
 from storage.artifacts import ArtifactError, resolve_in_data_dir
-from storage.db import get_sessionmaker
 from storage.models import Artifact, Image, Job, Run, RunEvent, RunMetric, utcnow
 from workbench import jobs, lanes
 from workbench.paths import RunPaths
-from workbench.settings import Settings, get_settings
+from workbench.settings import Settings, service_context
 from workbench.status import ACTIVE_RUN, RESUMABLE_RUN, JobKind, JobStatus, RunStatus
 from workbench.summary import BestMetrics, RunSummary, read_best, read_summary
 
 
 class RunError(ValueError):
     """A request about runs cannot be honoured; the message says why."""
-
-
-def _ctx(settings: Settings | None) -> tuple[Settings, sessionmaker[Session]]:
-    s = settings or get_settings()
-    s.ensure_dirs()
-    return s, get_sessionmaker(s.database_url)
 
 
 @dataclass(frozen=True)
@@ -111,7 +104,7 @@ def queue_training(
     from core.train import make_config
     from core.weights import WeightsError, find_weights
 
-    settings, sf = _ctx(settings)
+    settings, sf = service_context(settings)
     if not variants:
         raise RunError("Choose at least one variant to train.")
     specs = []
@@ -150,7 +143,7 @@ def queue_training(
 
 
 def list_runs(dataset: str | int | None = None, *, settings: Settings | None = None) -> list[RunInfo]:
-    settings, sf = _ctx(settings)
+    settings, sf = service_context(settings)
     with sf() as s:
         stmt = select(Run).order_by(Run.id)
         if dataset is not None:
@@ -162,7 +155,7 @@ def list_runs(dataset: str | int | None = None, *, settings: Settings | None = N
 
 
 def get_run(run_id: int, *, settings: Settings | None = None) -> RunInfo:
-    settings, sf = _ctx(settings)
+    settings, sf = service_context(settings)
     with sf() as s:
         run = s.get(Run, run_id)
         if run is None:
@@ -172,7 +165,7 @@ def get_run(run_id: int, *, settings: Settings | None = None) -> RunInfo:
 
 def cancel_run(run_id: int, *, settings: Settings | None = None) -> str:
     """Queued: cancelled at once. Running: the worker stops it within one batch. Returns the new state."""
-    settings, sf = _ctx(settings)
+    settings, sf = service_context(settings)
     with sf.begin() as s:
         run = s.get(Run, run_id)
         if run is None:
@@ -196,7 +189,7 @@ def resume_run(run_id: int, *, settings: Settings | None = None, start_worker: b
     A run still marked running whose worker died is failed by ``worker.reconcile`` (the CLI and
     the pages call it before offering resume).
     """
-    settings, sf = _ctx(settings)
+    settings, sf = service_context(settings)
     with sf.begin() as s:
         run = s.get(Run, run_id)
         if run is None:
@@ -233,7 +226,7 @@ class RunEventInfo:
 
 def run_metrics(run_id: int, *, settings: Settings | None = None) -> list[EpochMetrics]:
     """The run's per-epoch validation metrics, in epoch order."""
-    settings, sf = _ctx(settings)
+    settings, sf = service_context(settings)
     with sf() as s:
         rows = s.scalars(select(RunMetric).where(RunMetric.run_id == run_id).order_by(RunMetric.epoch)).all()
         return [EpochMetrics(r.epoch, r.phase, dict(r.metrics or {})) for r in rows]
@@ -243,7 +236,7 @@ def run_events(run_id: int, since_id: int = 0, *, newest: int | None = None,
                settings: Settings | None = None) -> list[RunEventInfo]:
     """Events newer than ``since_id`` (poll with the last id you saw), oldest first; ``newest``:
     only the last so many."""
-    settings, sf = _ctx(settings)
+    settings, sf = service_context(settings)
     stmt = select(RunEvent).where(RunEvent.run_id == run_id, RunEvent.id > since_id).order_by(RunEvent.id.desc())
     with sf() as s:
         rows = s.scalars(stmt.limit(newest) if newest is not None else stmt).all()
@@ -275,7 +268,7 @@ def _remove_tree(settings: Settings, folder: Any) -> bool:
 def delete_run(run_id: int, *, settings: Settings | None = None) -> DeletedRun:
     """Delete a run: its folder (checkpoints, evaluations, exports), every artifact file it
     registered, and its rows (evaluations, artifacts, metrics, events, jobs cascade)."""
-    settings, sf = _ctx(settings)
+    settings, sf = service_context(settings)
     removed = 0
     with sf.begin() as s:
         run = s.get(Run, run_id)

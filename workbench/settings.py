@@ -12,6 +12,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.db import get_sessionmaker
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -55,3 +59,11 @@ def get_settings() -> Settings:
     return Settings(data_dir=data_dir, database_url=url,
                     import_dir_override=Path(imports).expanduser().resolve() if imports else None,
                     bundle_key=key.encode("utf-8") if key else None)
+
+
+def service_context(settings: Settings | None = None, session_factory: sessionmaker[Session] | None = None
+                    ) -> tuple[Settings, sessionmaker[Session]]:
+    """The settings (data dirs created) and session factory a service call works with."""
+    s = settings or get_settings()
+    s.ensure_dirs()
+    return s, session_factory or get_sessionmaker(s.database_url)

@@ -1,8 +1,8 @@
-"""What the pages (and the CLI) read and ask for: typed read models and actions, no Streamlit.
+"""What the pages (and the CLI) read: typed read models, no Streamlit.
 
-Reads are queries shaped for one screen, returned as frozen dataclasses, built on a service where one
-already computes the thing. Actions stage uploads in the data dir and submit a job (``lanes.submit``):
-slow work never runs in the UI server. Caching is ``workbench.ui``'s business.
+Queries shaped for one screen, returned as frozen dataclasses, built on a service where one
+already computes the thing. What pages ask Workbench to do is ``workbench.actions``; caching is
+``workbench.ui``'s business.
 """
 from __future__ import annotations
 

@@ -41,10 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("workbench.handlers.tasks")
 
 
-def _in_tmp(ctx: JobContext, rel: str, area: str) -> Path:
-    return in_staging(ctx.settings, rel, area)
-
-
 def _throttled(ctx: JobContext, every: float = 0.5) -> Callable[[int, int], None]:
     """A (done, total) ingest progress callback writing the job's progress at most every ``every`` s."""
     last = [0.0]
@@ -65,9 +61,9 @@ def _ingest_source(ctx: JobContext) -> tuple[Path, Path | None, Path | None]:
     p = ctx.payload
     if p.get("import"):
         return in_import_dir(ctx.settings, str(p["import"])), None, None
-    src = _in_tmp(ctx, str(p.get("upload") or ""), UPLOADS)
+    src = in_staging(ctx.settings, str(p.get("upload") or ""), UPLOADS)
     folder = src.parent if src.parent != staging_dir(ctx.settings, UPLOADS).resolve() else None
-    return src, (_in_tmp(ctx, p["csv"], UPLOADS) if p.get("csv") else None), folder
+    return src, (in_staging(ctx.settings, p["csv"], UPLOADS) if p.get("csv") else None), folder
 
 
 def handle_ingest(ctx: JobContext) -> JobOutcome:
@@ -89,7 +85,7 @@ def handle_ingest(ctx: JobContext) -> JobOutcome:
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
             elif p.get("upload"):
-                _in_tmp(ctx, p["upload"], UPLOADS).unlink(missing_ok=True)
+                in_staging(ctx.settings, p["upload"], UPLOADS).unlink(missing_ok=True)
         except (OSError, ValueError):
             pass
 
@@ -168,8 +164,8 @@ def handle_predict(ctx: JobContext) -> JobOutcome:
             return JobOutcome(JobStatus.FAILED, f"Run #{run_id} has no trained model.")
         ckpt = resolve_in_data_dir(run.checkpoint_path, ctx.settings.data_dir)
     try:
-        files = [(f["name"], _in_tmp(ctx, f["path"], PREDICT)) for f in p.get("files", [])]
-        out_dir = _in_tmp(ctx, p["out_dir"], PREDICT) if p.get("out_dir") else files[0][1].parent
+        files = [(f["name"], in_staging(ctx.settings, f["path"], PREDICT)) for f in p.get("files", [])]
+        out_dir = in_staging(ctx.settings, p["out_dir"], PREDICT) if p.get("out_dir") else files[0][1].parent
         res = predict_images(ckpt, files, int(p.get("top_k") or 3), bool(p.get("gradcam", True)), out_dir,
                              lambda m, f: ctx.progress({"phase": m, "fraction": f}), _run_calibration(ctx, run_id))
     except Exception as exc:  # noqa: BLE001 - shown on the page
