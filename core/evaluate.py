@@ -310,3 +310,27 @@ __all__ = [
     "classification_metrics", "calibration", "fit_temperature", "nll", "per_sample_loss", "softmax",
     "threshold_for_sensitivity", "plot_confusion", "plot_curves", "plot_reliability", "plot_gallery",
 ]
+
+
+# ------------------------------------------------------------------------------------------
+# The leakage-free part of the test split
+# ------------------------------------------------------------------------------------------
+def leakage_free_metrics(y_true: Sequence[int] | np.ndarray, logits: np.ndarray, leaked: Sequence[bool],
+                         num_classes: int) -> dict[str, Any] | None:
+    """Accuracy, balanced accuracy and macro-F1 on the test images that have no copy in
+    train/val (``leaked[i]`` False). None when nothing leaked (the normal score is the one)."""
+    from core.metrics import label_metrics
+
+    mask = np.asarray(leaked, dtype=bool)
+    y = np.asarray(y_true, dtype=np.int64)
+    if mask.shape != y.shape or len(logits) != len(y):
+        raise ValueError(f"leaked flags ({mask.shape[0]}), labels ({len(y)}) and logits ({len(logits)}) "
+                         "must describe the same test images")
+    if not mask.any():
+        return None
+    keep = ~mask
+    out: dict[str, Any] = {"n": int(keep.sum()), "excluded": int(mask.sum())}
+    if keep.any():
+        m = label_metrics(y[keep], np.asarray(logits)[keep].argmax(1), num_classes)
+        out.update(accuracy=m["accuracy"], balanced_accuracy=m["balanced_accuracy"], macro_f1=m["macro_f1"])
+    return out

@@ -13,10 +13,15 @@ MIN_IMAGES_TO_TRAIN). A class with >= 3 images is guaranteed at least one train 
 """
 from __future__ import annotations
 
+import json
 import random
+import re
+import subprocess
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 SPLITS = ("train", "val", "test")
@@ -190,3 +195,150 @@ def assign_splits(
         if n and counts.get(k, 0) == 0:
             warnings.append(f"the {k} split is empty")
     return SplitResult(splits=[assigned[i] for i in range(n)], config=config, warnings=warnings)
+
+
+# --- fixes: leaking clusters, group patterns -------------------------------------------
+
+def resolve_cross_split(splits: Sequence[str], clusters: Sequence[int | None], mode: str) -> list[str]:
+    """New split per image so no cluster (duplicate / near-duplicate id) spans two splits.
+
+    ``mode`` "train": every image of a cluster that spans splits goes to train (nothing of it
+    is held out). "cluster": the whole cluster goes to the one split already holding most of
+    its images (fewest moves; ties go to train, then val). Images without a cluster stay.
+    """
+    if mode not in ("train", "cluster"):
+        raise ValueError(f"unknown way to resolve leakage {mode!r}; use 'train' or 'cluster'")
+    members: dict[int, list[int]] = defaultdict(list)
+    for i, c in enumerate(clusters):
+        if c is not None:
+            members[c].append(i)
+    out = list(splits)
+    for idx in members.values():
+        held = Counter(splits[i] for i in idx)
+        if len(held) < 2:
+            continue
+        target = "train" if mode == "train" else max(
+            SPLITS, key=lambda s: (held.get(s, 0), -SPLITS.index(s)))
+        for i in idx:
+            out[i] = target
+    return out
+
+
+MAX_PATTERN_LEN = 200  # a group pattern longer than this is refused (nobody types more)
+MAX_NAME_LEN = 255  # only this much of a file name is matched (bounds the work per name)
+PATTERN_TIMEOUT_S = 5.0
+
+
+class GroupPatternError(ValueError):
+    """A group pattern that cannot be used; ``str(err)`` is a user-facing message."""
+
+
+@dataclass(frozen=True)
+class PatternSuggestion:
+    pattern: str
+    description: str
+    groups: int  # distinct groups it finds
+    matched: int  # file names it finds a group in
+    examples: list[str]
+
+
+def check_group_pattern(pattern: str) -> re.Pattern[str]:
+    """Compile a user's group pattern or raise GroupPatternError saying what is wrong."""
+    if not pattern or not pattern.strip():
+        raise GroupPatternError("the group pattern is empty; e.g. '^([^_]+)_' takes the text before the first _")
+    if len(pattern) > MAX_PATTERN_LEN:
+        raise GroupPatternError(f"the group pattern is {len(pattern)} characters long; the limit is "
+                                f"{MAX_PATTERN_LEN}")
+    try:
+        compiled = re.compile(pattern)
+    except re.error as e:
+        raise GroupPatternError(f"the group pattern {pattern!r} is not a valid regular expression: {e}") from None
+    if compiled.groups < 1:
+        raise GroupPatternError(f"the group pattern {pattern!r} has no group in brackets: put the part of the "
+                                "name that identifies the patient or field in ( ), e.g. '^([^_]+)_'")
+    return compiled
+
+
+def _base_name(name: str) -> str:
+    return PurePosixPath(name).name[:MAX_NAME_LEN]
+
+
+# Run in a separate interpreter (-I: no site, no user code): a pattern that backtracks
+# catastrophically is stopped by killing the process; Python's re has no timeout.
+_MATCHER = (
+    "import json, re, sys\n"
+    "job = json.load(sys.stdin)\n"
+    "rx = re.compile(job['pattern'])\n"
+    "out = []\n"
+    "for n in job['names']:\n"
+    "    m = rx.search(n)\n"
+    "    out.append(m.group(1) if m and m.group(1) else None)\n"
+    "json.dump(out, sys.stdout)\n"
+)
+
+
+def groups_from_pattern(names: Sequence[str], pattern: str, *,
+                        timeout_s: float = PATTERN_TIMEOUT_S) -> list[str | None]:
+    """The first captured group of ``pattern`` in each file's base name (None: no match).
+
+    The pattern runs in a separate Python process stopped after ``timeout_s`` seconds, so a
+    pattern that would take forever is refused with a message instead of hanging the app.
+    """
+    check_group_pattern(pattern)
+    job = json.dumps({"pattern": pattern, "names": [_base_name(n) for n in names]})
+    try:
+        done = subprocess.run([sys.executable, "-I", "-c", _MATCHER], input=job, capture_output=True,
+                              text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        raise GroupPatternError(
+            f"the group pattern {pattern!r} took longer than {timeout_s:g} s on {len(names)} file names and was "
+            "stopped; simplify it (avoid repeats inside repeats such as '(a+)+')") from None
+    if done.returncode != 0:
+        raise GroupPatternError(f"the group pattern {pattern!r} could not be applied: "
+                                f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'unknown error'}")
+    found: list[str | None] = json.loads(done.stdout)
+    if not any(found):
+        example = _base_name(names[0]) if names else ""
+        raise GroupPatternError(f"the group pattern {pattern!r} finds no group in any file name "
+                                f"(e.g. {example!r}); try one of the suggested patterns")
+    return found
+
+
+# Built-in patterns (linear, safe to run in-process), tried on the file names for suggestions.
+_SUGGESTED: tuple[tuple[str, str], ...] = (
+    (r"^([^_]+)_", "the text before the first _"),
+    (r"^([^-]+)-", "the text before the first -"),
+    (r"^([^_\-. ]+)[_\-. ]", "the text before the first _, -, . or space"),
+    (r"^(\d+)", "the number at the start"),
+    (r"^([A-Za-z]+\d+)", "the letters and number at the start"),
+    (r"^(.+)_[^_]*$", "everything before the last _"),
+    (r"^(.+)-[^-]*$", "everything before the last -"),
+)
+
+
+def suggest_group_patterns(names: Sequence[str], labels: Sequence[str] = (), *,
+                           max_examples: int = 3) -> list[PatternSuggestion]:
+    """Patterns that split these file names into groups: each finds a group in most names
+    (at least half), more groups than there are classes (fewer would be the class itself,
+    as in 'healthy_0001.jpg') and fewer groups than files. Best first: most names matched,
+    then fewest groups."""
+    base = [_base_name(n) for n in names]
+    out: list[PatternSuggestion] = []
+    seen: set[tuple[str | None, ...]] = set()
+    for pattern, description in _SUGGESTED:
+        rx = re.compile(pattern)
+        found = []
+        for n in base:
+            m = rx.search(n)
+            found.append(m.group(1) if m and m.group(1) else None)
+        matched = sum(g is not None for g in found)
+        groups = Counter(g for g in found if g is not None)
+        if matched * 2 < len(base) or not max(1, len(set(labels))) < len(groups) < matched:
+            continue
+        key = tuple(found)
+        if key in seen:  # another pattern already gives exactly these groups
+            continue
+        seen.add(key)
+        out.append(PatternSuggestion(pattern, description, len(groups), matched,
+                                     [g for g, _ in groups.most_common(max_examples)]))
+    return sorted(out, key=lambda s: (-s.matched, s.groups))

@@ -5,7 +5,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from workbench import actions, datasets, ui, views
+from workbench import actions, dataset_fixes, datasets, ui, views
 from workbench.status import JobStatus
 
 ui.header("Datasets", "Upload labelled images, check their health, and see how they were split.")
@@ -96,6 +96,8 @@ st.dataframe(
     hide_index=True, width="stretch",
 )
 names = [d.name for d in items]
+if st.session_state.get("_show_dataset") in names:  # a fix just created this version: show it
+    st.session_state["dataset_choice"] = st.session_state.pop("_show_dataset")
 choice = st.selectbox("Dataset", names, index=len(names) - 1, key="dataset_choice")
 ds = next(d for d in items if d.name == choice)
 h = ds.health or {}
@@ -112,8 +114,9 @@ for w in h.get("warnings", []):
 if not h.get("warnings"):
     st.success("No problems found.", icon=":material/check_circle:")
 
-tab_split, tab_dups, tab_samples, tab_sizes, tab_skipped, tab_delete = st.tabs(
-    ["Classes & splits", "Duplicates & leakage", "Samples", "Sizes & colour", "Skipped", "Delete"])
+tab_split, tab_dups, tab_fix, tab_samples, tab_sizes, tab_skipped, tab_delete = st.tabs(
+    ["Classes & splits", "Duplicates & leakage", "Fix & versions", "Samples", "Sizes & colour", "Skipped",
+     "Delete"])
 
 with tab_split:
     rows = [{"class": cls, "split": split, "images": n}
@@ -152,6 +155,75 @@ with tab_dups:
             ui.thumbnail_grid([views.ImageSample(paths[f["sha256"]],
                                                  f"{f['label']} · {f['split']} · {f['name'].rsplit('/', 1)[-1]}")
                                for f in g["files"][:6] if f["sha256"] in paths], columns=6, size=110)
+
+
+
+def fixed(result: dataset_fixes.FixResult) -> None:
+    """After a fix: say what was created and show the new version."""
+    st.session_state["_show_dataset"] = result.dataset.name
+    st.session_state["_fix_message"] = result.sentence
+    st.rerun()
+
+
+with tab_fix:
+    st.caption("Each fix creates a new version of the dataset; this version stays as it is, and runs "
+               "trained on it keep using it.")
+    if msg := st.session_state.pop("_fix_message", None):
+        st.success(msg, icon=":material/check_circle:")
+    with ui.errors("Could not read the version history"):
+        for v in dataset_fixes.version_history(ds.id):
+            by = f" · by {v.created_by}" if v.created_by else ""
+            st.markdown(f"- {'**' if v.dataset_id == ds.id else ''}{v.sentence}"
+                        f"{'** (shown)' if v.dataset_id == ds.id else ''} · {v.created_at:%Y-%m-%d %H:%M}{by}")
+    by_page = "the web page"
+    left, right = st.columns(2)
+    with left:
+        st.markdown("**Duplicate images**")
+        st.caption(f"{dups.get('exact_groups', 0)} group(s) of identical files; one image of each is kept "
+                   "(the one in train if any).")
+        if st.button("Remove duplicate copies", icon=":material/filter_none:", key="fix_duplicates",
+                     disabled=not dups.get("exact_groups")):
+            with ui.errors("Could not remove the duplicates"):
+                fixed(dataset_fixes.drop_exact_duplicates(ds.id, by=by_page))
+    with right:
+        leaking = dups.get("exact_cross_split_groups", 0) + dups.get("near_cross_split_groups", 0)
+        st.markdown("**Leakage between splits**")
+        st.caption(f"{leaking} group(s) of identical or near-identical images sit in more than one split.")
+        mode = st.radio("How", list(dataset_fixes.LEAKAGE_MODES), key="fix_leak_mode", horizontal=True,
+                        format_func=dataset_fixes.LEAKAGE_MODES.__getitem__)
+        if st.button("Resolve leakage", icon=":material/call_split:", key="fix_leakage", disabled=not leaking):
+            with ui.errors("Could not resolve the leakage"):
+                fixed(dataset_fixes.resolve_leakage(ds.id, mode, by=by_page))
+    with st.form("fix_exclude"):
+        files = st.text_area("Leave out these images (one file name per line, as in the duplicates tab)",
+                             key="fix_exclude_files")
+        if st.form_submit_button("Exclude images", icon=":material/hide_image:"):
+            with ui.errors("Could not exclude the images"):
+                fixed(dataset_fixes.exclude_files(ds.id, files.splitlines(), by=by_page))
+    with st.form("fix_relabel"):
+        c1, c2 = st.columns(2)
+        file = c1.text_input("Image to relabel (file name)", key="fix_relabel_file")
+        label = c2.selectbox("New label", ds.classes, key="fix_relabel_label")
+        if st.form_submit_button("Relabel", icon=":material/label:"):
+            with ui.errors("Could not relabel the image"):
+                fixed(dataset_fixes.relabel_file(ds.id, file, str(label), by=by_page))
+    st.markdown("**Split again by patient or field**")
+    suggestions: list = []
+    with ui.errors("Could not suggest group patterns"):
+        suggestions = dataset_fixes.group_pattern_suggestions(ds.id)
+        if suggestions:
+            st.dataframe(pd.DataFrame([{"pattern": s.pattern, "takes": s.description, "groups": s.groups,
+                                        "file names matched": s.matched, "e.g.": ", ".join(s.examples)}
+                                       for s in suggestions]), hide_index=True, width="stretch")
+        else:
+            st.caption("No simple pattern in the file names splits them into groups; type your own.")
+    with st.form("fix_regroup"):
+        pattern = st.text_input("Group pattern (a regular expression; the part in ( ) names the patient or field)",
+                                value=suggestions[0].pattern if suggestions else "", key="fix_pattern")
+        seed = st.number_input("Split seed", min_value=0, value=0, step=1, key="fix_seed")
+        if st.form_submit_button("Split again by group", icon=":material/group_work:"):
+            with ui.errors("Could not split the dataset again"):
+                fixed(dataset_fixes.resplit_by_group(ds.id, pattern, seed=int(seed), by=by_page))
 
 with tab_samples:
     per_class = st.slider("Images per class", 2, 12, 6)

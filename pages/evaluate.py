@@ -5,7 +5,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from workbench import actions, artifacts, evaluations, ui
+from workbench import actions, artifacts, dataset_fixes, evaluations, ui
 from workbench.status import JobKind
 
 ui.header("Evaluate", "Metrics on the held-out test split (never used for training or model selection).")
@@ -47,6 +47,9 @@ with ui.errors("Could not load the evaluation"):
                 f"{cal['after']['ece'] - cal['before']['ece']:+.3f} after temperature", delta_color="inverse")
     st.caption(f"{m.get('n', '?')} test images · evaluated {ev.created_at:%Y-%m-%d %H:%M} UTC"
                + (" · with test-time augmentation" if ev.tta else ""))
+    leakage = dataset_fixes.leakage_free_sentence(m)
+    if leakage:
+        st.warning(leakage, icon=":material/content_copy:")
     effect = m.get("tta_effect")
     if effect:
         st.caption(f"Test-time augmentation changed {effect['changed_predictions']} prediction(s); accuracy "

@@ -92,6 +92,32 @@ class Dataset(Base):
     )
 
 
+class DatasetVersion(Base):
+    """How a dataset was derived from another by a fix: one row per derived dataset.
+
+    A version is a dataset row of its own (its own images rows pointing at the same
+    content-addressed store files), so a run keeps pointing at exactly the images it trained
+    on. A dataset without a row here is version 1 of itself (an ingest).
+    """
+
+    __tablename__ = "dataset_versions"
+
+    dataset_id: Mapped[int] = mapped_column(
+        ForeignKey("datasets.id", ondelete="CASCADE"), primary_key=True
+    )
+    parent_id: Mapped[int | None] = mapped_column(
+        ForeignKey("datasets.id", ondelete="SET NULL"), nullable=True, index=True
+    )
+    # The first version's id and name: the family survives the deletion of a middle version.
+    root_id: Mapped[int] = mapped_column(Integer, index=True)
+    root_name: Mapped[str] = mapped_column(String(200))
+    version: Mapped[int] = mapped_column(Integer)
+    # {"fix", "params", "summary", "dropped", "moved", "relabelled", "kept", "by", ...}
+    change: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class Image(Base):
     __tablename__ = "images"
     __table_args__ = (Index("ix_images_dataset_id_split", "dataset_id", "split"),)
@@ -240,6 +266,7 @@ class Job(Base):
 __all__ = [
     "Base",
     "Dataset",
+    "DatasetVersion",
     "Image",
     "Run",
     "RunMetric",

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from storage.models import Artifact, Dataset, Image
+from storage.models import Artifact, Dataset, DatasetVersion, Image
 
 # --- datasets -----------------------------------------------------------------------
 
@@ -153,3 +153,16 @@ def artifacts_for_dataset(session: Session, dataset_id: int) -> Sequence[Artifac
     return session.scalars(
         select(Artifact).where(Artifact.dataset_id == dataset_id).order_by(Artifact.id)
     ).all()
+
+
+# --- dataset versions ----------------------------------------------------------------
+
+def get_dataset_version(session: Session, dataset_id: int) -> DatasetVersion | None:
+    """How ``dataset_id`` was derived (None: an ingested dataset, version 1 of itself)."""
+    return session.get(DatasetVersion, dataset_id)
+
+
+def dataset_versions_of_root(session: Session, root_id: int) -> Sequence[DatasetVersion]:
+    """Every derived version in the family of the dataset first ingested as ``root_id``."""
+    return session.scalars(select(DatasetVersion).where(DatasetVersion.root_id == root_id)
+                           .order_by(DatasetVersion.version)).all()

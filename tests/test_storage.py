@@ -31,9 +31,9 @@ from storage.models import (
     RunMetric,
 )
 
-HEAD = "0002_autoincrement_ids"
+HEAD = "0005_dataset_versions"
 TABLES = {"datasets", "images", "runs", "run_metrics", "run_events", "evaluations",
-          "artifacts", "benchmarks", "jobs"}
+          "artifacts", "benchmarks", "jobs", "dataset_versions"}
 
 
 def _url(tmp_path: Path) -> str:

@@ -137,6 +137,7 @@ def evaluate_run(run_id: int, *, tta: bool = False, sensitivity: float = 0.95, p
     res = evaluate_model(tm.model, tm.preprocessing, classes, test, val, out_dir=out_dir, tta=tta,
                          sensitivity=sensitivity, positive_class=positive_class, test_logits=test_logits,
                          progress=scaled(progress, 0.0, 0.9))
+    _add_leakage_free(sf, rd.dataset_id, test, res, len(classes), tta)
     with sf.begin() as session:
         ev = Evaluation(run_id=run_id, split="test", metrics=_json_safe(res.metrics), tta=tta)
         session.add(ev)
@@ -150,6 +151,21 @@ def evaluate_run(run_id: int, *, tta: bool = False, sensitivity: float = 0.95, p
     update_summary(sf, run_id, _summary_fields(res.metrics, tta))
     say(progress, "evaluation done", 1.0)
     return EvaluationResult(ev_id, res.metrics, plots)
+
+
+def _add_leakage_free(sf: sessionmaker[Session], dataset_id: int, test: list[EvalItem], res: Any,
+                      num_classes: int, tta: bool) -> None:
+    """With known leakage (test images copied in train/val), also the score without them."""
+    from core.evaluate import leakage_free_metrics
+    from workbench.dataset_fixes import leaked_test_flags
+
+    if tta or res.test_logits is None:  # the plain score is the one compared
+        return
+    with sf() as session:
+        leaked = leaked_test_flags(session, dataset_id)
+    clean = leakage_free_metrics([it.label for it in test], res.test_logits, leaked, num_classes)
+    if clean is not None:
+        res.metrics["leakage_free"] = clean
 
 
 def latest_evaluation(run_id: int, *, tta: bool | None = False, settings: Settings | None = None,

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from core.ingest import display_name
 from workbench import datasets as svc
 from workbench import gc
+from workbench.cli import fix
 
 GC_LOCK_WAIT_S = 10.0  # `workbench gc` waits this long for running ingests to release the store
 
@@ -154,7 +155,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Add the `data` command group to the top-level CLI."""
     data = subparsers.add_parser("data", help="add, inspect and delete datasets")
-    sub = data.add_subparsers(dest="data_command", metavar="{add,report,list,delete}")
+    sub = data.add_subparsers(dest="data_command", metavar="{add,report,list,delete,fix,versions}")
     sub.required = True
 
     p = sub.add_parser("add", help="ingest a zip, folder or CSV manifest as a dataset")
@@ -180,6 +181,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = sub.add_parser("delete", help="delete a dataset and its unshared store files")
     p.add_argument("name")
     p.set_defaults(func=cmd_delete)
+
+    fix.register(sub)  # `data fix ...` and `data versions`: fixes from the report, as new versions
 
     # Top level (`workbench gc`), registered here because it cleans up after ingests.
     p = subparsers.add_parser("gc", help="remove unreferenced store files and stale temporary files")
