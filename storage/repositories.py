@@ -166,3 +166,10 @@ def dataset_versions_of_root(session: Session, root_id: int) -> Sequence[Dataset
     """Every derived version in the family of the dataset first ingested as ``root_id``."""
     return session.scalars(select(DatasetVersion).where(DatasetVersion.root_id == root_id)
                            .order_by(DatasetVersion.version)).all()
+
+
+def image_names_and_labels(session: Session, dataset_id: int) -> list[tuple[str, str]]:
+    """(original name, label) of every image of a dataset, without loading whole rows."""
+    rows = session.execute(select(Image.original_name, Image.label).where(Image.dataset_id == dataset_id)
+                           .order_by(Image.id)).all()
+    return [(name, label) for name, label in rows]

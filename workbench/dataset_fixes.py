@@ -327,8 +327,8 @@ def group_pattern_suggestions(name_or_id: str | int, *, settings: Settings | Non
     _, Session_ = service_context(settings)
     with Session_() as session:
         ds = _get_row(session, name_or_id)
-        rows = repo.images_for_dataset(session, ds.id)
-        return suggest_group_patterns([im.original_name for im in rows], [im.label for im in rows])
+        rows = repo.image_names_and_labels(session, ds.id)
+        return suggest_group_patterns([name for name, _ in rows], [label for _, label in rows])
 
 
 # --- history and leakage, for pages, the CLI and the evaluation ----------------------------
