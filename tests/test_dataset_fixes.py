@@ -312,3 +312,57 @@ def test_datasets_page_fix_buttons_and_history(leaky: str) -> None:
     next(b for b in at.button if b.label == "Relabel").click().run()
     assert [e.value for e in at.error] == ["**Could not relabel the image.** leaky v2 has no image called "
                                            "'ghost.jpg'"]
+
+
+# --- the evaluation of a run on a dataset with known leakage --------------------------------
+
+def test_evaluation_reports_the_leakage_free_score(tmp_path_factory: pytest.TempPathFactory,
+                                                   tmp_path: Path) -> None:
+    """A real checkpoint evaluated on a copy of its dataset where 2 test images were also filed in
+    train: the normal score on all 12 test images, and beside it the score on the other 10."""
+    from test_export import shared_workspace
+
+    from core.evaluate import EvalItem, evaluate_model
+    from core.export import load_trained
+    from storage.models import Run
+    from workbench import dataset_fixes as fixes
+    from workbench import datasets
+    from workbench.evaluations import evaluate_run
+    from workbench.paths import RunPaths
+
+    ws = shared_workspace(tmp_path_factory)
+    src = tmp_path / "src"
+    shutil.copytree(ws.source, src)
+    leaked = sorted((src / "test").rglob("*.jpg"))[:2]
+    for f in leaked:
+        shutil.copy(f, src / "train" / f.parent.name / f"again_{f.name}")
+    info = datasets.add_dataset(src, f"leaky-eval-{tmp_path.name}", settings=ws.settings)
+    with ws.Session.begin() as s:
+        run = Run(dataset_id=info.id, variant="lite0", resolution=64, preset="test", status="succeeded", config={})
+        s.add(run)
+        s.flush()
+        rid = run.id
+        dst = RunPaths(ws.settings, rid).root / "best.pt"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ws.checkpoint, dst)
+        run.checkpoint_path = dst.relative_to(ws.settings.data_dir).as_posix()
+
+    m = evaluate_run(rid, settings=ws.settings, session_factory=ws.Session).metrics
+    clean = m["leakage_free"]
+    assert (m["n"], clean["n"], clean["excluded"]) == (12, 10, 2)
+    # The same figure as evaluating the model on the 10 clean test images alone.
+    tm = load_trained(ws.checkpoint)
+    classes = list(tm.classes)
+    items = [EvalItem(i.path, classes.index(i.label)) for i in datasets.dataset_images(info.id, "test",
+                                                                                      settings=ws.settings)
+             if i.original_name.rsplit("/", 1)[-1] not in {f.name for f in leaked}]
+    alone = evaluate_model(tm.model, tm.preprocessing, classes, items).metrics
+    assert len(items) == 10 and clean["accuracy"] == pytest.approx(alone["accuracy"])
+    assert fixes.leakage_free_sentence(m) == (
+        f"2 of 12 test images have a copy or near-copy among the training or validation images; on the other 10 "
+        f"the accuracy is {alone['accuracy']:.0%} (with them: {m['accuracy']:.0%}).")
+    # On the original, leak-free dataset no test image is flagged, and the page shows no sentence.
+    with ws.Session() as s:
+        flags = fixes.leaked_test_flags(s, ws.dataset_id)
+    assert len(flags) == 12 and not any(flags)
+    assert fixes.leakage_free_sentence({k: v for k, v in m.items() if k != "leakage_free"}) is None
