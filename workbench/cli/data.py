@@ -1,4 +1,4 @@
-"""`workbench data ...` commands: add, report, list, delete; and `workbench gc`.
+"""`workbench data ...` commands: add, report, list, delete (and fix, versions from cli/fix.py); and `workbench gc`.
 
 ``workbench.cli`` calls ``register(subparsers)`` and dispatches to ``args.func(args)``.
 Every handler returns an exit code: 0 ok, 2 bad input (message on stderr, no traceback).
