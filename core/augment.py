@@ -32,32 +32,37 @@ class UnknownPresetError(ValueError):
     pass
 
 
-def build_augment(preset: str, resolution: int, *, vertical_flip: bool = False) -> A.Compose:
+def build_augment(preset: str, resolution: int, *, vertical_flip: bool = False, strength: float = 1.0) -> A.Compose:
     """The albumentations pipeline for a named preset at a square ``resolution``.
 
     ``vertical_flip`` only matters for ``medical`` (``field`` always flips both ways).
+    ``strength`` scales the preset's ranges (zoom, rotation, brightness, colour): 1 is the
+    preset as described above, 0.5 half as strong (the Auto search tunes it).
     """
+    if not 0.0 <= strength <= 2.0:
+        raise ValueError(f"augmentation strength must be between 0 and 2, got {strength}")
+    k = float(strength)
     size = (int(resolution), int(resolution))
     if preset == "none":
         transforms: list[A.BasicTransform] = []
     elif preset == "medical":
         transforms = [
-            A.RandomResizedCrop(size=size, scale=(0.85, 1.0), ratio=(0.9, 1.11), p=1.0),
+            A.RandomResizedCrop(size=size, scale=(max(0.1, 1 - 0.15 * k), 1.0), ratio=(0.9, 1.11), p=1.0),
             A.HorizontalFlip(p=0.5),
             # Reflect, not black corners: a black wedge would be a new artefact to learn.
-            A.Affine(rotate=(-10, 10), border_mode=cv2.BORDER_REFLECT_101, p=0.5),
-            A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
+            A.Affine(rotate=(-10 * k, 10 * k), border_mode=cv2.BORDER_REFLECT_101, p=0.5),
+            A.RandomBrightnessContrast(brightness_limit=0.1 * k, contrast_limit=0.1 * k, p=0.5),
         ]
         if vertical_flip:
             transforms.insert(2, A.VerticalFlip(p=0.5))
     elif preset == "field":
         transforms = [
-            A.RandomResizedCrop(size=size, scale=(0.6, 1.0), ratio=(0.8, 1.25), p=1.0),
+            A.RandomResizedCrop(size=size, scale=(max(0.1, 1 - 0.4 * k), 1.0), ratio=(0.8, 1.25), p=1.0),
             A.HorizontalFlip(p=0.5),
             A.VerticalFlip(p=0.5),
             A.RandomRotate90(p=0.5),
-            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.7),
-            A.ColorJitter(brightness=0.0, contrast=0.0, saturation=0.2, hue=0.03, p=0.5),
+            A.RandomBrightnessContrast(brightness_limit=0.2 * k, contrast_limit=0.2 * k, p=0.7),
+            A.ColorJitter(brightness=0.0, contrast=0.0, saturation=0.2 * k, hue=0.03 * k, p=0.5),
         ]
     else:
         raise UnknownPresetError(f"Unknown augmentation preset {preset!r}; choose one of {list(PRESETS)}.")
@@ -71,10 +76,10 @@ class Augmenter:
     independent of how many images were augmented before.
     """
 
-    def __init__(self, preset: str, resolution: int, *, vertical_flip: bool = False):
+    def __init__(self, preset: str, resolution: int, *, vertical_flip: bool = False, strength: float = 1.0):
         self.preset = preset
         self.resolution = int(resolution)
-        self.pipeline = build_augment(preset, resolution, vertical_flip=vertical_flip)
+        self.pipeline = build_augment(preset, resolution, vertical_flip=vertical_flip, strength=strength)
 
     def __call__(self, image: np.ndarray, seed: int) -> np.ndarray:
         if self.preset == "none":

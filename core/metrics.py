@@ -219,3 +219,19 @@ def threshold_for_sensitivity(y_true_binary: Sequence[int] | np.ndarray, scores:
     spec = float((neg < t).mean())
     return {"target_sensitivity": float(target_sensitivity), "threshold": t, "sensitivity": sens,
             "specificity": spec, "positives": int(len(pos)), "negatives": int(len(neg))}
+
+
+def sensitivity_at_specificity(y_true_binary: Sequence[int] | np.ndarray, scores: np.ndarray,
+                               target_specificity: float = 0.95) -> float:
+    """The highest sensitivity (recall of the positive class) reachable by a threshold on
+    ``scores`` that keeps specificity >= ``target_specificity`` (the ROC curve, scikit-learn)."""
+    from sklearn.metrics import roc_curve
+
+    y = np.asarray(y_true_binary, dtype=np.int64)
+    if not 0.0 < target_specificity <= 1.0:
+        raise ValueError(f"target specificity must be in (0, 1], got {target_specificity}")
+    if y.min(initial=1) == y.max(initial=0):  # one class only: the curve is undefined
+        return float("nan")
+    fpr, tpr, _ = roc_curve(y, np.asarray(scores, dtype=np.float64))
+    ok = fpr <= 1.0 - target_specificity + 1e-12
+    return float(tpr[ok].max()) if ok.any() else 0.0

@@ -13,7 +13,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, inspect
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -111,6 +111,20 @@ class MigrationError(RuntimeError):
     """A migration left the database inconsistent; it was rolled back."""
 
 
+VERSION_TABLE = "workbench_alembic_version"  # storage/migrations/env.py says why not alembic_version
+
+
+def _adopt_legacy_version_table(conn: Connection) -> None:
+    """Databases made before the Auto search kept our revision in "alembic_version", which
+    Optuna's study storage needs for its own: move ours to VERSION_TABLE (same transaction)."""
+    tables = set(inspect(conn).get_table_names())
+    if "alembic_version" not in tables or VERSION_TABLE in tables:
+        return
+    versions = [r[0] for r in conn.exec_driver_sql("SELECT version_num FROM alembic_version")]
+    if versions and all(v[:4].isdigit() and v[4:5] == "_" for v in versions):  # "0002_autoincrement_ids"
+        conn.exec_driver_sql(f"ALTER TABLE alembic_version RENAME TO {VERSION_TABLE}")
+
+
 def _run_alembic(engine: Engine, action: str, revision: str) -> None:
     cfg = alembic_config(str(engine.url.render_as_string(hide_password=False)))
     sqlite = engine.dialect.name == "sqlite"
@@ -128,6 +142,7 @@ def _run_alembic(engine: Engine, action: str, revision: str) -> None:
                 cfg.attributes["connection"] = conn
                 if engine.dialect.name == "postgresql":  # released at commit/rollback
                     conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({PG_MIGRATION_LOCK})")
+                _adopt_legacy_version_table(conn)
                 getattr(command, action)(cfg, revision)
                 if sqlite:
                     broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()

@@ -162,6 +162,11 @@ class Run(Base):
     batch_label: Mapped[str | None] = mapped_column(String(200), nullable=True)
     train_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    # A trial of an Auto search: its search and Optuna trial number (None for a plain run).
+    search_id: Mapped[int | None] = mapped_column(
+        ForeignKey("searches.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    trial_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     dataset: Mapped[Dataset] = relationship(back_populates="runs")
     metrics: Mapped[list[RunMetric]] = relationship(
@@ -245,6 +250,39 @@ class Benchmark(Base):
     result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
+class Search(Base):
+    """An Auto search: its budget, state and time spent; trials are runs with ``search_id``.
+
+    The Optuna study (``study_name``) lives in Optuna's own tables in the same database."""
+
+    __tablename__ = "searches"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(20), default="queued")
+    study_name: Mapped[str] = mapped_column(String(100), unique=True)
+    objective: Mapped[str] = mapped_column(String(50))
+    device: Mapped[str] = mapped_column(String(100))
+    budget: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # core.recommend.Budget
+    time_budget_s: Mapped[float] = mapped_column(Float)
+    spent_s: Mapped[float] = mapped_column(Float, default=0.0)  # wall time of earlier sittings
+    seed: Mapped[int] = mapped_column(Integer, default=0)
+    max_trials: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    workers: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Plain ids, not foreign keys: runs already point here (no cycle); deleting a run clears them.
+    winner_run_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    bundle_artifact_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    dataset: Mapped[Dataset] = relationship()
+
+
 class Job(Base):
     __tablename__ = "jobs"
 
@@ -275,6 +313,7 @@ __all__ = [
     "Artifact",
     "Benchmark",
     "Job",
+    "Search",
     "utcnow",
     "UTCDateTime",
 ]

@@ -19,7 +19,7 @@ from conftest import REPO_ROOT, fresh_database, use_database
 from streamlit.testing.v1 import AppTest
 
 APP = REPO_ROOT / "workbench" / "app.py"
-PAGES = ["home", "datasets", "recommend", "train", "runs", "evaluate", "export", "predict", "settings"]
+PAGES = ["home", "datasets", "recommend", "auto", "train", "runs", "evaluate", "export", "predict", "settings"]
 TITLES = {p: p.capitalize() for p in PAGES} | {"home": "Workbench"}
 
 

@@ -33,7 +33,7 @@ from storage.models import (
 
 HEAD = "0005_dataset_versions"
 TABLES = {"datasets", "images", "runs", "run_metrics", "run_events", "evaluations",
-          "artifacts", "benchmarks", "jobs", "dataset_versions"}
+          "artifacts", "benchmarks", "jobs", "dataset_versions", "searches"}
 
 
 def _url(tmp_path: Path) -> str:
@@ -50,7 +50,7 @@ def db_url(tmp_path: Path) -> Iterator[str]:
 def _tables(url: str) -> set[str]:
     eng = make_engine(url)
     try:
-        return set(inspect(eng).get_table_names()) - {"alembic_version"}
+        return set(inspect(eng).get_table_names()) - {"workbench_alembic_version"}
     finally:
         eng.dispose()
 
@@ -61,8 +61,9 @@ def test_upgrade_from_empty_creates_schema_matching_models(db_url: str) -> None:
     assert _tables(url) == TABLES
     eng = make_engine(url)
     with eng.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == HEAD
+        opts = {"compare_type": True, "version_table": "workbench_alembic_version"}
+        diff = compare_metadata(MigrationContext.configure(conn, opts=opts), Base.metadata)
+        assert conn.execute(text("SELECT version_num FROM workbench_alembic_version")).scalar() == HEAD
     eng.dispose()
     assert diff == [], f"models and migrations drifted: {diff}"
 

@@ -31,6 +31,7 @@ SECTIONS: dict[str, list[tuple[str, str, str, str]]] = {
         ("recommend.py", "Recommend", ":material/recommend:", "recommend"),
     ],
     "Models": [
+        ("auto.py", "Auto", ":material/travel_explore:", "auto"),
         ("train.py", "Train", ":material/model_training:", "train"),
         ("runs.py", "Runs", ":material/leaderboard:", "runs"),
         ("evaluate.py", "Evaluate", ":material/analytics:", "evaluate"),

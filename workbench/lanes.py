@@ -30,6 +30,7 @@ LANE_OF_KIND: dict[JobKind, Lane] = {
     # Latency measurement shares the train lane: timings taken while a training holds the
     # cores would be inflated.
     JobKind.MEASURE: Lane.TRAIN,
+    JobKind.SEARCH: Lane.TRAIN,  # trains trials: the cores are its
     JobKind.INGEST: Lane.LIGHT,
     JobKind.EXPORT: Lane.LIGHT,
     JobKind.EVALUATE: Lane.LIGHT,

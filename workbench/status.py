@@ -14,6 +14,8 @@ class RunStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # An Auto search trial stopped early because it was unlikely to beat the others (resumable).
+    PRUNED = "pruned"
 
 
 class JobStatus(StrEnum):
@@ -34,6 +36,16 @@ class JobKind(StrEnum):
     EXPORT = "export"
     EVALUATE = "evaluate"
     PREDICT = "predict"
+    SEARCH = "search"
+
+
+class SearchStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"  # trials are training
+    FINALIZING = "finalizing"  # the finalists are exported, verified and tested; the bundle is built
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # resumable: the time not spent is still there
+    CANCELLED = "cancelled"  # resumable too
 
 
 class Lane(StrEnum):
@@ -44,9 +56,11 @@ class Lane(StrEnum):
 
 
 ACTIVE_RUN = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
-TERMINAL_RUN = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED})
-RESUMABLE_RUN = frozenset({RunStatus.FAILED, RunStatus.CANCELLED})
+TERMINAL_RUN = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.PRUNED})
+RESUMABLE_RUN = frozenset({RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.PRUNED})
+ACTIVE_SEARCH = frozenset({SearchStatus.QUEUED, SearchStatus.RUNNING, SearchStatus.FINALIZING})
+RESUMABLE_SEARCH = frozenset({SearchStatus.FAILED, SearchStatus.CANCELLED})
 ACTIVE_JOB = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
 TERMINAL_JOB = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 # Every terminal state of either (runs and jobs share these words).
-TERMINAL = frozenset(str(s) for s in TERMINAL_JOB)
+TERMINAL = frozenset(str(s) for s in TERMINAL_JOB | TERMINAL_RUN)

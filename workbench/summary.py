@@ -56,6 +56,12 @@ class RunSummary(TypedDict, total=False):
     # Why a step after training did not happen (the trained model is fine).
     evaluation_error: str
     postrun_error: str
+    # A trial of an Auto search: what it tried, its validation objective, its latency on the target.
+    search_params: dict[str, Any]
+    objective_value: float
+    target_latency_ms: float
+    target_latency_source: str
+    cache_reused: bool
 
 
 class BestMetrics(TypedDict, total=False):

@@ -26,7 +26,7 @@ from workbench import artifacts, datasets, views
 from workbench.datasets import DatasetInfo
 from workbench.jobs import friendly
 from workbench.settings import Settings, get_settings
-from workbench.status import JobStatus, RunStatus
+from workbench.status import JobStatus, RunStatus, SearchStatus
 from workbench.views import ImageSample
 
 log = logging.getLogger("workbench.ui")
@@ -164,6 +164,7 @@ STATUS_ICON: dict[str, str] = {
     RunStatus.QUEUED: ":material/schedule:", RunStatus.RUNNING: ":material/directions_run:",
     JobStatus.LEGACY_WORKING: ":material/directions_run:", RunStatus.SUCCEEDED: ":material/check_circle:",
     RunStatus.FAILED: ":material/error:", RunStatus.CANCELLED: ":material/block:",
+    RunStatus.PRUNED: ":material/content_cut:", SearchStatus.FINALIZING: ":material/fact_check:",
 }
 
 

@@ -49,7 +49,7 @@ from core.train.checkpoint import (
 from core.train.config import RECIPES, TrainConfig, make_config
 from core.train.context import TrainContext
 from core.train.data import SampleList, check_samples, class_weights, imbalance_policy, stratified_val
-from core.train.feature_cache import fill_cache, plan_cache, prefix_runner
+from core.train.feature_cache import FeatureStore, fill_cache, plan_cache, prefix_runner
 from core.train.loop import evaluate, train_one_epoch
 from core.train.phase_runner import planned_steps, run_phases
 from core.train.phases import Tail, plan_phases
@@ -69,12 +69,15 @@ def train(
     val_samples: SampleList | None = None,
     callback: Callback | None = None,
     resume: bool = False,
+    feature_store: FeatureStore | None = None,
 ) -> TrainResult:
     """Fine-tune ``variant`` (ImageNet weights) on ``train_samples``; checkpoints in ``run_dir``.
 
     ``val_samples``: model selection and early stopping; if None, a stratified
     ``config.val_fraction`` of the training samples is held out. ``resume``: continue from
     ``run_dir/last.pt`` if it exists (same config and seed give the same result).
+    ``feature_store``: decoded images and frozen-prefix activations shared with other runs of
+    this process (a search's trials); results are the same with or without it.
     Raises DataError / TrainingError with user-facing messages, TrainingCancelled on cancel.
     """
     cfg = config or TrainConfig()
@@ -89,9 +92,11 @@ def train(
     phases = plan_phases(cfg)
     if resume_state.start_phase >= len(phases):
         run.log("All phases already finished; nothing to train.")
-    ctx = _prepare_context(run, model, pre, base_variant, device, threads, samples, vals, balance)
+    images_key = (repr(pre), tuple(s.path for s in samples), tuple(s.path for s in vals))
+    ctx = _prepare_context(run, model, pre, base_variant, device, threads, samples, vals, balance,
+                           feature_store, images_key)
     plan = plan_cache(ctx, phases, resume_state.start_phase)
-    caches = fill_cache(ctx, plan)
+    caches = fill_cache(ctx, plan, feature_store, images_key)
     run.total_steps_plan = planned_steps(ctx, plan.remaining, resume_state.start_phase_epoch)
     if resume_state.checkpoint is not None:
         # Restore the RNG streams only now: decoding and caching above must not shift them
@@ -165,11 +170,15 @@ def _decode_images(run: Runner, pre: Preprocessing, samples: list[Sample], vals:
 
 
 def _prepare_context(run: Runner, model: EfficientNet, pre: Preprocessing, variant: str, device: torch.device,
-                     threads: int, samples: list[Sample], vals: list[Sample], balance: str) -> TrainContext:
-    """Model on its device, images decoded, losses built: everything the phases share."""
+                     threads: int, samples: list[Sample], vals: list[Sample], balance: str,
+                     store: FeatureStore | None = None, images_key: tuple = ()) -> TrainContext:
+    """Model on its device, images decoded (or shared), losses built: everything the phases share."""
     cfg = run.cfg
     amp_dtype, channels_last = _place_model(model, device, cfg.amp)
-    imgs_tr, imgs_va = _decode_images(run, pre, samples, vals, threads)
+    if store is None:
+        imgs_tr, imgs_va = _decode_images(run, pre, samples, vals, threads)
+    else:
+        imgs_tr, imgs_va = store.images(images_key, lambda: _decode_images(run, pre, samples, vals, threads))
     labels_tr = np.array([s.label for s in samples], dtype=np.int64)
     weight = None
     if balance == "loss":
@@ -178,7 +187,8 @@ def _prepare_context(run: Runner, model: EfficientNet, pre: Preprocessing, varia
         run=run, model=model, pre=pre, variant=variant, device=device, threads=threads, amp_dtype=amp_dtype,
         channels_last=channels_last, images_train=imgs_tr, images_val=imgs_va, labels_train=labels_tr,
         labels_val=torch.tensor([s.label for s in vals], dtype=torch.int64),
-        augmenter=Augmenter(cfg.augment, pre.resolution, vertical_flip=cfg.vertical_flip), balance=balance,
+        augmenter=Augmenter(cfg.augment, pre.resolution, vertical_flip=cfg.vertical_flip,
+                            strength=cfg.augment_strength), balance=balance,
         criterion=nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing),
         eval_criterion=nn.CrossEntropyLoss())  # plain loss: validation numbers comparable across runs
 
@@ -195,5 +205,5 @@ __all__ = [
     "TrainConfig", "RECIPES", "make_config", "Callback", "Progress", "TrainResult", "TrainedModel",
     "TrainingError", "TrainingCancelled", "DataError", "train", "train_one_epoch", "evaluate",
     "load_trained_model", "load_checkpoint", "retry_on_oom", "is_oom_error", "validation_metrics",
-    "plan_phases", "Tail", "stratified_val", "prefix_runner", "Runner",
+    "plan_phases", "Tail", "stratified_val", "prefix_runner", "Runner", "FeatureStore",
 ]

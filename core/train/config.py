@@ -16,6 +16,7 @@ class TrainConfig:
     strategy: Literal["staged", "full", "head"] = "staged"
     augment: str = "field"  # core.augment preset: medical | field | none
     vertical_flip: bool = False  # medical preset only
+    augment_strength: float = 1.0  # scales the preset's ranges (core.augment.build_augment)
     # Phase lengths (epochs). Early stopping may end a phase sooner.
     head_epochs: int = 10
     finetune_epochs: int = 6
@@ -43,7 +44,11 @@ class TrainConfig:
     balance: Literal["auto", "loss", "sampler", "none"] = "auto"
     imbalance_ratio: float = 3.0
     # Model selection / early stopping on validation macro-F1.
-    select_metric: Literal["macro_f1", "accuracy", "loss"] = "macro_f1"
+    select_metric: Literal["macro_f1", "accuracy", "loss", "sensitivity_at_specificity"] = "macro_f1"
+    # Two classes only: "sensitivity_at_specificity" selects on the sensitivity (recall of class
+    # ``positive_index``) reachable at this specificity on validation.
+    target_specificity: float = 0.95
+    positive_index: int = 1
     patience: int = 4
     ema: bool = False
     ema_decay: float = 0.99
@@ -70,6 +75,11 @@ class TrainConfig:
             raise ValueError(f"balance must be auto, loss, sampler or none, got {self.balance!r}")
         if self.cache_backend not in ("auto", "onnx", "torch"):
             raise ValueError(f"cache_backend must be auto, onnx or torch, got {self.cache_backend!r}")
+        if self.select_metric not in ("macro_f1", "accuracy", "loss", "sensitivity_at_specificity"):
+            raise ValueError(f"select_metric must be macro_f1, accuracy, loss or sensitivity_at_specificity, "
+                             f"got {self.select_metric!r}")
+        if not 0.0 < self.target_specificity <= 1.0:
+            raise ValueError(f"target_specificity must be in (0, 1], got {self.target_specificity}")
         if self.on_missing not in ("fail", "skip"):
             raise ValueError(f"on_missing must be fail or skip, got {self.on_missing!r}")
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -187,13 +189,34 @@ def build_cache(ctx: TrainContext, entries: Sequence[str], chunk: int = 32) -> C
             for j, e in enumerate(entries)}
 
 
-def fill_cache(ctx: TrainContext, plan: CachePlan) -> Cache:
-    """Build the planned cache (if any), with its cost in the run summary."""
+def activation_key(ctx: TrainContext, images_key: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What decides the frozen-prefix outputs besides the entry point and the number of views."""
+    cfg = ctx.cfg
+    return (images_key, ctx.variant, cfg.weights, cfg.augment, cfg.augment_strength, cfg.vertical_flip,
+            cfg.clean_view, cfg.seed)
+
+
+def fill_cache(ctx: TrainContext, plan: CachePlan, store: FeatureStore | None = None,
+               images_key: tuple[Any, ...] = ()) -> Cache:
+    """Build the planned cache (if any), or take it from ``store``; its cost in the run summary."""
     if not plan.entries:
         return {}
     run = ctx.run
     t_cache = time.perf_counter()
+    key = activation_key(ctx, images_key)
+    if store is not None:
+        def derive(x: torch.Tensor, source: str, entry: str) -> torch.Tensor:
+            return derive_activations(ctx.model, x, source, entry, ctx.device)
+        shared = store.lookup(key, plan.entries, ctx.cfg.cache_views, ctx.num_train, derive)
+        if shared is not None:
+            run.summary.update(cache_seconds=round(time.perf_counter() - t_cache, 2), cache_reused=True,
+                               cache_backend="shared")
+            run.log(f"Reused cached {', '.join(plan.entries)} activations from an earlier run of this search "
+                    f"({run.summary['cache_seconds']} s).")
+            return shared
     caches = build_cache(ctx, plan.entries)
+    if store is not None:
+        store.put(key, ctx.cfg.cache_views, caches, time.perf_counter() - t_cache)
     run.summary["cache_seconds"] = round(time.perf_counter() - t_cache, 2)
     run.summary["cache_mb"] = round(sum(a.numel() + b.numel() for a, b in caches.values()) * 4 / 2**20, 1)
     run.log(f"Cached {', '.join(plan.entries)} activations for {ctx.num_train} images x {ctx.cfg.cache_views} "
@@ -227,3 +250,95 @@ def phase_inputs(ctx: TrainContext, phase: PhaseSpec, caches: Cache,
     return (derive_activations(ctx.model, train_views, cache_entry, phase.entry, ctx.device),
             derive_activations(ctx.model, val, cache_entry, phase.entry, ctx.device))
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharing decoded images and cached activations between runs (a search's trials)
+# ---------------------------------------------------------------------------------------------
+def _tensor_mb(*tensors: torch.Tensor | np.ndarray) -> float:
+    return sum(t.nbytes if isinstance(t, np.ndarray) else t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+@dataclass
+class StoreStats:
+    image_hits: int = 0
+    image_misses: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    seconds_decoding: float = 0.0  # time spent filling the store, by kind
+    seconds_caching: float = 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: round(v, 2) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+
+
+class FeatureStore:
+    """Decoded images and frozen-prefix activations kept in memory across runs of one process.
+
+    Runs that share the variant, its weights, the resolution and preprocessing, the images, the
+    augmentation and the seed compute identical frozen-prefix outputs (views are seeded by
+    (seed, image, view)), so a search's trials that differ only in what they train reuse them.
+    A stored cache of K views serves any k <= K (view v of image i is row v*N+i), and a cache
+    at an earlier entry point serves a later one (derived through the still-frozen layers).
+    Least recently used entries go first when ``max_mb`` is exceeded.
+    """
+
+    def __init__(self, max_mb: float = 4096.0):
+        self.max_mb = float(max_mb)
+        self.stats = StoreStats()
+        self._images: OrderedDict[tuple[Any, ...], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._caches: OrderedDict[tuple[Any, ...], tuple[int, Cache]] = OrderedDict()
+
+    @property
+    def size_mb(self) -> float:
+        return (sum(_tensor_mb(a, b) for a, b in self._images.values())
+                + sum(_tensor_mb(a, b) for _, c in self._caches.values() for a, b in c.values()))
+
+    def _evict(self) -> None:
+        while self.size_mb > self.max_mb and (self._images or self._caches):
+            # Activations are the larger and cheaper-to-rebuild half: evict them first.
+            (self._caches if self._caches else self._images).popitem(last=False)
+
+    def images(self, key: tuple[Any, ...], decode: Callable[[], tuple[np.ndarray, np.ndarray]]
+               ) -> tuple[np.ndarray, np.ndarray]:
+        if key in self._images:
+            self.stats.image_hits += 1
+            self._images.move_to_end(key)
+            return self._images[key]
+        self.stats.image_misses += 1
+        t0 = time.perf_counter()
+        value = decode()
+        self.stats.seconds_decoding += time.perf_counter() - t0
+        self._images[key] = value
+        self._evict()
+        return value
+
+    def lookup(self, key: tuple[Any, ...], entries: Sequence[str], views: int, num_train: int,
+               derive: Callable[[torch.Tensor, str, str], torch.Tensor]) -> Cache | None:
+        """The activations at ``entries`` for ``views`` views, from a stored cache, or None."""
+        stored = self._caches.get(key)
+        if stored is None or stored[0] < views:
+            return None
+        have = stored[1]
+        out: Cache = {}
+        for e in entries:
+            earlier = [s for s in have if entry_position(s) <= entry_position(e)]
+            if not earlier:
+                return None
+            source = max(earlier, key=entry_position)
+            tr, va = have[source]
+            tr = tr[: views * num_train]
+            out[e] = (derive(tr, source, e), derive(va, source, e))
+        self._caches.move_to_end(key)
+        self.stats.cache_hits += 1
+        return out
+
+    def put(self, key: tuple[Any, ...], views: int, cache: Cache, seconds: float) -> None:
+        self.stats.cache_misses += 1
+        self.stats.seconds_caching += seconds
+        old = self._caches.get(key)
+        if old is not None and old[0] == views:  # keep every entry point either cache has
+            cache = {**old[1], **cache}
+        self._caches[key] = (views, cache)
+        self._caches.move_to_end(key)
+        self._evict()

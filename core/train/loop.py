@@ -12,11 +12,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from core.efficientnet import EfficientNet
-from core.metrics import validation_metrics
+from core.metrics import sensitivity_at_specificity, validation_metrics
 from core.train.callbacks import Callback, TrainingCancelled
 from core.train.config import TrainConfig
 from core.train.phases import PhaseSpec, param_groups
@@ -170,8 +171,12 @@ def train_one_epoch(
 
 @torch.inference_mode()
 def evaluate(tail: nn.Module, criterion: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
-             num_classes: int, device: torch.device, batch_size: int = 64) -> dict[str, Any]:
-    """Validation loss and metrics; the whole model in eval mode (eval BatchNorm, no dropout)."""
+             num_classes: int, device: torch.device, batch_size: int = 64, *,
+             target_specificity: float = 0.95, positive_index: int = 1) -> dict[str, Any]:
+    """Validation loss and metrics; the whole model in eval mode (eval BatchNorm, no dropout).
+
+    Two classes: also the sensitivity reachable at ``target_specificity`` (positive class
+    ``positive_index``), which a search may select on."""
     was_training = {m: m.training for m in tail.modules()}
     tail.eval()
     try:
@@ -183,6 +188,10 @@ def evaluate(tail: nn.Module, criterion: nn.Module, inputs: torch.Tensor, labels
     loss = float(criterion(logits, labels).item())
     out = validation_metrics(labels.numpy(), logits.argmax(1).numpy(), num_classes)
     out["loss"] = loss
+    if num_classes == 2:
+        positive = (labels.numpy() == positive_index).astype(np.int64)
+        score = torch.softmax(logits, 1)[:, positive_index].numpy()
+        out["sensitivity_at_specificity"] = sensitivity_at_specificity(positive, score, target_specificity)
     return out
 
 

@@ -91,7 +91,8 @@ def run_epoch(ctx: TrainContext, phase: PhaseSpec, phase_index: int, phase_epoch
         run.summary["micro_batch"] = step_ctx.micro_batch
     if optim.ema is not None:
         optim.ema.swap(ctx.model)
-    val = evaluate(tail, ctx.eval_criterion, x_val, ctx.labels_val, ctx.num_classes, ctx.device)
+    val = evaluate(tail, ctx.eval_criterion, x_val, ctx.labels_val, ctx.num_classes, ctx.device,
+                   target_specificity=cfg.target_specificity, positive_index=cfg.positive_index)
     improved = is_better(val, run.best["metrics"] if run.best else None, cfg.select_metric)
     record = {"epoch": step_ctx.epoch, "phase": phase.name, "phase_epoch": phase_epoch + 1,
               "train_loss": train_stats["loss"], "train_accuracy": train_stats["accuracy"],
@@ -99,6 +100,8 @@ def run_epoch(ctx: TrainContext, phase: PhaseSpec, phase_index: int, phase_epoch
               "val_balanced_accuracy": val["balanced_accuracy"], "lr": optim.lr,
               "epoch_seconds": round(time.perf_counter() - t_epoch, 3),
               "images_per_s": round(train_stats["images_per_s"], 1)}
+    if "sensitivity_at_specificity" in val:
+        record["val_sensitivity_at_specificity"] = val["sensitivity_at_specificity"]
     run.history.append(record)
     if improved:
         run.best = {"epoch": step_ctx.epoch, "phase": phase.name, "metrics": val}

@@ -11,10 +11,16 @@ config = context.config
 target_metadata = Base.metadata
 
 
+# Our own version table: Optuna's study storage (the Auto search) keeps its schema version in
+# the default "alembic_version" of the same database.
+VERSION_TABLE = "workbench_alembic_version"
+
+
 def _configure_and_run(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
+        version_table=VERSION_TABLE,
         # SQLite cannot ALTER most things: batch mode rebuilds tables instead.
         render_as_batch=True,
         compare_type=True,
@@ -29,6 +35,7 @@ def run_migrations_offline() -> None:
         target_metadata=target_metadata,
         literal_binds=True,
         render_as_batch=True,
+        version_table=VERSION_TABLE,
     )
     with context.begin_transaction():
         context.run_migrations()

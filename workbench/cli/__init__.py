@@ -4,14 +4,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from workbench.cli import data, export, recommend, train, ui
+from workbench.cli import auto, data, export, recommend, train, ui
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench",
                                      description="Transfer-learning workbench for image classification.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for area in (data, recommend, train, export, ui):
+    for area in (data, recommend, train, auto, export, ui):
         area.register(sub)
     return parser
 

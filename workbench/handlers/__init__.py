@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
-from workbench.handlers import postrun, tasks, train
+from workbench.handlers import postrun, search, tasks, train
 from workbench.jobs import Handler
 from workbench.status import JobKind
 
@@ -32,6 +32,7 @@ HANDLERS: dict[JobKind, HandlerSpec] = {
     JobKind.EXPORT: HandlerSpec(postrun.handle_export),
     JobKind.EVALUATE: HandlerSpec(postrun.handle_evaluate),
     JobKind.PREDICT: HandlerSpec(tasks.handle_predict),
+    JobKind.SEARCH: HandlerSpec(search.handle_search, on_orphan=search.on_orphan),
 }
 
 

@@ -83,7 +83,8 @@ class DbCallback(Callback):
         return self.cancelled_by_user
 
 
-def _samples(s: Session, ds: Dataset, settings: Settings, split: str) -> list[tuple[str, int]]:
+def samples_of(s: Session, ds: Dataset, settings: Settings, split: str) -> list[tuple[str, int]]:
+    """(image file, class index) of one split, as core.train takes them."""
     index = {c: i for i, c in enumerate(ds.classes)}
     return [(str(resolve_in_data_dir(im.store_path, settings.data_dir)), index[im.label])
             for im in repo.images_for_dataset(s, ds.id, split) if im.label in index]
@@ -103,7 +104,8 @@ def _fail(ctx: JobContext, run_id: int, msg: str, level: str = "error", data: di
     return JobOutcome(JobStatus.FAILED, msg)
 
 
-def _record_success(ctx: JobContext, run_id: int, result: Any) -> dict[str, Any]:
+def record_success(ctx: JobContext, run_id: int, result: Any) -> dict[str, Any]:
+    """The trained run's status, best checkpoint, validation metrics and summary; its best metrics."""
     best = dict(result.best["metrics"])
     best_metrics: BestMetrics = {"epoch": result.best["epoch"], "phase": result.best["phase"],
                                  "accuracy": best["accuracy"], "macro_f1": best["macro_f1"],
@@ -132,8 +134,8 @@ def _start(ctx: JobContext, run_id: int) -> tuple[dict[str, Any], JobOutcome | N
             run.status, run.finished_at = RunStatus.CANCELLED, utcnow()
             return {}, JobOutcome(JobStatus.CANCELLED)
         ds = run.dataset
-        todo = {"classes": list(ds.classes), "train": _samples(s, ds, ctx.settings, "train"),
-                "val": _samples(s, ds, ctx.settings, "val"), "cfg": TrainConfig.from_dict(run.config or {}),
+        todo = {"classes": list(ds.classes), "train": samples_of(s, ds, ctx.settings, "train"),
+                "val": samples_of(s, ds, ctx.settings, "val"), "cfg": TrainConfig.from_dict(run.config or {}),
                 "variant": run.variant, "resolution": run.resolution}
         run.status, run.worker_pid, run.error = RunStatus.RUNNING, os.getpid(), None
         run.started_at = run.started_at or utcnow()
@@ -166,7 +168,7 @@ def handle_train(ctx: JobContext) -> JobOutcome:
     except Exception as exc:  # noqa: BLE001 - record, then let the job fail
         return _fail(ctx, run_id, f"Training crashed: {type(exc).__name__}: {exc}", "error",
                      {"traceback": traceback.format_exc()[-4000:]})
-    best = _record_success(ctx, run_id, result)
+    best = record_success(ctx, run_id, result)
     ctx.event(f"Training finished in {result.train_seconds:.0f} s: best val accuracy {best['accuracy']:.3f}, "
               f"macro-F1 {best['macro_f1']:.3f} (epoch {result.best['epoch']}).")
     if ctx.payload.get("postrun", True):

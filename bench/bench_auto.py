@@ -1,0 +1,238 @@
+"""Auto search benchmark: what `workbench auto` delivers vs the recommender's pick vs a plain timm
+fine-tune, per shared dataset and seed, through the product's own code path.
+
+    .venv/bin/python bench/bench_auto.py [--datasets beans rice_leaf_ph mednist_3k hymenoptera] \
+        [--seeds 0 1 2] [--time 10m] [--out bench/results_auto.md]
+
+For each dataset and seed, in a throw-away data dir: the dataset is ingested with the service the
+CLI uses (same split rules, split seed = the run seed), then
+  (a) `auto`: searches.start_search(..., device="this-machine", time_budget) run by the train-lane
+      worker exactly as `workbench auto DATASET --time 10m` does; the winner's test macro-F1;
+  (b) the recommender's first pick for this machine, trained with the default recipe through
+      runs.queue_training + the same worker (as `workbench train --variant PICK`);
+  (c) a plain timm fine-tune of tf_efficientnet_lite0 with the same offline ImageNet weights on the
+      same train split: one frozen epoch then three unfrozen at 224 px, AdamW, one-cycle, label
+      smoothing 0.1, batch 32, RandomResizedCrop + flip; evaluated on the same test split.
+Reported: test macro-F1 and accuracy (mean, sd over seeds), wall time, and for (a) how much of the
+search went to decoding and caching vs training, and the trials run / pruned. The machine load
+before each contender is recorded (time only on an otherwise idle machine).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED = REPO.parent / "shared" / "datasets"
+
+
+def _use_data_dir(d: Path) -> None:
+    from storage.db import reset_sessionmakers
+
+    os.environ["WORKBENCH_DATA_DIR"] = str(d)
+    os.environ.pop("DATABASE_URL", None)
+    reset_sessionmakers()
+
+
+def _wait(pred: Any, timeout: float, poll: float = 2.0) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(poll)
+    raise TimeoutError("gave up waiting")
+
+
+def _test_metrics(run_id: int) -> dict[str, float]:
+    from workbench import runs
+
+    sm = runs.get_run(run_id).summary
+    return {"macro_f1": float(sm.get("test_macro_f1", float("nan"))),
+            "accuracy": float(sm.get("test_accuracy", float("nan")))}
+
+
+def run_auto(name: str, seed: int, budget: str) -> dict[str, Any]:
+    from workbench import searches
+
+    t0 = time.perf_counter()
+    info = searches.start_search(name, time_budget=budget, seed=seed)
+    info = _wait(lambda: (lambda i: i if not i.active else None)(searches.get_search(info.id)),
+                 timeout=searches.parse_duration(budget) + 1800)
+    wall = time.perf_counter() - t0
+    if info.winner_run_id is None:
+        return {"error": info.error or info.status, "wall_s": wall}
+    cache = info.summary.get("cache", {})
+    trial_s = sum(t.seconds or 0 for t in info.trials)
+    return {**_test_metrics(info.winner_run_id), "wall_s": wall, "spent_s": info.spent_s,
+            "winner": next(t.model for t in info.trials if t.winner), "trials": len(info.trials),
+            "pruned": sum(t.status == "pruned" for t in info.trials),
+            "decode_s": cache.get("seconds_decoding", 0.0), "cache_s": cache.get("seconds_caching", 0.0),
+            "train_s": max(0.0, trial_s - cache.get("seconds_decoding", 0.0) - cache.get("seconds_caching", 0.0)),
+            "finalize_s": info.summary.get("finalize_seconds")}
+
+
+def run_recommended(name: str, seed: int) -> dict[str, Any]:
+    from workbench import recommend, runs
+    from workbench.status import TERMINAL_RUN
+
+    rec = recommend.recommend_for({"device": "this-machine"}, check_hub=False)
+    pick = rec["recommended"]["key"]
+    variant, _, res = pick.partition("@")
+    t0 = time.perf_counter()
+    [rid] = runs.queue_training(name, [variant], resolution=int(res) if res else None, recipe="default",
+                                overrides={"seed": seed})
+    _wait(lambda: runs.get_run(rid).status in TERMINAL_RUN and runs.get_run(rid).summary.get("test_accuracy")
+          is not None, timeout=7200)
+    return {**_test_metrics(rid), "wall_s": time.perf_counter() - t0, "pick": pick}
+
+
+def run_timm(name: str, seed: int) -> dict[str, Any]:
+    import numpy as np
+    import timm
+    import torch
+    import torchvision.transforms as T
+    from sklearn.metrics import f1_score
+    from torch.utils.data import DataLoader, Dataset
+
+    from core.images import load_rgb
+    from core.preprocessing import preprocess
+    from core.weights import create_model
+    from storage import repositories as repo
+    from storage.artifacts import resolve_in_data_dir
+    from storage.db import get_sessionmaker
+    from workbench.settings import get_settings
+
+    st = get_settings()
+    with get_sessionmaker(st.database_url)() as s:
+        ds = repo.get_dataset_by_name_or_id(s, name)
+        index = {c: i for i, c in enumerate(ds.classes)}
+        split = {sp: [(str(resolve_in_data_dir(im.store_path, st.data_dir)), index[im.label])
+                      for im in repo.images_for_dataset(s, ds.id, sp)] for sp in ("train", "test")}
+        classes = list(ds.classes)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    loaded = create_model("lite0", len(classes), resolution=224)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=len(classes))
+    model.load_state_dict(loaded.model.state_dict(), strict=False)
+    pre = loaded.preprocessing
+    tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(pre.mean, pre.std)])
+    tr = split["train"]
+
+    class Folder(Dataset):
+        def __len__(self) -> int:
+            return len(tr)
+
+        def __getitem__(self, i: int) -> Any:
+            return tf(load_rgb(tr[i][0])), tr[i][1]
+
+    loader = DataLoader(Folder(), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    crit = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    def epochs(n: int, params: Any) -> None:
+        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=n * len(loader))
+        model.train()
+        for _ in range(n):
+            for x, y in loader:
+                opt.zero_grad()
+                crit(model(x), y).backward()
+                opt.step()
+                sched.step()
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.get_classifier().parameters():
+        p.requires_grad_(True)
+    epochs(1, model.get_classifier().parameters())
+    for p in model.parameters():
+        p.requires_grad_(True)
+    epochs(3, model.parameters())
+    wall = time.perf_counter() - t0
+    model.eval()
+    preds = []
+    with torch.inference_mode():
+        for i in range(0, len(split["test"]), 32):
+            x = torch.from_numpy(np.stack([preprocess(load_rgb(p), pre) for p, _ in split["test"][i:i + 32]]))
+            preds += model(x).argmax(1).tolist()
+    y = [lab for _, lab in split["test"]]
+    return {"macro_f1": float(f1_score(y, preds, average="macro")),
+            "accuracy": float(np.mean(np.array(preds) == np.array(y))), "wall_s": wall}
+
+
+def _fmt(vals: list[float], pct: bool = True) -> str:
+    vals = [v for v in vals if v == v]
+    if not vals:
+        return "-"
+    k = 100 if pct else 1
+    sd = statistics.stdev(vals) * k if len(vals) > 1 else 0.0
+    return f"{statistics.mean(vals) * k:.1f} ± {sd:.1f}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--datasets", nargs="+", default=["beans", "rice_leaf_ph", "mednist_3k", "hymenoptera"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--time", default="10m")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["auto", "recommended", "timm"])
+    ap.add_argument("--out", default=str(REPO / "bench" / "results_auto.md"))
+    args = ap.parse_args()
+    from core.latency import machine_id
+    from tests.conftest import stop_workers
+    from workbench import datasets
+
+    rows: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for name in args.datasets:
+        for seed in args.seeds:
+            with tempfile.TemporaryDirectory(prefix="wb-bench-auto-") as tmp:
+                d = Path(tmp) / "data"
+                d.mkdir()
+                _use_data_dir(d)
+                datasets.add_dataset(SHARED / name, name, seed=seed)
+                for kind in ("auto", "recommended", "timm"):
+                    if kind in args.skip:
+                        continue
+                    load = os.getloadavg()[0]
+                    out = (run_auto(name, seed, args.time) if kind == "auto" else
+                           run_recommended(name, seed) if kind == "recommended" else run_timm(name, seed))
+                    result = {**out, "load_before": round(load, 2), "seed": seed}
+                    print(name, kind, result, flush=True)
+                    rows.setdefault(name, {}).setdefault(kind, []).append(result)
+                stop_workers(d)
+    lines = [f"# Auto search benchmark ({time.strftime('%Y-%m-%d')})", "",
+             f"Machine: {machine_id()}; budget {args.time}; seeds {args.seeds}; command: "
+             f"`python bench/bench_auto.py --datasets {' '.join(args.datasets)} --seeds "
+             f"{' '.join(map(str, args.seeds))} --time {args.time}`", "",
+             "| dataset | contender | test macro-F1 % | test accuracy % | wall time s | notes |",
+             "|---|---|---|---|---|---|"]
+    for name, kinds in rows.items():
+        for kind, res in kinds.items():
+            note = ""
+            if kind == "auto":
+                note = (f"trials {statistics.mean(r.get('trials', 0) for r in res):.1f}, pruned "
+                        f"{statistics.mean(r.get('pruned', 0) for r in res):.1f}; decoding "
+                        f"{statistics.mean(r.get('decode_s', 0) for r in res):.0f} s, caching "
+                        f"{statistics.mean(r.get('cache_s', 0) for r in res):.0f} s, training "
+                        f"{statistics.mean(r.get('train_s', 0) for r in res):.0f} s; winners "
+                        + ", ".join(str(r.get("winner")) for r in res))
+            elif kind == "recommended":
+                note = "pick " + ", ".join(str(r.get("pick")) for r in res)
+            lines.append(f"| {name} | {kind} | {_fmt([r.get('macro_f1', float('nan')) for r in res])} | "
+                         f"{_fmt([r.get('accuracy', float('nan')) for r in res])} | "
+                         f"{_fmt([r['wall_s'] for r in res], pct=False)} | {note} |")
+    lines += ["", "Load average before each contender: "
+              + ", ".join(f"{r['load_before']}" for k in rows.values() for v in k.values() for r in v)]
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""The Auto search: its space (budget, weights, image sizes), its objective, the shared feature
+cache, every bad input, and real searches through the CLI and the worker: trials are runs, the
+test split is touched by the finalists only, a killed search resumes, two searches queue."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+from helpers_train import write_images
+
+from core.recommend import Budget
+from core.search import (
+    Objective,
+    SearchError,
+    TrialPoint,
+    architecture_space,
+    choose_finalists,
+    data_resolution_cap,
+    pareto_front,
+    search_resolutions,
+)
+from core.train import FeatureStore, make_config, train
+from tests.conftest import stop_workers, wait_for, worker_processes
+
+MED_CLASSES = ("AbdomenCT", "CXR", "Hand")
+
+
+# ---------------------------------------------------------------------------------------------
+# The space, the objective, selection (pure)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sizes, cap", [([(105, 100)] * 5, 128), ([(64, 64)] * 3, 96), ([(500, 375)] * 4, 384),
+                                        ([(28, 28), (30, 30), (2000, 1500)], 96)])
+def test_data_resolution_cap_follows_the_median_shorter_side(sizes, cap) -> None:
+    assert data_resolution_cap(sizes) == cap
+
+
+@pytest.mark.parametrize("native, cap, expected", [
+    (224, 512, [224, 192, 160, 128]),  # down to half the native size
+    (260, 512, [260, 224, 192, 160]),  # 256 is within 16 px of 260: the same model in practice
+    (224, 128, [128]),  # 100 px images: never start at 224
+    (224, 96, [96]),  # tiny images: below half the native size, not below 96
+])
+def test_search_resolutions_from_native_down_to_what_the_data_supports(native, cap, expected) -> None:
+    assert search_resolutions(native, cap) == expected
+
+
+def test_space_has_only_models_with_weights_that_fit_at_supported_sizes() -> None:
+    space = architecture_space(Budget(device="this-machine"), [(100, 100)] * 5)
+    assert space.choices and all(c.resolution <= 128 for c in space.choices)
+    assert {c.variant for c in space.choices} <= {"lite0", "lite1", "lite2"}  # the offline weights
+    no_lite2 = architecture_space(Budget(device="this-machine"), [(100, 100)] * 5,
+                                  weights={"lite0": True, "lite1": True, "lite2": False, "b0": False})
+    assert "lite2" not in {c.variant for c in no_lite2.choices}
+
+
+@pytest.mark.parametrize("budget, words", [
+    (Budget(device="rpi4", latency_ms=1), ["latency limit", "Closest: lite0@"]),
+    (Budget(device="this-machine", size_mb=1), ["file-size limit", "Closest"]),
+])
+def test_a_budget_nothing_fits_names_the_limit_and_the_nearest_model(budget, words) -> None:
+    with pytest.raises(SearchError) as err:
+        architecture_space(budget, [(500, 500)] * 4)
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_no_reachable_weights_is_refused_not_trained_from_scratch() -> None:
+    with pytest.raises(SearchError, match="No pretrained weights"):
+        architecture_space(Budget(), [(224, 224)], weights={"lite0": False, "b0": False})
+
+
+@pytest.mark.parametrize("text, metric, spec", [("macro-f1", "macro_f1", 0.95), (None, "macro_f1", 0.95),
+                                                ("sensitivity@spec0.9", "sensitivity_at_specificity", 0.9)])
+def test_objective_parses(text, metric, spec) -> None:
+    o = Objective.parse(text)
+    assert (o.metric, o.target_specificity) == (metric, spec)
+    assert Objective.parse(o.text) == o
+
+
+@pytest.mark.parametrize("text", ["accuracy", "sensitivity@spec", "sensitivity@spec1.5", "sensitivity@specabc"])
+def test_bad_objectives_are_refused(text) -> None:
+    with pytest.raises(SearchError):
+        Objective.parse(text)
+
+
+def test_pareto_front_and_finalists() -> None:
+    pts = [TrialPoint(1, 0.90, 10.0), TrialPoint(2, 0.95, 30.0), TrialPoint(3, 0.85, 12.0),
+           TrialPoint(4, 0.97, 80.0), TrialPoint(5, 0.97, 60.0)]
+    assert [p.key for p in pareto_front(pts)] == [1, 2, 5]
+    winner, finalists = choose_finalists(pts, n=3)
+    assert winner is not None and winner.key == 5  # best validation, the faster of the tie
+    assert [p.key for p in finalists] == [5, 1, 2]
+    assert choose_finalists([]) == (None, [])
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared feature cache: reused, and the result does not change
+# ---------------------------------------------------------------------------------------------
+def test_trials_sharing_variant_and_views_reuse_the_cache_with_identical_results(tmp_path: Path) -> None:
+    samples = write_images(tmp_path / "imgs", [8, 8])
+    val, train_s = samples[:2] + samples[8:10], samples[2:8] + samples[10:]
+    cfg = make_config("quick", head_epochs=2, finetune_epochs=1, unfreeze_stages=1, cache_views=2, batch_size=4,
+                      head_batch_size=8, num_threads=2)
+    store = FeatureStore()
+    first = train(train_s, ["a", "b"], "lite0", tmp_path / "r1", cfg, resolution=64, val_samples=val,
+                  feature_store=store)
+    fewer_views = dataclasses.replace(cfg, cache_views=1)
+    second = train(train_s, ["a", "b"], "lite0", tmp_path / "r2", fewer_views, resolution=64, val_samples=val,
+                   feature_store=store)
+    assert not first.summary.get("cache_reused") and second.summary["cache_reused"]
+    assert store.stats.cache_hits == 1 and store.stats.image_hits == 1
+    # With the same views, a stored cache gives the very tensors a fresh one would (views are seeded).
+    key = next(iter(store._caches))
+    entries = list(store._caches[key][1])
+    one_view = store.lookup(key, entries, 1, len(train_s), lambda x, _s, _e: x)
+    assert one_view is not None and all(len(tr) == len(train_s) for tr, _ in one_view.values())
+    assert store.lookup(key, entries, 3, len(train_s), lambda x, _s, _e: x) is None  # more views: recompute
+    third = train(train_s, ["a", "b"], "lite0", tmp_path / "r3", cfg, resolution=64, val_samples=val)
+    def strip(history: list[dict]) -> list[dict]:
+        return [{k: v for k, v in h.items() if k not in ("epoch_seconds", "images_per_s")} for h in history]
+    assert strip(first.history) == strip(third.history)  # the store changes nothing in the result
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the service and the CLI, on real images
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def med(data_dir: Path, shared_datasets: Path, tmp_path: Path) -> str:
+    """42 real MedNIST images (64 px, three classes) ingested as dataset 'med'."""
+    from workbench import datasets
+
+    src = tmp_path / "med"
+    for cls in MED_CLASSES:
+        (src / cls).mkdir(parents=True)
+        for f in sorted((shared_datasets / "mednist_3k" / cls).iterdir())[:14]:
+            shutil.copy(f, src / cls / f.name)
+    datasets.add_dataset(src, "med")
+    return "med"
+
+
+def _cli(*args: str) -> int:
+    from workbench.cli import main
+
+    return main(list(args))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nope", "--time", "5m"], "No dataset named 'nope'"),
+    (["med", "--time", "5s"], "too short"),
+    (["med", "--time", "ten minutes"], "Cannot read the time"),
+    (["med", "--device", "rpi4", "--latency-ms", "1"], "the latency limit excludes every model"),
+    (["med", "--objective", "sensitivity@spec0.95"], "needs exactly two classes"),
+    (["med", "--device", "toaster"], "toaster"),
+    (["med", "--latency-ms", "-5"], "latency_ms must be a positive number"),
+])
+def test_bad_search_requests_say_why_and_queue_nothing(med: str, capsys, args, message) -> None:
+    from workbench import searches
+
+    assert _cli("auto", *args) == 2
+    assert message in capsys.readouterr().err
+    assert searches.list_searches() == []
+
+
+def test_a_dataset_too_small_to_split_is_refused(data_dir: Path, shared_datasets: Path, tmp_path: Path,
+                                                 capsys) -> None:
+    from workbench import datasets
+
+    src = tmp_path / "tiny"
+    for cls in MED_CLASSES[:2]:
+        (src / cls).mkdir(parents=True)
+        for f in sorted((shared_datasets / "mednist_3k" / cls).iterdir())[:2]:
+            shutil.copy(f, src / cls / f.name)
+    datasets.add_dataset(src, "tiny")
+    assert _cli("auto", "tiny", "--time", "5m") == 2
+    err = capsys.readouterr().err
+    assert "too small to search" in err or "no validation images" in err, err
+
+
+@pytest.mark.slow
+def test_two_searches_queue_on_one_worker_and_each_delivers_a_tested_winner_and_a_bundle(med: str,
+                                                                                           data_dir: Path) -> None:
+    from sqlalchemy import select
+
+    from core.bundle import open_bundle
+    from storage.db import get_sessionmaker
+    from storage.models import Evaluation, Run
+    from workbench import searches
+    from workbench.artifacts import artifact_for_download
+    from workbench.settings import get_settings
+    from workbench.status import RunStatus, SearchStatus
+
+    first = searches.start_search(med, time_budget="4m", max_trials=2, size_mb=15)  # lite0 only: quick trials
+    second = searches.start_search(med, time_budget="4m", max_trials=1, size_mb=15, seed=1)
+    try:
+        for sid in (first.id, second.id):
+            wait_for(lambda sid=sid: not searches.get_search(sid).active, timeout=600, poll=1.0,
+                     what=f"search {sid} to end")
+    finally:
+        stop_workers(data_dir)
+    a, b = searches.get_search(first.id), searches.get_search(second.id)
+    assert (a.status, b.status) == (SearchStatus.SUCCEEDED, SearchStatus.SUCCEEDED), (a.error, b.error)
+    assert a.spent_s <= a.time_budget_s + 60  # inside the budget (plus at most one epoch's overrun)
+    # At most the 2 trials asked for (fewer if the first used the time), lite0 only (the size limit).
+    assert 1 <= len(a.trials) <= 2 and all(t.model.startswith("lite0@") for t in a.trials)
+    winner = next(t for t in a.trials if t.winner)
+    assert winner.run_id == a.winner_run_id and winner.test_accuracy is not None
+    assert a.summary["winner_latency"]["source"].startswith("measured on this machine")
+    assert set(a.summary["pareto"]) <= {t.run_id for t in a.trials}
+    # Honest selection: only finalists were ever evaluated on the test split.
+    sf = get_sessionmaker(get_settings().database_url)
+    with sf() as s:
+        evaluated = set(s.scalars(select(Evaluation.run_id)))
+        statuses = {r.id: r.status for r in s.scalars(select(Run).where(Run.search_id == first.id))}
+    assert evaluated & set(statuses) == set(a.summary["finalists"])
+    assert all(st in (RunStatus.SUCCEEDED, RunStatus.PRUNED) for st in statuses.values())
+    bundle = open_bundle(artifact_for_download(a.bundle_artifact_id), key=get_settings().bundle_key)
+    assert bundle.labels == list(MED_CLASSES)
+    # The CLI reads it back, and deleting the search deletes its trial runs.
+    assert _cli("auto", "--follow", str(first.id)) == 0
+    assert set(searches.delete_search(first.id)) == set(statuses)
+    with sf() as s:
+        assert s.scalars(select(Run).where(Run.id.in_(list(statuses)))).all() == []
+
+
+@pytest.mark.slow
+def test_a_search_whose_worker_is_killed_resumes_and_reruns_the_cut_trial(med: str, data_dir: Path) -> None:
+    import optuna
+
+    from workbench import searches, worker
+    from workbench.status import SearchStatus
+
+    info = searches.start_search(med, time_budget="5m", max_trials=2, size_mb=15)
+
+    def training() -> bool:
+        from workbench import runs
+
+        t = searches.get_search(info.id).trials
+        return bool(t) and bool(runs.run_metrics(t[0].run_id))
+    try:
+        wait_for(training, timeout=300, what="the first trial's first epoch")
+        for proc in worker_processes(data_dir):
+            os.kill(proc.pid, signal.SIGKILL)
+        wait_for(lambda: not worker_processes(data_dir), timeout=30, what="the worker to die")
+        worker.reconcile()
+        dead = searches.get_search(info.id)
+        assert dead.status == SearchStatus.FAILED and dead.resumable and "died" in (dead.error or "")
+        assert dead.trials[0].status == "failed"
+        searches.resume_search(info.id)
+        wait_for(lambda: not searches.get_search(info.id).active, timeout=600, poll=1.0, what="the resumed search")
+    finally:
+        stop_workers(data_dir)
+    done = searches.get_search(info.id)
+    assert done.status == SearchStatus.SUCCEEDED, done.error
+    study = optuna.load_study(study_name=f"workbench-search-{info.id:05d}", storage=os.environ.get(
+        "DATABASE_URL") or f"sqlite:///{data_dir / 'workbench.db'}")
+    states = [t.state for t in study.trials]
+    assert states[0] == optuna.trial.TrialState.FAIL  # the trial cut off by the kill is marked...
+    rerun = [t for t in study.trials if t.user_attrs.get("rerun_of") == 0]
+    assert rerun and rerun[0].params == study.trials[0].params  # ...and its settings were tried again
+
+
+@pytest.mark.slow
+def test_auto_page_refuses_an_impossible_budget_then_starts_and_stops_a_search(med: str, data_dir: Path) -> None:
+    from test_pages import open_page
+
+    from workbench import searches
+    from workbench.status import SearchStatus
+
+    at = open_page("auto")
+    assert not at.exception and at.title[0].value == "Auto"
+    at.selectbox(key="auto_device").set_value("rpi4")
+    at.number_input(key="auto_latency").set_value(1.0)
+    at.button[0].click().run()
+    assert any("Nothing fits" in e.value and "latency limit" in e.value for e in at.error)
+    assert searches.list_searches() == []
+    at.selectbox(key="auto_device").set_value("this-machine")
+    at.number_input(key="auto_latency").set_value(0.0)
+    at.slider(key="auto_time").set_value(3)
+    at.button[0].click().run()
+    try:
+        [found] = searches.list_searches()
+        assert found.time_budget_s == 180 and found.device == "this-machine"
+        assert any(f"Search {found.id}" in m.value for m in at.markdown)
+        stop = next(b for b in at.button if b.label == "Stop")
+        stop.click().run()
+        wait_for(lambda: not searches.get_search(found.id).active, timeout=120, what="the search to stop")
+        stopped = searches.get_search(found.id)
+        assert stopped.status == SearchStatus.CANCELLED and stopped.resumable
+    finally:
+        stop_workers(data_dir)
