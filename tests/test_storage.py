@@ -12,7 +12,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from conftest import fresh_database, on_postgresql, sqlite_only
-from sqlalchemy import inspect, select, text
+from sqlalchemy import insert, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from storage import repositories as repo
@@ -29,6 +29,7 @@ from storage.models import (
     Run,
     RunEvent,
     RunMetric,
+    utcnow,
 )
 
 HEAD = "0005_dataset_versions"
@@ -124,15 +125,17 @@ def _populate(sm) -> int:  # type: ignore[no-untyped-def]
                  mode="RGB", label=lbl, split="train", group=None, original_name=f"{lbl}/x.png")
             for lbl in ("a", "b")
         ])
-        run = Run(dataset_id=ds.id, variant="efficientnet_b0", resolution=224, preset="fast")
-        s.add(run)
-        s.flush()
+        # Core insert naming only the first revision's columns: this also fills databases made by
+        # older revisions, which lack the columns added since (runs.search_id...).
+        run_id = s.execute(insert(Run.__table__).values(
+            dataset_id=ds.id, variant="efficientnet_b0", resolution=224, preset="fast", status="queued", config={},
+            created_at=utcnow(), cancel_requested=False)).inserted_primary_key[0]
         s.add_all([
-            RunMetric(run_id=run.id, epoch=1, phase="val", metrics={"acc": 0.5}),
-            RunEvent(run_id=run.id, message="started"),
-            Evaluation(run_id=run.id, split="test", metrics={"acc": 0.5}),
-            Job(kind="train", run_id=run.id, payload={}),
-            Artifact(run_id=run.id, kind="checkpoint", path="runs/1/best.pt", sha256="b" * 64, bytes=3),
+            RunMetric(run_id=run_id, epoch=1, phase="val", metrics={"acc": 0.5}),
+            RunEvent(run_id=run_id, message="started"),
+            Evaluation(run_id=run_id, split="test", metrics={"acc": 0.5}),
+            Job(kind="train", run_id=run_id, payload={}),
+            Artifact(run_id=run_id, kind="checkpoint", path="runs/1/best.pt", sha256="b" * 64, bytes=3),
             Artifact(dataset_id=ds.id, kind="report", path="r.json", sha256="c" * 64, bytes=3),
             Benchmark(kind="latency", key="k", machine="m", result={"ms": 1.0}),
         ])
@@ -217,10 +220,20 @@ def test_artifact_register_and_verify(tmp_path: Path, db_url: str) -> None:
 _CHILDREN = (Dataset, Image, Run, RunMetric, RunEvent, Evaluation, Job, Artifact, Benchmark)
 
 
-def _snapshot_rows(sm) -> dict[str, list[tuple]]:  # type: ignore[no-untyped-def]
+Snapshot = dict[str, tuple[list[str], list[tuple]]]
+
+
+def _snapshot_rows(sm, like: Snapshot | None = None) -> Snapshot:  # type: ignore[no-untyped-def]
+    """Every row of every child table, in the columns the database has (an older revision has fewer),
+    or in the columns of an earlier snapshot ``like`` (to compare across a migration)."""
     with sm() as s:
-        return {m.__tablename__: sorted(tuple(r) for r in s.execute(select(m.__table__)).all())
-                for m in _CHILDREN}
+        out = {}
+        for m in _CHILDREN:
+            have = {c["name"] for c in inspect(s.connection()).get_columns(m.__tablename__)}
+            names = like[m.__tablename__][0] if like else [c.name for c in m.__table__.c if c.name in have]
+            rows = s.execute(select(*[m.__table__.c[n] for n in names])).all()
+            out[m.__tablename__] = (names, sorted(tuple(r) for r in rows))
+        return out
 
 
 def _new_dataset_and_run(sm, name: str) -> tuple[int, int]:  # type: ignore[no-untyped-def]
@@ -246,7 +259,7 @@ def test_migration_keeps_every_row_and_ids_are_never_reused(db_url: str, start: 
     from sqlalchemy.orm import sessionmaker
 
     url = db_url
-    before: dict[str, list[tuple]] = {}
+    before: Snapshot = {}
     if start != "empty":  # a database made by the previous revision, with rows in every table
         upgrade(url, start)
         eng = make_engine(url)
@@ -256,7 +269,7 @@ def test_migration_keeps_every_row_and_ids_are_never_reused(db_url: str, start: 
         eng.dispose()
     sm = init_db(url)  # migrates to head, as at start
     if before:
-        assert _snapshot_rows(sm) == before  # nothing lost to the table rebuild's cascades
+        assert _snapshot_rows(sm, like=before) == before  # nothing lost to the table rebuild's cascades
     if not on_postgresql():  # PostgreSQL's sequences never hand out an id twice: 0002 does nothing there
         with sm() as s:
             ddl = dict(s.execute(text("SELECT name, sql FROM sqlite_master WHERE name IN ('datasets', 'runs')")).all())

@@ -47,7 +47,8 @@ def upgrade() -> None:
         sqlite_autoincrement=True,
     )
     op.create_index(op.f("ix_searches_dataset_id"), "searches", ["dataset_id"], unique=False)
-    with op.batch_alter_table("runs") as batch:
+    # Keep AUTOINCREMENT (0002) when SQLite rebuilds the table.
+    with op.batch_alter_table("runs", table_kwargs={"sqlite_autoincrement": True}) as batch:
         batch.add_column(sa.Column("search_id", sa.Integer(), nullable=True))
         batch.add_column(sa.Column("trial_number", sa.Integer(), nullable=True))
         batch.create_index(batch.f("ix_runs_search_id"), ["search_id"], unique=False)
@@ -56,7 +57,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("runs") as batch:
+    # Keep AUTOINCREMENT (0002) when SQLite rebuilds the table.
+    with op.batch_alter_table("runs", table_kwargs={"sqlite_autoincrement": True}) as batch:
         batch.drop_constraint(batch.f("fk_runs_search_id_searches"), type_="foreignkey")
         batch.drop_index(batch.f("ix_runs_search_id"))
         batch.drop_column("trial_number")
