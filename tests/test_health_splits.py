@@ -253,7 +253,7 @@ def test_cell_crops_of_different_colour_are_not_duplicates(tmp_path: Path) -> No
     """A pale red cell and a purple cell of the same shape: the hash matches, the colours do not."""
     from PIL import Image, ImageDraw
 
-    from core.health import pixel_similarity, pixel_signature, same_picture
+    from core.health import pixel_signature, pixel_similarity, same_picture
 
     def cell(fill: tuple[int, int, int]) -> Image.Image:
         img = Image.new("RGB", (100, 100), (236, 214, 220))
