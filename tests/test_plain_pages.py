@@ -119,3 +119,38 @@ def test_progress_and_time_formatting() -> None:
     assert ui.ordinal(1) == "first" and ui.ordinal(12) == "12th" and ui.ordinal(22) == "22nd"
     assert ui.plain_rows([{"onnx_mb": 4.2345, "latency_ms_p50": None}]) == [
         {"Model file (MB)": 4.23, "Typical time per image (ms)": "—"}]
+
+
+def test_sensible_defaults(data_dir: Path) -> None:
+    """Predict opens the best exported model of the dataset; Runs opens on one dataset;
+    curves open on validation macro-F1."""
+    from storage import repositories as repo
+    from storage.db import get_sessionmaker
+    from storage.models import Artifact, Run
+    from workbench import suggestions, views
+    from workbench.settings import get_settings
+
+    assert views.default_predict_run(None) is None and views.newest_dataset_id() is None
+    sm = get_sessionmaker(get_settings().database_url)
+    with sm.begin() as s:
+        old = repo.add_dataset(s, name="old", source="a.zip", classes=["a", "b"], health={}, split_config={},
+                               skipped=[], num_images=0)
+        new = repo.add_dataset(s, name="new", source="b.zip", classes=["a", "b"], health={}, split_config={},
+                               skipped=[], num_images=0)
+        ids = {}
+        for key, ds, f1, status in [("best", old, 0.9, "succeeded"), ("exported", old, 0.8, "succeeded"),
+                                    ("failed", old, 0.99, "failed"), ("other", new, 0.95, "succeeded")]:
+            run = Run(dataset_id=ds.id, variant="lite0", resolution=224, preset="field", status=status,
+                      config={}, summary={"test_macro_f1": f1})
+            s.add(run)
+            s.flush()
+            ids[key] = run.id
+        old_id, new_id = old.id, new.id
+    assert views.default_predict_run(old_id) == ids["best"]  # nothing exported yet: the best score
+    with sm.begin() as s:
+        s.add(Artifact(run_id=ids["exported"], kind="bundle", path="x.zip", sha256="0" * 64, bytes=1))
+    assert views.default_predict_run(old_id) == ids["exported"]  # an exported model beats a better unexported one
+    assert views.default_predict_run(new_id) == ids["other"]
+    assert views.newest_dataset_id() == new_id  # the dataset of the newest run
+    assert suggestions.curve_metric_choices(["best_epoch", "train_loss", "val_accuracy", "val_macro_f1"]) == [
+        "val_macro_f1", "val_accuracy", "train_loss"]
