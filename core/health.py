@@ -389,11 +389,13 @@ def build_health(
 
     dups = find_duplicates(records, near_threshold=near_threshold, signatures=signatures)
     shortcuts = find_shortcuts(records, signatures)
-    sigs = [signatures(r) for r in records] if signatures is not None else []
+    step = max(1, len(records) // 500)  # the kind of image shows in a few hundred
+    sigs = [signatures(r) for r in records[::step]] if signatures is not None else []
     colour = [(*s.mean_rgb, s.saturation) for s in sigs if s is not None]
     kind = infer_image_kind([r.mode for r in records], colour)
     short_sides = [min(r.width, r.height) for r in records]
-    suggestion = suggest_training(kind.kind, short_sides, per_split.get("train") and sum(per_split["train"].values()))
+    train_images = sum(per_split["train"].values()) if "train" in per_split else None
+    suggestion = suggest_training(kind.kind, short_sides, train_images)
 
     # Human sentences, most actionable first.
     if untrainable:
