@@ -200,7 +200,7 @@ def test_datasets_upload_zip_health_and_delete(data_dir: Path, shared_datasets: 
     assert "different labels" in warnings  # the same leaf filed under two classes
     # Duplicate group and class samples are shown as real thumbnails.
     text = " ".join(m.value for m in at.markdown)
-    assert "exact duplicates · 2 files" in text and "conflicting labels" in text
+    assert "Identical files · 2 files" in text and "conflicting labels" in text
     assert len(at.get("image")) >= 2 + 2 * 6
     # The stored files exist and survive a fresh session (state lives in SQLite).
     at2 = open_page("datasets")
@@ -535,7 +535,7 @@ def test_export_page_builds_bundle_as_a_job_and_offers_download(trained: tuple[P
     _, run_id = trained
     at = open_page("export")
     assert_clean(at)
-    assert any("Verified: ONNX Runtime matches PyTorch" in s.value for s in at.success)
+    assert any("Verified: the exported model gives the same answers" in s.value for s in at.success)
     before = len(at.get("download_button"))
     at.checkbox(key="exp_fp16").check()
     next(b for b in at.button if b.label == "Build bundle").click().run()
@@ -544,7 +544,10 @@ def test_export_page_builds_bundle_as_a_job_and_offers_download(trained: tuple[P
              what="the bundle")
     assert_clean(at)
     text = " ".join(m.value for m in at.markdown)
-    assert "model.onnx, model_fp16.onnx" in text
+    assert "model.onnx, model_fp16.onnx" in text and "Your first bundle" in text
+    from plain_language import assert_plain_language
+
+    assert_plain_language(at, allow={"bean_rust"})  # the precision table: labels, not onnx_mb
 
 
 @pytest.mark.slow

@@ -183,7 +183,7 @@ def train_choices() -> TrainChoices:
 
 
 def default_preset(dataset_id: int) -> str | None:
-    """The training service's suggestion (medical for grayscale/DICOM data, else field); None if unknown."""
+    """The training service's suggestion (from the kind of image the report guessed); None if unknown."""
     try:
         with _db()() as s:
             return runs.default_preset(s, dataset_id)
