@@ -601,7 +601,7 @@ def test_train_page_preview_launch_cancel_resume(trained: tuple[Path, int]) -> N
     at = open_page("train")
     assert_clean(at)
     assert len(at.get("image")) == 8  # augmentation preview grid
-    assert at.radio(key="train_preset_1").value == "field"  # suggested for colour photos
+    assert at.radio(key="train_preset_1_field").value == "field"  # suggested for leaf photos (the guessed kind)
     assert f"Run #{trained_id}" in " ".join(m.value for m in at.markdown)
     next(b for b in at.button if b.label == "Launch training").click().run()
     assert_clean(at)
