@@ -11,7 +11,12 @@ Presets:
   (anatomy has an up and a down).
 - ``field``: agricultural photos of leaves, fruit, plots: any orientation (both flips, 90°
   rotations), stronger zoom, brightness/contrast and colour jitter for sun, shade and cameras.
+- ``microscopy``: stained slides, blood smears, skin close-ups: no up or down, so any
+  orientation (both flips, 90° rotations) and mild zoom; only gentle brightness/contrast and
+  never hue or saturation jitter (a red cell must not turn brown: stain colour is the signal).
 - ``none``: identity.
+
+``core.image_kind`` picks the preset from what the images are.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import numpy as np
 from core.images import load_rgb
 from core.preprocessing import Preprocessing, resize_and_crop
 
-PRESETS: tuple[str, ...] = ("medical", "field", "none")
+PRESETS: tuple[str, ...] = ("medical", "microscopy", "field", "none")
 
 
 class UnknownPresetError(ValueError):
@@ -55,6 +60,14 @@ def build_augment(preset: str, resolution: int, *, vertical_flip: bool = False, 
         ]
         if vertical_flip:
             transforms.insert(2, A.VerticalFlip(p=0.5))
+    elif preset == "microscopy":
+        transforms = [
+            A.RandomResizedCrop(size=size, scale=(0.75, 1.0), ratio=(0.9, 1.11), p=1.0),
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.RandomRotate90(p=0.5),
+            A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
+        ]
     elif preset == "field":
         transforms = [
             A.RandomResizedCrop(size=size, scale=(max(0.1, 1 - 0.4 * k), 1.0), ratio=(0.8, 1.25), p=1.0),

@@ -2,16 +2,25 @@
 
 Works on any records with the attributes of ``ImageLike`` (ingest's ImageRecord and the
 ``images`` DB rows both qualify), returns plain JSON-able dicts.
+
+Near duplicates are found in two steps: a 64-bit perceptual hash proposes candidate pairs
+cheaply, then (when the caller can read pixels, ``signatures=``) a pixel-level check confirms
+them: grayscale correlation of 32x32 thumbnails and the mean colour difference of 8x8 colour
+thumbnails. The hash alone calls small, uniform images (64 px scans, cell crops) "the same"
+when they visibly differ; the check keeps resized and re-encoded copies and drops those.
 """
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from PIL import Image
 
-from core.images import ALPHA_MODES, GRAYSCALE_MODES, SIXTEEN_BIT_MODES
+from core.images import ALPHA_MODES, GRAYSCALE_MODES, SIXTEEN_BIT_MODES, ImageDecodeError, decode
 
 # Training refuses classes with fewer images than this (nothing to learn / validate on).
 MIN_IMAGES_TO_TRAIN = 2
@@ -21,6 +30,13 @@ WARN_IMAGES_PER_CLASS = 10
 # 4 catches re-encodes/resizes; on MedNIST (3k near-identical scans) it yields clusters of
 # at most ~55 images, while 6 would already chain 200+ distinct scans together.
 NEAR_DUP_THRESHOLD = 4
+# Pixel confirmation of a hash match, calibrated on the shared datasets (tests/test_health_splits.py):
+# resized / re-encoded copies score >= 0.98 and differ by < 3 grey levels in colour; hash
+# matches between different MedNIST scans go down to 0.28, a red vs a purple cell crop to 0.38.
+NEAR_DUP_MIN_CORRELATION = 0.95
+NEAR_DUP_MAX_COLOUR_DIFF = 12.0  # mean absolute difference of 8x8 RGB thumbnails, 0-255 scale
+GRAY_THUMB = 32
+COLOUR_THUMB = 8
 DEFAULT_INPUT_SIZE = 224
 PERCENTILES = (0, 5, 25, 50, 75, 95, 100)
 MAX_LISTED_GROUPS = 200  # keep the JSON report bounded on huge, messy datasets
@@ -35,6 +51,97 @@ class ImageLike(Protocol):
     label: str
     split: str
     original_name: str
+
+
+# --- pixel signatures ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PixelSignature:
+    """Small thumbnails of one image: enough to tell two hash-alike images apart, and the
+    brightness/colour statistics the shortcut check uses."""
+
+    gray: np.ndarray  # GRAY_THUMB x GRAY_THUMB float32, 0-255
+    colour: np.ndarray  # COLOUR_THUMB x COLOUR_THUMB x 3 float32, 0-255
+    file_format: str = ""
+
+    @property
+    def brightness(self) -> float:
+        return float(self.gray.mean())
+
+    @property
+    def contrast(self) -> float:
+        return float(self.gray.std())
+
+    @property
+    def mean_rgb(self) -> tuple[float, float, float]:
+        m = self.colour.reshape(-1, 3).mean(axis=0)
+        return float(m[0]), float(m[1]), float(m[2])
+
+    @property
+    def saturation(self) -> float:
+        """Mean spread between the strongest and weakest channel (0 for grayscale)."""
+        c = self.colour.reshape(-1, 3)
+        return float((c.max(axis=1) - c.min(axis=1)).mean())
+
+
+def pixel_signature(image: Image.Image, file_format: str = "") -> PixelSignature:
+    rgb = image.convert("RGB")
+    gray = np.asarray(rgb.convert("L").resize((GRAY_THUMB, GRAY_THUMB), Image.Resampling.BILINEAR),
+                      dtype=np.float32)
+    colour = np.asarray(rgb.resize((COLOUR_THUMB, COLOUR_THUMB), Image.Resampling.BOX), dtype=np.float32)
+    return PixelSignature(gray, colour, file_format)
+
+
+def pixel_similarity(a: PixelSignature, b: PixelSignature) -> tuple[float, float]:
+    """(grayscale correlation in [-1, 1], mean colour difference in grey levels)."""
+    x = a.gray.ravel() - a.gray.mean()
+    y = b.gray.ravel() - b.gray.mean()
+    den = float(np.sqrt((x * x).sum() * (y * y).sum()))
+    if den < 1e-3:  # flat images: same only if the flat values agree
+        corr = 1.0 if abs(float(a.gray.mean()) - float(b.gray.mean())) < 4 else 0.0
+    else:
+        corr = float((x * y).sum()) / den
+    return corr, float(np.abs(a.colour - b.colour).mean())
+
+
+def same_picture(a: PixelSignature, b: PixelSignature, *, min_correlation: float = NEAR_DUP_MIN_CORRELATION,
+                 max_colour_diff: float = NEAR_DUP_MAX_COLOUR_DIFF) -> bool:
+    """Do two images show the same picture (allowing resizing, re-encoding, small edits)?"""
+    corr, diff = pixel_similarity(a, b)
+    return corr >= min_correlation and diff <= max_colour_diff
+
+
+SignatureOf = Callable[[Any], "PixelSignature | None"]
+
+
+class StoreSignatures:
+    """Pixel signatures of records with a ``store_path`` under ``data_dir``, read once each.
+
+    Unreadable or missing files give None (the hash match then stands unconfirmed).
+    JPEGs are decoded at reduced scale: the thumbnails need 32 px.
+    """
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.data_dir = Path(data_dir)
+        self._cache: dict[str, PixelSignature | None] = {}
+
+    def __call__(self, record: Any) -> PixelSignature | None:
+        rel = getattr(record, "store_path", None)
+        if not rel:
+            return None
+        key = str(rel)
+        if key not in self._cache:
+            try:
+                img = decode(self.data_dir / key, reduce_to=GRAY_THUMB)
+                self._cache[key] = pixel_signature(img.image, img.format)
+            except (ImageDecodeError, OSError):
+                self._cache[key] = None
+        return self._cache[key]
+
+
+def store_signatures(data_dir: str | Path) -> StoreSignatures:
+    """The signature reader ingest and dataset fixes pass to ``build_health`` / ``duplicate_clusters``."""
+    return StoreSignatures(data_dir)
 
 
 # --- duplicate detection ------------------------------------------------------------
@@ -89,10 +196,15 @@ def near_duplicate_pairs(hashes: Sequence[str], threshold: int = NEAR_DUP_THRESH
 
 
 def duplicate_clusters(
-    records: Sequence[ImageLike], *, near_threshold: int | None = NEAR_DUP_THRESHOLD
+    records: Sequence[ImageLike], *, near_threshold: int | None = NEAR_DUP_THRESHOLD,
+    signatures: SignatureOf | None = None,
 ) -> list[int]:
     """Cluster id per record: exact duplicates (same sha256) and, unless
-    ``near_threshold`` is None, near duplicates (phash) share a cluster (transitively)."""
+    ``near_threshold`` is None, near duplicates (phash) share a cluster (transitively).
+
+    With ``signatures`` (record -> PixelSignature or None), a hash match joins two images
+    only if their pixels agree too (``same_picture``); without it the hash alone decides.
+    """
     n = len(records)
     uf = _UnionFind(n)
     first_by_sha: dict[str, int] = {}
@@ -100,7 +212,9 @@ def duplicate_clusters(
         j = first_by_sha.setdefault(r.sha256, i)
         if j != i:
             uf.union(i, j)
-    if near_threshold is not None:
+    if near_threshold is None:
+        return [uf.find(i) for i in range(n)]
+    if signatures is None:
         # Compare each distinct phash once; identical phashes are distance 0 anyway.
         first_by_phash: dict[str, int] = {}
         for i, r in enumerate(records):
@@ -110,6 +224,36 @@ def duplicate_clusters(
         reps = list(first_by_phash.values())
         for a, b in near_duplicate_pairs([records[i].phash for i in reps], near_threshold):
             uf.union(reps[a], reps[b])
+        return [uf.find(i) for i in range(n)]
+
+    sig_cache: dict[int, PixelSignature | None] = {}
+
+    def sig(i: int) -> PixelSignature | None:
+        if i not in sig_cache:
+            sig_cache[i] = signatures(records[i])
+        return sig_cache[i]
+
+    def confirmed(i: int, j: int) -> bool:
+        a, b = sig(i), sig(j)
+        return a is None or b is None or same_picture(a, b)
+
+    # Within one phash: leader clustering (each file joins the first leader it matches, else
+    # leads a new sub-group): linear for thousands of alike blank images, never quadratic.
+    leaders_by_phash: dict[str, list[int]] = {}
+    for i in first_by_sha.values():
+        leaders = leaders_by_phash.setdefault(records[i].phash, [])
+        for lead in leaders:
+            if confirmed(lead, i):
+                uf.union(lead, i)
+                break
+        else:
+            leaders.append(i)
+    phashes = list(leaders_by_phash)
+    for a, b in near_duplicate_pairs(phashes, near_threshold):
+        for i in leaders_by_phash[phashes[a]]:
+            for j in leaders_by_phash[phashes[b]]:
+                if confirmed(i, j):
+                    uf.union(i, j)
     return [uf.find(i) for i in range(n)]
 
 
@@ -136,14 +280,15 @@ def _sorted_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def find_duplicates(
-    records: Sequence[ImageLike], *, near_threshold: int = NEAR_DUP_THRESHOLD
+    records: Sequence[ImageLike], *, near_threshold: int = NEAR_DUP_THRESHOLD,
+    signatures: SignatureOf | None = None,
 ) -> dict[str, Any]:
     by_sha: dict[str, list[ImageLike]] = defaultdict(list)
     for r in records:
         by_sha[r.sha256].append(r)
     exact = [_group_entry(m, sha) for sha, m in by_sha.items() if len(m) > 1]
 
-    clusters = duplicate_clusters(records, near_threshold=near_threshold)
+    clusters = duplicate_clusters(records, near_threshold=near_threshold, signatures=signatures)
     by_cluster: dict[int, list[ImageLike]] = defaultdict(list)
     for cid, r in zip(clusters, records):
         by_cluster[cid].append(r)
@@ -160,6 +305,8 @@ def find_duplicates(
         "exact_cross_split_groups": sum(g["cross_split"] for g in exact),
         "exact_label_conflict_groups": sum(g["label_conflict"] for g in exact),
         "near_threshold": near_threshold,
+        "pixel_checked": signatures is not None,
+        "near_min_correlation": NEAR_DUP_MIN_CORRELATION,
         "near_groups": len(near),
         "near_cross_split_groups": sum(g["cross_split"] for g in near),
         "near_label_conflict_groups": sum(g["label_conflict"] for g in near),
@@ -204,8 +351,17 @@ def build_health(
     input_size: int = DEFAULT_INPUT_SIZE,
     near_threshold: int = NEAR_DUP_THRESHOLD,
     extra_warnings: Sequence[str] = (),
+    signatures: SignatureOf | None = None,
 ) -> dict[str, Any]:
-    """JSON-able health report with human-readable ``warnings``."""
+    """JSON-able health report with human-readable ``warnings``.
+
+    ``signatures`` (e.g. ``store_signatures(data_dir)``) lets the report read pixels: hash
+    matches are then confirmed before being called near duplicates, and the shortcut check
+    also looks at brightness and colour.
+    """
+    from core.image_kind import infer_image_kind, suggest_training
+    from core.shortcuts import find_shortcuts  # sklearn: loaded only when a report is built
+
     warnings: list[str] = []
     class_counts = dict(sorted(Counter(r.label for r in records).items()))
     per_split: dict[str, dict[str, int]] = {}
@@ -231,7 +387,15 @@ def build_health(
     sixteen = sum(n for m, n in modes.items() if m in SIXTEEN_BIT_MODES)
     palette = modes.get("P", 0) + modes.get("PA", 0)
 
-    dups = find_duplicates(records, near_threshold=near_threshold)
+    dups = find_duplicates(records, near_threshold=near_threshold, signatures=signatures)
+    shortcuts = find_shortcuts(records, signatures)
+    step = max(1, len(records) // 500)  # the kind of image shows in a few hundred
+    sigs = [signatures(r) for r in records[::step]] if signatures is not None else []
+    colour = [(*s.mean_rgb, s.saturation) for s in sigs if s is not None]
+    kind = infer_image_kind([r.mode for r in records], colour)
+    short_sides = [min(r.width, r.height) for r in records]
+    train_images = sum(per_split["train"].values()) if "train" in per_split else None
+    suggestion = suggest_training(kind.kind, short_sides, train_images)
 
     # Human sentences, most actionable first.
     if untrainable:
@@ -249,6 +413,7 @@ def build_health(
             f"{dups['exact_cross_split_groups']} exact and {dups['near_cross_split_groups']} "
             "near-duplicate groups span more than one split: test scores will be optimistic (leakage)."
         )
+    warnings.extend(shortcuts["warnings"])
     if dups["exact_groups"]:
         warnings.append(
             f"{dups['exact_groups']} groups of exact duplicates ({dups['exact_redundant_files']} "
@@ -320,6 +485,9 @@ def build_health(
             "palette": palette,
         },
         "duplicates": dups,
+        "shortcuts": shortcuts,
+        "image_kind": kind.to_dict(),
+        "suggestion": suggestion.to_dict(),
         "empty_class_folders": list(empty_class_folders),
         "missing_from_csv": list(missing_from_csv),
         "num_skipped": len(skipped),

@@ -41,7 +41,7 @@ from typing import IO, Any
 
 import imagehash
 
-from core.health import NEAR_DUP_THRESHOLD, build_health, duplicate_clusters
+from core.health import NEAR_DUP_THRESHOLD, build_health, duplicate_clusters, store_signatures
 from core.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode
 from core.splits import DEFAULT_FRACTIONS, SplitItem, assign_splits
 
@@ -671,8 +671,11 @@ def ingest(
                 "put each class in its own folder, or give a CSV with a label column"
             )
 
+        # Pixels confirm hash matches (read once, shared by the split and the report).
+        signatures = store_signatures(data_dir)
         clusters = duplicate_clusters(
-            records, near_threshold=near_threshold if keep_near_duplicates_together else None
+            records, near_threshold=near_threshold if keep_near_duplicates_together else None,
+            signatures=signatures,
         )
         items = [
             SplitItem(label=r.label, group=r.group, cluster=c, user_split=r.user_split)
@@ -726,7 +729,7 @@ def ingest(
         health = build_health(
             records, skipped=[s.as_dict() for s in skipped], empty_class_folders=empty,
             missing_from_csv=missing, input_size=input_size, near_threshold=near_threshold,
-            extra_warnings=extra,
+            extra_warnings=extra, signatures=signatures,
         )
         # Warnings are messages: any class or folder name they quote is shown escaped.
         health["warnings"] = [display_name(w) for w in health.get("warnings", [])]

@@ -61,6 +61,9 @@ class Budget:
     max_gmacs: float | None = None
     min_resolution: int | None = None
     train_images: int | None = None  # size of the training set (small data favours small models)
+    # The images' useful size (core.image_kind.useful_resolution): no candidate is proposed
+    # above it, since a bigger input only upscales the pictures (slower, no new detail).
+    max_resolution: int | None = None
     num_classes: int = 1000  # classifier head size, counted in parameters and file size
 
     def __post_init__(self) -> None:
@@ -73,7 +76,7 @@ class Budget:
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
                                   or math.isinf(v)):
                 raise BudgetError(f"Budget.{f} must be a positive number or None (no limit), got {v!r}.")
-        for f in ("min_resolution", "train_images", "num_classes"):
+        for f in ("min_resolution", "train_images", "num_classes", "max_resolution"):
             v = getattr(self, f)
             if v is None and f != "num_classes":
                 continue
@@ -91,7 +94,7 @@ class Budget:
         if unknown:
             raise BudgetError(f"Unknown budget field(s) {sorted(unknown)}; known: {sorted(known)}.")
         clean = {k: v for k, v in data.items() if v is not None or k in ("device",)}
-        for k in ("min_resolution", "train_images", "num_classes"):  # JSON/forms give 224.0 or "224"
+        for k in ("min_resolution", "train_images", "num_classes", "max_resolution"):  # JSON/forms: 224.0, "224"
             v = clean.get(k)
             if isinstance(v, float) and v.is_integer():
                 clean[k] = int(v)
@@ -128,6 +131,16 @@ def default_candidates() -> list[VariantSpec]:
 def _cost(spec: VariantSpec, resolution: int, num_classes: int) -> ModelCost:
     """count_cost is pure Python over every block: cache it (specs are frozen and hashable)."""
     return count_cost(spec, resolution, num_classes=num_classes)
+
+
+def cap_resolution(specs: Sequence[VariantSpec], max_resolution: int) -> list[VariantSpec]:
+    """Each candidate at no more than ``max_resolution`` px (one per architecture and size)."""
+    out: dict[str, VariantSpec] = {}
+    for spec in specs:
+        if spec.resolution > max_resolution:
+            spec = spec.at_resolution(max(MIN_CANDIDATE_RESOLUTION, max_resolution))
+        out.setdefault(candidate_key(spec), spec)
+    return list(out.values())
 
 
 def candidate_key(spec: VariantSpec) -> str:
@@ -424,6 +437,8 @@ def recommend(budget: Budget | Mapping[str, Any], profile: DeviceProfile | str |
     if profile is None or isinstance(profile, str):
         profile = get_profile(profile or budget.device, load_profiles())
     specs = [get_variant(c) if isinstance(c, str) else c for c in (candidates or default_candidates())]
+    if budget.max_resolution is not None:
+        specs = cap_resolution(specs, budget.max_resolution)
     wl = _weights_lookup(weights)
     costed = [cost_candidate(s, budget, profile, wl, measured) for s in specs]
     ranked = sorted((c for c in costed if c.feasible), key=Candidate.order_key)
@@ -505,4 +520,5 @@ def format_table(rec: Recommendation, top: int = 10) -> str:
 
 
 __all__ = ["Budget", "BudgetError", "Candidate", "Check", "Recommendation", "accuracy_prior", "candidate_key",
+           "cap_resolution",
            "cost_candidate", "default_candidates", "format_table", "recommend"]

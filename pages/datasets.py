@@ -96,27 +96,39 @@ st.dataframe(
     hide_index=True, width="stretch",
 )
 names = [d.name for d in items]
-if st.session_state.get("_show_dataset") in names:  # a fix just created this version: show it
+# Follow the newest upload (and a version a fix just made): show a dataset this session has not seen.
+newest = max(items, key=lambda d: d.id)
+if st.session_state.get("_show_dataset") in names:
     st.session_state["dataset_choice"] = st.session_state.pop("_show_dataset")
-choice = st.selectbox("Dataset", names, index=len(names) - 1, key="dataset_choice")
+    st.session_state["_newest_dataset_seen"] = newest.id
+elif st.session_state.get("_newest_dataset_seen") != newest.id:
+    st.session_state["_newest_dataset_seen"] = newest.id
+    st.session_state["dataset_choice"] = newest.name
+choice = st.selectbox("Dataset", names, index=names.index(newest.name), key="dataset_choice")
 ds = next(d for d in items if d.name == choice)
 h = ds.health or {}
 
 c = st.columns(5)
 c[0].metric("Images", ds.num_images)
 c[1].metric("Classes", ds.num_classes)
-c[2].metric("Imbalance", f"{h.get('imbalance_ratio') or 1:g}×")
+c[2].metric("Imbalance", f"{h.get('imbalance_ratio') or 1:.1f}×",
+            help="How many times more images the largest class has than the smallest (1× = balanced).")
 dups = h.get("duplicates", {})
-c[3].metric("Duplicate groups", dups.get("exact_groups", 0) + dups.get("near_groups", 0))
-c[4].metric("Skipped files", len(ds.skipped))
+c[3].metric("Duplicate groups", dups.get("exact_groups", 0) + dups.get("near_groups", 0),
+            help="Sets of images that are the same picture: identical files, or copies resized or re-saved.")
+c[4].metric("Skipped files", len(ds.skipped), help="Files that could not be read as images.")
+kind = h.get("image_kind") or {}
+if kind:
+    st.caption(f"These look like: **{kind.get('label')}** ({kind.get('reason')}). You can change this on the "
+               "Train page; it chooses the augmentation and resolution.")
 for w in h.get("warnings", []):
     st.warning(w, icon=":material/warning:")
 if not h.get("warnings"):
     st.success("No problems found.", icon=":material/check_circle:")
 
-tab_split, tab_dups, tab_fix, tab_samples, tab_sizes, tab_skipped, tab_delete = st.tabs(
-    ["Classes & splits", "Duplicates & leakage", "Fix & versions", "Samples", "Sizes & colour", "Skipped",
-     "Delete"])
+tab_split, tab_dups, tab_shortcuts, tab_fix, tab_samples, tab_sizes, tab_skipped, tab_delete = st.tabs(
+    ["Classes & splits", "Duplicates & leakage", "Per class", "Fix & versions", "Samples", "Sizes & colour",
+     "Skipped", "Delete"])
 
 with tab_split:
     rows = [{"class": cls, "split": split, "images": n}
@@ -135,27 +147,54 @@ with tab_split:
         st.dataframe(table, width="stretch")
     cfg = ds.split_config or {}
     if cfg:
-        st.caption("Split: " + ", ".join(f"{k} = {v}" for k, v in cfg.items() if not isinstance(v, (dict, list))))
+        with st.expander("How the split was made (details)"):
+            st.json(cfg, expanded=False)
 
 with tab_dups:
     groups = [("exact", g) for g in dups.get("exact", [])] + [("near", g) for g in dups.get("near", [])]
     if not groups:
         st.success("No exact or near-duplicate images.")
     else:
-        st.caption(f"{dups.get('exact_groups', 0)} exact and {dups.get('near_groups', 0)} near-duplicate groups "
-                   f"(perceptual hash distance ≤ {dups.get('near_threshold', '?')}). Groups spanning splits "
-                   "(leakage) and groups with conflicting labels come first.")
+        checked = (" and confirmed pixel by pixel (similarity at least "
+                   f"{dups.get('near_min_correlation', 0.95):.0%})") if dups.get("pixel_checked") else ""
+        st.caption(f"{dups.get('exact_groups', 0)} groups of identical files and {dups.get('near_groups', 0)} groups "
+                   f"of near copies (found by a picture fingerprint{checked}). Groups that span train, val and "
+                   "test (leakage: the test score would be too good) and groups with different labels come first.")
         offset, limit = ui.paginate(len(groups), 10, key="dup_page")
         page = groups[offset:offset + limit]
         paths = views.store_paths_for(ds.id, [f["sha256"] for _, g in page for f in g["files"][:6]])
         for kind, g in page:
             flags = (" · **leakage across splits**" if g["cross_split"] else "") + \
                     (" · **conflicting labels**" if g["label_conflict"] else "")
-            st.markdown(f"{kind} duplicates · {g['size']} files · splits {', '.join(g['splits'])}{flags}")
+            what = "Identical files" if kind == "exact" else "Near copies"
+            st.markdown(f"{what} · {g['size']} files · in {', '.join(g['splits'])}{flags}")
             ui.thumbnail_grid([views.ImageSample(paths[f["sha256"]],
                                                  f"{f['label']} · {f['split']} · {f['name'].rsplit('/', 1)[-1]}")
                                for f in g["files"][:6] if f["sha256"] in paths], columns=6, size=110)
 
+with tab_shortcuts:
+    sc = h.get("shortcuts") or {}
+    per = sc.get("per_class") or {}
+    if per:
+        st.caption("What each class's images look like. If one of these alone tells the classes apart, a model "
+                   "may learn it instead of what matters (a shortcut); the warnings above say so.")
+        st.dataframe(pd.DataFrame([{
+            "class": cls, "images": r["images"], "typical width (px)": r["median_width"],
+            "typical height (px)": r["median_height"], "width / height": r["median_aspect"],
+            "brightness (0-255)": f"{r['median_brightness']:.0f}" if "median_brightness" in r else "—",
+            "colourfulness (0-255)": f"{r['median_saturation']:.0f}" if "median_saturation" in r else "—",
+            "file formats": ", ".join(f"{k} {v}" for k, v in r["formats"].items())} for cls, r in per.items()]),
+            hide_index=True, width="stretch")
+    factors = sc.get("factors") or []
+    if factors:
+        with st.expander("How well each detail alone predicts the class (details)"):
+            st.dataframe(pd.DataFrame([{"detail": f["label"], "correct from this alone": f"{f['accuracy']:.0%}",
+                                        "warning": "yes" if f["warn"] else "no"} for f in factors]),
+                         hide_index=True, width="stretch")
+            st.caption(f"Always guessing the largest class: {sc.get('baseline', 0):.0%} correct. Each detail is "
+                       f"checked with a small decision tree and {sc.get('folds', 5)}-fold cross-validation.")
+    elif sc.get("reason"):
+        st.caption(f"Not checked: {sc['reason']}.")
 
 
 def fixed(result: dataset_fixes.FixResult) -> None:
@@ -234,14 +273,19 @@ with tab_samples:
 with tab_sizes:
     sizes = h.get("sizes", {})
     if sizes:
-        st.dataframe(pd.DataFrame({k: sizes[k] for k in ("width", "height", "aspect_ratio") if k in sizes}).T,
-                     width="stretch")
+        names_ = {"width": "width (px)", "height": "height (px)", "aspect_ratio": "width / height"}
+        cols_ = {"p0": "smallest", "p5": "5 %", "p25": "25 %", "p50": "middle", "p75": "75 %", "p95": "95 %",
+                 "p100": "largest"}
+        table_ = pd.DataFrame({names_[k]: sizes[k] for k in names_ if sizes.get(k)}).T.rename(columns=cols_)
+        st.dataframe(table_.round(2), width="stretch")
+        st.caption("Columns: the size below which that share of the images falls (middle = half of them).")
         st.caption(f"{sizes.get('smaller_than_input', 0)} images are smaller than {sizes.get('input_size')} px "
                    "on their short side.")
     modes = h.get("modes", {})
     if modes:
         st.altair_chart(alt.Chart(pd.DataFrame({"mode": list(modes), "images": list(modes.values())}))
                         .mark_bar().encode(x="images:Q", y=alt.Y("mode:N", title="colour mode")), width="stretch")
+        st.caption("Colour modes: RGB = colour, L = grayscale, RGBA = colour with transparency, DICOM = scanner file.")
 
 with tab_skipped:
     if ds.skipped:

@@ -12,13 +12,15 @@ ui.header("Export", "A zip you can deploy anywhere ONNX Runtime runs, verified a
 run_id = ui.pick_finished_run_or_stop("Run", key="export_run")
 
 with st.form("export_form"):
-    st.markdown("**Precisions** — fp32 is always included and is the reference.")
+    st.markdown("**Extra, smaller copies of the model** — the full-precision model (fp32) is always included "
+                "and is the reference; each copy's accuracy is measured on the test images and shown.")
     c = st.columns(3)
-    fp16 = c[0].checkbox("fp16", key="exp_fp16", help="Half the file size; accuracy change is measured and shown.")
-    int8 = c[1].checkbox("int8", key="exp_int8",
+    fp16 = c[0].checkbox("Half precision (fp16)", key="exp_fp16",
+                         help="Half the file size; accuracy change is measured and shown.")
+    int8 = c[1].checkbox("Compressed (int8)", key="exp_int8",
                          help="Quantised, calibrated on training images; smallest and often fastest on CPU.")
-    uint8 = c[2].checkbox("uint8-input graph", key="exp_uint8",
-                          help="Preprocessing inside the model: feed raw RGB bytes.")
+    uint8 = c[2].checkbox("Takes raw pictures (uint8 input)", key="exp_uint8",
+                          help="Resizing and scaling inside the model: feed it the image's RGB bytes.")
     go = st.form_submit_button("Build bundle", type="primary", icon=":material/package_2:")
 if go:
     with ui.errors("Could not start the export"):
@@ -43,23 +45,35 @@ with ui.errors("Could not list the run's files"):
         a = fp32[-1]
         ver = a.meta.get("verification") or {}
         if a.status == "ok":
-            st.success(f"Verified: ONNX Runtime matches PyTorch on all {ver.get('n_images', '?')} test images — "
-                       f"max logit difference {ver.get('max_abs_logit_diff', float('nan')):.2e} "
-                       f"(tolerance {ver.get('tolerance', float('nan')):.0e}), "
-                       f"top-1 agreement {ver.get('top1_agreement', float('nan')):.1%}.", icon=":material/verified:")
+            st.success(f"Verified: the exported model gives the same answers as the trained one on all "
+                       f"{ver.get('n_images', '?')} test images ({ver.get('top1_agreement', float('nan')):.0%} "
+                       "identical top answers).", icon=":material/verified:")
+            with st.expander("Verification details"):
+                st.caption(f"Largest difference in raw scores {ver.get('max_abs_logit_diff', float('nan')):.1e} "
+                           f"(allowed {ver.get('tolerance', float('nan')):.0e}); ONNX Runtime against PyTorch.")
         else:
             st.error(f"The fp32 ONNX model is not offered: {a.status}")
     bundles = [a for a in arts if a.kind == "bundle"]
     st.subheader("Bundles")
     if not bundles:
         st.caption("No bundle yet: choose precisions above and build one.")
-    for b in reversed(bundles[-5:]):
+    numbered = list(enumerate(bundles, start=1))  # numbered per run: "your first bundle"
+    for n, b in reversed(numbered[-5:]):
         meta = b.meta
         with st.container(border=True):
-            st.markdown(f"**Bundle #{b.id}** · {ui.fmt_bytes(b.bytes)} · {b.created_at:%Y-%m-%d %H:%M} UTC"
-                        f" · models: {', '.join(meta.get('files', []))}")
+            models = ", ".join(meta.get("files", []))
+            st.markdown(f"**Your {ui.ordinal(n)} bundle** for this model · {ui.fmt_bytes(b.bytes)} · "
+                        f"built {b.created_at:%Y-%m-%d %H:%M} UTC" + (f" · files: {models}" if models else ""))
             variants = meta.get("variants") or {}
             if variants:
-                st.dataframe(pd.DataFrame(variants).T, width="stretch",
-                             column_config={"accuracy_delta": st.column_config.NumberColumn(format="%+.4f")})
-            ui.download_button(b.id, "Download bundle", f"workbench-run{run_id}-bundle{b.id}.zip", key=f"dl{b.id}")
+                rows = ui.plain_rows([{"precision": name, **{k: v for k, v in vals.items() if k != "file"}}
+                                      for name, vals in variants.items()])
+                st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+                with st.expander("What these columns mean"):
+                    helps = ("latency_p50", "latency_p95", "throughput")
+                    st.markdown("\n".join(f"- {ui.METRIC_HELP[k]}" for k in helps)
+                                + "\n- Accuracy change: test accuracy of this copy minus that of the full-precision "
+                                  "model (0 = no loss).")
+            with st.expander("Technical details"):
+                st.caption(f"Artifact id {b.id}")
+            ui.download_button(b.id, "Download bundle", f"workbench-run{run_id}-bundle{n}.zip", key=f"dl{b.id}")

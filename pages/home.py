@@ -5,25 +5,28 @@ import streamlit as st
 
 from workbench import ui, views
 
-ui.header("Workbench", "Transfer-learning AutoML for image classification — from a zip of labelled images "
-          "to a verified ONNX model, in the browser.")
+ui.header("Workbench", "Teach a computer to sort your images — X-rays, slides, leaf photos — from a zip of "
+          "examples you have already labelled, in the browser.")
 
 st.markdown(
     "Upload a zip of images sorted into one folder per class (or with a CSV of `path,label`). Workbench checks "
-    "the data, recommends the EfficientNet variant that fits your hardware budget, fine-tunes it from ImageNet "
-    "weights, evaluates it honestly on held-out images, compares variants, and hands back an ONNX bundle you "
-    "can run anywhere with `onnxruntime`."
+    "the images for problems, suggests a model that is fast enough for your computer, trains it on your "
+    "examples, tests it honestly on images it never saw, and gives you a file you can use anywhere."
 )
+with st.expander("For the technically minded"):
+    st.markdown("Transfer learning: EfficientNet models pretrained on ImageNet are fine-tuned on your data; the "
+                "result is exported to ONNX, verified against PyTorch, and bundled with a `predict.py` for "
+                "`onnxruntime`.")
 
 STEPS = [
-    ("datasets.py", "1 · Upload your data", "A zip of class folders. Workbench finds duplicates, leakage and "
-     "unreadable files and makes a train / val / test split."),
-    ("recommend.py", "2 · Pick a model", "Give a latency budget and a target device; get a ranked list of "
-     "EfficientNet variants with the margin each leaves."),
-    ("train.py", "3 · Train", "Fine-tune one or several variants. Progress is live and survives closing the tab."),
-    ("runs.py", "4 · Compare and evaluate", "Leaderboard, accuracy-vs-latency front, confusion matrix, "
-     "calibration and Grad-CAM."),
-    ("export.py", "5 · Export", "A verified zip with model.onnx, labels, preprocessing and a predict.py."),
+    ("datasets.py", "1 · Upload your data", "A zip of class folders. Workbench finds copies, images shared "
+     "between training and testing, unreadable files and other problems, and sets images aside for testing."),
+    ("recommend.py", "2 · Pick a model", "Say how fast it must answer and on which computer; get the models "
+     "that fit, best first."),
+    ("train.py", "3 · Train", "Train one or several models. Progress is live and survives closing the tab."),
+    ("runs.py", "4 · Compare and evaluate", "Which model scores best, which classes it mixes up, and where in "
+     "the image it looked."),
+    ("export.py", "5 · Export", "A checked zip with the model, the class names and a ready-made script."),
 ]
 cols = st.columns(len(STEPS))
 for col, (page, title, text) in zip(cols, STEPS):

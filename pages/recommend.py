@@ -26,9 +26,10 @@ with st.form("budget"):
                           format_func=lambda n: f"{n} ({devices[n]['kind']})")
     c2.caption(devices[device]["description"] if device in devices else "")
     c = st.columns(4)
-    latency = c[0].number_input("Latency p50 (ms, 0 = no limit)", min_value=0.0, value=20.0, step=1.0,
-                                key="rec_latency")
-    p95 = c[1].number_input("Latency p95 (ms, 0 = no limit)", min_value=0.0, value=0.0, step=1.0, key="rec_p95")
+    latency = c[0].number_input("Typical time per image (ms, 0 = no limit)", min_value=0.0, value=20.0, step=1.0,
+                                key="rec_latency", help=ui.METRIC_HELP["latency_p50"])
+    p95 = c[1].number_input("Slow-case time per image (ms, 0 = no limit)", min_value=0.0, value=0.0, step=1.0,
+                            key="rec_p95", help=ui.METRIC_HELP["latency_p95"])
     memory = c[2].number_input("Memory (MB, 0 = no limit)", min_value=0.0, value=0.0, step=64.0, key="rec_memory")
     size = c[3].number_input("File size (MB, 0 = no limit)", min_value=0.0, value=0.0, step=1.0, key="rec_size")
     c = st.columns(4)
@@ -87,41 +88,46 @@ best = rec.get("recommended")
 if best:
     with st.container(border=True):
         st.markdown(f"### Recommended: `{best['key']}`")
-        st.markdown(rec["reason"])
+        st.markdown(ui.plain_sentence(rec["reason"]))
         c = st.columns(5)
-        c[0].metric("Expected ImageNet top-1", f"{best['prior_top1']:.1f} %")
-        c[1].metric("Latency p50", f"{best['latency_p50_ms']:.1f} ms")
-        c[2].metric("File", f"{best['file_mb']:.1f} MB")
+        c[0].metric("Benchmark accuracy", f"{best['prior_top1']:.0f} %", help=ui.METRIC_HELP["top1_prior"])
+        c[1].metric("Typical time per image", f"{best['latency_p50_ms']:.0f} ms" if best["latency_p50_ms"] >= 10
+                    else f"{best['latency_p50_ms']:.1f} ms", help=ui.METRIC_HELP["latency_p50"])
+        c[2].metric("Model file", f"{best['file_mb']:.0f} MB" if best["file_mb"] >= 10 else f"{best['file_mb']:.1f} MB")
         c[3].metric("Memory", f"{best['memory_mb']:.0f} MB")
-        c[4].metric("Parameters", f"{best['params'] / 1e6:.2f} M")
+        c[4].metric("Parameters", f"{best['params'] / 1e6:.1f} million", help=ui.METRIC_HELP["params"])
         if best.get("base"):
             st.page_link(str(ui.PAGES_DIR / "train.py"), label=f"Train {best['key']}", icon=":material/model_training:",
                          query_params={"variant": best["base"], "resolution": best["resolution"]})
 else:
-    st.error(f"Nothing fits this budget. {rec.get('message', '')}")
+    st.error(f"Nothing fits this budget. {ui.plain_sentence(rec.get('message', ''))}")
 for note in rec.get("notes", []):
-    st.caption(f"ℹ️ {note}")
+    st.caption(f"ℹ️ {ui.plain_sentence(note)}")
 
 
 def table(cands: list[dict]) -> pd.DataFrame:
     rows = []
     for cnd in cands:
-        row = {"model": cnd["key"], "top-1 prior %": cnd["prior_top1"], "latency p50 ms": cnd["latency_p50_ms"],
-               "latency p95 ms": cnd["latency_p95_ms"], "file MB": cnd["file_mb"], "memory MB": cnd["memory_mb"],
-               "params M": cnd["params"] / 1e6, "GMACs": cnd["gmacs"], "weights": cnd["weights_available"],
-               "latency from": cnd["latency_source"]}
+        row = {"model": cnd["key"], "benchmark accuracy %": cnd["prior_top1"],
+               "typical time per image (ms)": cnd["latency_p50_ms"],
+               "slow-case time per image (ms)": cnd["latency_p95_ms"], "model file (MB)": cnd["file_mb"],
+               "memory (MB)": cnd["memory_mb"], "parameters (millions)": cnd["params"] / 1e6,
+               "GMACs": cnd["gmacs"], "pretrained weights here": "yes" if cnd["weights_available"] else "no",
+               "times from": cnd["latency_source"]}
         for ch in cnd["checks"]:
-            row[f"margin {ch['name']} %"] = ch["margin_pct"]
+            row[f"room left: {ui.field_label(ch['name']).lower()} (%)"] = ch["margin_pct"]
         if cnd.get("broken"):
             row["why excluded"] = "; ".join(
-                f"{ch['name']} {ch['value']:.3g} {ch['unit']} vs {ch['limit']:.3g}" for ch in cnd["checks"]
-                if not ch["ok"])
+                f"{ui.field_label(ch['name']).lower()} {ch['value']:.3g} {ch['unit']} (limit {ch['limit']:.3g})"
+                for ch in cnd["checks"] if not ch["ok"])
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).fillna("—")
 
 
-fmt = {k: st.column_config.NumberColumn(format="%.2f") for k in
-       ("latency p50 ms", "latency p95 ms", "file MB", "memory MB", "params M", "GMACs", "top-1 prior %")}
+fmt = {k: st.column_config.NumberColumn(format="%.1f") for k in
+       ("typical time per image (ms)", "slow-case time per image (ms)", "model file (MB)", "memory (MB)",
+        "parameters (millions)", "GMACs", "benchmark accuracy %")}
+st.caption(" · ".join(ui.METRIC_HELP[k] for k in ("top1_prior", "gmacs")))
 st.subheader(f"Fits the budget ({len(rec['ranked'])})")
 if rec["ranked"]:
     st.dataframe(table(rec["ranked"]), hide_index=True, width="stretch", column_config=fmt)
@@ -131,14 +137,14 @@ if rec["excluded"]:
 
 st.subheader("Accuracy prior vs latency")
 pts = pd.DataFrame(
-    [{"model": x["key"], "latency ms": x["latency_p50_ms"], "top-1 prior %": x["prior_top1"],
+    [{"model": x["key"], "latency ms": round(x["latency_p50_ms"], 1), "top-1 prior %": round(x["prior_top1"], 1),
       "status": "recommended" if best and x["key"] == best["key"] else "fits"} for x in rec["ranked"]]
-    + [{"model": x["key"], "latency ms": x["latency_p50_ms"], "top-1 prior %": x["prior_top1"],
+    + [{"model": x["key"], "latency ms": round(x["latency_p50_ms"], 1), "top-1 prior %": round(x["prior_top1"], 1),
         "status": "excluded"} for x in rec["excluded"]])
 if not pts.empty:
     chart = alt.Chart(pts).mark_circle(size=110).encode(
-        x=alt.X("latency ms:Q", scale=alt.Scale(type="log"), title="predicted latency p50 (ms, log scale)"),
-        y=alt.Y("top-1 prior %:Q", scale=alt.Scale(zero=False), title="expected ImageNet top-1 (%)"),
+        x=alt.X("latency ms:Q", scale=alt.Scale(type="log"), title="typical time per image (ms, log scale)"),
+        y=alt.Y("top-1 prior %:Q", scale=alt.Scale(zero=False), title="benchmark accuracy (%)"),
         color=alt.Color("status:N", scale=alt.Scale(domain=["recommended", "fits", "excluded"],
                                                     range=["#d62728", "#2e7d5b", "#bdbdbd"])),
         tooltip=["model", "latency ms", "top-1 prior %", "status"])
@@ -147,5 +153,5 @@ if not pts.empty:
             color="#d62728", strokeDash=[6, 4], size=2).encode(x="budget:Q")
         chart = chart + rule
     st.altair_chart(chart, width="stretch")
-    st.caption("Dashed line: the latency budget. Latencies are predictions for the chosen device"
+    st.caption("Dashed line: your time limit. Times are predictions for the chosen device"
                + (" (backed by measurements where shown as 'measured')." if device == THIS_MACHINE else "."))

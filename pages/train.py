@@ -5,14 +5,14 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from workbench import runs, ui, views
+from workbench import runs, suggestions, ui, views
 from workbench.status import ACTIVE_RUN, RunStatus
 
 ui.header("Train", "Fine-tune EfficientNet variants from ImageNet weights. Training runs in a worker process: "
           "close the tab whenever you like.")
 items = ui.datasets_or_stop("Upload a dataset first.", "datasets.py", "Go to Datasets")
 choices = views.train_choices()
-CURVE_METRICS = ["loss", "train_loss", "val_loss", "accuracy", "val_accuracy", "macro_f1", "val_macro_f1"]
+CURVE_METRICS = ["macro_f1", "val_macro_f1", "accuracy", "val_accuracy", "loss", "train_loss", "val_loss"]
 
 qp = st.query_params
 names = [d.name for d in items]
@@ -21,6 +21,21 @@ ds = next(d for d in items if d.name == ds_name)
 st.caption(f"{ds.num_images} images · {ds.num_classes} classes · "
            + " · ".join(f"{s} {sum(c.values())}" for s, c in (ds.health.get("split_counts") or {}).items()))
 
+kinds = suggestions.image_kind_labels()
+guessed = suggestions.guessed_image_kind(ds)
+kind_names = list(kinds)
+kind = st.selectbox("What are these images?", kind_names, key=f"train_kind_{ds.id}",
+                    index=kind_names.index(guessed) if guessed in kinds else len(kind_names) - 1,
+                    format_func=lambda k: kinds[k] + (" (our guess)" if k == guessed else ""),
+                    help="Chooses the augmentation and the largest useful resolution. Change it if the guess "
+                         "is wrong.")
+advice = suggestions.training_suggestion(ds, kind)
+if guessed and kind == guessed:
+    st.caption(f"Guessed from the images: {(ds.health.get('image_kind') or {}).get('reason', '')}.")
+with st.expander("Why these settings"):
+    for reason in advice.reasons:
+        st.markdown(f"- {reason}")
+
 c1, c2, c3 = st.columns(3)
 default_variant = qp.get("variant") if qp.get("variant") in choices.variants else choices.default_variant
 have_weights = {w["variant"]: w["available"] for w in ui.weights_table()}
@@ -28,20 +43,22 @@ variants = c1.multiselect("Variants (one run each)", choices.variants, default=[
                           key="train_variants",
                           format_func=lambda v: v if have_weights.get(v, True) else f"{v} (no ImageNet weights here)")
 want = str(qp.get("resolution", ""))
-want_res = int(want) if want.isdigit() else choices.default_resolution
-res_options = sorted({*choices.resolutions, want_res})
+useful = [r for r in choices.resolutions if r <= advice.max_resolution] or [min(choices.resolutions)]
+want_res = int(want) if want.isdigit() else min(choices.default_resolution, max(useful))
+res_options = sorted({*useful, want_res})
 resolution = c2.select_slider("Resolution (px)", res_options, value=want_res, key="train_resolution")
 recipes = list(choices.recipes)
 recipe = c3.selectbox("Recipe", recipes,
-                      index=recipes.index(choices.default_recipe) if choices.default_recipe in recipes else 0,
-                      key="train_recipe", help="quick: seconds to minutes · default: minutes · thorough: longer")
+                      index=recipes.index(advice.recipe) if advice.recipe in recipes else 0,
+                      key=f"train_recipe_{ds.id}",
+                      help="quick: seconds to minutes · default: minutes · thorough: longer")
 
 presets = list(choices.presets)
-suggested = views.default_preset(ds.id)
-preset = st.radio("Augmentation preset", presets, horizontal=True, key=f"train_preset_{ds.id}",
+suggested = advice.preset
+preset = st.radio("Augmentation preset", presets, horizontal=True, key=f"train_preset_{ds.id}_{kind}",
                   index=presets.index(suggested) if suggested in presets else 0,
-                  help="medical: gentle (no colour jitter, optional vertical flip) · field: photos taken outdoors · "
-                       "none: resize and crop only")
+                  help="medical: gentle, for scans (no colour changes) · microscopy: any orientation, no colour "
+                       "changes (slides, cells, skin) · field: photos taken outdoors · none: resize and crop only")
 with st.expander("Preview: what the network will see with this preset", expanded=True):
     with ui.errors("Could not make the preview"):
         sample = tuple(str(s.path) for s in views.dataset_sample(ds.id, ds.classes[:4], per_class=2))
@@ -91,16 +108,20 @@ def progress_panel() -> None:
                         st.toast(f"Resuming run #{r.id}…")
             if lr.active:
                 frac = float(p.get("fraction") or 0.0)
-                text = (f"{p.get('message') or p.get('phase') or 'waiting for the worker'}"
-                        + (f" · loss {p['loss']:.3f}" if p.get("loss") is not None else "")
-                        + (f" · ETA {ui.fmt_seconds(p['eta_s'])}" if p.get("eta_s") is not None else ""))
+                text = ui.progress_text(p) + (f" · about {ui.fmt_seconds(p['eta_s'])} left"
+                                              if p.get("eta_s") is not None else "")
                 st.progress(min(max(frac, 0.0), 1.0), text=text)
             elif r.status == RunStatus.FAILED:
                 st.error(r.error or "failed")
             else:
                 sm = r.summary
-                bits = [f"{k} {ui.fmt_num(sm.get(v))}" for k, v in (("test accuracy", "test_accuracy"),
-                        ("macro-F1", "test_macro_f1"), ("latency ms", "latency_ms_p50")) if sm.get(v) is not None]
+                bits = []
+                if sm.get("test_accuracy") is not None:
+                    bits.append(f"test accuracy {sm['test_accuracy']:.0%}")
+                if sm.get("test_macro_f1") is not None:
+                    bits.append(f"macro-F1 {sm['test_macro_f1']:.2f}")
+                if sm.get("latency_ms_p50") is not None:
+                    bits.append(f"{sm['latency_ms_p50']:.0f} ms per image")
                 st.caption(" · ".join(bits + [f"trained in {ui.fmt_seconds(r.train_seconds)}"]))
             curves = pd.DataFrame(views.run_curves([r.id]))
             if not curves.empty:
@@ -113,4 +134,5 @@ def progress_panel() -> None:
                 st.caption(" · ".join(lr.events[:2]))
 
 
+st.caption(ui.METRIC_HELP["macro_f1"])
 progress_panel()

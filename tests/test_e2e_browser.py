@@ -223,7 +223,7 @@ def test_upload_train_export_download(server: tuple[str, Path], page, tmp_path: 
 
     # Export: build the bundle as a job, then download it through the browser.
     _goto(page, f"{url}/export?run=1")
-    page.get_by_text("Verified: ONNX Runtime matches PyTorch").wait_for()
+    page.get_by_text("Verified: the exported model gives the same answers").wait_for()
     page.get_by_role("button", name="Build bundle").click()
     download_button = page.get_by_role("button", name="Download bundle")
     download_button.first.wait_for(timeout=120_000)

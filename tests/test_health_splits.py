@@ -4,11 +4,14 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from core.health import (
     MIN_IMAGES_TO_TRAIN,
+    NEAR_DUP_MAX_COLOUR_DIFF,
+    NEAR_DUP_THRESHOLD,
     build_health,
     check_trainable,
     duplicate_clusters,
@@ -167,3 +170,100 @@ def test_optional_fields_type() -> None:
     assert it.group is None and it.cluster is None and it.user_split is None
     x: str | None = it.user_split
     assert x is None
+
+
+# --- near duplicates confirmed by pixels, on the shared datasets -------------------------
+# What the report must and must not call a near duplicate. "different" pairs are real
+# perceptual-hash matches (distance <= NEAR_DUP_THRESHOLD) between visibly different images:
+# the hash alone groups them (the old false alarm), the pixel check must not. "copies" are
+# made here from one file of each dataset (resized + re-encoded, saved as PNG, slightly
+# brightened) and must be grouped with their original.
+HASH_ALIKE_BUT_DIFFERENT = {
+    "mednist_3k": [("HeadCT/002494.jpeg", "HeadCT/007426.jpeg"),  # correlation 0.28
+                   ("AbdomenCT/001001.jpeg", "HeadCT/005329.jpeg"),  # different labels: no "conflict"
+                   ("HeadCT/001483.jpeg", "HeadCT/003944.jpeg")],
+    "beans": [], "rice_leaf_ph": [], "hymenoptera": [],  # no hash matches between different images
+}
+COPY_SOURCE = {"mednist_3k": "Hand/000748.jpeg", "beans": "train/healthy", "rice_leaf_ph": "blast",
+               "hymenoptera": "train/bees"}
+
+
+@dataclass
+class StoredRec(Rec):
+    store_path: str = ""
+
+
+def _stored(path: Path, label: str) -> StoredRec:
+    import hashlib
+
+    import imagehash
+
+    from core.images import decode
+
+    d = decode(path)
+    return StoredRec(hashlib.sha256(path.read_bytes()).hexdigest(), str(imagehash.phash(d.image)), label,
+                     width=d.width, height=d.height, mode=d.mode, original_name=path.name, store_path=str(path))
+
+
+def _copies(src: Path, out: Path) -> list[Path]:
+    from PIL import Image, ImageEnhance
+
+    from core.images import load_rgb
+
+    img = load_rgb(src)
+    small = img.resize((max(16, img.width // 2), max(16, img.height // 2)))
+    paths = [out / "half.jpg", out / "same.png", out / "brighter.jpg"]
+    small.save(paths[0], quality=70)
+    img.save(paths[1])
+    ImageEnhance.Brightness(img).enhance(1.05).save(paths[2], quality=90)
+    assert isinstance(img, Image.Image)
+    return paths
+
+
+@pytest.mark.parametrize("name", sorted(HASH_ALIKE_BUT_DIFFERENT))
+def test_near_duplicates_on_shared_datasets(name: str, tmp_path: Path) -> None:
+    from conftest import SHARED_DATASETS
+
+    from core.health import find_duplicates, store_signatures
+
+    root = SHARED_DATASETS / name
+    if not root.is_dir():
+        pytest.skip(f"shared dataset {name} not present")
+    src = root / COPY_SOURCE[name]
+    if src.is_dir():
+        src = sorted(p for p in src.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[0]
+    copies = _copies(src, tmp_path)
+    recs = [_stored(src, "orig")] + [_stored(p, "orig") for p in copies]
+    for a, b in HASH_ALIKE_BUT_DIFFERENT[name]:
+        ra, rb = _stored(root / a, a.split("/")[0]), _stored(root / b, b.split("/")[0])
+        assert (int(ra.phash, 16) ^ int(rb.phash, 16)).bit_count() <= NEAR_DUP_THRESHOLD  # a real hash match
+        recs += [ra, rb]
+    sigs = store_signatures("/")
+    clusters = duplicate_clusters(recs, signatures=sigs)
+    assert len(set(clusters[:4])) == 1, "resized / re-encoded / brightened copies must be grouped"
+    assert len(set(clusters[4:])) == len(recs) - 4, "visibly different images must stay apart"
+    assert not set(clusters[:4]) & set(clusters[4:])
+    dups = find_duplicates(recs, signatures=sigs)
+    assert dups["near_groups"] == 1 and dups["near_label_conflict_groups"] == 0 and dups["pixel_checked"]
+    if HASH_ALIKE_BUT_DIFFERENT[name]:  # the hash alone would have raised the false alarm
+        assert find_duplicates(recs)["near_groups"] > 1
+
+
+def test_cell_crops_of_different_colour_are_not_duplicates(tmp_path: Path) -> None:
+    """A pale red cell and a purple cell of the same shape: the hash matches, the colours do not."""
+    from PIL import Image, ImageDraw
+
+    from core.health import pixel_signature, pixel_similarity, same_picture
+
+    def cell(fill: tuple[int, int, int]) -> Image.Image:
+        img = Image.new("RGB", (100, 100), (236, 214, 220))
+        ImageDraw.Draw(img).ellipse((22, 20, 80, 78), fill=fill)
+        return img
+
+    import imagehash
+
+    red, purple = cell((222, 120, 130)), cell((120, 60, 160))
+    assert imagehash.phash(red) - imagehash.phash(purple) <= NEAR_DUP_THRESHOLD  # the hash calls them alike
+    corr, diff = pixel_similarity(pixel_signature(red), pixel_signature(purple))
+    assert diff > NEAR_DUP_MAX_COLOUR_DIFF and not same_picture(pixel_signature(red), pixel_signature(purple))
+    assert same_picture(pixel_signature(red), pixel_signature(red.resize((60, 60)).resize((100, 100))))

@@ -75,7 +75,15 @@ def _info(s: Session, run: Run, settings: Settings) -> RunInfo:
 # Service API
 # ---------------------------------------------------------------------------------------------
 def default_preset(s: Session, dataset_id: int) -> str:
-    """'medical' when most images are grayscale or DICOM (scans), else 'field' (photos)."""
+    """The preset for the kind of image the health report guessed (core.image_kind: scans ->
+    medical, stained slides and skin -> microscopy, photos -> field); for a dataset checked
+    before kinds were guessed: 'medical' when most images are grayscale or DICOM, else 'field'."""
+    from core.image_kind import PRESET_FOR_KIND
+
+    ds = repo.get_dataset_by_name_or_id(s, dataset_id)
+    kind = (((ds.health if ds else None) or {}).get("image_kind") or {}).get("kind")
+    if kind in PRESET_FOR_KIND:
+        return PRESET_FOR_KIND[kind]
     modes = s.scalars(select(Image.mode).where(Image.dataset_id == dataset_id)).all()
     gray = sum(m in GRAYSCALE_MODES or m == "DICOM" for m in modes)
     return "medical" if modes and gray / len(modes) > 0.5 else "field"

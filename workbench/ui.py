@@ -139,14 +139,16 @@ def fmt_num(x: Any, digits: int = 3) -> str:
 
 
 def fmt_seconds(s: float | None) -> str:
-    if s is None:
+    """A duration as people say it: "45 s", "9 min", "2 h 05 min" (rounded, never "8 min 60 s")."""
+    if s is None or (isinstance(s, float) and math.isnan(s)):
         return "—"
     s = float(s)
-    if s < 60:
+    if s < 59.5:
         return f"{s:.0f} s"
-    if s < 3600:
-        return f"{s // 60:.0f} min {s % 60:02.0f} s"
-    return f"{s // 3600:.0f} h {(s % 3600) // 60:02.0f} min"
+    minutes = round(s / 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def fmt_bytes(n: float | None) -> str:
@@ -158,6 +160,93 @@ def fmt_bytes(n: float | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GB"
+
+
+# One line for each measure where a page first shows it (help= of st.metric, captions).
+METRIC_HELP: dict[str, str] = {
+    "accuracy": "Share of test images the model labels correctly.",
+    "macro_f1": "Macro-F1: how well each class is found, averaged so every class counts the same, "
+                "however rare (1 = perfect).",
+    "ece": "Calibration error (ECE): how far the model's confidence is from how often it is right "
+           "(0 = a 90 % confident answer is right 90 % of the time).",
+    "latency_p50": "Typical time per image (p50): half of the images take less than this.",
+    "latency_p95": "Slow-case time per image (p95): 95 of 100 images take less than this.",
+    "gmacs": "GMACs: billions of multiply-adds per image, a measure of how much computing the model needs.",
+    "top1_prior": "How accurate this model size is on the ImageNet benchmark: a guide to its capacity, "
+                  "not a prediction of your score.",
+    "params": "Parameters: the number of learned weights (millions); more needs more memory and data.",
+    "throughput": "How many images per second it handles when given many at once.",
+}
+# Column labels for field names that reach a table (export variants, recommender candidates).
+FIELD_LABELS: dict[str, str] = {
+    "onnx_mb": "Model file (MB)", "file_mb": "Model file (MB)", "size_mb": "Model file (MB)",
+    "latency_ms_p50": "Typical time per image (ms)", "latency_p50_ms": "Typical time per image (ms)",
+    "latency_ms_p95": "Slow-case time per image (ms)", "latency_p95_ms": "Slow-case time per image (ms)",
+    "throughput_images_per_s": "Images per second (in batches)", "accuracy": "Test accuracy",
+    "accuracy_delta": "Accuracy change vs full precision", "top1_agreement_vs_fp32": "Same answer as full precision",
+    "memory_mb": "Memory (MB)", "device_memory_mb": "Device memory (MB)", "params_m": "Parameters (millions)",
+    "gmacs": "GMACs (computing per image)", "min_resolution": "Minimum resolution (px)", "file": "File",
+    "latency_machine": "Measured on", "test_macro_f1": "Test macro-F1", "macro_f1": "Macro-F1",
+}
+
+
+def field_label(name: str) -> str:
+    """A plain label for a field name (``onnx_mb`` -> "Model file (MB)"), never the raw name."""
+    return FIELD_LABELS.get(name) or name.replace("_", " ").strip().capitalize()
+
+
+_FIELD = re.compile(r"\b[a-z][a-z0-9]*(?:_[a-z0-9]+)+\b")
+
+
+def plain_sentence(text: str) -> str:
+    """A service's sentence with any field name it quotes replaced by its label, lower case."""
+    return _FIELD.sub(lambda m: field_label(m.group(0)).lower() if m.group(0) in FIELD_LABELS else m.group(0), text)
+
+
+def plain_cell(x: Any, digits: int = 3) -> Any:
+    """A table cell as shown: None/NaN as a dash, floats rounded to what they support."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}") if abs(x) < 10 ** digits else round(x)
+    return x
+
+
+def plain_rows(rows: Sequence[dict[str, Any]], digits: int = 3) -> list[dict[str, Any]]:
+    """Rows with plain column labels and cells (for st.dataframe)."""
+    return [{field_label(k): plain_cell(v, digits) for k, v in row.items()} for row in rows]
+
+
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
+
+
+def ordinal(n: int) -> str:
+    """1 -> "first", 12 -> "12th": how people number their bundles and runs."""
+    if 1 <= n <= len(ORDINALS):
+        return ORDINALS[n - 1]
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+_STEP = re.compile(r"^(?P<phase>\w+) epoch (?P<epoch>\d+) step (?P<step>\d+)/(?P<total>\d+)$")
+PHASE_WORDS = {"cache": "Preparing images", "head": "Training the new last layer",
+               "finetune": "Fine-tuning the whole model", "postrun": "Checking the trained model"}
+
+
+def progress_text(progress: dict[str, Any]) -> str:
+    """A training job's progress in plain words: "Preparing images (1 of 124)",
+    "Fine-tuning the whole model: round 3, 40 of 124"."""
+    message = str(progress.get("message") or "")
+    m = _STEP.match(message)
+    if m is None:
+        phase = str(progress.get("phase") or "")
+        if message.endswith(": starting"):
+            return f"{PHASE_WORDS.get(phase, phase.capitalize())}: starting"
+        return message or PHASE_WORDS.get(phase, phase) or "Waiting for the worker"
+    words = PHASE_WORDS.get(m["phase"], m["phase"].capitalize())
+    if m["phase"] == "cache":
+        return f"{words} ({int(m['step'])} of {m['total']})"
+    return f"{words}: round {int(m['epoch']) + 1}, {int(m['step'])} of {m['total']}"
 
 
 STATUS_ICON: dict[str, str] = {

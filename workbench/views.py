@@ -20,13 +20,13 @@ from sqlalchemy import ColumnElement, func, nulls_last, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.db import get_sessionmaker
-from storage.models import Dataset, Image, Job, Run
+from storage.models import Artifact, Dataset, Image, Job, Run
 from workbench import runs
 from workbench.datasets import DatasetInfo
 from workbench.paths import importable_folders
 from workbench.runs import RunInfo
 from workbench.settings import get_settings
-from workbench.status import ACTIVE_JOB, ACTIVE_RUN, JobKind
+from workbench.status import ACTIVE_JOB, ACTIVE_RUN, JobKind, RunStatus
 
 log = logging.getLogger("workbench.views")
 
@@ -183,7 +183,7 @@ def train_choices() -> TrainChoices:
 
 
 def default_preset(dataset_id: int) -> str | None:
-    """The training service's suggestion (medical for grayscale/DICOM data, else field); None if unknown."""
+    """The training service's suggestion (from the kind of image the report guessed); None if unknown."""
     try:
         with _db()() as s:
             return runs.default_preset(s, dataset_id)
@@ -375,5 +375,34 @@ def recommend_budget(*, device: str, latency_ms: float = 0, latency_p95_ms: floa
         "memory_mb": memory_mb or None, "size_mb": size_mb or None, "precision": precision,
         "max_params_m": max_params_m or None, "min_resolution": int(min_resolution) or None,
         "train_images": sum(train.values()) or None,
+        # The images' own size caps the resolution (no 260 px proposals for 100 px crops).
+        "max_resolution": ((dataset.health.get("suggestion") or {}).get("max_resolution") if dataset else None),
         "num_classes": dataset.num_classes if dataset and dataset.num_classes else 1000,
     }
+
+
+# --- sensible defaults -----------------------------------------------------------------
+def newest_dataset_id() -> int | None:
+    """The dataset the Runs page opens on: the newest one that has runs, else the newest."""
+    with _db()() as s:
+        with_runs = s.scalar(select(Run.dataset_id).order_by(Run.created_at.desc(), Run.id.desc()).limit(1))
+        return with_runs if with_runs is not None else s.scalar(select(func.max(Dataset.id)))
+
+
+def default_predict_run(dataset: int | None = None) -> int | None:
+    """The model Predict opens on: among the succeeded runs of ``dataset`` (all when None),
+    an exported one (a bundle was built) before one that was not, then the best test macro-F1,
+    then the newest."""
+    where = [Run.status == RunStatus.SUCCEEDED] + ([Run.dataset_id == dataset] if dataset is not None else [])
+    with _db()() as s:
+        rows = s.execute(select(Run.id, Run.summary).where(*where).order_by(Run.id.desc()).limit(2000)).all()
+        exported = set(s.scalars(select(Artifact.run_id).where(Artifact.kind == "bundle",
+                                                               Artifact.run_id.in_([r for r, _ in rows]))).all())
+    if not rows:
+        return None
+
+    def rank(row: tuple[int, Any]) -> tuple[bool, float, int]:
+        f1 = (row[1] or {}).get("test_macro_f1")
+        return (row[0] in exported, float(f1) if isinstance(f1, (int, float)) else -1.0, row[0])
+
+    return max(rows, key=rank)[0]

@@ -96,8 +96,19 @@ def _print_report(r: dict[str, Any]) -> None:
         print(f"  median size: {sz['width']['p50']:g}x{sz['height']['p50']:g}; "
               f"{sz['share_smaller_than_input']:.0%} smaller than {sz['input_size']}px")
     d = h["duplicates"]
+    checked = " (confirmed pixel by pixel)" if d.get("pixel_checked") else ""
     print(f"  exact duplicate groups: {d['exact_groups']} ({d['exact_cross_split_groups']} cross-split), "
-          f"near-duplicate groups: {d['near_groups']} ({d['near_cross_split_groups']} cross-split)")
+          f"near-duplicate groups{checked}: {d['near_groups']} ({d['near_cross_split_groups']} cross-split)")
+    kind = h.get("image_kind") or {}
+    if kind:
+        print(f"  these look like: {kind.get('label')} ({kind.get('reason')}); "
+              "override with `workbench train --image-kind KIND`")
+    per_class = (h.get("shortcuts") or {}).get("per_class") or {}
+    if per_class:
+        print("  per class: " + "; ".join(
+            f"{display_name(c)} {p['median_width']}x{p['median_height']} px"
+            + (f", brightness {p['median_brightness']:.0f}" if "median_brightness" in p else "")
+            + ", " + "/".join(p["formats"]) for c, p in per_class.items()))
     for w in h["warnings"]:
         print(f"  warning: {display_name(w)}")
     if r["skipped"]:

@@ -11,6 +11,8 @@ from workbench.status import ACTIVE_RUN, TERMINAL, RunStatus
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from core.augment import PRESETS
+    from core.image_kind import IMAGE_KINDS, KIND_LABELS
     from core.train import RECIPES
 
     p = subparsers.add_parser("train", help="fine-tune one or more variants on a dataset (in the worker)")
@@ -18,8 +20,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--variant", action="append", dest="variants", metavar="NAME",
                    help="EfficientNet variant (repeat to compare several); default lite0")
     p.add_argument("--resolution", type=int, default=None, help="input size in px (default: the variant's)")
-    p.add_argument("--preset", choices=["medical", "field", "none"], default=None,
-                   help="augmentation preset (default: medical for grayscale/DICOM datasets, else field)")
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="augmentation preset (default: from the kind of image, see --image-kind)")
+    p.add_argument("--image-kind", choices=list(IMAGE_KINDS), default=None,
+                   help="what the images are, overriding the guess of the health report: "
+                        + "; ".join(f"{k} = {v}" for k, v in KIND_LABELS.items())
+                        + " (chooses the augmentation preset unless --preset is given)")
     p.add_argument("--recipe", choices=list(RECIPES), default="default")
     p.add_argument("--epochs", type=int, default=None, help="fine-tune epochs (overrides the recipe)")
     p.add_argument("--batch-label", default=None, help="label grouping these runs for comparison")
@@ -94,11 +100,13 @@ def _describe(info: runs.RunInfo) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from core.image_kind import PRESET_FOR_KIND
     from core.weights import WeightsError
 
+    preset = args.preset or (PRESET_FOR_KIND[args.image_kind] if args.image_kind else None)
     try:
         ids = runs.queue_training(args.dataset, args.variants or ["lite0"], resolution=args.resolution,
-                                  preset=args.preset, recipe=args.recipe, epochs=args.epochs,
+                                  preset=preset, recipe=args.recipe, epochs=args.epochs,
                                   batch_label=args.batch_label)
     except (runs.RunError, WeightsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
