@@ -406,10 +406,13 @@ def measure_points(keys: Iterable[str], *, repeats: int = 3, runs: int = 15, max
     from core.latency import Spec, measure_side_by_side
 
     keys = list(dict.fromkeys(keys))
-    hits = {k: (cache.get(cache_key(k)) if cache is not None and not refresh else None) for k in keys}
-    if all(h and "p50_ms" in h for h in hits.values()):
-        return [LatencyPoint(k, float(h["p50_ms"]), float(h.get("p95_ms", h["p50_ms"])))  # type: ignore[index]
-                for k, h in hits.items()]
+    hits: dict[str, dict[str, Any]] = {}
+    for k in keys:
+        hit = cache.get(cache_key(k)) if cache is not None and not refresh else None
+        if hit and "p50_ms" in hit:
+            hits[k] = dict(hit)
+    if len(hits) == len(keys):
+        return [LatencyPoint(k, float(h["p50_ms"]), float(h.get("p95_ms", h["p50_ms"]))) for k, h in hits.items()]
     paths = {k: _exported(k) for k in keys}
     if progress:
         progress(f"exported {', '.join(keys)}; timing them side by side")

@@ -107,8 +107,9 @@ def _summary_fields(m: dict[str, Any], tta: bool) -> RunSummary:
     fields: RunSummary = {"test_accuracy": m["accuracy"], "test_balanced_accuracy": m["balanced_accuracy"],
                           "test_macro_f1": m["macro_f1"], "ece": m["calibration"]["before"]["ece"]}
     if iv := m.get("intervals"):  # 95 % ranges, so the leaderboard can show them without the Evaluation row
-        fields.update(test_n=iv["n"], test_accuracy_lo=iv["accuracy"]["lo"], test_accuracy_hi=iv["accuracy"]["hi"],
-                      test_macro_f1_lo=iv["macro_f1"]["lo"], test_macro_f1_hi=iv["macro_f1"]["hi"])
+        fields["test_n"] = iv["n"]
+        fields["test_accuracy_lo"], fields["test_accuracy_hi"] = iv["accuracy"]["lo"], iv["accuracy"]["hi"]
+        fields["test_macro_f1_lo"], fields["test_macro_f1_hi"] = iv["macro_f1"]["lo"], iv["macro_f1"]["hi"]
     if m["calibration"].get("after"):
         fields["ece_after_temperature"] = m["calibration"]["after"]["ece"]
         fields["temperature"] = m["calibration"]["temperature"]

@@ -302,7 +302,7 @@ def per_class_ranges(metrics: dict[str, Any]) -> list[str]:
             for i, row in enumerate(rows)]
 
 
-def leaderboard_margin(rows: Sequence[LeaderboardRow]) -> str:
+def leaderboard_margin(rows: Sequence[LeaderboardRow], session_factory: sessionmaker[Session] | None = None) -> str:
     """Whether the two best-ranked evaluated runs of one dataset differ by more than chance ("" when
     there are not two to compare)."""
     from workbench.evaluations import compare_runs
@@ -310,7 +310,7 @@ def leaderboard_margin(rows: Sequence[LeaderboardRow]) -> str:
     done = [r for r in rows if r.test_accuracy is not None]
     if len(done) < 2 or done[0].dataset != done[1].dataset:
         return ""
-    cmp = compare_runs(done[0].run, done[1].run, session_factory=_db())
+    cmp = compare_runs(done[0].run, done[1].run, session_factory=session_factory or _db())
     return "" if cmp is None else cmp.sentence[0].upper() + cmp.sentence[1:] + "."
 
 
