@@ -429,6 +429,8 @@ def measure_points(keys: Iterable[str], *, repeats: int = 3, runs: int = 15, max
                                      "conditions": lat[k].conditions})
     if progress:
         progress(f"measured {len(keys)} models in one sitting")
+        for w in dict.fromkeys(lat[k].warning for k in keys if lat[k].warning):
+            progress(w)
     return out
 
 

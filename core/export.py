@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -316,7 +317,8 @@ def uint8_agreement(uint8_path: str | Path, fp32_path: str | Path, paths: Sequen
 def _speed_record(path: Path, b1: Latency | None, bt: Latency | None, throughput_batch: int,
                   note: str = "") -> dict[str, Any]:
     size = path.stat().st_size
-    warning = "; ".join(w for w in (note, b1.warning if b1 else "", bt.warning if bt else "") if w)
+    warning = "; ".join(w for w in (note, f"batch 1: {b1.warning}" if b1 and b1.warning else "",
+                                    f"batch {throughput_batch}: {bt.warning}" if bt and bt.warning else "") if w)
     return {"onnx_mb": size / 1e6, "bytes": size,
             "latency_ms_p50": b1.p50_ms if b1 else None, "latency_ms_p95": b1.p95_ms if b1 else None,
             "throughput_batch": throughput_batch, "throughput_images_per_s": bt.images_per_s if bt else None,
@@ -341,7 +343,8 @@ def measure_variants(paths: Mapping[str, str | Path], resolution: int, *, runs: 
                                   rounds=min(5, throughput_runs), runs=throughput_runs, max_seconds=max_seconds,
                                   idle_wait_s=idle_wait_s, say=say)
     except MachineBusy as e:
-        return {k: _speed_record(v, None, None, throughput_batch, f"not measured: {e}") for k, v in named.items()}
+        note = f"not measured: machine busy (load {e.load:.1f} on {os.cpu_count()} cores) — measure again later"
+        return {k: _speed_record(v, None, None, throughput_batch, note) for k, v in named.items()}
     return {k: _speed_record(v, b1[k], bt[k], throughput_batch) for k, v in named.items()}
 
 
@@ -500,7 +503,8 @@ def model_card(info: dict[str, Any], file_hashes: dict[str, str]) -> str:
                      f"{'' if delta is None else f'{delta:+.2%}'} |")
         L.append("")
         if cond:
-            L += [f"All speeds above were measured side by side in one sitting on {cond.get('measured_at', '?')} "
+            when = str(cond.get("measured_at", "?")).replace("T", " ").replace("+00:00", "")
+            L += [f"All speeds above were measured side by side in one sitting on {when} "
                   f"UTC with the other processes idle (load {cond.get('load_before', '?')} before, "
                   f"{cond.get('load_after', '?')} after), {cond.get('threads', '?')} threads, "
                   f"{cond.get('provider', '?')}, onnxruntime {cond.get('onnxruntime', '?')}.", ""]
