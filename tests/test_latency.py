@@ -81,6 +81,28 @@ def test_side_by_side_is_one_sitting_round_robin(models: dict[str, Path]) -> Non
         measure_side_by_side([specs[0], specs[0]])
 
 
+def test_an_exports_precisions_share_one_sitting(models: dict[str, Path]) -> None:
+    """The export table's records (core.export.measure_variants): every precision timed in the same
+    sitting, conditions attached, sizes from the files."""
+    from core.export import measure_variants
+
+    rec = idle_or_skip(lambda: _measured(measure_variants({"fp32": models["wide"], "fp16": models["small"]}, 96,
+                                                          runs=6, max_seconds=1.0, throughput_batch=4,
+                                                          throughput_runs=3, idle_wait_s=20)))
+    assert len({r["latency_conditions"]["sitting"] for r in rec.values()}) == 1
+    assert all(r["latency_ms_p50"] > 0 and r["throughput_images_per_s"] > 0 for r in rec.values())
+    assert rec["fp32"]["latency_b1"]["conditions"]["sitting"] == rec["fp32"]["latency_conditions"]["sitting"]
+    assert rec["fp32"]["bytes"] == models["wide"].stat().st_size
+
+
+def _measured(rec: dict[str, dict]) -> dict[str, dict]:
+    """measure_variants never raises on a busy machine: turn its 'not measured' record back into a skip."""
+    note = next(iter(rec.values()))["latency_note"]
+    if note.startswith("not measured"):
+        raise MachineBusy(note, 0.0)
+    return rec
+
+
 def test_old_stored_latency_still_reads() -> None:
     old = {"batch": 1, "p50_ms": 5.0, "p95_ms": 6.0, "mean_ms": 5.2, "images_per_s": 200.0, "runs": 20, "threads": 2}
     lat = Latency.from_dict(old)
