@@ -1,16 +1,21 @@
-"""Fine-tuning benchmark on beans: our recipes vs a plain timm fine-tune, same weights, same split.
+"""Training benchmark through the product path: what `workbench train DATASET --recipe R` gives a user.
 
-    .venv/bin/python bench/bench_train.py [--recipes quick@192 default@224] [--no-baseline] \
-        [--out bench/results_train.md]
+    .venv/bin/python bench/bench_train.py [--dataset beans] [--recipes quick default] [--seeds 5] \
+        [--out bench/results_train.md] [--max-load 4]
 
-Data: ../shared/datasets/beans, train/ split 85/15 (stratified, seed 0) into train/val for
-both contenders; test/ (128 images) is held out and only used for the reported accuracy.
-Wall time = image files on disk -> trained model: weights loading, decoding, caching,
-training, per-epoch validation and checkpoints. Not counted: Python/torch imports and the
-final test evaluation (the same eval-time ``preprocess`` for every contender).
-Baseline: timm ``tf_efficientnet_lite0`` with the same offline ImageNet weights (our state
-dict, same key names), 1 frozen epoch + 3 unfrozen epochs at 224, AdamW, one-cycle,
-label smoothing 0.1, batch 32, RandomResizedCrop + flips, as tutorials do.
+For each measured run, exactly what a user's run goes through:
+
+* the dataset is ingested into a throw-away data dir with the CLI (`workbench data add`, split
+  seed 0: the split every user gets), once for the whole benchmark;
+* each run is queued with the service the CLI's `workbench train` calls (``runs.queue_training``,
+  the recipe's own settings, only the training seed changed) and trained by the worker process;
+* the after-training step (fp32 export, verification, latency, test evaluation) runs as for any
+  run, and the test accuracy / macro-F1 are the ones the leaderboard shows (with 95 % ranges).
+
+Per recipe: mean, standard deviation and min-max over the seeds of test accuracy, test macro-F1,
+training time (the run's ``train_seconds``) and end-to-end time (queued -> evaluated). The load
+average is recorded before and after every run; runs started above ``--max-load`` wait (up to
+10 minutes) for the machine to calm down, and a run that started loaded is marked.
 """
 from __future__ import annotations
 
@@ -18,171 +23,149 @@ import argparse
 import json
 import os
 import platform
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from core.data import as_samples  # noqa: E402
-from core.images import load_rgb  # noqa: E402
-from core.latency import machine_id  # noqa: E402
-from core.preprocessing import preprocess  # noqa: E402
-from core.train import Callback, load_trained_model, make_config, stratified_val, train  # noqa: E402
-from core.weights import create_model  # noqa: E402
-
-BEANS = REPO.parent / "shared" / "datasets" / "beans"
+SHARED = REPO.parent / "shared" / "datasets"
+RUN_TIMEOUT_S = 3600.0
 
 
-def listing(split: str) -> tuple[list[tuple[str, int]], list[str]]:
-    classes = sorted(d.name for d in (BEANS / split).iterdir() if d.is_dir())
-    items = [(str(p), i) for i, c in enumerate(classes) for p in sorted((BEANS / split / c).iterdir())]
-    return items, classes
+def cli(*args: str, env: dict[str, str]) -> str:
+    """Run the `workbench` CLI (same interpreter, this checkout) and return its stdout."""
+    out = subprocess.run([sys.executable, "-m", "workbench.cli", *args], cwd=REPO, env=env, capture_output=True,
+                         text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"`workbench {' '.join(args)}` failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out.stdout
 
 
-@torch.inference_mode()
-def test_accuracy(model: torch.nn.Module, pre, test: list[tuple[str, int]]) -> float:
-    model.eval()
-    correct = 0
-    for s in range(0, len(test), 32):
-        chunk = test[s:s + 32]
-        x = torch.from_numpy(np.stack([preprocess(load_rgb(p), pre) for p, _ in chunk]))
-        correct += int((model(x).argmax(1).numpy() == np.array([y for _, y in chunk])).sum())
-    return correct / len(test)
+def wait_for_calm(max_load: float, limit_s: float = 600.0) -> float:
+    """Wait (bounded) until the 1-minute load average is below ``max_load``; return it."""
+    deadline = time.monotonic() + limit_s
+    while (load := os.getloadavg()[0]) >= max_load and time.monotonic() < deadline:
+        print(f"  load {load:.1f} >= {max_load}: waiting", flush=True)
+        time.sleep(15)
+    return load
 
 
-class Printer(Callback):
-    def on_epoch_end(self, phase, epoch, m):
-        print(f"  epoch {epoch} {phase}: val acc {m['val_accuracy']:.3f} F1 {m['val_macro_f1']:.3f} "
-              f"({m['epoch_seconds']:.1f} s, {m['images_per_s']:.0f} img/s)", flush=True)
-
-    def on_log(self, level, message, data=None):
-        print(f"  [{level}] {message}", flush=True)
-
-
-def run_ours(recipe: str, resolution: int, tr, va, classes, test, out_dir: Path) -> dict:
-    t0 = time.perf_counter()
-    cfg = make_config(recipe, augment="field", num_threads=torch.get_num_threads())
-    res = train(tr, classes, "lite0", out_dir / f"{recipe}@{resolution}", cfg, resolution=resolution,
-                val_samples=va, callback=Printer())
-    wall = time.perf_counter() - t0  # trained model on disk (best.pt); test evaluation not counted
-    tm = load_trained_model(res.best_path)
-    acc = test_accuracy(tm.model, tm.preprocessing, test)
-    phase_s: dict[str, float] = {}
-    for h in res.history:
-        phase_s[h["phase"]] = round(phase_s.get(h["phase"], 0.0) + h["epoch_seconds"], 1)
-    return {"name": f"ours:{recipe}", "resolution": resolution, "test_acc": acc, "wall_s": wall,
-            "val_acc": res.best["metrics"]["accuracy"],
-            "detail": {**{k: res.summary.get(k) for k in ("cache_entry", "cache_backend", "cache_seconds",
-                                                          "load_seconds", "epochs_run", "best_epoch", "best_phase")},
-                       "phase_seconds": phase_s}}
-
-
-def run_baseline(tr, classes, test) -> dict:
-    import timm
-    import torchvision.transforms as T
-    from torch.utils.data import DataLoader, Dataset
+def one_run(dataset: str, recipe: str, seed: int, variant: str) -> dict:
+    """Queue, train and evaluate one run through the worker; the figures the app shows for it."""
+    from workbench import lanes, runs
+    from workbench.status import TERMINAL, RunStatus
 
     t0 = time.perf_counter()
-    loaded = create_model("lite0", len(classes), resolution=224)
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=len(classes))
-    missing, unexpected = model.load_state_dict(loaded.model.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("classifier") for k in missing), (missing, unexpected)
-    pre = loaded.preprocessing
-    tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
-                    T.Normalize(pre.mean, pre.std)])
+    (rid,) = runs.queue_training(dataset, [variant], recipe=recipe, batch_label=f"bench {recipe}",
+                                 overrides={"seed": seed})
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while True:
+        info = runs.get_run(rid)
+        sm = info.summary or {}
+        finished = info.status in TERMINAL and (info.status != RunStatus.SUCCEEDED or "test_accuracy" in sm
+                                                or "evaluation_error" in sm or "postrun_error" in sm)
+        if finished or time.monotonic() > deadline:
+            break
+        if lanes.worker_pid() is None and info.status not in TERMINAL:
+            lanes.ensure_worker()
+        time.sleep(2)
+    wall = time.perf_counter() - t0
+    return {"run": rid, "recipe": recipe, "seed": seed, "status": str(info.status), "error": info.error,
+            "test_accuracy": sm.get("test_accuracy"), "test_accuracy_lo": sm.get("test_accuracy_lo"),
+            "test_accuracy_hi": sm.get("test_accuracy_hi"), "test_macro_f1": sm.get("test_macro_f1"),
+            "test_n": sm.get("test_n"), "val_accuracy": (info.best_metrics or {}).get("accuracy"),
+            "train_s": info.train_seconds, "end_to_end_s": wall, "resolution": info.resolution,
+            "latency_ms_p50": sm.get("latency_ms_p50"), "latency_note": sm.get("latency_note"),
+            "evaluation_error": sm.get("evaluation_error") or sm.get("postrun_error")}
 
-    class Folder(Dataset):
-        def __len__(self) -> int:
-            return len(tr)
 
-        def __getitem__(self, i: int):
-            return tf(load_rgb(tr[i][0])), tr[i][1]
+def spread(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+    """"mean ± sd (min-max)" of the measured values ("n/a" when none)."""
+    v = [x * scale for x in values if x is not None]
+    if not v:
+        return "n/a"
+    sd = statistics.stdev(v) if len(v) > 1 else 0.0
+    return f"{statistics.mean(v):.{digits}f} ± {sd:.{digits}f} ({min(v):.{digits}f}-{max(v):.{digits}f})"
 
-    loader = DataLoader(Folder(), batch_size=32, shuffle=True, num_workers=0,
-                        generator=torch.Generator().manual_seed(0))
-    crit = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
 
-    def epochs(n: int, params, lr: float) -> None:
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=n * len(loader))
-        model.train()
-        for _ in range(n):
-            te = time.perf_counter()
-            for x, y in loader:
-                opt.zero_grad()
-                crit(model(x), y).backward()
-                opt.step()
-                sched.step()
-            print(f"  baseline epoch done in {time.perf_counter() - te:.0f} s", flush=True)
+def report(rows: list[dict], args: argparse.Namespace, started: str, machine: str, counts: str) -> str:
+    import torch
 
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in model.get_classifier().parameters():
-        p.requires_grad_(True)
-    epochs(1, model.get_classifier().parameters(), 1e-3)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    epochs(3, model.parameters(), 1e-3)
-    wall = time.perf_counter() - t0  # test evaluation not counted (as for ours)
-    acc = test_accuracy(model, pre, test)
-    return {"name": "timm baseline (1 frozen + 3 full epochs)", "resolution": 224, "test_acc": acc, "wall_s": wall}
+    lines = [f"# Training benchmark through the product path: {args.dataset}, {args.variant}", "",
+             f"Date: {started}. Machine: `{machine}`, torch {torch.__version__}, python {platform.python_version()}.",
+             "", f"Command: `.venv/bin/python bench/bench_train.py {' '.join(sys.argv[1:])}`", "",
+             f"Path: `workbench data add` (split seed 0: {counts}), then per seed the service behind "
+             "`workbench train --recipe R` (training seed changed only), the worker, and the automatic "
+             "after-training export and test evaluation. Figures are what the leaderboard shows.", "",
+             "| recipe | seeds | test accuracy % | test macro-F1 | training s | queued -> evaluated s |",
+             "|---|---|---|---|---|---|"]
+    for recipe in args.recipes:
+        rs = [r for r in rows if r["recipe"] == recipe and r["test_accuracy"] is not None]
+        lines.append(f"| {recipe} | {len(rs)} | {spread([r['test_accuracy'] for r in rs], 100)} | "
+                     f"{spread([r['test_macro_f1'] for r in rs], 1, 3)} | {spread([r['train_s'] for r in rs], 1, 0)} | "
+                     f"{spread([r['end_to_end_s'] for r in rs], 1, 0)} |")
+    lines += ["", "Mean ± standard deviation (min-max) over the seeds. One test image is "
+              f"{100 / max(1, rows[0].get('test_n') or 1):.1f} points of accuracy; each run's own 95 % range is "
+              "in the details.", "", "Per run (load average before / after):", "",
+              "| run | recipe | seed | status | test accuracy (95 % range) | macro-F1 | train s | e2e s | load |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        acc = ("n/a" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:.1f} % "
+               f"({100 * (r['test_accuracy_lo'] or 0):.0f}-{100 * (r['test_accuracy_hi'] or 0):.0f} %)")
+        f1 = "n/a" if r["test_macro_f1"] is None else f"{r['test_macro_f1']:.3f}"
+        loaded = " (started loaded)" if r["load_before"] >= args.max_load else ""
+        lines.append(f"| {r['run']} | {r['recipe']} | {r['seed']} | {r['status']} | {acc} | {f1} | "
+                     f"{r['train_s'] or 0:.0f} | {r['end_to_end_s']:.0f} | {r['load_before']:.1f} / "
+                     f"{r['load_after']:.1f}{loaded} |")
+    lines += ["", "Details:", "", "```", *[json.dumps(r, default=str) for r in rows], "```", ""]
+    return "\n".join(lines)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--recipes", nargs="*", default=["quick@192", "default@224"],
-                    help="recipe@resolution (resolution defaults to 224)")
-    ap.add_argument("--no-baseline", action="store_true")
-    ap.add_argument("--baseline-s", type=float, default=521.0, help="baseline wall s if not run (earlier figure)")
-    ap.add_argument("--baseline-acc", type=float, default=0.938)
+    ap = argparse.ArgumentParser(description="Training benchmark through the product path (workbench train).")
+    ap.add_argument("--dataset", default="beans", help=f"a folder under {SHARED}")
+    ap.add_argument("--recipes", nargs="+", default=["quick", "default"])
+    ap.add_argument("--seeds", type=int, default=5, help="training seeds per recipe (0..N-1)")
+    ap.add_argument("--variant", default="lite0")
+    ap.add_argument("--max-load", type=float, default=4.0, help="wait before a run while the load is above this")
     ap.add_argument("--out", default=str(REPO / "bench" / "results_train.md"))
     args = ap.parse_args()
-    load_start = os.getloadavg()
+
+    data_dir = Path(tempfile.mkdtemp(prefix="wb-bench-train-"))
+    os.environ["WORKBENCH_DATA_DIR"] = str(data_dir)  # before any workbench import reads the settings
+    os.environ.pop("DATABASE_URL", None)
+    os.environ["WORKBENCH_IMPORT_DIR"] = str(SHARED)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    sys.path.insert(0, str(REPO))
+    from core.latency import machine_id
+    from workbench import lanes
+
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    torch.manual_seed(0)
-    train_all, classes = listing("train")
-    test, test_classes = listing("test")
-    assert classes == test_classes
-    tr, va = stratified_val(as_samples(train_all), 0.15, 0)
-    print(f"beans: {len(tr)} train / {len(va)} val / {len(test)} test, {torch.get_num_threads()} threads", flush=True)
+    print(f"data dir {data_dir}", flush=True)
+    counts = cli("data", "add", str(SHARED / args.dataset), "--name", args.dataset, "--quiet", env=env).strip()
+    print(counts, flush=True)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for spec in args.recipes:
-            r, _, res = spec.partition("@")
-            print(f"== ours: {r} @ {res or 224}", flush=True)
-            rows.append(run_ours(r, int(res or 224), tr, va, classes, test, Path(tmp)))
-            print(json.dumps(rows[-1]), flush=True)
-    if args.no_baseline:
-        base = {"name": "timm baseline (earlier measurement, not re-run)", "resolution": 224,
-                "test_acc": args.baseline_acc, "wall_s": args.baseline_s}
-    else:
-        print("== baseline", flush=True)
-        base = run_baseline([(s.path, s.label) for s in tr], classes, test)
-        print(json.dumps(base), flush=True)
-    rows.append(base)
-    load = os.getloadavg()
-    lines = ["# Fine-tuning benchmark: beans, EfficientNet-Lite0, offline ImageNet weights", "",
-             f"Date: {started}. Machine: `{machine_id()}`, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads ({platform.python_version()}).",
-             f"Load average at the start {load_start[0]:.2f}/{load_start[1]:.2f}/{load_start[2]:.2f}, at the end "
-             f"{load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}.",
-             "", f"Command: `.venv/bin/python bench/bench_train.py {' '.join(sys.argv[1:])}`", "",
-             f"Split: beans train/ -> {len(tr)} train + {len(va)} val (stratified, seed 0); test/ = {len(test)} "
-             "held-out images (1 image = 0.8 points).", "",
-             "| recipe | resolution | test acc | wall s | wall / baseline |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['name']} | {r['resolution']} | {100 * r['test_acc']:.1f} % | {r['wall_s']:.0f} | "
-                     f"{r['wall_s'] / base['wall_s']:.2f} |")
-    lines += ["", "Details:", "", "```", *[json.dumps(r) for r in rows], "```", ""]
-    Path(args.out).write_text("\n".join(lines))
-    print("\n".join(lines))
-    return 0
+    try:
+        for seed in range(args.seeds):  # seeds outer, recipes inner: a load change hits every recipe alike
+            for recipe in args.recipes:
+                before = wait_for_calm(args.max_load)
+                print(f"== {recipe}, seed {seed} (load {before:.1f})", flush=True)
+                row = one_run(args.dataset, recipe, seed, args.variant)
+                row.update(load_before=before, load_after=os.getloadavg()[0])
+                print(json.dumps(row, default=str), flush=True)
+                rows.append(row)
+    finally:
+        for lane in lanes.LANES:  # the workers this benchmark started (its own data dir only)
+            pid = lanes.worker_pid(lane=lane)
+            if pid:
+                os.kill(pid, 15)
+    text = report(rows, args, started, machine_id(), counts.split(":", 1)[-1].strip())
+    Path(args.out).write_text(text)
+    print(text)
+    return 0 if all(r["test_accuracy"] is not None for r in rows) else 1
 
 
 if __name__ == "__main__":

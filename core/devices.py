@@ -393,44 +393,45 @@ def cache_key(candidate_key: str, precision: str = "fp32", batch: int = 1) -> st
 
 
 def measure_points(keys: Iterable[str], *, repeats: int = 3, runs: int = 15, max_seconds: float = 4.0,
-                   cache: LatencyCache | None = None, refresh: bool = False,
+                   cache: LatencyCache | None = None, refresh: bool = False, idle_wait_s: float = 60.0,
                    progress: Callable[[str], None] | None = None) -> list[LatencyPoint]:
     """ONNX Runtime fp32 batch-1 latency of each model (random weights: latency does not depend on them).
 
-    Rounds are interleaved (every model once per round) and the lowest p50 over rounds is kept:
-    on a shared machine, other processes only ever add time, so the minimum is the least-noisy
-    estimate of the model's own cost.
+    All the models are timed in one sitting on idle cores (``core.latency.measure_side_by_side``:
+    warm-up, ``repeats`` x ``max(1, runs // repeats)`` rounds round-robin across the models, spread
+    checked), so their figures compare with each other. The cache only answers when it holds every
+    model: figures from different sittings are never mixed in one fit. Raises
+    ``core.latency.MachineBusy`` (plain message) when the cores do not become idle.
     """
-    from core.latency import measure_latency
+    from core.latency import Spec, measure_side_by_side
 
     keys = list(dict.fromkeys(keys))
-    out: dict[str, LatencyPoint] = {}
-    todo: list[str] = []
+    hits: dict[str, dict[str, Any]] = {}
     for k in keys:
         hit = cache.get(cache_key(k)) if cache is not None and not refresh else None
         if hit and "p50_ms" in hit:
-            out[k] = LatencyPoint(k, float(hit["p50_ms"]), float(hit.get("p95_ms", hit["p50_ms"])))
-        else:
-            todo.append(k)
-    if todo:
-        paths = {k: _exported(k) for k in todo}
-        if progress:
-            progress(f"exported {', '.join(todo)}")
-        best: dict[str, tuple[float, float]] = {}
-        for r in range(repeats):
-            for k in todo:
-                lat = measure_latency(paths[k], get_variant(k).resolution, runs=runs, max_seconds=max_seconds)
-                if k not in best or lat.p50_ms < best[k][0]:
-                    best[k] = (lat.p50_ms, lat.p95_ms)
-            if progress:
-                progress(f"round {r + 1}/{repeats} measured")
-        for k in todo:
-            p50, p95 = best[k]
-            out[k] = LatencyPoint(k, p50, max(p50, p95))
-            if cache is not None:
-                cache.put(cache_key(k), {"p50_ms": p50, "p95_ms": max(p50, p95), "repeats": repeats,
-                                         "runs": runs, "measured_at": datetime.now(UTC).isoformat()})
-    return [out[k] for k in keys]
+            hits[k] = dict(hit)
+    if len(hits) == len(keys):
+        return [LatencyPoint(k, float(h["p50_ms"]), float(h.get("p95_ms", h["p50_ms"]))) for k, h in hits.items()]
+    paths = {k: _exported(k) for k in keys}
+    if progress:
+        progress(f"exported {', '.join(keys)}; timing them side by side")
+    lat = measure_side_by_side([Spec(k, paths[k], get_variant(k).resolution) for k in keys],
+                               rounds=max(3, repeats * 2), runs=max(runs, repeats * 2),
+                               max_seconds=max_seconds * repeats, idle_wait_s=idle_wait_s, say=progress)
+    out: list[LatencyPoint] = []
+    for k in keys:
+        p50, p95 = lat[k].p50_ms, max(lat[k].p50_ms, lat[k].p95_ms)
+        out.append(LatencyPoint(k, p50, p95))
+        if cache is not None:
+            cache.put(cache_key(k), {"p50_ms": p50, "p95_ms": p95, "repeats": repeats, "runs": lat[k].runs,
+                                     "measured_at": datetime.now(UTC).isoformat(), "warning": lat[k].warning,
+                                     "conditions": lat[k].conditions})
+    if progress:
+        progress(f"measured {len(keys)} models in one sitting")
+        for w in dict.fromkeys(lat[k].warning for k in keys if lat[k].warning):
+            progress(w)
+    return out
 
 
 _EXPORT_DIR: Path | None = None

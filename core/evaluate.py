@@ -98,6 +98,21 @@ def _summary(m: dict[str, Any]) -> dict[str, Any]:
     return {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc")}
 
 
+def images_fingerprint(paths: Sequence[Path | str]) -> str:
+    """A short fingerprint of the test images, so two runs are only compared image by image
+    when they were evaluated on the same images in the same order."""
+    import hashlib
+
+    return hashlib.sha1("\n".join(str(p) for p in paths).encode()).hexdigest()[:16]
+
+
+def outcome_record(y: np.ndarray, pred: np.ndarray, paths: Sequence[Path | str]) -> dict[str, Any]:
+    """Which test images the model got right ("1") or wrong ("0"), in test order: what a paired
+    comparison of two runs (``core.metrics.compare_paired``) needs, without storing predictions."""
+    return {"test_set": images_fingerprint(paths), "n": int(len(y)),
+            "correct": "".join("1" if ok else "0" for ok in (np.asarray(pred) == np.asarray(y)))}
+
+
 def evaluate_model(model: Any, pre: Preprocessing, classes: Sequence[str], test: Sequence[EvalItem],
                    val: Sequence[EvalItem] = (), *, out_dir: str | Path | None = None, tta: bool = False,
                    sensitivity: float = 0.95, positive_class: str | None = None, gallery_size: int = 12,
@@ -123,6 +138,7 @@ def evaluate_model(model: Any, pre: Preprocessing, classes: Sequence[str], test:
     m = classification_metrics(y, probs, classes)
     m["split"] = "test"
     m["tta"] = bool(tta)
+    m["outcomes"] = outcome_record(y, probs.argmax(1), paths)
     if tta:
         base = classification_metrics(y, softmax(plain), classes)
         m["tta_effect"] = {"without": _summary(base), "with": _summary(m),

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 from core.bundle import CALIBRATION_NAME, MANIFEST_NAME, calibration_record, confidence_sentence, make_manifest
 from core.evaluate import iter_batches
 from core.hashing import sha256_file
-from core.latency import Latency, machine_id, measure_latency, ort_session
+from core.latency import Latency, MachineBusy, Spec, machine_id, measure_side_by_side, ort_session
 from core.onnx_export import OPSET, export_onnx, read_metadata
 from core.preprocessing import Preprocessing
 
@@ -313,16 +314,46 @@ def uint8_agreement(uint8_path: str | Path, fp32_path: str | Path, paths: Sequen
 # ------------------------------------------------------------------------------------------
 # Measuring a variant
 # ------------------------------------------------------------------------------------------
+def _speed_record(path: Path, b1: Latency | None, bt: Latency | None, throughput_batch: int,
+                  note: str = "") -> dict[str, Any]:
+    size = path.stat().st_size
+    warning = "; ".join(w for w in (note, f"batch 1: {b1.warning}" if b1 and b1.warning else "",
+                                    f"batch {throughput_batch}: {bt.warning}" if bt and bt.warning else "") if w)
+    return {"onnx_mb": size / 1e6, "bytes": size,
+            "latency_ms_p50": b1.p50_ms if b1 else None, "latency_ms_p95": b1.p95_ms if b1 else None,
+            "throughput_batch": throughput_batch, "throughput_images_per_s": bt.images_per_s if bt else None,
+            "machine": machine_id(), "latency_b1": b1.to_dict() if b1 else None,
+            "latency_bt": bt.to_dict() if bt else None,
+            "latency_conditions": dict(b1.conditions) if b1 else {}, "latency_note": warning}
+
+
+def measure_variants(paths: Mapping[str, str | Path], resolution: int, *, runs: int = 20, max_seconds: float = 10.0,
+                     throughput_batch: int = 32, throughput_runs: int = 5, idle_wait_s: float = 60.0,
+                     say: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Size, p50/p95 at batch 1 and images/s at ``throughput_batch`` of several models (e.g. the
+    precisions of one export), all timed in one sitting, round-robin, so they compare side by side.
+
+    On a busy machine nothing is timed: every record says "not measured: machine busy ..." in
+    ``latency_note`` and carries None for the speeds (a figure taken under load is never kept)."""
+    named = {k: Path(v) for k, v in paths.items()}
+    try:
+        b1 = measure_side_by_side([Spec(k, v, resolution, 1) for k, v in named.items()], runs=runs,
+                                  max_seconds=max_seconds, idle_wait_s=idle_wait_s, say=say)
+        bt = measure_side_by_side([Spec(k, v, resolution, throughput_batch) for k, v in named.items()], warmup=1,
+                                  rounds=min(5, throughput_runs), runs=throughput_runs, max_seconds=max_seconds,
+                                  idle_wait_s=idle_wait_s, say=say)
+    except MachineBusy as e:
+        note = f"not measured: machine busy (load {e.load:.1f} on {os.cpu_count()} cores) — measure again later"
+        return {k: _speed_record(v, None, None, throughput_batch, note) for k, v in named.items()}
+    return {k: _speed_record(v, b1[k], bt[k], throughput_batch) for k, v in named.items()}
+
+
 def measure_variant(onnx_path: str | Path, resolution: int, *, runs: int = 20, max_seconds: float = 10.0,
-                    throughput_batch: int = 32, throughput_runs: int = 5) -> dict[str, Any]:
-    """File size, p50/p95 at batch 1 and images/s at ``throughput_batch`` (ORT, this machine)."""
-    b1: Latency = measure_latency(onnx_path, resolution, 1, runs=runs, max_seconds=max_seconds)
-    bt: Latency = measure_latency(onnx_path, resolution, throughput_batch, warmup=1, runs=throughput_runs,
-                                  max_seconds=max_seconds)
-    size = Path(onnx_path).stat().st_size
-    return {"onnx_mb": size / 1e6, "bytes": size, "latency_ms_p50": b1.p50_ms, "latency_ms_p95": b1.p95_ms,
-            "throughput_batch": throughput_batch, "throughput_images_per_s": bt.images_per_s,
-            "machine": machine_id(), "latency_b1": b1.to_dict(), "latency_bt": bt.to_dict()}
+                    throughput_batch: int = 32, throughput_runs: int = 5, idle_wait_s: float = 60.0) -> dict[str, Any]:
+    """One model's record (see ``measure_variants``)."""
+    return measure_variants({"model": onnx_path}, resolution, runs=runs, max_seconds=max_seconds,
+                            throughput_batch=throughput_batch, throughput_runs=throughput_runs,
+                            idle_wait_s=idle_wait_s)["model"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -357,6 +388,15 @@ def bundle_calibration(info: dict[str, Any]) -> dict[str, Any]:
     derived from the evaluation's metrics (``core.bundle.calibration_record``)."""
     given = info.get("calibration")
     return given if isinstance(given, dict) else calibration_record(info.get("metrics"), list(info["classes"]))
+
+
+def _range(interval: dict[str, Any] | None) -> str:
+    """A 95 % range as "89.1–97.3 %" (blank when there is none)."""
+    return "" if not interval else f"{interval['lo']:.1%}–{interval['hi']:.1%}".replace("%–", "–")
+
+
+def _ms(v: float | None) -> str:
+    return "not measured" if v is None else f"{v:.1f}"
 
 
 def _pct(v: Any) -> str:
@@ -421,16 +461,24 @@ def model_card(info: dict[str, Any], file_hashes: dict[str, str]) -> str:
     L += ["", "## Training configuration", f"- Seed: {info.get('seed', cfg.get('seed', 'n/a'))}",
           "```json", json.dumps(cfg, indent=1, default=str)[:4000], "```", ""]
     if m:
+        iv = m.get("intervals") or {}
+        recall_iv = iv.get("per_class_recall") or []
         L += ["## Test metrics (held-out test split, never used for model selection)", "",
-              "| metric | value |", "|---|---|",
-              f"| images | {m.get('n', 'n/a')} |", f"| accuracy | {_fmt(m.get('accuracy'), True)} |",
-              f"| balanced accuracy | {_fmt(m.get('balanced_accuracy'), True)} |",
-              f"| macro F1 | {_fmt(m.get('macro_f1'))} |",
-              f"| macro ROC-AUC (one-vs-rest) | {_fmt(m.get('macro_roc_auc'))} |",
-              "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+              "| metric | value | 95 % range |", "|---|---|---|",
+              f"| images | {m.get('n', 'n/a')} | |",
+              f"| accuracy | {_fmt(m.get('accuracy'), True)} | {_range(iv.get('accuracy'))} |",
+              f"| balanced accuracy | {_fmt(m.get('balanced_accuracy'), True)} | |",
+              f"| macro F1 | {_fmt(m.get('macro_f1'))} | {_range(iv.get('macro_f1'))} |",
+              f"| macro ROC-AUC (one-vs-rest) | {_fmt(m.get('macro_roc_auc'))} | |", ""]
+        if iv:
+            L += [f"The 95 % ranges say how far each figure could move on another {iv['n']} images like these "
+                  f"(accuracy and recall: {iv['accuracy']['method']} interval; macro F1: "
+                  f"{iv['macro_f1']['method']}).", ""]
+        L += ["| class | precision | recall | recall 95 % range | F1 | support |", "|---|---|---|---|---|---|"]
         # None: undefined for a class absent from the test split (not counted in the macro average).
-        L += [f"| {c['class']} | {_fmt3(c['precision'])} | {_fmt3(c['recall'])} | {_fmt3(c['f1'])} | {c['support']} |"
-              for c in m.get("per_class", [])]
+        L += [f"| {c['class']} | {_fmt3(c['precision'])} | {_fmt3(c['recall'])} | "
+              f"{_range(recall_iv[i] if i < len(recall_iv) else None)} | {_fmt3(c['f1'])} | {c['support']} |"
+              for i, c in enumerate(m.get("per_class", []))]
         L.append("")
     L += [*calibration_section(bundle_calibration(info), m), ""]
     ver = info.get("verification")
@@ -441,16 +489,26 @@ def model_card(info: dict[str, Any], file_hashes: dict[str, str]) -> str:
               f"**{'passed' if ver['passed'] else 'FAILED'}**", ""]
     variants = info.get("variants") or {}
     if variants:
-        machine = str(next(iter(variants.values())).get("machine", "?"))
+        first = next(iter(variants.values()))
+        machine = str(first.get("machine", "?"))
+        cond = first.get("latency_conditions") or {}
         L += [f"## Files and speed (ONNX Runtime CPU, measured on {machine})", "",
               "| file | precision | MB | p50 ms (batch 1) | p95 ms | images/s (batch 32) | test accuracy | vs fp32 |",
               "|---|---|---|---|---|---|---|---|"]
         for name, v in variants.items():
             delta = v.get("accuracy_delta")
-            L.append(f"| `{v.get('file', name)}` | {name} | {v['onnx_mb']:.2f} | {v['latency_ms_p50']:.1f} | "
-                     f"{v['latency_ms_p95']:.1f} | {v['throughput_images_per_s']:.1f} | "
+            L.append(f"| `{v.get('file', name)}` | {name} | {v['onnx_mb']:.2f} | {_ms(v.get('latency_ms_p50'))} | "
+                     f"{_ms(v.get('latency_ms_p95'))} | {_ms(v.get('throughput_images_per_s'))} | "
                      f"{_fmt(v.get('accuracy'), True)} | "
                      f"{'' if delta is None else f'{delta:+.2%}'} |")
+        L.append("")
+        if cond:
+            when = str(cond.get("measured_at", "?")).replace("T", " ").replace("+00:00", "")
+            L += [f"All speeds above were measured side by side in one sitting on {when} "
+                  f"UTC with the other processes idle (load {cond.get('load_before', '?')} before, "
+                  f"{cond.get('load_after', '?')} after), {cond.get('threads', '?')} threads, "
+                  f"{cond.get('provider', '?')}, onnxruntime {cond.get('onnxruntime', '?')}.", ""]
+        L += [f"- Note ({name}): {v['latency_note']}" for name, v in variants.items() if v.get("latency_note")]
         L.append("")
     L += ["## Intended use and limits",
           "- Decision support on images like the training data (same kind of camera, crop, population). "
@@ -506,6 +564,6 @@ def build_bundle(zip_path: str | Path, models: dict[str, Path], info: dict[str, 
 __all__ = [
     "FP32_TOLERANCE", "ExportError", "Verification", "judge_verification", "load_trained",
     "onnx_metadata", "export_fp32", "verify_onnx", "ort_logits", "convert_fp16", "quantize_int8",
-    "build_uint8_graph", "uint8_agreement", "UINT8_RESIZE_NOTE", "measure_variant", "model_card",
+    "build_uint8_graph", "uint8_agreement", "UINT8_RESIZE_NOTE", "measure_variant", "measure_variants", "model_card",
     "build_bundle", "bundle_calibration", "calibration_section", "library_versions", "read_metadata",
 ]

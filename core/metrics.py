@@ -11,6 +11,10 @@ is 0 and it is counted). Per-class rows of an uncounted class say so: precision,
 F1 are None rather than a misleading 0. Recall (and so balanced accuracy) is undefined for a
 class with no true samples and is averaged over the classes present, as sklearn does.
 
+Uncertainty (``metric_intervals``, ``compare_paired``): 95 % Wilson ranges for accuracy and
+per-class recall, a fixed-seed vectorised bootstrap for macro-F1, and McNemar's test (plus a
+paired bootstrap) for whether two runs differ on the same test images.
+
 Also here: softmax / NLL, expected calibration error, temperature fitting and a sensitivity
 threshold (numpy in, JSON-ready dicts out).
 """
@@ -131,7 +135,130 @@ def classification_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray
         "confusion_matrix": cm.tolist(),
         "confusion_matrix_normalized": cm_norm.tolist(),
         "curves": curves,
+        "intervals": metric_intervals(y, p.argmax(1), k),
     }
+
+
+# ------------------------------------------------------------------------------------------
+# Uncertainty: how far a figure measured on n test images can be trusted
+# ------------------------------------------------------------------------------------------
+Z95 = 1.959963984540054  # two-sided 95 % normal quantile
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """95 % Wilson score interval for a proportion (sound at 0 %, 100 % and small n)."""
+    if n <= 0:
+        raise ValueError("a proportion needs at least one sample")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be between 0 and n={n}, got {successes}")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _resample_chunks(n: int, resamples: int, seed: int, max_cells: int = 2_000_000):
+    """Bootstrap index rows (resamples x n) in chunks, so a large test split stays small in memory."""
+    rng = np.random.default_rng(seed)
+    step = max(1, max_cells // max(n, 1))
+    for start in range(0, resamples, step):
+        yield rng.integers(0, n, size=(min(step, resamples - start), n))
+
+
+def _macro_f1_rows(y: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Macro-F1 of each row of (resamples, n) label arrays, as ``label_metrics`` defines it
+    (classes absent from both the row's labels and predictions are not counted), vectorised."""
+    rows = y.shape[0]
+    k = num_classes
+    flat = (np.arange(rows)[:, None] * k * k + y * k + pred).ravel()
+    cm = np.bincount(flat, minlength=rows * k * k).reshape(rows, k, k)
+    tp = np.diagonal(cm, axis1=1, axis2=2).astype(np.float64)
+    fn = cm.sum(2) - tp
+    fp = cm.sum(1) - tp
+    denom = 2 * tp + fp + fn
+    counted = denom > 0
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=counted)
+    return f1.sum(1) / np.maximum(counted.sum(1), 1)
+
+
+def bootstrap_macro_f1(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray, num_classes: int,
+                       *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of macro-F1 (images resampled with replacement; fixed seed)."""
+    y = np.asarray(y_true, dtype=np.int64)
+    pred = np.asarray(y_pred, dtype=np.int64)
+    if len(y) == 0:
+        raise ValueError("cannot bootstrap an empty split")
+    scores = np.concatenate([_macro_f1_rows(y[idx], pred[idx], num_classes)
+                             for idx in _resample_chunks(len(y), resamples, seed)])
+    lo, hi = np.percentile(scores, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def metric_intervals(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray,
+                     num_classes: int, *, resamples: int = BOOTSTRAP_RESAMPLES,
+                     seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    """95 % ranges: Wilson for accuracy and each class's recall, bootstrap for macro-F1.
+
+    ``per_class_recall[i]`` is None for a class with no test images (recall undefined)."""
+    y = np.asarray(y_true, dtype=np.int64)
+    pred = np.asarray(y_pred, dtype=np.int64)
+    n = len(y)
+    if n == 0:
+        raise ValueError("cannot compute intervals on an empty split")
+    correct = int((y == pred).sum())
+    acc_lo, acc_hi = wilson_interval(correct, n)
+    f1_lo, f1_hi = bootstrap_macro_f1(y, pred, num_classes, resamples=resamples, seed=seed)
+    recall: list[dict[str, float] | None] = []
+    for c in range(num_classes):
+        support = int((y == c).sum())
+        if support == 0:
+            recall.append(None)
+            continue
+        hit = int(((y == c) & (pred == c)).sum())
+        lo, hi = wilson_interval(hit, support)
+        recall.append({"value": hit / support, "lo": lo, "hi": hi})
+    return {"n": n, "level": 0.95,
+            "accuracy": {"value": correct / n, "lo": acc_lo, "hi": acc_hi, "method": "Wilson score"},
+            "macro_f1": {"value": float(_macro_f1_rows(y[None], pred[None], num_classes)[0]), "lo": f1_lo,
+                         "hi": f1_hi, "method": f"bootstrap, {resamples} resamples, seed {seed}"},
+            "per_class_recall": recall}
+
+
+def compare_paired(y_true: Sequence[int] | np.ndarray, pred_a: Sequence[int] | np.ndarray,
+                   pred_b: Sequence[int] | np.ndarray, *, resamples: int = BOOTSTRAP_RESAMPLES,
+                   seed: int = BOOTSTRAP_SEED, alpha: float = 0.05) -> dict[str, Any]:
+    """Are two models distinguishable on the same test images?
+
+    McNemar's exact test on the images exactly one of them gets right (the others say nothing
+    about which is better), plus a paired-bootstrap 95 % range of the accuracy difference (a - b).
+    ``distinguishable`` when McNemar's p < ``alpha``."""
+    from scipy.stats import binomtest
+
+    y = np.asarray(y_true, dtype=np.int64)
+    pa, pb = np.asarray(pred_a, dtype=np.int64), np.asarray(pred_b, dtype=np.int64)
+    if not len(y) == len(pa) == len(pb):
+        raise ValueError(f"paired comparison needs predictions for the same images: {len(y)} labels, "
+                         f"{len(pa)} and {len(pb)} predictions")
+    a, b = pa == y, pb == y
+    if len(y) == 0:
+        raise ValueError("cannot compare on an empty split")
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    discordant = only_a + only_b
+    p = 1.0 if discordant == 0 else float(binomtest(only_a, discordant, 0.5).pvalue)
+    diff = a.astype(np.float64) - b.astype(np.float64)
+    boot = np.concatenate([diff[idx].mean(1) for idx in _resample_chunks(len(y), resamples, seed)])
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"n": int(len(y)), "accuracy_a": float(a.mean()), "accuracy_b": float(b.mean()),
+            "difference": float(diff.mean()), "difference_lo": float(lo), "difference_hi": float(hi),
+            "only_a_right": only_a, "only_b_right": only_b, "mcnemar_p": p, "distinguishable": bool(p < alpha)}
+
+
+def overlapping(a: dict[str, float], b: dict[str, float]) -> bool:
+    """Whether two stored intervals ({"lo", "hi"}) overlap: a quick 'within each other's margin'."""
+    return a["lo"] <= b["hi"] and b["lo"] <= a["hi"]
 
 
 # ------------------------------------------------------------------------------------------

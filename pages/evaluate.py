@@ -5,7 +5,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from workbench import actions, artifacts, dataset_fixes, evaluations, ui
+from workbench import actions, artifacts, dataset_fixes, evaluations, ui, views
 from workbench.status import JobKind
 
 ui.header("Evaluate", "Metrics on the held-out test split (never used for training or model selection).")
@@ -45,6 +45,11 @@ with ui.errors("Could not load the evaluation"):
     c[4].metric("ECE", ui.fmt_num((cal.get("before") or {}).get("ece")),
                 delta=None if not cal.get("after") else
                 f"{cal['after']['ece'] - cal['before']['ece']:+.3f} after temperature", delta_color="inverse")
+    iv = m.get("intervals") or {}
+    if iv:
+        st.markdown(f"**Accuracy {views.with_range(iv['accuracy'])}** · macro-F1 {views.with_range(iv['macro_f1'])} "
+                    f"— measured on {iv['n']} test images; on more images like these it would most likely fall "
+                    "inside the range.")
     st.caption(f"{m.get('n', '?')} test images · evaluated {ev.created_at:%Y-%m-%d %H:%M} UTC"
                + (" · with test-time augmentation" if ev.tta else ""))
     leakage = dataset_fixes.leakage_free_sentence(m)
@@ -59,7 +64,10 @@ with ui.errors("Could not load the evaluation"):
         ["Metrics", "Confusion matrix", "ROC & PR", "Calibration", "Misclassified & Grad-CAM"])
     plots = artifacts.evaluation_plots(run_id, ev.id)
     with tab_metrics:
-        st.dataframe(pd.DataFrame(m.get("per_class", [])), hide_index=True, width="stretch",
+        per_class = pd.DataFrame(m.get("per_class", []))
+        if iv and not per_class.empty:
+            per_class.insert(1, "recall (95 % range)", views.per_class_ranges(m))
+        st.dataframe(per_class, hide_index=True, width="stretch",
                      column_config={k: st.column_config.NumberColumn(format="%.3f")
                                     for k in ("precision", "recall", "f1", "roc_auc", "average_precision")})
         if m.get("top_k"):
@@ -68,6 +76,12 @@ with ui.errors("Could not load the evaluation"):
         if op and "error" not in op:
             st.caption("Operating point for a sensitivity target: " + ", ".join(
                 f"{k.replace('_', ' ')} = {ui.fmt_num(v)}" for k, v in op.items() if not isinstance(v, (dict, list))))
+        if iv:
+            with st.expander("How the 95 % ranges are computed"):
+                st.markdown(f"- Accuracy and per-class recall: {iv['accuracy']['method']} interval.\n"
+                            f"- Macro-F1: {iv['macro_f1']['method']} of the {iv['n']} test images.\n"
+                            "- A range says how much the figure could move on another set of images like these; "
+                            "two runs whose ranges overlap may not really differ.")
     with tab_cm:
         classes = m.get("classes", [])
         normalized = st.toggle("Normalise by true class", value=True, key="cm_norm")

@@ -11,7 +11,8 @@ from workbench.status import RunStatus
 # Leaderboard and chart column headers, from the read models' field names.
 COLUMNS = {"resolution": "res", "test_macro_f1": "macro-F1", "test_accuracy": "accuracy",
            "val_accuracy": "val accuracy", "latency_ms": "latency ms", "size_mb": "size MB", "params_m": "params M",
-           "train_seconds": "training s", "macro_f1": "macro-F1"}
+           "train_seconds": "training s", "macro_f1": "macro-F1", "accuracy_range": "accuracy 95 % range",
+           "test_images": "test images"}
 
 ui.header("Runs", "Every training run, measured the same way: test metrics, ONNX Runtime latency and size.")
 ds_filter = None
@@ -53,6 +54,13 @@ with ui.errors("Could not read the runs"):
     st.caption(f"Runs {offset + 1}–{offset + len(rows)} of {total}. Select rows to overlay their curves below; "
                "latency is ONNX Runtime fp32, batch 1, median, on this machine.")
     selected = [rows[i].run for i in event.selection.rows] if event and event.selection else []
+    if margin := views.leaderboard_margin(rows):
+        st.info(margin, icon=":material/balance:")
+    with st.expander("What the 95 % range means"):
+        st.markdown("Test accuracy is measured on a limited number of test images, so it is uncertain: with "
+                    "128 images one image is 0.8 points. The range (Wilson score interval) holds the accuracy "
+                    "you would see on many more images like these, 19 times out of 20. Two runs are compared "
+                    "image by image (McNemar's test on the images only one of them gets right).")
 
 st.subheader("Accuracy vs latency")
 with ui.errors("Could not draw the accuracy-vs-latency chart"):

@@ -220,3 +220,59 @@ def test_evaluate_run_stores_tta_evaluation(ws) -> None:
         kinds = [a.kind for a in repo.artifacts_for_run(s, rid)]
         assert kinds.count("plot") >= 4 and "eval_json" in kinds
         assert s.get(Run, rid).summary["test_accuracy_tta"] == ev.metrics["accuracy"]
+
+
+def test_evaluation_records_ranges_and_compares_runs_on_the_same_images(ws) -> None:
+    """The plain evaluation stores 95 % ranges (summary + metrics) and per-image outcomes; two runs
+    are compared image by image: equal outcomes are within each other's margin, far apart ones not."""
+    from test_export import make_run
+
+    from core.export import load_trained, model_card
+    from storage.models import Evaluation, Run
+    from workbench import views
+    from workbench.evaluations import compare_runs, evaluate_run
+    from workbench.summary import update_summary
+
+    a, b = make_run(ws), make_run(ws)
+    out_a = evaluate_run(a, settings=ws.settings, session_factory=ws.Session)
+    m = out_a.metrics
+    iv, oc = m["intervals"], m["outcomes"]
+    assert len(oc["correct"]) == oc["n"] == m["n"] == 12 and oc["correct"].count("1") == round(m["accuracy"] * 12)
+    with ws.Session() as s:
+        sm = s.get(Run, a).summary
+        assert sm["test_n"] == 12 and sm["test_accuracy_lo"] <= sm["test_accuracy"] <= sm["test_accuracy_hi"]
+        assert sm["test_macro_f1_lo"] <= sm["test_macro_f1"] <= sm["test_macro_f1_hi"]
+        assert s.get(Evaluation, out_a.evaluation_id).metrics["intervals"] == iv
+
+    def record(run: int, correct: str) -> None:  # an evaluation of ``run`` on the same 12 test images
+        with ws.Session.begin() as s:
+            s.add(Evaluation(run_id=run, split="test", tta=False,
+                             metrics={**m, "outcomes": {**oc, "correct": correct}}))
+
+    assert compare_runs(a, b, settings=ws.settings, session_factory=ws.Session) is None  # b not evaluated
+    record(b, oc["correct"])  # b: the same checkpoint, so the same outcomes
+    same = compare_runs(a, b, settings=ws.settings, session_factory=ws.Session)
+    assert same is not None and not same.distinguishable and same.n == 12
+    update_summary(ws.Session, b, {k: v for k, v in sm.items() if k.startswith("test_")})  # as evaluate_run would
+    with ws.Session() as s:  # the leaderboard's read model says it in plain words
+        rows = [views._leaderboard_row(s.get(Run, r), "beans", 3) for r in (a, b)]
+    assert rows[0].accuracy_range == views.percent_range(iv["accuracy"]["lo"], iv["accuracy"]["hi"]) != ""
+    assert views.leaderboard_margin(rows, ws.Session) == same.sentence[0].upper() + same.sentence[1:] + "."
+    assert same.sentence.startswith(f"runs {a} and {b} are within each other's margin on these 12 test images")
+    record(a, "0" * 12)
+    record(b, "1" * 12)
+    far = compare_runs(a, b, settings=ws.settings, session_factory=ws.Session)
+    assert far is not None and far.distinguishable and far.detail["mcnemar_p"] < 0.001
+    assert far.sentence == f"run {a} and run {b} really differ on these 12 test images (not chance)"
+    with ws.Session.begin() as s:  # b evaluated on other images: only the ranges can be compared (they overlap)
+        s.add(Evaluation(run_id=b, split="test", tta=False,
+                         metrics={**m, "outcomes": {"test_set": "other", "n": 11, "correct": "1" * 11}}))
+    assert compare_runs(a, b, settings=ws.settings, session_factory=ws.Session).detail == {}
+    assert compare_runs(a, 10**6, settings=ws.settings, session_factory=ws.Session) is None
+    # The model card states the ranges.
+    tm = load_trained(ws.checkpoint)
+    card = model_card({"classes": tm.classes, "preprocessing": tm.preprocessing, "variant": tm.variant,
+                       "metrics": m}, {})
+    lo, hi = iv["accuracy"]["lo"], iv["accuracy"]["hi"]
+    assert f"| accuracy | {m['accuracy']:.2%} | {lo * 100:.1f}–{hi:.1%} |" in card
+    assert "recall 95 % range" in card and "Wilson score interval" in card

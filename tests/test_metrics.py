@@ -124,3 +124,94 @@ def test_empty_split_is_refused() -> None:
     with pytest.raises(ValueError, match="empty split"):
         label_metrics(np.array([], dtype=np.int64), np.array([], dtype=np.int64), 3)
 
+
+
+# ------------------------------------------------------------------------------------------
+# Uncertainty: Wilson ranges, bootstrap macro-F1, paired comparison
+# ------------------------------------------------------------------------------------------
+def test_wilson_interval_hand_computed() -> None:
+    from core.metrics import wilson_interval
+
+    # 0/10 and 10/10: the bound is (z^2/n) / (1 + z^2/n) = 0.384146 / 1.384146; never past 0 or 1.
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.277533), abs=1e-6)
+    assert wilson_interval(10, 10) == pytest.approx((0.722467, 1.0), abs=1e-6)
+    lo, hi = wilson_interval(121, 128)  # 94.5 % on beans' 128 test images
+    assert lo == pytest.approx(0.891415, abs=1e-6) and hi == pytest.approx(0.973260, abs=1e-6)
+    with pytest.raises(ValueError, match="at least one sample"):
+        wilson_interval(0, 0)
+    with pytest.raises(ValueError, match="between 0 and n=5"):
+        wilson_interval(6, 5)
+
+
+def test_wilson_interval_covers_95_percent() -> None:
+    """Coverage over 4000 simulated test sets of 128 images at 93 % accuracy."""
+    from core.metrics import wilson_interval
+
+    hits = np.random.default_rng(3).binomial(128, 0.93, size=4000)
+    covered = np.mean([lo <= 0.93 <= hi for lo, hi in (wilson_interval(int(h), 128) for h in hits)])
+    assert 0.93 <= covered <= 0.97
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bootstrap_macro_f1_rows_match_sklearn(seed: int) -> None:
+    from core.metrics import _macro_f1_rows, bootstrap_macro_f1
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, size=(20, 40))
+    pred = np.where(rng.random((20, 40)) < 0.7, y, rng.integers(0, 5, size=(20, 40)))  # class 4 never true
+    got = _macro_f1_rows(y, pred, 5)
+    want = [skm.f1_score(y[i], pred[i], average="macro", zero_division=0) for i in range(20)]
+    assert got == pytest.approx(want, abs=1e-12)
+    lo, hi = bootstrap_macro_f1(y[0], pred[0], 5)
+    point = skm.f1_score(y[0], pred[0], average="macro", zero_division=0)
+    assert lo <= point <= hi and hi - lo > 0.05
+    assert bootstrap_macro_f1(y[0], pred[0], 5) == (lo, hi)  # fixed seed: reproducible
+
+
+def test_intervals_in_the_test_report_narrow_with_more_images() -> None:
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (100, 1600):
+        y = rng.integers(0, 3, n)
+        pred = np.where(rng.random(n) < 0.9, y, (y + 1) % 3)
+        m = classification_metrics(y, np.eye(3)[pred], ["a", "b", "c"])
+        iv = m["intervals"]
+        assert iv["n"] == n and iv["accuracy"]["value"] == m["accuracy"]
+        assert iv["accuracy"]["lo"] <= m["accuracy"] <= iv["accuracy"]["hi"]
+        assert iv["macro_f1"]["value"] == pytest.approx(m["macro_f1"])
+        assert iv["macro_f1"]["lo"] <= m["macro_f1"] <= iv["macro_f1"]["hi"]
+        for c, r in zip(m["per_class"], iv["per_class_recall"]):
+            assert r["value"] == pytest.approx(c["recall"]) and r["lo"] <= c["recall"] <= r["hi"]
+        json.dumps(iv)
+        widths.append(iv["accuracy"]["hi"] - iv["accuracy"]["lo"])
+    assert widths[1] < widths[0] / 3  # 16x the images: about a quarter of the width
+
+
+def test_absent_class_has_no_recall_range() -> None:
+    m = classification_metrics(np.array([0, 0, 1, 1]), np.eye(3)[[0, 0, 1, 0]], ["a", "b", "c"])
+    assert m["intervals"]["per_class_recall"][2] is None
+    assert m["intervals"]["per_class_recall"][1]["value"] == 0.5
+
+
+def test_paired_comparison() -> None:
+    from core.metrics import compare_paired
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 128)
+    a = np.where(rng.random(128) < 0.93, y, (y + 1) % 3)
+    same = compare_paired(y, a, a)
+    assert same["mcnemar_p"] == 1.0 and not same["distinguishable"] and same["difference"] == 0.0
+    # Three images apart (one-sided discordance 3:0): p = 2 * 0.5**3 = 0.25, within the margin.
+    b = a.copy()
+    b[np.flatnonzero(a == y)[:3]] = (y[np.flatnonzero(a == y)[:3]] + 1) % 3
+    close = compare_paired(y, a, b)
+    assert close["only_a_right"] == 3 and close["only_b_right"] == 0
+    assert close["mcnemar_p"] == pytest.approx(0.25) and not close["distinguishable"]
+    assert close["difference"] == pytest.approx(3 / 128) and close["difference_lo"] <= 3 / 128 <= close["difference_hi"]
+    # A model right on 20 more images than the other: really different.
+    c = a.copy()
+    c[np.flatnonzero(a == y)[:20]] = (y[np.flatnonzero(a == y)[:20]] + 1) % 3
+    far = compare_paired(y, a, c)
+    assert far["distinguishable"] and far["mcnemar_p"] < 1e-4 and far["difference_lo"] > 0
+    with pytest.raises(ValueError, match="same images: 128 labels, 128 and 127"):
+        compare_paired(y, a, a[:-1])

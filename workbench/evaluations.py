@@ -106,6 +106,10 @@ def _summary_fields(m: dict[str, Any], tta: bool) -> RunSummary:
         return {"test_accuracy_tta": m["accuracy"]}
     fields: RunSummary = {"test_accuracy": m["accuracy"], "test_balanced_accuracy": m["balanced_accuracy"],
                           "test_macro_f1": m["macro_f1"], "ece": m["calibration"]["before"]["ece"]}
+    if iv := m.get("intervals"):  # 95 % ranges, so the leaderboard can show them without the Evaluation row
+        fields["test_n"] = iv["n"]
+        fields["test_accuracy_lo"], fields["test_accuracy_hi"] = iv["accuracy"]["lo"], iv["accuracy"]["hi"]
+        fields["test_macro_f1_lo"], fields["test_macro_f1_hi"] = iv["macro_f1"]["lo"], iv["macro_f1"]["hi"]
     if m["calibration"].get("after"):
         fields["ece_after_temperature"] = m["calibration"]["after"]["ece"]
         fields["temperature"] = m["calibration"]["temperature"]
@@ -177,3 +181,48 @@ def latest_evaluation(run_id: int, *, tta: bool | None = False, settings: Settin
             stmt = stmt.where(Evaluation.tta == tta)
         ev = session.scalars(stmt.order_by(Evaluation.id.desc()).limit(1)).first()
         return None if ev is None else EvaluationRecord(ev.id, ev.created_at, bool(ev.tta), ev.metrics)
+
+
+@dataclass(frozen=True)
+class RunComparison:
+    """Whether two runs' test results differ by more than chance (same test images)."""
+
+    run_a: int
+    run_b: int
+    n: int
+    distinguishable: bool
+    sentence: str  # plain words for the leaderboard
+    detail: dict[str, Any]  # core.metrics.compare_paired's figures ({} when only the ranges were compared)
+
+
+def compare_runs(run_a: int, run_b: int, *, settings: Settings | None = None,
+                 session_factory: sessionmaker[Session] | None = None) -> RunComparison | None:
+    """Paired comparison of two evaluated runs (McNemar on the images exactly one gets right).
+
+    Falls back to whether their accuracy ranges overlap when the per-image outcomes are missing
+    (evaluations older than this record) or the runs were tested on different images. None when
+    either run has no evaluation."""
+    from core.metrics import compare_paired, overlapping
+
+    evs = [latest_evaluation(r, settings=settings, session_factory=session_factory) for r in (run_a, run_b)]
+    if evs[0] is None or evs[1] is None:
+        return None
+    ma, mb = evs[0].metrics, evs[1].metrics
+    oa, ob = ma.get("outcomes") or {}, mb.get("outcomes") or {}
+    if oa.get("correct") and oa.get("test_set") == ob.get("test_set"):
+        a = np.array([c == "1" for c in oa["correct"]], dtype=np.int64)
+        b = np.array([c == "1" for c in ob["correct"]], dtype=np.int64)
+        detail = compare_paired(np.ones_like(a), a, b)
+        n, same = detail["n"], not detail["distinguishable"]
+    elif ma.get("intervals") and mb.get("intervals"):
+        detail = {}
+        n = int(ma["intervals"]["n"])
+        same = overlapping(ma["intervals"]["accuracy"], mb["intervals"]["accuracy"])
+    else:
+        return None
+    if same:
+        sentence = (f"runs {run_a} and {run_b} are within each other's margin on these {n} test images: "
+                    "the difference between them may be chance")
+    else:
+        sentence = f"run {run_a} and run {run_b} really differ on these {n} test images (not chance)"
+    return RunComparison(run_a, run_b, n, not same, sentence, detail)

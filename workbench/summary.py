@@ -38,10 +38,12 @@ class RunSummary(TypedDict, total=False):
     val_confusion: list[list[int]]
     # Written by the fp32 export and its verification (workbench.exports.ensure_fp32).
     onnx_mb: float
-    latency_ms_p50: float
-    latency_ms_p95: float
-    throughput_images_per_s: float
+    latency_ms_p50: float | None  # None: not measured (the machine was busy; see latency_note)
+    latency_ms_p95: float | None
+    throughput_images_per_s: float | None
     latency_machine: dict[str, Any]
+    latency_conditions: dict[str, Any]  # threads, load before/after, provider, onnxruntime, time, sitting
+    latency_note: str  # plain words when latency was not measured (busy machine) or stayed uneven
     export_verified: bool
     export_max_abs_logit_diff: float
     export_top1_agreement: float
@@ -50,6 +52,11 @@ class RunSummary(TypedDict, total=False):
     test_balanced_accuracy: float
     test_macro_f1: float
     test_accuracy_tta: float
+    test_n: int  # test images the figures (and their 95 % ranges below) were measured on
+    test_accuracy_lo: float
+    test_accuracy_hi: float
+    test_macro_f1_lo: float
+    test_macro_f1_hi: float
     ece: float
     ece_after_temperature: float
     temperature: float

@@ -252,6 +252,8 @@ class LeaderboardRow:
     train_seconds: float | None
     batch: str | None
     created: datetime
+    accuracy_range: str = ""  # "89–97 %": the 95 % range of test accuracy ("" when not evaluated)
+    test_images: int | None = None
 
 
 @functools.lru_cache(maxsize=512)
@@ -273,7 +275,43 @@ def _leaderboard_row(run: Run, dataset_name: str, num_classes: int) -> Leaderboa
         status=run.status, test_macro_f1=sm.get("test_macro_f1"), test_accuracy=sm.get("test_accuracy"),
         val_accuracy=best.get("accuracy"), latency_ms=sm.get("latency_ms_p50"), size_mb=sm.get("onnx_mb"),
         params_m=params / 1e6 if params else None, train_seconds=run.train_seconds, batch=run.batch_label,
-        created=run.created_at)
+        created=run.created_at, accuracy_range=percent_range(sm.get("test_accuracy_lo"), sm.get("test_accuracy_hi")),
+        test_images=sm.get("test_n"))
+
+
+def percent_range(lo: float | None, hi: float | None) -> str:
+    """A 95 % range in plain words: "89–97 %" ("" when there is none)."""
+    return "" if lo is None or hi is None else f"{lo * 100:.0f}–{hi * 100:.0f} %"
+
+
+def with_range(interval: dict[str, Any] | None, value: float | None = None) -> str:
+    """ "94.5 % (95 % range 89–97 %)"; just the value when there is no range; "" when neither."""
+    v = value if value is not None else (interval or {}).get("value")
+    if v is None:
+        return ""
+    if not interval:
+        return f"{v * 100:.1f} %"
+    return f"{v * 100:.1f} % (95 % range {percent_range(interval['lo'], interval['hi'])})"
+
+
+def per_class_ranges(metrics: dict[str, Any]) -> list[str]:
+    """Each class's recall with its 95 % range, in the order of ``metrics["per_class"]``."""
+    ranges = (metrics.get("intervals") or {}).get("per_class_recall") or []
+    rows = metrics.get("per_class") or []
+    return [with_range(ranges[i] if i < len(ranges) else None, row.get("recall")) or "no test images"
+            for i, row in enumerate(rows)]
+
+
+def leaderboard_margin(rows: Sequence[LeaderboardRow], session_factory: sessionmaker[Session] | None = None) -> str:
+    """Whether the two best-ranked evaluated runs of one dataset differ by more than chance ("" when
+    there are not two to compare)."""
+    from workbench.evaluations import compare_runs
+
+    done = [r for r in rows if r.test_accuracy is not None]
+    if len(done) < 2 or done[0].dataset != done[1].dataset:
+        return ""
+    cmp = compare_runs(done[0].run, done[1].run, session_factory=session_factory or _db())
+    return "" if cmp is None else cmp.sentence[0].upper() + cmp.sentence[1:] + "."
 
 
 def _run_filter(dataset_id: int | None, statuses: Sequence[str] | None) -> list[ColumnElement[bool]]:

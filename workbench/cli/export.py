@@ -40,9 +40,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"  accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}"
           f"  macro-F1 {m['macro_f1']:.4f}"
           + (f"  macro ROC-AUC {m['macro_roc_auc']:.4f}" if m["macro_roc_auc"] is not None else ""))
-    for c in m["per_class"]:
+    iv = m.get("intervals") or {}
+    if iv:
+        print(f"  95 % ranges on these {iv['n']} images: accuracy {_range(iv['accuracy'])}, "
+              f"macro-F1 {_range(iv['macro_f1'])}")
+    recall_iv = iv.get("per_class_recall") or []
+    for i, c in enumerate(m["per_class"]):
         scores = "  ".join(f"{k} {_score(c[key])}" for k, key in (("P", "precision"), ("R", "recall"), ("F1", "f1")))
-        print(f"  {c['class']:<24} {scores}  n={c['support']}"
+        r_iv = recall_iv[i] if i < len(recall_iv) else None
+        print(f"  {c['class']:<24} {scores}" + (f" (95 % range {_range(r_iv)})" if r_iv else "") + f"  n={c['support']}"
               + ("" if c.get("counted", True) else "  (absent from the test split: not in the averages)"))
     cal = m["calibration"]
     line = f"  ECE {cal['before']['ece']:.4f}"
@@ -66,6 +72,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _range(interval: dict[str, float]) -> str:
+    return f"{interval['lo'] * 100:.1f}-{interval['hi'] * 100:.1f} %"
+
+
+def _speed(v: float | None, width: int) -> str:
+    return f"{'-':>{width}}" if v is None else f"{v:>{width}.1f}"
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from storage.artifacts import ArtifactError
     from workbench.evaluations import EvaluationError
@@ -82,8 +96,15 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"top-1 agreement {v['top1_agreement']:.2%}")
     print(f"{'precision':<10}{'MB':>8}{'p50 ms':>9}{'p95 ms':>9}{'img/s@32':>10}{'accuracy':>10}{'vs fp32':>9}")
     for name, m in out.variants.items():
-        print(f"{name:<10}{m['onnx_mb']:>8.2f}{m['latency_ms_p50']:>9.1f}{m['latency_ms_p95']:>9.1f}"
-              f"{m['throughput_images_per_s']:>10.1f}{m['accuracy']:>10.4f}{m['accuracy_delta']:>+9.4f}")
+        print(f"{name:<10}{m['onnx_mb']:>8.2f}{_speed(m['latency_ms_p50'], 9)}{_speed(m['latency_ms_p95'], 9)}"
+              f"{_speed(m['throughput_images_per_s'], 10)}{m['accuracy']:>10.4f}{m['accuracy_delta']:>+9.4f}")
+    cond = next(iter(out.variants.values())).get("latency_conditions") or {}
+    if cond:
+        print(f"speeds measured side by side on {cond.get('measured_at')} UTC, load {cond.get('load_before')} before / "
+              f"{cond.get('load_after')} after, {cond.get('threads')} threads, onnxruntime {cond.get('onnxruntime')}")
+    for note in dict.fromkeys(m.get("latency_note") for m in out.variants.values()):
+        if note:
+            print(f"note: {note}")
     if out.uint8_graph:
         u = out.uint8_graph
         print(f"uint8 graph vs PIL path: top-1 agreement {u['top1_agreement']:.2%}, max |logit diff| "

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from core.devices import CALIBRATION_SET, ProfileError, save_profile_json
+from core.latency import LatencyError
 from core.recommend import Budget, BudgetError, format_table
 
 
@@ -67,7 +68,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         progress = (lambda m: print(f"  {m}", file=sys.stderr)) if args.measure else None
         rec = recommend_obj(budget, measure=args.measure, profile_file=args.profile_file,
                             devices_file=args.devices_file, check_hub=not args.offline, progress=progress)
-    except (BudgetError, ProfileError, ValueError) as exc:
+    except (BudgetError, ProfileError, ValueError, LatencyError) as exc:  # LatencyError: busy machine
         return _err(str(exc))
     if args.json:
         print(json.dumps(rec.to_dict(), indent=2))
@@ -86,7 +87,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     try:
         profile = calibrate_here(name, points=points, repeats=args.repeats, use_db=not args.no_db,
                                  progress=lambda m: print(f"  {m}", file=sys.stderr))
-    except ValueError as exc:
+    except (ValueError, LatencyError) as exc:  # LatencyError: the machine was too busy to time
         return _err(str(exc))
     path = save_profile_json(profile, args.output)
     tp = profile.throughput

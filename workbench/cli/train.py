@@ -94,8 +94,15 @@ def follow(run_ids: Sequence[int], poll_s: float = 0.5) -> int:
 def _describe(info: runs.RunInfo) -> str:
     if info.status == RunStatus.SUCCEEDED and info.best_metrics:
         b = info.best_metrics
+        sm = info.summary or {}
+        test = ""
+        if sm.get("test_accuracy") is not None:
+            test = f"; test accuracy {sm['test_accuracy'] * 100:.1f} %"
+            if sm.get("test_accuracy_lo") is not None and sm.get("test_accuracy_hi") is not None:
+                test += (f" (95 % range {sm['test_accuracy_lo'] * 100:.0f}-{sm['test_accuracy_hi'] * 100:.0f} % "
+                         f"on {sm.get('test_n', '?')} test images)")
         return (f"run {info.id} succeeded: val accuracy {b['accuracy']:.3f}, macro-F1 {b['macro_f1']:.3f} "
-                f"(epoch {b['epoch']}), {info.train_seconds or 0:.0f} s")
+                f"(epoch {b['epoch']}), {info.train_seconds or 0:.0f} s{test}")
     return f"run {info.id} {info.status}" + (f": {info.error}" if info.error else "")
 
 
