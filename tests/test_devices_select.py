@@ -73,3 +73,11 @@ def test_cli_train_refuses_a_misspelt_device(data_dir: Path, capsys: pytest.Capt
 
     assert main(["train", "anything", "--device", "gpu0", "--detach"]) == 2
     assert "Unknown device 'gpu0'" in capsys.readouterr().err
+
+
+def test_cli_evaluate_on_an_absent_gpu_says_so_before_loading(data_dir: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from workbench.cli import main
+
+    assert main(["evaluate", "1", "--device", ABSENT]) == 2  # run 1 does not exist: the device is checked first
+    assert f"Device '{ABSENT}' was requested" in capsys.readouterr().err
