@@ -149,8 +149,11 @@ class _Me:
     heartbeat: workers.Heartbeat
 
 
-def _drain(sf: sessionmaker[Session], settings: Settings, me: _Me, lane: str, once: bool,
+def _drain(sf: sessionmaker[Session], settings: Settings, me: _Me | int, lane: str, once: bool,
            idle_exit_s: float | None, poll_s: float) -> None:
+    if isinstance(me, int):  # a bare pid (tests driving the loop): an unregistered worker, no heartbeats
+        me = _Me(me, workers.new_worker_id(settings.host_id, lane), settings.host_id, workers.detect_resources(),
+                 workers.Heartbeat(sf, "", settings.lease_s))
     kinds = lanes.kinds_of(lane)
     # The default lane also takes unknown kinds, so they fail readably instead of waiting forever.
     unknown = [str(k) for k in JobKind] if lane == lanes.DEFAULT_LANE else None

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.models import Job, Worker, utcnow
@@ -31,6 +31,7 @@ from workbench.status import JobStatus
 
 log = logging.getLogger("workbench.worker")
 NEED_KEYS = ("gpus", "memory_gb", "cpus")
+FORGET_AFTER = timedelta(days=7)
 
 
 class NeedsError(ValueError):
@@ -155,6 +156,8 @@ def register(sf: sessionmaker[Session], worker_id: str, host_id: str, lane: str,
              lease_s: float) -> None:
     now = utcnow()
     with sf.begin() as s:
+        # One row per worker start: forget those silent for a week (nothing refers to them).
+        s.execute(delete(Worker).where(Worker.lease_until < now - FORGET_AFTER))
         s.add(Worker(id=worker_id, host_id=host_id, lane=lane, pid=os.getpid(), started_at=now, heartbeat_at=now,
                      lease_until=now + timedelta(seconds=lease_s), resources=resources.to_dict()))
 
