@@ -58,7 +58,7 @@ test: lint
 # Locally: .ci/start-postgres starts Debian's server and prints such a URL, e.g.
 #   make test-postgres WORKBENCH_TEST_DATABASE_URL=postgresql+psycopg://wb_test:wb_test@127.0.0.1:5432
 PG_TESTS := tests/test_storage.py tests/test_jobs.py tests/test_tasks.py tests/test_races.py \
-	tests/test_gc.py tests/test_cli_data.py tests/test_pages.py
+	tests/test_gc.py tests/test_cli_data.py tests/test_pages.py tests/test_workers_multihost.py
 
 test-postgres: export WORKBENCH_TEST_DATABASE_URL := $(WORKBENCH_TEST_DATABASE_URL)
 test-postgres: install-dev install-postgres

@@ -71,12 +71,13 @@ def predict_logits(model: Any, paths: Sequence[Path], pre: Preprocessing, *, tta
     model.eval()
     plain, flipped = [], []
     done = 0
+    device = next(model.parameters()).device  # where the caller put the model (--device)
     with torch.inference_mode():
         for x in iter_batches(paths, pre, batch_size):
-            t = torch.from_numpy(x)
-            plain.append(model(t).float().numpy())
+            t = torch.from_numpy(x).to(device)
+            plain.append(model(t).float().cpu().numpy())
             if tta:
-                flipped.append(model(torch.flip(t, dims=[3])).float().numpy())
+                flipped.append(model(torch.flip(t, dims=[3])).float().cpu().numpy())
             done += len(x)
             if progress:
                 progress(f"predicted {done}/{len(paths)} images", done / max(1, len(paths)))

@@ -10,15 +10,24 @@ from typing import Any
 import numpy as np
 
 
-def grad_cam(model: Any, x: np.ndarray, target: int) -> np.ndarray:
-    """Heatmap in [0, 1] with shape (R, R) for one preprocessed image ``x`` (1,3,R,R) or (3,R,R)."""
+def grad_cam(model: Any, x: np.ndarray, target: int, device: str | None = None) -> np.ndarray:
+    """Heatmap in [0, 1] with shape (R, R) for one preprocessed image ``x`` (1,3,R,R) or (3,R,R).
+
+    ``device`` (auto, cpu, cuda, cuda:N; core.train.robustness.resolve_device): where to compute
+    it, the model going back where it was afterwards; None: where the model is.
+    """
     import torch
     import torch.nn.functional as F
 
-    t = torch.from_numpy(np.asarray(x, dtype=np.float32))
+    from core.train.robustness import resolve_device
+
+    home = next(model.parameters()).device
+    dev = resolve_device(device) if device is not None else home
+    t = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(dev)
     if t.ndim == 3:
         t = t[None]
     was_training = model.training
+    model.to(dev)
     model.eval()
     try:
         with torch.enable_grad():
@@ -32,7 +41,8 @@ def grad_cam(model: Any, x: np.ndarray, target: int) -> np.ndarray:
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    heat = F.interpolate(cam, size=t.shape[-2:], mode="bilinear", align_corners=False)[0, 0].numpy()
+        model.to(home)
+    heat = F.interpolate(cam, size=t.shape[-2:], mode="bilinear", align_corners=False)[0, 0].float().cpu().numpy()
     hi = float(heat.max())
     return (heat / hi).astype(np.float32) if hi > 0 else np.zeros_like(heat, dtype=np.float32)
 

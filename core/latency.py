@@ -104,14 +104,32 @@ def machine_id() -> str:
     return f"{cpu} x{os.cpu_count()} ({platform.system()})"
 
 
-def ort_session(onnx_path: str | Path, threads: int | None = None):
+def ort_providers(device: str = "cpu") -> list[str]:
+    """ONNX Runtime providers for ``device``: CUDA first when asked for (auto, cuda, cuda:N), the
+    CUDA provider is installed and a GPU is present; else the CPU alone (what ``providers[0]`` of
+    a session says is what a latency figure was measured on)."""
+    import onnxruntime as ort
+
+    if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+        try:
+            import torch
+
+            gpu = torch.cuda.is_available()
+        except ImportError:
+            gpu = False
+        if gpu:
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def ort_session(onnx_path: str | Path, threads: int | None = None, device: str = "cpu"):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(onnx_path), opts, providers=ort_providers(device))
 
 
 # ------------------------------------------------------------------------------------------

@@ -299,6 +299,29 @@ class Job(Base):
     worker_pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # The claim (0004_worker_leases): which worker on which host runs it, and until when its
+    # claim holds without a heartbeat. NULL host: a row claimed before leases (pid check only).
+    worker_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    host_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class Worker(Base):
+    """One worker process (any host): what it has, and its heartbeat (workbench.workers)."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # host/lane/pid-random
+    host_id: Mapped[str] = mapped_column(String(100), index=True)
+    lane: Mapped[str] = mapped_column(String(20))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    lease_until: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # cpus, memory_gb, gpus, gpu_names, onnx_providers (workbench.workers.Resources)
+    resources: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
 __all__ = [
@@ -314,6 +337,7 @@ __all__ = [
     "Benchmark",
     "Job",
     "Search",
+    "Worker",
     "utcnow",
     "UTCDateTime",
 ]

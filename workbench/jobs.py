@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import or_, select, update
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage.models import Job, RunEvent, utcnow
 from workbench.settings import Settings
 from workbench.status import JobStatus
+from workbench.workers import parse_needs
 
 
 def friendly(exc: BaseException) -> str:
@@ -61,7 +63,8 @@ Handler = Callable[[JobContext], "JobOutcome | None"]
 
 
 def enqueue(session: Session, kind: str, run_id: int | None = None, payload: dict[str, Any] | None = None) -> Job:
-    """Add a queued job inside the caller's transaction."""
+    """Add a queued job inside the caller's transaction (a NeedsError for unreadable ``needs``)."""
+    parse_needs(payload)
     job = Job(kind=str(kind), status=JobStatus.QUEUED, run_id=run_id, payload=payload or {}, created_at=utcnow())
     session.add(job)
     session.flush()
@@ -69,16 +72,36 @@ def enqueue(session: Session, kind: str, run_id: int | None = None, payload: dic
 
 
 def claim_next_job(session_factory: sessionmaker[Session], worker_pid: int, kinds: Collection[str],
-                   *, or_not_in: Collection[str] | None = None) -> Job | None:
+                   *, or_not_in: Collection[str] | None = None, worker_id: str | None = None,
+                   host_id: str | None = None, lease_s: float | None = None,
+                   can_run: Callable[[dict[str, Any]], bool] | None = None) -> Job | None:
     """Atomically take the oldest queued job of ``kinds`` (one UPDATE ... RETURNING: no check-then-act race).
 
     ``or_not_in``: also take jobs whose kind is not in this set (so unknown kinds fail readably
-    instead of waiting forever).
+    instead of waiting forever). ``worker_id``/``host_id``/``lease_s``: the claim's owner and
+    lease (workbench.workers). ``can_run(payload)``: jobs it refuses are left queued for
+    another worker; the claim only considers the jobs it was shown (ids up to the newest read),
+    so a job queued meanwhile is never taken unchecked.
     """
     cond: Any = Job.kind.in_(list(kinds))
     if or_not_in is not None:
         cond = or_(cond, Job.kind.not_in(list(or_not_in)))
-    oldest = select(Job.id).where(Job.status == JobStatus.QUEUED, cond).order_by(Job.id).limit(1)
+    oldest = select(Job.id).where(Job.status == JobStatus.QUEUED, cond)
+    if can_run is not None:
+        with session_factory() as s:
+            queued = s.execute(select(Job.id, Job.payload).where(Job.status == JobStatus.QUEUED, cond)).all()
+        if not queued:
+            return None
+        refused = [job_id for job_id, payload in queued if not can_run(dict(payload or {}))]
+        oldest = oldest.where(Job.id <= max(job_id for job_id, _ in queued))
+        if refused:
+            oldest = oldest.where(Job.id.not_in(refused))
+    oldest = oldest.order_by(Job.id).limit(1)
+    now = utcnow()
+    claim: dict[str, Any] = dict(status=JobStatus.RUNNING, worker_pid=worker_pid, started_at=now, error=None,
+                                 progress=None,  # drops a "waiting for a worker that has..." note
+                                 worker_id=worker_id, host_id=host_id, heartbeat_at=now,
+                                 lease_until=now + timedelta(seconds=lease_s) if lease_s else None)
     with session_factory.begin() as s:
         if s.get_bind().dialect.name == "postgresql":
             # Under READ COMMITTED two workers would pick the same oldest row; the loser would
@@ -88,15 +111,23 @@ def claim_next_job(session_factory: sessionmaker[Session], worker_pid: int, kind
         # SQLite: one writer at a time, so the single UPDATE is already atomic.
         job_id = s.execute(
             update(Job).where(Job.id == oldest.scalar_subquery(), Job.status == JobStatus.QUEUED)
-            .values(status=JobStatus.RUNNING, worker_pid=worker_pid, started_at=utcnow(), error=None)
-            .returning(Job.id)
+            .values(**claim).returning(Job.id)
         ).scalar()
         return s.get(Job, job_id) if job_id is not None else None
 
 
-def finish_job(session_factory: sessionmaker[Session], job_id: int, status: str, error: str | None = None) -> None:
+def finish_job(session_factory: sessionmaker[Session], job_id: int, status: str, error: str | None = None,
+               *, worker_id: str | None = None) -> bool:
+    """Record a job's end; with ``worker_id``, only while that worker still holds it running (a
+    job another host failed after this worker's lease ran out keeps that verdict). Returns
+    whether it was written."""
+    cond = [Job.id == job_id]
+    if worker_id is not None:
+        cond += [Job.worker_id == worker_id, Job.status == JobStatus.RUNNING]
     with session_factory.begin() as s:
-        s.execute(update(Job).where(Job.id == job_id).values(status=status, error=error, finished_at=utcnow()))
+        return bool(s.execute(update(Job).where(*cond).values(status=status, error=error, finished_at=utcnow(),
+                                                              lease_until=None))
+                    .rowcount)  # type: ignore[attr-defined]
 
 
 def set_payload(session_factory: sessionmaker[Session], job_id: int, payload: dict[str, Any]) -> None:

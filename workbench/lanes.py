@@ -1,10 +1,13 @@
-"""One worker process per lane: which kinds each lane runs, its lock, its pid, starting it.
+"""One worker process per lane and host: which kinds each lane runs, its lock, its pid, starting it.
 
 ``train`` runs training and latency measurement (CPU-heavy work that must not share the cores);
 ``light`` runs the shorter work the UI asks for (ingest, export, evaluate, predict), so an upload
 never waits for a long training. A worker holds an exclusive ``flock`` on
-``<data dir>/worker.lock`` (train) or ``worker-<lane>.lock``; the lock, not the pid file, is the
-truth about whether it lives. Workers start detached (``start_new_session``) so they outlive the
+``<data dir>/hosts/<host id>/worker.lock`` (train) or ``worker-<lane>.lock``; the lock, not the
+pid file, is the truth about whether this host's worker lives. Locks are per host (a data dir
+shared by several hosts holds one folder each), and only ever taken by processes of that host,
+so they never rely on flock across machines: between hosts, job leases decide (workbench.workers).
+Workers start detached (``start_new_session``) so they outlive the
 browser tab, the Streamlit server or the CLI that asked for them.
 """
 from __future__ import annotations
@@ -53,9 +56,14 @@ def check_lane(lane: str) -> Lane:
     return Lane(lane)
 
 
+def host_dir(settings: Settings) -> Path:
+    """This host's folder in the data dir: its lane locks and pid files."""
+    return settings.data_dir / "hosts" / settings.host_id
+
+
 def _lane_file(settings: Settings, lane: str, ext: str) -> Path:
     check_lane(lane)
-    return settings.data_dir / (f"worker.{ext}" if lane == DEFAULT_LANE else f"worker-{lane}.{ext}")
+    return host_dir(settings) / (f"worker.{ext}" if lane == DEFAULT_LANE else f"worker-{lane}.{ext}")
 
 
 def lock_path(settings: Settings, lane: str = DEFAULT_LANE) -> Path:
@@ -104,10 +112,12 @@ def ensure_worker(settings: Settings | None = None, *, lane: str = DEFAULT_LANE,
         return pid
     logs = settings.data_dir / "logs"
     logs.mkdir(exist_ok=True)
-    env = dict(os.environ, WORKBENCH_DATA_DIR=str(settings.data_dir), DATABASE_URL=settings.database_url)
+    host_dir(settings).mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, WORKBENCH_DATA_DIR=str(settings.data_dir), DATABASE_URL=settings.database_url,
+               WORKBENCH_HOST_ID=settings.host_id)
     repo_root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
-    log_name = "worker.log" if lane == DEFAULT_LANE else f"worker-{lane}.log"
+    log_name = ("worker" if lane == DEFAULT_LANE else f"worker-{lane}") + f"-{settings.host_id}.log"
     with open(logs / log_name, "ab") as out:
         # New session: Ctrl-C in the CLI or a Streamlit restart does not reach the worker.
         proc = subprocess.Popen([sys.executable, "-m", "workbench.worker", "--idle-exit", str(idle_exit_s),

@@ -5,10 +5,18 @@ One place decides this for the app, the job runner, the CLI and the tests:
 ``DATABASE_URL`` (default SQLite at ``<data dir>/workbench.db``) holds the records.
 ``WORKBENCH_BUNDLE_KEY`` (optional) signs the deploy bundles this installation exports and is
 the key ``workbench predict`` checks bundle signatures with.
+
+Several hosts (docs/SCALING.md): ``WORKBENCH_HOST_ID`` names this host's workers (default: the
+hostname plus a short id stable for this machine and data dir); ``WORKBENCH_LEASE_S`` (default
+60) is how long a worker's claim on a job lasts without a heartbeat before another host may
+take the job over; ``WORKBENCH_DEVICE`` (auto, cpu, cuda, cuda:N) is where PyTorch work runs.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +34,14 @@ class Settings:
     # Folders the web UI may import from (datasets too big to upload through the browser);
     # ``WORKBENCH_IMPORT_DIR``, default ``<data dir>/import``. Nothing outside it is offered.
     import_dir_override: Path | None = None
+    host_id_override: str | None = None
+    lease_s: float = 60.0
+    device: str = "auto"
+
+    @property
+    def host_id(self) -> str:
+        """Which host this process speaks for: lane locks are per host, job leases name it."""
+        return self.host_id_override or default_host_id(self.data_dir)
 
     @property
     def import_dir(self) -> Path:
@@ -51,14 +67,65 @@ class Settings:
             d.mkdir(parents=True, exist_ok=True)
 
 
+HOST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+DEFAULT_LEASE_S = 60.0
+MIN_LEASE_S = 1.0
+
+
+class SettingsError(ValueError):
+    """An environment variable Workbench reads holds a value it cannot use."""
+
+
+def _machine_secret() -> str:
+    for f in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            text = Path(f).read_text().strip()
+        except OSError:
+            continue
+        if text:
+            return text
+    return socket.gethostname()
+
+
+def default_host_id(data_dir: Path) -> str:
+    """hostname + 6 hex digits stable for this machine and data dir (two machines cloned with
+    the same hostname still differ by their machine id)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0])[:60].strip("-.") or "host"
+    digest = hashlib.sha256(f"{_machine_secret()}|{data_dir}".encode()).hexdigest()[:6]
+    return f"{name}-{digest}"
+
+
+def check_host_id(value: str) -> str:
+    if not HOST_ID_RE.match(value):
+        raise SettingsError(f"host id {value!r} is not usable: use 1-100 letters, digits, '.', '_' or '-', "
+                            "starting with a letter or digit (it names a folder in the data dir)")
+    return value
+
+
+def _lease_s(raw: str | None) -> float:
+    if not raw:
+        return DEFAULT_LEASE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"WORKBENCH_LEASE_S must be a number of seconds, got {raw!r}") from None
+    if not value >= MIN_LEASE_S:  # also refuses NaN
+        raise SettingsError(f"WORKBENCH_LEASE_S must be at least {MIN_LEASE_S:g} seconds, got {raw!r}")
+    return value
+
+
 def get_settings() -> Settings:
     data_dir = Path(os.environ.get("WORKBENCH_DATA_DIR", "workbench-data")).expanduser().resolve()
     url = os.environ.get("DATABASE_URL") or f"sqlite:///{data_dir / 'workbench.db'}"
     imports = os.environ.get("WORKBENCH_IMPORT_DIR")
     key = os.environ.get("WORKBENCH_BUNDLE_KEY") or None
+    host = os.environ.get("WORKBENCH_HOST_ID") or None
     return Settings(data_dir=data_dir, database_url=url,
                     import_dir_override=Path(imports).expanduser().resolve() if imports else None,
-                    bundle_key=key.encode("utf-8") if key else None)
+                    bundle_key=key.encode("utf-8") if key else None,
+                    host_id_override=check_host_id(host) if host else None,
+                    lease_s=_lease_s(os.environ.get("WORKBENCH_LEASE_S")),
+                    device=(os.environ.get("WORKBENCH_DEVICE") or "auto").strip())
 
 
 def service_context(settings: Settings | None = None, session_factory: sessionmaker[Session] | None = None

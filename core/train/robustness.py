@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import re
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -52,10 +53,37 @@ def check_finite(loss: torch.Tensor, phase: str, epoch: int, step: int, lr: floa
             "Training stopped: the learning rate is probably too high for this data; lower it and retry.")
 
 
+class DeviceError(TrainingError, ValueError):
+    """A device name Workbench cannot use (misspelt, or not present on this machine)."""
+
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d{1,3})$")
+
+
+def check_device_name(name: str) -> str:
+    """``name`` if it is spelt as Workbench accepts it (auto, cpu, cuda, cuda:N), else a DeviceError."""
+    cleaned = (name or "").strip().lower()
+    if not _DEVICE_RE.match(cleaned):
+        raise DeviceError(f"Unknown device {name!r}: use auto (a GPU if there is one, else the CPU), cpu, "
+                          "cuda (the first GPU) or cuda:N (GPU number N, counting from 0).")
+    return cleaned
+
+
 def resolve_device(name: str) -> torch.device:
+    """The torch device for ``name`` (auto, cpu, cuda, cuda:N) on this machine; a DeviceError that
+    says what is there when the requested GPU is not."""
+    name = check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"Device {name!r} requested but CUDA is not available on this machine.")
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise DeviceError(f"Device {name!r} was requested, but this machine has no usable GPU (CUDA is not "
+                          f"available to PyTorch {torch.__version__}). Use --device cpu, or run this on a machine "
+                          "with a GPU.")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise DeviceError(f"Device {name!r} was requested, but this machine has {count} GPU"
+                          f"{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1}).")
     return dev

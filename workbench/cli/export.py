@@ -27,11 +27,21 @@ def _score(value: float | None) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from workbench.evaluations import EvaluationError, evaluate_run
+    from core.train.robustness import DeviceError, resolve_device
+    from workbench.evaluations import EvaluationError, evaluate_run, load_run
+    from workbench.settings import service_context
 
     try:
+        device = resolve_device(args.device or service_context()[0].device)  # before any loading
+        trained = None
+        if device.type != "cpu":
+            _data, trained = load_run(args.run, *service_context())
+            trained.model.to(device)
         out = evaluate_run(args.run, tta=args.tta, sensitivity=args.sensitivity, positive_class=args.positive_class,
-                           progress=_progress)
+                           progress=_progress, trained=trained)
+    except DeviceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (EvaluationError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -210,6 +220,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--sensitivity", type=float, default=0.95,
                    help="two-class tasks: target sensitivity for the operating threshold (default 0.95)")
     p.add_argument("--positive-class", default=None, help="two-class tasks: the positive class (default: the second)")
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="where PyTorch runs the model: auto, cpu, cuda, cuda:N (default: WORKBENCH_DEVICE, else auto)")
     p.set_defaults(func=cmd_evaluate)
 
     p = subparsers.add_parser("export", help="build a verified deploy bundle (zip) for a run")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -30,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=None, help="fine-tune epochs (overrides the recipe)")
     p.add_argument("--batch-label", default=None, help="label grouping these runs for comparison")
     p.add_argument("--detach", action="store_true", help="queue and return at once")
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="where the worker trains: auto (a GPU if it has one), cpu, cuda or cuda:N "
+                        "(default: WORKBENCH_DEVICE, else auto)")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("runs", help="list training runs with state and best metrics; `runs delete RUN`")
@@ -55,6 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--idle-exit", type=float, default=None, help="exit after N idle seconds")
     p.add_argument("--lane", choices=lanes.LANES, default=lanes.DEFAULT_LANE,
                    help="which jobs: train (default) or light (ingest, export, evaluate, predict)")
+    p.add_argument("--host-id", default=None,
+                   help="name of this host's workers when several hosts share the data dir "
+                        "(default: WORKBENCH_HOST_ID, else hostname + a short id); see docs/SCALING.md")
     p.set_defaults(func=cmd_worker)
 
 
@@ -108,14 +115,19 @@ def _describe(info: runs.RunInfo) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from core.image_kind import PRESET_FOR_KIND
+    from core.train.robustness import DeviceError, check_device_name
     from core.weights import WeightsError
+    from workbench.settings import get_settings
 
     preset = args.preset or (PRESET_FOR_KIND[args.image_kind] if args.image_kind else None)
     try:
+        # Checked here for its spelling only: whether the GPU exists is the worker's machine's business.
+        device = check_device_name(args.device or get_settings().device)
         ids = runs.queue_training(args.dataset, args.variants or ["lite0"], resolution=args.resolution,
                                   preset=preset, recipe=args.recipe, epochs=args.epochs,
-                                  batch_label=args.batch_label)
-    except (runs.RunError, WeightsError, ValueError) as exc:
+                                  batch_label=args.batch_label,
+                                  overrides={"device": device} if device != "auto" else None)
+    except (runs.RunError, WeightsError, DeviceError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"Queued run(s) {', '.join(map(str, ids))}; worker pid {lanes.worker_pid() or 'starting'}.")
@@ -178,7 +190,15 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     import logging
 
+    from workbench.settings import SettingsError, check_host_id
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
+    if args.host_id:
+        try:
+            os.environ["WORKBENCH_HOST_ID"] = check_host_id(args.host_id)
+        except SettingsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     rc = worker.run_worker(once=args.once, idle_exit_s=args.idle_exit, lane=args.lane)
     if rc == 3:
         print(f"Another {args.lane}-lane worker is already running (pid {lanes.worker_pid(lane=args.lane)}).",

@@ -7,7 +7,7 @@ dataset it came from and what changed. A new table rather than new columns on ``
 adding a foreign key column to ``datasets`` on SQLite means rebuilding that table.
 
 Revision ID: 0005_dataset_versions
-Revises: 0003_searches
+Revises: 0004_worker_leases
 Create Date: 2026-12-03
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from alembic import op
 
 
 revision: str = "0005_dataset_versions"
-down_revision: str | None = "0003_searches"
+down_revision: str | None = "0004_worker_leases"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
