@@ -162,6 +162,7 @@ def fmt_bytes(n: float | None) -> str:
 
 STATUS_ICON: dict[str, str] = {
     RunStatus.QUEUED: ":material/schedule:", RunStatus.RUNNING: ":material/directions_run:",
+    RunStatus.VERIFYING: ":material/fact_check:",
     JobStatus.LEGACY_WORKING: ":material/directions_run:", RunStatus.SUCCEEDED: ":material/check_circle:",
     RunStatus.FAILED: ":material/error:", RunStatus.CANCELLED: ":material/block:",
 }
