@@ -598,8 +598,9 @@ class BundlePredictor:
         order = np.argsort(-probs, kind="stable")[:k]
         top = tuple((self.labels[j], float(probs[j])) for j in order)
         decided = self.calibration.decide(probs, self.labels)
+        decision, p_positive = decided if decided is not None else (None, None)
         score, flag = ood if ood is not None else (None, False)
-        return Prediction(path, top[0][0], top[0][1], top, *(decided or (None, None)), outside_training_data=flag,
+        return Prediction(path, top[0][0], top[0][1], top, decision, p_positive, outside_training_data=flag,
                           ood_score=score)
 
 

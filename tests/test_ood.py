@@ -131,7 +131,8 @@ def test_bundle_flags_foreign_images_alike_everywhere(ws, exported, image_sets, 
     folder = _unpack(bundle, tmp_path / "bundle")
     record = json.loads((folder / "calibration.json").read_text())
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["files"]["calibration.json"] == hashlib.sha256((folder / "calibration.json").read_bytes()).hexdigest()
+    listed = manifest["files"]["calibration.json"]
+    assert listed == hashlib.sha256((folder / "calibration.json").read_bytes()).hexdigest()
     assert record["ood"]["threshold"] == ood["threshold"] and record["ood"]["fitted_on"] == "validation split"
     sentence = ood_sentence(record)
     assert sentence is not None and sentence in (folder / "README.md").read_text()
@@ -210,3 +211,53 @@ def test_nonsense_threshold_is_refused_by_name(exported, tmp_path: Path) -> None
     r = subprocess.run([sys.executable, str(folder / "predict.py"), str(folder / "labels.json"), "--csv",
                         str(tmp_path / "x.csv")], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "ood.threshold must be a finite number" in r.stderr
+
+
+def test_predict_page_says_the_image_looks_unlike_the_training_images(ws, exported, image_sets,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The predict job (the light-lane handler, in-process) flags it; the page shows the sentence
+    instead of a silent class, the class one click away in an expander."""
+    import uuid
+
+    from test_pages import open_page
+
+    from core.bundle import OUTSIDE_TRAINING_DATA, BundlePredictor, open_bundle
+    from storage.db import reset_sessionmakers
+    from storage.models import Job
+    from workbench import jobs
+    from workbench.handlers.tasks import handle_predict
+    from workbench.paths import PREDICT, staging_dir
+    from workbench.status import JobStatus
+
+    rid, bundle, _ = exported
+    preds = BundlePredictor.from_bundle(open_bundle(bundle)).predict(image_sets["mednist"])
+    worst = max(preds, key=lambda p: p.ood_score or 0.0)  # far past the threshold: PyTorch agrees
+    assert worst.outside_training_data
+    out_dir = staging_dir(ws.settings, PREDICT) / uuid.uuid4().hex
+    out_dir.mkdir(parents=True)
+    (out_dir / "in0.jpg").write_bytes(worst.path.read_bytes())
+    rel = lambda p: p.relative_to(ws.settings.data_dir).as_posix()  # noqa: E731
+    payload = {"run_id": rid, "files": [{"name": worst.path.name, "path": rel(out_dir / "in0.jpg")}], "top_k": 3,
+               "gradcam": False, "out_dir": rel(out_dir)}
+    with ws.Session.begin() as s:
+        job_id = jobs.enqueue(s, "predict", rid, payload).id
+    outcome = handle_predict(jobs.JobContext(job_id, "predict", rid, payload, ws.Session, ws.settings))
+    assert outcome.status == JobStatus.SUCCEEDED, outcome.error
+    jobs.finish_job(ws.Session, job_id, outcome.status)
+    with ws.Session() as s:
+        entry = s.get(Job, job_id).payload["results"][0]
+    assert entry["outside_training_data"] is True and entry["ood_score"] == pytest.approx(worst.ood_score, abs=1e-3)
+
+    monkeypatch.setenv("WORKBENCH_DATA_DIR", str(ws.settings.data_dir))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    reset_sessionmakers()
+    try:
+        at = open_page("predict")
+        at.session_state["predict_job"] = job_id
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert any(OUTSIDE_TRAINING_DATA in w.value for w in at.warning)
+        assert not any("→" in md.value for md in at.markdown)  # no silent class
+        assert [e.label for e in at.expander] == ["The model's answer anyway (expert detail)"]
+    finally:
+        reset_sessionmakers()
