@@ -145,7 +145,7 @@ def test_bundle_flags_foreign_images_alike_everywhere(ws, exported, image_sets, 
     # Measured on this fixture (deterministic: seeded head, fixed files): validation 0/9 flagged,
     # unseen beans 3/24, mednist 11/24, hymenoptera 2/24. A logit score of a three-class head fitted on
     # 18 images sees little of "foreign": X-rays stand out, insects among plants barely do (a quick-recipe
-    # beans model at 128 px flagged 37 % of mednist and 27 % of hymenoptera, docs in core.bundle).
+    # beans model at 128 px flagged 37 % of mednist and 32 % of hymenoptera: bench/results_ood.md).
     # Bounds with margin: what must hold, not what was measured.
     assert 1.0 - share["val"] >= 0.95  # the fit: at least 95 % of validation kept
     assert share["beans"] <= 0.25  # unseen beans images: mostly kept
