@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from core.bundle import OOD_KEEP, OOD_SCORE, energy_score
 from core.metrics import (
     calibration,
     classification_metrics,
@@ -163,6 +164,8 @@ def evaluate_model(model: Any, pre: Preprocessing, classes: Sequence[str], test:
     else:
         m["calibration"].update(temperature=None, fitted_on=None,
                                 note="no validation images: temperature scaling skipped")
+    # The bundle runs no TTA, so the out-of-distribution threshold is fitted on plain logits.
+    m["ood"] = fit_ood_threshold(vl["plain"] if val else None, plain)
 
     if k == 2:
         pos_name = positive_class if positive_class is not None else classes[1]
@@ -213,6 +216,28 @@ def evaluate_model(model: Any, pre: Preprocessing, classes: Sequence[str], test:
         metrics_path.write_text(json.dumps(m, indent=1))
         res.plots["metrics_json"] = metrics_path
     return res
+
+
+def fit_ood_threshold(val_logits: np.ndarray | None, test_logits: np.ndarray | None = None,
+                      keep: float = OOD_KEEP) -> dict[str, Any]:
+    """The energy threshold (``core.bundle.energy_score``) that keeps ``keep`` of the validation images.
+
+    The ceil(keep * n)-th lowest validation energy: at least ``keep`` of them are kept, so with
+    few validation images the check errs towards flagging fewer in-distribution images. Also
+    reports the share of test images it flags (in-distribution images wrongly flagged)."""
+    if val_logits is None or len(val_logits) == 0:
+        return {"score": OOD_SCORE, "threshold": None, "keep": keep,
+                "note": "no validation images: no out-of-distribution check"}
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be a share between 0 and 1, got {keep!r}")
+    val = np.sort(energy_score(val_logits))
+    n = len(val)
+    threshold = float(val[max(1, math.ceil(keep * n - 1e-9)) - 1])
+    out: dict[str, Any] = {"score": OOD_SCORE, "threshold": threshold, "keep": keep, "fitted_on": "val",
+                           "n_val": int(n), "val_kept": float((val <= threshold).mean()), "test_flagged": None}
+    if test_logits is not None and len(test_logits):
+        out["test_flagged"] = float((energy_score(test_logits) > threshold).mean())
+    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -323,7 +348,8 @@ def plot_gallery(entries: list[dict[str, Any]], paths: Sequence[Path], cams: Seq
 
 
 __all__ = [
-    "EvalItem", "EvaluationResult", "evaluate_model", "predict_logits", "load_batch", "iter_batches",
+    "EvalItem", "EvaluationResult", "evaluate_model", "fit_ood_threshold", "predict_logits", "load_batch",
+    "iter_batches",
     "classification_metrics", "calibration", "fit_temperature", "nll", "per_sample_loss", "softmax",
     "threshold_for_sensitivity", "plot_confusion", "plot_curves", "plot_reliability", "plot_gallery",
 ]

@@ -20,7 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from core.bundle import CALIBRATION_NAME, MANIFEST_NAME, calibration_record, confidence_sentence, make_manifest
+from core.bundle import (
+    CALIBRATION_NAME,
+    MANIFEST_NAME,
+    calibration_record,
+    confidence_sentence,
+    make_manifest,
+    ood_sentence,
+)
 from core.evaluate import iter_batches
 from core.hashing import sha256_file
 from core.latency import Latency, MachineBusy, Spec, machine_id, measure_side_by_side, ort_session
@@ -433,6 +440,8 @@ def calibration_section(cal: dict[str, Any], metrics: dict[str, Any]) -> list[st
         L.append(f"- {chosen} Confirm it on new data before relying on it.")
     elif cal.get("decision_note"):
         L.append(f"- No decision threshold: {cal['decision_note']}. The predicted label is the most likely class.")
+    if (ood := ood_sentence(cal)) is not None:
+        L.append(f"- {ood}")
     return L
 
 

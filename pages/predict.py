@@ -6,6 +6,8 @@ import streamlit as st
 from workbench import actions, ui, views
 from workbench.status import JobStatus
 
+OUTSIDE_TRAINING_DATA = "This image looks unlike the images the model was trained on; its answer is not reliable."
+
 ui.header("Predict", "Try a trained model on new images. Grad-CAM shows where the model looked.")
 run_id = ui.pick_finished_run_or_stop("Model", key="predict_run", empty="No trained models yet: train one first.")
 
@@ -53,12 +55,21 @@ def results() -> None:
                 if r.get("overlay"):
                     st.image(r["overlay"], caption=f"Grad-CAM for {r['top'][0]['class']}", width=224)
             with right:
-                st.markdown(f"**{r['name']}** → **{r['top'][0]['class']}** ({r['top'][0]['p']:.1%})")
-                if r.get("decision") is not None:
-                    st.markdown(f"Decision: **{r['decision']}** ({cal.get('positive_class')} "
-                                f"{r['p_positive']:.1%}, threshold {cal['threshold']:.1%})")
-                for t in r["top"]:
-                    st.progress(t["p"], text=f"{t['class']}: {t['p']:.1%}")
+                if r.get("outside_training_data"):  # no silent class: the answer is kept one click away
+                    st.warning(f"**{r['name']}**: {OUTSIDE_TRAINING_DATA}")
+                    detail = st.expander("The model's answer anyway (expert detail)")
+                else:
+                    st.markdown(f"**{r['name']}** → **{r['top'][0]['class']}** ({r['top'][0]['p']:.1%})")
+                    detail = st.container()
+                with detail:
+                    if r.get("decision") is not None:
+                        st.markdown(f"Decision: **{r['decision']}** ({cal.get('positive_class')} "
+                                    f"{r['p_positive']:.1%}, threshold {cal['threshold']:.1%})")
+                    for t in r["top"]:
+                        st.progress(t["p"], text=f"{t['class']}: {t['p']:.1%}")
+                    if r.get("ood_score") is not None:
+                        st.caption(f"Unfamiliarity (energy) score {r['ood_score']:.2f}; images above "
+                                   f"{cal['ood_threshold']:.2f} are flagged.")
 
 
 results()

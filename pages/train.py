@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from workbench import runs, suggestions, ui, views
-from workbench.status import ACTIVE_RUN, RunStatus
+from workbench.status import RunStatus
 
 ui.header("Train", "Fine-tune EfficientNet variants from ImageNet weights. Training runs in a worker process: "
           "close the tab whenever you like.")
@@ -96,7 +96,7 @@ def progress_panel() -> None:
             head, buttons = st.columns([5, 2])
             head.markdown(f"**Run #{r.id}** · {r.dataset} · `{r.variant}@{r.resolution}` · "
                           f"{r.preset} · {ui.status_label(r.status)}")
-            if r.status in ACTIVE_RUN and not r.cancel_requested:
+            if r.status in runs.CANCELLABLE_RUN and not r.cancel_requested:
                 if buttons.button("Cancel", key=f"cancel{r.id}", icon=":material/stop_circle:"):
                     with ui.errors("Could not cancel"):
                         runs.cancel_run(r.id)

@@ -25,6 +25,9 @@ from workbench.settings import Settings, service_context
 from workbench.status import ACTIVE_RUN, RESUMABLE_RUN, JobKind, JobStatus, RunStatus
 from workbench.summary import BestMetrics, RunSummary, read_best, read_summary
 
+# A verifying run's training is over: cancelling would only throw away its export and metrics.
+CANCELLABLE_RUN = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
+
 
 class RunError(ValueError):
     """A request about runs cannot be honoured; the message says why."""
@@ -188,6 +191,10 @@ def cancel_run(run_id: int, *, settings: Settings | None = None) -> str:
             run.cancel_requested = True
             s.add(RunEvent(run_id=run_id, message="Cancel requested.", level="info", created_at=utcnow()))
             return "cancelling"
+        if run.status == RunStatus.VERIFYING:
+            raise RunError(f"Run {run_id} has finished training and is checking its exported model; this "
+                           "cannot be cancelled and takes a few minutes. Delete the run afterwards if you do "
+                           "not want it.")
         raise RunError(f"Run {run_id} is {run.status}; only queued or running runs can be cancelled.")
 
 
@@ -205,11 +212,15 @@ def resume_run(run_id: int, *, settings: Settings | None = None, start_worker: b
         if run.status not in RESUMABLE_RUN:
             raise RunError(f"Run {run_id} is {run.status}; only failed or cancelled runs can be resumed.")
         last = RunPaths(settings, run_id).last_checkpoint
+        # A run whose worker died while verifying has its trained model (only a finished training
+        # records checkpoint_path): resume re-runs the export, verification and evaluation only.
+        verify_only = run.checkpoint_path is not None and run.best_metrics is not None
         run.status, run.error, run.cancel_requested, run.finished_at = RunStatus.QUEUED, None, False, None
-        s.add(RunEvent(run_id=run_id, created_at=utcnow(), level="info",
-                       message="Resume queued" + (" from the last checkpoint." if last.is_file()
-                                                  else " (no checkpoint yet: starts over).")))
-        job = jobs.enqueue(s, JobKind.TRAIN, run_id, {"resume": True, "postrun": True})
+        message = ("Resume queued: training had finished, so only the export, verification and evaluation run "
+                   "again." if verify_only else "Resume queued" + (" from the last checkpoint." if last.is_file()
+                                                                   else " (no checkpoint yet: starts over)."))
+        s.add(RunEvent(run_id=run_id, created_at=utcnow(), level="info", message=message))
+        job = jobs.enqueue(s, JobKind.TRAIN, run_id, {"resume": True, "postrun": True, "verify_only": verify_only})
         job_id = job.id
     if start_worker:
         lanes.ensure_worker(settings, lane=lanes.lane_of(JobKind.TRAIN))

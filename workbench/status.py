@@ -11,6 +11,9 @@ from enum import StrEnum
 class RunStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
+    # Training is done; the worker is exporting, verifying and evaluating it (postrun). Active, not
+    # cancellable; a worker dying here leaves the run failed, and resume re-runs only this part.
+    VERIFYING = "verifying"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -55,7 +58,7 @@ class Lane(StrEnum):
     LIGHT = "light"
 
 
-ACTIVE_RUN = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
+ACTIVE_RUN = frozenset({RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.VERIFYING})
 TERMINAL_RUN = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.PRUNED})
 RESUMABLE_RUN = frozenset({RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.PRUNED})
 ACTIVE_SEARCH = frozenset({SearchStatus.QUEUED, SearchStatus.RUNNING, SearchStatus.FINALIZING})

@@ -251,6 +251,7 @@ def progress_text(progress: dict[str, Any]) -> str:
 
 STATUS_ICON: dict[str, str] = {
     RunStatus.QUEUED: ":material/schedule:", RunStatus.RUNNING: ":material/directions_run:",
+    RunStatus.VERIFYING: ":material/fact_check:",
     JobStatus.LEGACY_WORKING: ":material/directions_run:", RunStatus.SUCCEEDED: ":material/check_circle:",
     RunStatus.FAILED: ":material/error:", RunStatus.CANCELLED: ":material/block:",
     RunStatus.PRUNED: ":material/content_cut:", SearchStatus.FINALIZING: ":material/fact_check:",

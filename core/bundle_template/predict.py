@@ -5,12 +5,16 @@
     python predict.py IMAGE_OR_FOLDER [...] [--csv predictions.csv] [--top-k 3] [--model model.onnx]
 
 Writes a CSV with columns: path, predicted_label, confidence, top_k (label:prob;...), and for a
-two-class model with a decision threshold also: decision. Folders are searched recursively.
+two-class model with a decision threshold also: decision; and, when calibration.json has an
+out-of-distribution check: ood_score, outside_training_data (yes/no). Folders are searched recursively.
 
 Confidences are calibrated: the probabilities are softmax(logits / T) with the temperature T in
 calibration.json (fitted on the validation split; 1.0 when there was none). For a two-class model
 calibration.json also holds the decision threshold on the positive class's probability, and the
 `decision` column names the positive class when its probability is at least that threshold.
+Its `ood` part flags images that look unlike the training images: the energy score
+-logsumexp(logits) above a threshold set on the validation split (95 % of those images pass);
+for a flagged image the predicted label is not reliable.
 
 Preprocessing is read from preprocessing.json next to this file and is an exact copy of
 Workbench's (a Workbench test checks the arrays are identical).
@@ -189,6 +193,26 @@ def load_calibration(labels: list, checked: list, folder: Path = HERE) -> dict:
     return cal
 
 
+def energy_score(logits: np.ndarray) -> np.ndarray:
+    """-logsumexp(logits) per row, computed as Workbench does (float64, max subtracted)."""
+    z = np.asarray(logits, dtype=np.float64)
+    top = z.max(axis=1, keepdims=True)
+    return -(top[:, 0] + np.log(np.exp(z - top).sum(axis=1)))
+
+
+def ood_threshold(cal: dict) -> float | None:
+    """calibration.json's out-of-distribution threshold, checked; None when it has none (older bundles)."""
+    ood = cal.get("ood")
+    if ood is None:
+        return None
+    thr = ood.get("threshold") if isinstance(ood, dict) else None
+    if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not np.isfinite(thr):
+        raise SystemExit(f"error: calibration.json: ood.threshold must be a finite number, got {thr!r}")
+    if ood.get("score", "energy") != "energy":
+        raise SystemExit(f"error: calibration.json: ood.score {ood.get('score')!r} is not 'energy'")
+    return float(thr)
+
+
 def decide(probs: np.ndarray, labels: list, decision: dict) -> str:
     """The positive class when its calibrated probability reaches the threshold, else the other class."""
     p = float(probs[labels.index(decision["positive_class"])])
@@ -235,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     if decision:
         print(f"decision: '{decision['positive_class']}' when its probability is at least "
               f"{float(decision['threshold']):.4f}, else '{decision['negative_class']}'", file=sys.stderr)
+    ood_thr = ood_threshold(cal)
+    if ood_thr is not None:
+        print(f"images whose energy score is above {ood_thr:.3f} are flagged as unlike the training images",
+              file=sys.stderr)
     sess = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     paths = find_images(args.images)
@@ -242,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no images found", file=sys.stderr)
         return 2
     k = max(1, min(args.top_k, len(labels)))
-    rows, failed = [], 0
+    rows, failed, flagged = [], 0, 0
     for i in range(0, len(paths), args.batch_size):
         batch, ok = [], []
         for p in paths[i:i + args.batch_size]:
@@ -254,17 +282,26 @@ def main(argv: list[str] | None = None) -> int:
                 failed += 1
         if not batch:
             continue
-        probs = softmax(sess.run(None, {name: np.stack(batch)})[0], temperature)
-        for p, pr in zip(ok, probs):
+        logits = sess.run(None, {name: np.stack(batch)})[0]
+        probs, energy = softmax(logits, temperature), energy_score(logits)
+        for p, pr, e in zip(ok, probs, energy):
             order = np.argsort(-pr, kind="stable")[:k]
             row = [str(p), labels[order[0]], f"{pr[order[0]]:.6f}",
                    ";".join(f"{labels[j]}:{pr[j]:.6f}" for j in order)]
-            rows.append(row + ([decide(pr, labels, decision)] if decision else []))
+            row += [decide(pr, labels, decision)] if decision else []
+            if ood_thr is not None:
+                flagged += bool(e > ood_thr)
+                row += [f"{e:.6f}", "yes" if e > ood_thr else "no"]
+            rows.append(row)
     with open(args.csv, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "predicted_label", "confidence", "top_k"] + (["decision"] if decision else []))
+        w.writerow(["path", "predicted_label", "confidence", "top_k"] + (["decision"] if decision else [])
+                   + (["ood_score", "outside_training_data"] if ood_thr is not None else []))
         w.writerows(rows)
     print(f"{len(rows)} images classified -> {args.csv}" + (f" ({failed} skipped)" if failed else ""))
+    if flagged:
+        print(f"{flagged} image(s) look unlike the images the model was trained on; their answers are not "
+              "reliable (outside_training_data = yes)")
     return 0 if rows else 1
 
 

@@ -27,7 +27,7 @@ from core.train.config import TrainConfig
 from core.train.context import TrainContext
 from core.train.phases import PhaseSpec
 from core.train.robustness import retry_on_oom
-from core.train.runner import Runner
+from core.train.runner import EtaSmoother, Runner
 
 PrefixFn = Callable[[np.ndarray], list[torch.Tensor]]
 Cache = dict[str, tuple[torch.Tensor, torch.Tensor]]  # entry -> (train views, val)
@@ -173,14 +173,19 @@ def build_cache(ctx: TrainContext, entries: Sequence[str], chunk: int = 32) -> C
     run.summary["cache_backend"] = backend
     outs_tr: list[list[torch.Tensor]] = []
     t0 = time.perf_counter()
+    eta = EtaSmoother()  # smoothed: one slow chunk must not make the ETA jump
+    eta.update(t0, 0, total)
     for c, s in enumerate(range(0, len(jobs), chunk)):
         if run.cb.should_stop():
             raise TrainingCancelled("cancelled while caching activations")
         x = np.stack([normalize(_train_view(ctx, i, v), ctx.pre) for i, v in jobs[s:s + chunk]])
         outs_tr.append(forward(x))
         done = s + len(x)
-        seconds_per_image = (time.perf_counter() - t0) / done
-        run.cb.on_step(Progress("cache", 0, c + 1, chunks, eta_s=seconds_per_image * (total - done),
+        now = time.perf_counter()
+        seconds_per_image = (now - t0) / done
+        eta_s = eta.update(now, done, total)
+        run.cb.on_step(Progress("cache", 0, c + 1, chunks, eta_s=eta_s if eta_s is not None else
+                                seconds_per_image * (total - done),
                                 images_per_s=1 / max(seconds_per_image, 1e-9), done_fraction=0.0))
     imgs_va = ctx.images_val
     outs_va = [forward(np.stack([normalize(im, ctx.pre) for im in imgs_va[s:s + chunk]]))

@@ -37,6 +37,7 @@ class Runner:
         self.prior_seconds = 0.0  # training time before a resume
         self.total_steps_plan = 1
         self.steps_done = 0
+        self.eta = EtaSmoother()  # one for the whole run: epochs' paces blend instead of jumping
 
     @property
     def last_path(self) -> Path:
@@ -57,6 +58,63 @@ class Runner:
         return EpochProgress(self, phase, epoch, batch_size, time.perf_counter())
 
 
+class EtaSmoother:
+    """A whole-job ETA from an exponential moving average of the seconds per unit of work.
+
+    ``update(now, done, total)`` takes a clock reading and the work done / planned so far (any
+    unit: steps, images); it is pure arithmetic on its inputs, so tests feed it synthetic times.
+    The ETA never grows by more than the work that was added (``total`` going up, times the
+    smoothed pace): after a slow step it keeps counting down with the work done instead of
+    jumping, so a user never sees "1 min" turn into "9 min" while the plan stays the same. A
+    faster pace lowers it at once.
+    """
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
+        self.alpha = alpha
+        self.seconds_per_unit: float | None = None
+        self.eta_s: float | None = None
+        self._last: tuple[float, float, float] | None = None  # (now, done, total) of the previous update
+
+    def seed(self, now: float, done: float, total: float, seconds_per_unit: float) -> float:
+        """Start from an estimated pace (e.g. before any work is measured); measured steps then blend in."""
+        self._last, self.seconds_per_unit = (now, done, total), max(0.0, seconds_per_unit)
+        self.eta_s = max(0.0, total - done) * self.seconds_per_unit
+        return self.eta_s
+
+    @property
+    def started(self) -> bool:
+        return self._last is not None
+
+    def update(self, now: float, done: float, total: float) -> float | None:
+        """The new ETA in seconds (None until a pace is known)."""
+        if self._last is None:
+            self._last = (now, done, total)
+            return None
+        t_prev, done_prev, total_prev = self._last
+        dt, dw = now - t_prev, done - done_prev
+        pace_before = self.seconds_per_unit
+        if dw > 0 and dt >= 0:
+            sample = dt / dw
+            self.seconds_per_unit = sample if self.seconds_per_unit is None else (
+                self.alpha * sample + (1 - self.alpha) * self.seconds_per_unit)
+            self._last = (now, done, total)
+        elif total != total_prev:
+            self._last = (t_prev, done_prev, total)
+        if self.seconds_per_unit is None:
+            return None
+        raw = max(0.0, total - done) * self.seconds_per_unit
+        if self.eta_s is not None and pace_before is not None:
+            # The cap counts down with the work done (at the pace the last ETA assumed) and goes up
+            # only with work added: a slowdown holds the ETA to a countdown, never a jump.
+            added = max(0.0, total - total_prev)
+            cap = max(0.0, self.eta_s - max(dw, 0.0) * pace_before) + added * self.seconds_per_unit
+            raw = min(raw, cap)
+        self.eta_s = raw
+        return raw
+
+
 @dataclass
 class EpochProgress:
     """Reports each training step of one epoch, with a whole-run ETA from this epoch's pace."""
@@ -70,9 +128,13 @@ class EpochProgress:
     def __call__(self, step: int, total: int, loss: float, lr: float) -> None:
         run = self.run
         run.steps_done += 1
-        seconds_per_step = (time.perf_counter() - self.t0) / step
-        steps_left = max(0, run.total_steps_plan - run.steps_done)
+        now = time.perf_counter()
+        seconds_per_step = (now - self.t0) / step
+        if not run.eta.started:  # the pace of the very first step counts from the epoch's start
+            run.eta.update(self.t0, run.steps_done - 1, run.total_steps_plan)
+        eta = run.eta.update(now, run.steps_done, run.total_steps_plan)
         run.cb.on_step(Progress(self.phase, self.epoch, step, total, loss, lr,
-                                eta_s=seconds_per_step * steps_left,
+                                eta_s=eta if eta is not None else seconds_per_step * max(
+                                    0, run.total_steps_plan - run.steps_done),
                                 images_per_s=self.batch_size / max(seconds_per_step, 1e-9),
                                 done_fraction=min(1.0, run.steps_done / max(1, run.total_steps_plan))))

@@ -123,13 +123,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_predictions(rows: list[Prediction], csv_path: Path, decides: bool) -> None:
-    """The bundle's predict.py columns; ``decision`` only for a two-class model with a threshold."""
+def _write_predictions(rows: list[Prediction], csv_path: Path, decides: bool, checks_ood: bool = False) -> None:
+    """The bundle's predict.py columns; ``decision`` only for a two-class model with a threshold,
+    ``ood_score`` / ``outside_training_data`` only when the model has the out-of-distribution check."""
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "predicted_label", "confidence", "top_k"] + (["decision"] if decides else []))
+        w.writerow(["path", "predicted_label", "confidence", "top_k"] + (["decision"] if decides else [])
+                   + (["ood_score", "outside_training_data"] if checks_ood else []))
         w.writerows([str(r.path), r.label, f"{r.confidence:.6f}", ";".join(f"{lab}:{p:.6f}" for lab, p in r.top_k)]
-                    + ([r.decision or ""] if decides else []) for r in rows)
+                    + ([r.decision or ""] if decides else [])
+                    + ([f"{r.ood_score:.6f}" if r.ood_score is not None else "",
+                        "yes" if r.outside_training_data else "no"] if checks_ood else []) for r in rows)
 
 
 def _skip(path: Path, reason: str) -> None:
@@ -139,8 +143,12 @@ def _skip(path: Path, reason: str) -> None:
 def _classify(predictor: BundlePredictor, images: list[str], csv_path: Path, top_k: int) -> int:
     print(predictor.calibration.describe())
     rows = predictor.predict(_expand(images), top_k, on_skip=_skip)
-    _write_predictions(rows, csv_path, predictor.calibration.threshold is not None)
+    _write_predictions(rows, csv_path, predictor.calibration.threshold is not None,
+                       predictor.calibration.ood_threshold is not None)
     print(f"{len(rows)} images classified -> {csv_path}")
+    if flagged := sum(r.outside_training_data for r in rows):
+        print(f"{flagged} image(s) look unlike the images the model was trained on; their answers are not reliable "
+              "(outside_training_data = yes in the CSV)")
     return 0 if rows else 1
 
 

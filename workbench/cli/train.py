@@ -85,7 +85,7 @@ def follow(run_ids: Sequence[int], poll_s: float = 0.5) -> int:
                                 + (f" | ETA {eta:.0f}s" if eta is not None else ""), refresh=True)
             if info.status in TERMINAL:
                 break
-            if info.job_status in TERMINAL and info.status == RunStatus.RUNNING:
+            if info.job_status in TERMINAL and info.status in (RunStatus.RUNNING, RunStatus.VERIFYING):
                 break  # worker finished the job but the run row says otherwise: reconcile will fix
             if lanes.worker_pid() is None and info.status in ACTIVE_RUN:
                 worker.reconcile()

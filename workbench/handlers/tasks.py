@@ -129,6 +129,8 @@ def predict_images(model_path: Path, files: list[tuple[str, Path]], top_k: int, 
         decided = cal.decide(probs, tm.classes)
         if decided is not None:
             entry["decision"], entry["p_positive"] = decided
+        if (ood := cal.outside(logits)) is not None:
+            entry["ood_score"], entry["outside_training_data"] = float(ood[0][0]), bool(ood[1][0])
         if gradcam:
             cam = gc.grad_cam(tm.model, x, int(order[0]))
             base = np.asarray(resize_and_crop(img, tm.preprocessing), dtype=np.uint8)
@@ -142,7 +144,7 @@ def predict_images(model_path: Path, files: list[tuple[str, Path]], top_k: int, 
                             "confidence": confidence_sentence(record),
                             "positive_class": cal.positive_class, "negative_class": cal.negative_class,
                             "threshold": cal.threshold, "chosen_on": (record.get("decision") or {}).get("chosen_on"),
-                            "description": cal.describe()}}
+                            "description": cal.describe(), "ood_threshold": cal.ood_threshold}}
 
 
 def _run_calibration(ctx: JobContext, run_id: int | None) -> Calibration:

@@ -15,11 +15,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.data import DataError
 from core.train import Callback, TrainConfig, TrainingCancelled, TrainingError, train
+from core.train.runner import EtaSmoother
 from core.weights import WeightsError
 from storage import repositories as repo
 from storage.artifacts import register_artifact, relative_to_data_dir, resolve_in_data_dir
 from storage.models import Dataset, Run, RunEvent, RunMetric, utcnow
-from workbench.handlers.postrun import after_training
+from workbench.handlers.postrun import VERIFY_STEPS, after_training, verify_estimate_s
 from workbench.jobs import JobContext, JobOutcome
 from workbench.paths import RunPaths
 from workbench.runs import last_checkpoint_epoch
@@ -34,8 +35,9 @@ class DbCallback(Callback):
     PROGRESS_EVERY_S = 1.0
     CANCEL_POLL_S = 0.25  # a batch takes longer than this on CPU, so cancel lands within a batch
 
-    def __init__(self, ctx: JobContext, run_id: int):
+    def __init__(self, ctx: JobContext, run_id: int, verify_s: float = 0.0):
         self.ctx, self.run_id = ctx, run_id
+        self.verify_s = verify_s  # estimated post-training seconds, part of the overall ETA
         self.sf = ctx.session_factory
         self._last_progress = 0.0
         self._last_poll = 0.0
@@ -53,7 +55,8 @@ class DbCallback(Callback):
 
     def on_step(self, p: Any) -> None:
         self._progress({"phase": p.phase, "epoch": p.epoch, "step": p.step, "total_steps": p.total_steps,
-                        "loss": p.loss, "lr": p.lr, "eta_s": p.eta_s, "images_per_s": p.images_per_s,
+                        "loss": p.loss, "lr": p.lr, "images_per_s": p.images_per_s,
+                        "eta_s": None if p.eta_s is None else p.eta_s + self.verify_s,
                         "fraction": p.done_fraction,
                         "message": f"{p.phase} epoch {p.epoch} step {p.step}/{p.total_steps}"})
 
@@ -104,8 +107,9 @@ def _fail(ctx: JobContext, run_id: int, msg: str, level: str = "error", data: di
     return JobOutcome(JobStatus.FAILED, msg)
 
 
-def record_success(ctx: JobContext, run_id: int, result: Any) -> dict[str, Any]:
-    """The trained run's status, best checkpoint, validation metrics and summary; its best metrics."""
+def record_success(ctx: JobContext, run_id: int, result: Any, verifying: bool = False) -> dict[str, Any]:
+    """The trained run's best checkpoint, validation metrics and summary, and its status: verifying
+    (export, verification and evaluation follow) or succeeded; returns its best metrics."""
     best = dict(result.best["metrics"])
     best_metrics: BestMetrics = {"epoch": result.best["epoch"], "phase": result.best["phase"],
                                  "accuracy": best["accuracy"], "macro_f1": best["macro_f1"],
@@ -114,7 +118,9 @@ def record_success(ctx: JobContext, run_id: int, result: Any) -> dict[str, Any]:
     with ctx.session_factory.begin() as s:
         run = s.get(Run, run_id)
         assert run is not None
-        run.status, run.finished_at = RunStatus.SUCCEEDED, utcnow()
+        # Succeeded only once exported, verified and evaluated (``_after_training``).
+        run.status = RunStatus.VERIFYING if verifying else RunStatus.SUCCEEDED
+        run.finished_at = None if verifying else utcnow()
         run.checkpoint_path = relative_to_data_dir(result.best_path, ctx.settings.data_dir)
         run.best_metrics = dict(best_metrics)
         merge_summary(run, {**result.summary, "val_confusion": best["confusion"]})
@@ -136,8 +142,11 @@ def _start(ctx: JobContext, run_id: int) -> tuple[dict[str, Any], JobOutcome | N
         ds = run.dataset
         todo = {"classes": list(ds.classes), "train": samples_of(s, ds, ctx.settings, "train"),
                 "val": samples_of(s, ds, ctx.settings, "val"), "cfg": TrainConfig.from_dict(run.config or {}),
-                "variant": run.variant, "resolution": run.resolution}
-        run.status, run.worker_pid, run.error = RunStatus.RUNNING, os.getpid(), None
+                "variant": run.variant, "resolution": run.resolution,
+                "n_test": len(repo.images_for_dataset(s, ds.id, "test"))}
+        verify_only = todo["verify_only"] = bool(ctx.payload.get("verify_only")) and run.checkpoint_path is not None
+        run.status = RunStatus.VERIFYING if verify_only else RunStatus.RUNNING
+        run.worker_pid, run.error, run.finished_at = os.getpid(), None, None
         run.started_at = run.started_at or utcnow()
     return todo, None
 
@@ -148,10 +157,16 @@ def handle_train(ctx: JobContext) -> JobOutcome:
     todo, early = _start(ctx, run_id)
     if early is not None:
         return early
+    postrun = bool(ctx.payload.get("postrun", True))
+    if todo["verify_only"]:  # resumed after the worker died while verifying
+        ctx.event("Training had finished: re-running the export, verification and evaluation.")
+        _after_training(ctx, run_id, verify_estimate_s(todo["n_test"], len(todo["val"]), todo["resolution"]))
+        return JobOutcome(JobStatus.SUCCEEDED)
     cfg, resume = todo["cfg"], bool(ctx.payload.get("resume"))
     ctx.event(("Resuming" if resume else "Starting") + f" training: {todo['variant']} at {todo['resolution']}px, "
               f"recipe {cfg.recipe}, preset {cfg.augment}, {len(todo['train'])} train / {len(todo['val'])} val images.")
-    cb = DbCallback(ctx, run_id)
+    verify_s = verify_estimate_s(todo["n_test"], len(todo["val"]), todo["resolution"]) if postrun else 0.0
+    cb = DbCallback(ctx, run_id, verify_s)
     try:
         result = train(todo["train"], todo["classes"], todo["variant"], RunPaths(ctx.settings, run_id).root, cfg,
                        resolution=todo["resolution"], val_samples=todo["val"] or None, callback=cb, resume=resume)
@@ -168,21 +183,28 @@ def handle_train(ctx: JobContext) -> JobOutcome:
     except Exception as exc:  # noqa: BLE001 - record, then let the job fail
         return _fail(ctx, run_id, f"Training crashed: {type(exc).__name__}: {exc}", "error",
                      {"traceback": traceback.format_exc()[-4000:]})
-    best = record_success(ctx, run_id, result)
+    best = record_success(ctx, run_id, result, verifying=postrun)
     ctx.event(f"Training finished in {result.train_seconds:.0f} s: best val accuracy {best['accuracy']:.3f}, "
-              f"macro-F1 {best['macro_f1']:.3f} (epoch {result.best['epoch']}).")
-    if ctx.payload.get("postrun", True):
-        _after_training(ctx, run_id)
+              f"macro-F1 {best['macro_f1']:.3f} (epoch {result.best['epoch']})."
+              + (" Verifying the exported model before it is marked succeeded." if postrun else ""))
+    if postrun:
+        _after_training(ctx, run_id, verify_s)
     return JobOutcome(JobStatus.SUCCEEDED)
 
 
-def _after_training(ctx: JobContext, run_id: int) -> None:
-    """Export, verify and evaluate; a failure here never fails the trained run."""
-    ctx.progress({"phase": "postrun", "message": "exporting and evaluating", "fraction": 1.0})
+def _after_training(ctx: JobContext, run_id: int, estimate_s: float) -> None:
+    """Export, verify and evaluate while the run is ``verifying``, then mark it succeeded; a
+    failure here never fails the trained run (it is recorded in the summary)."""
+    eta = EtaSmoother()
+    eta.seed(time.monotonic(), 0.0, 1.0, estimate_s)  # the estimate the training ETA included
+
+    def report(message: str, fraction: float) -> None:
+        ctx.progress({"phase": "verifying", "message": f"Verifying ({message})", "fraction": fraction,
+                      "eta_s": eta.update(time.monotonic(), fraction, 1.0)})
+
+    report(f"step 1 of {len(VERIFY_STEPS)}, {VERIFY_STEPS[0]}", 0.0)
     try:
-        after_training(ctx.session_factory, ctx.settings, run_id,
-                       lambda message, fraction: ctx.progress({"phase": "postrun", "message": message,
-                                                               "fraction": fraction}))
+        after_training(ctx.session_factory, ctx.settings, run_id, report)
         ctx.event("Post-training export and evaluation done.")
     except Exception as exc:  # noqa: BLE001
         ctx.event(f"Post-training export/evaluation failed (the trained model is fine): "
@@ -191,12 +213,29 @@ def _after_training(ctx: JobContext, run_id: int) -> None:
             run = s.get(Run, run_id)
             if run is not None:
                 merge_summary(run, {"postrun_error": f"{type(exc).__name__}: {exc}"})
+    with ctx.session_factory.begin() as s:  # only now: a succeeded run has its metrics
+        run = s.get(Run, run_id)
+        if run is not None and run.status == RunStatus.VERIFYING:
+            run.status, run.finished_at = RunStatus.SUCCEEDED, utcnow()
 
 
 def on_orphan(s: Session, run_id: int | None, pid: int | None) -> None:
-    """Inside reconcile's transaction: the train worker died mid-run; fail the run, offer resume."""
+    """Inside reconcile's transaction: the train worker died mid-run; fail the run, offer resume.
+
+    Died while verifying: the trained model is safe (its checkpoint is recorded), so the run is
+    failed with a message saying resume re-runs only the export, verification and evaluation
+    (``runs.resume_run`` queues a ``verify_only`` job); it never stays "verifying". It is not
+    re-queued automatically: a verification that kills its worker would otherwise loop.
+    """
     run = s.get(Run, run_id) if run_id is not None else None
-    if run is None or run.status != RunStatus.RUNNING:
+    if run is None or run.status not in (RunStatus.RUNNING, RunStatus.VERIFYING):
+        return
+    if run.status == RunStatus.VERIFYING:
+        run.status, run.finished_at = RunStatus.FAILED, utcnow()
+        run.error = (f"Worker died (pid {pid}) while checking the trained model; training itself finished. "
+                     "Resume re-runs only the export, verification and evaluation.")
+        s.add(RunEvent(run_id=run.id, level="error", message=run.error, created_at=utcnow(),
+                       data={"resumable": True, "verify_only": True}))
         return
     epoch = last_checkpoint_epoch(s, run)
     run.status, run.finished_at = RunStatus.FAILED, utcnow()
