@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from workbench.api import RunFailed, RunHandle, Workbench
-    from workbench.predictor import Predictor, PredictionError
+    from workbench.predictor import PredictionError, Predictor
 
 
 def version() -> str:

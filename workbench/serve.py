@@ -48,7 +48,7 @@ class RequestRefused(Exception):
 
 
 def _mb(n: int) -> str:
-    return f"{n / MB:g} MB"
+    return f"{round(n / MB, 2):g} MB"
 
 
 async def _read_body(request: Request, limits: ServeLimits) -> bytes:
@@ -61,8 +61,8 @@ async def _read_body(request: Request, limits: ServeLimits) -> bytes:
     async for chunk in request.stream():
         n += len(chunk)
         if n > limits.max_request_bytes:
-            raise RequestRefused(413, f"The request is larger than the limit of {_mb(limits.max_request_bytes)}. "
-                                      "Send fewer or smaller images.")
+            raise RequestRefused(413, f"The request is larger than {_mb(limits.max_request_bytes)}; the limit is "
+                                      f"{_mb(limits.max_request_bytes)} per request. Send fewer or smaller images.")
         parts.append(chunk)
     return b"".join(parts)
 
@@ -111,8 +111,9 @@ def _from_json(body: bytes) -> list[tuple[str, bytes]]:
                                   '"<base64>"}, ...]}.')
     images = []
     for i, item in enumerate(items):
-        name, data = (f"image {i}", item) if isinstance(item, str) else (
-            (str(item.get("name") or f"image {i}"), item.get("data")) if isinstance(item, dict) else (f"image {i}", None))
+        name, data = f"image {i}", item if isinstance(item, str) else None
+        if isinstance(item, dict):
+            name, data = str(item.get("name") or name), item.get("data")
         if not isinstance(data, str):
             raise RequestRefused(400, f"{name}: expected its bytes as a base64 string in \"data\".")
         try:
