@@ -116,3 +116,25 @@ def test_workbench_reports_recommends_and_refuses_unknown_things(data_dir: Path,
     assert rec.feasible and rec.recommended is not None and rec.recommended.key
     with pytest.raises(TypeError, match="a run is a run id"):
         wb.evaluate("3")  # type: ignore[arg-type]
+
+
+def test_train_without_waiting_returns_a_handle_at_once(data_dir: Path, tmp_path: Path) -> None:
+    import fcntl
+
+    from helpers_train import write_images
+
+    from workbench import RunFailed, Workbench
+    from workbench.lanes import lock_path
+
+    wb = Workbench()
+    write_images(tmp_path / "src", [6, 6])
+    wb.add_dataset(tmp_path / "src", name="tiny", progress=False)
+    # Hold the train lane's lock, as a live worker would: no worker starts, so the run stays queued.
+    with open(lock_path(wb.settings), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        run = wb.train("tiny", variant="lite0", recipe="quick", wait=False)
+        assert run.status == "queued" and run.info().recipe == "quick"
+        assert run.cancel() == "cancelled"
+        with pytest.raises(RunFailed, match=f"run {run.id} cancelled") as failed:
+            run.wait(progress=False)
+    assert failed.value.info.status == "cancelled"

@@ -19,16 +19,18 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from core.recommend import Recommendation
-from workbench import datasets, evaluations, exports, lanes, runs, views, worker
-from workbench.datasets import DatasetInfo
-from workbench.evaluations import EvaluationResult
+from workbench import datasets, lanes, runs, views
+from workbench.datasets import DatasetInfo, DeleteResult
 from workbench.predictor import Predictor
 from workbench.runs import RunInfo
 from workbench.settings import Settings, get_settings
 from workbench.status import ACTIVE_RUN, TERMINAL, RunStatus
+
+if TYPE_CHECKING:  # evaluations and exports import torch: loaded when first used, not on import
+    from core.recommend import Recommendation
+    from workbench.evaluations import EvaluationResult
 
 POLL_S = 0.5  # how often a blocking train() reads the run's progress from the database
 
@@ -129,7 +131,7 @@ class Workbench:
         (``.health``, ``.split_config``, ``.skipped``), as ``workbench data report`` shows it."""
         return datasets.get_dataset(dataset, settings=self.settings)
 
-    def delete_dataset(self, dataset: str | int) -> datasets.DeleteResult:
+    def delete_dataset(self, dataset: str | int) -> DeleteResult:
         return datasets.delete_dataset(dataset, settings=self.settings)
 
     # --- recommend --------------------------------------------------------------------------
@@ -175,6 +177,8 @@ class Workbench:
         return runs.get_run(_run_id(run), settings=self.settings)
 
     def runs(self, dataset: str | int | None = None) -> list[RunInfo]:
+        from workbench import worker  # the handlers it knows import torch
+
         worker.reconcile(settings=self.settings)
         return runs.list_runs(dataset, settings=self.settings)
 
@@ -182,6 +186,8 @@ class Workbench:
         """Poll the run's progress (the job's snapshot in the database) into a tqdm.auto bar, like
         ``workbench train`` does in a terminal; restart the worker if it died with the run queued."""
         from tqdm.auto import tqdm
+
+        from workbench import worker
 
         info = runs.get_run(run_id, settings=self.settings)
         bar = tqdm(total=1000, desc=f"run {run_id} {info.variant}", disable=not progress,
@@ -211,12 +217,16 @@ class Workbench:
     def evaluate(self, run: RunRef, *, tta: bool = False, sensitivity: float = 0.95,
                  positive_class: str | None = None) -> EvaluationResult:
         """Evaluate on the held-out test split (metrics, calibration, two-class threshold); in-process."""
+        from workbench import evaluations
+
         return evaluations.evaluate_run(_run_id(run), tta=tta, sensitivity=sensitivity,
                                         positive_class=positive_class, settings=self.settings)
 
     def export(self, run: RunRef, *, fp16: bool = False, int8: bool = False, uint8: bool = False,
                output: str | Path | None = None) -> Path:
         """Build the verified deploy bundle (zip) and return its path (``output`` if given)."""
+        from workbench import exports
+
         out = exports.export_run(_run_id(run), fp16=fp16, int8=int8, uint8_graph=uint8, out_path=output,
                                  settings=self.settings)
         return Path(out.out_path or out.bundle_path)
