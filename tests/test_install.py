@@ -8,6 +8,7 @@ fresh one, so nothing of this checkout can be picked up by accident.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -19,11 +20,21 @@ from test_serve import free_port, stop, wait_for_200
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _tracked_files() -> list[str]:
+    return subprocess.run(["git", "ls-files", "core", "storage", "workbench", "pages", ".streamlit"], cwd=ROOT,
+                          capture_output=True, text=True, check=True).stdout.split()
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+    # Built from a copy of the tracked files, as from a clean clone: setuptools writes build/ and
+    # *.egg-info beside the sources, and a stale build/ could smuggle removed modules into the wheel.
+    src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
+    for name in ["pyproject.toml", "README.md", *_tracked_files()]:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, src / name)
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                        str(out), str(ROOT)], capture_output=True, text=True, timeout=300)
+                        str(out), str(src)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     (whl,) = out.glob("workbench-*.whl")
     return whl
@@ -31,10 +42,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_wheel_holds_every_module_the_pages_and_the_migrations(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
-    tracked = subprocess.run(["git", "ls-files", "core", "storage", "workbench", "pages", ".streamlit"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout.split()
     expected = {f.replace("pages/", "workbench/pages/", 1).replace(".streamlit/", "workbench/streamlit_config/", 1)
-                for f in tracked if f.endswith((".py", ".toml", ".ini", ".mako", ".json"))}
+                for f in _tracked_files() if f.endswith((".py", ".toml", ".ini", ".mako", ".json"))}
     assert expected - names == set()
     assert {"workbench/app.py", "workbench/pages/home.py", "workbench/streamlit_config/config.toml",
             "storage/alembic.ini", "storage/migrations/env.py", "core/bundle_template/predict.py"} <= names
