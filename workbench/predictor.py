@@ -161,7 +161,8 @@ class Predictor:
     def _as_file(image: ImageInput, name: str, stem: Path) -> Path:
         if isinstance(image, str | Path):
             if not Path(image).is_file():
-                raise PredictionError(f"{name}: no such file")
+                raise PredictionError(f"{name}: " + ("a folder, not an image file" if Path(image).is_dir()
+                                                     else "no such file"))
             return Path(image)
         if isinstance(image, bytes):
             data = image
