@@ -21,7 +21,10 @@ import streamlit as st  # noqa: E402
 
 from workbench import auth  # noqa: E402
 
-PAGES_DIR = _ROOT / "pages"
+# A checkout keeps the pages at its top (pages/); an installed wheel ships them inside the
+# package (workbench/pages/, see [tool.setuptools] in pyproject.toml).
+_SHIPPED_PAGES = Path(__file__).resolve().parent / "pages"
+PAGES_DIR = _SHIPPED_PAGES if _SHIPPED_PAGES.is_dir() else _ROOT / "pages"
 
 # (file, title, icon, url path); grouped into sidebar sections.
 SECTIONS: dict[str, list[tuple[str, str, str, str]]] = {

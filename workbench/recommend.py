@@ -105,7 +105,9 @@ def recommend_for(budget: Mapping[str, Any] | Budget, *, measure: bool = False,
 
 def recommend_obj(budget: Mapping[str, Any] | Budget, *, measure: bool = False,
                   profile_file: str | Path | None = None, devices_file: str | Path | None = None,
-                  check_hub: bool = True, progress: Callable[[str], None] | None = None) -> Recommendation:
+                  check_hub: bool = True, progress: Callable[[str], None] | None = None,
+                  database_url: str | None = None) -> Recommendation:
+    """``database_url``: where measured latencies are cached (default: this installation's database)."""
     from core.weights import weights_availability
 
     b = budget if isinstance(budget, Budget) else Budget.from_dict(budget)
@@ -113,7 +115,7 @@ def recommend_obj(budget: Mapping[str, Any] | Budget, *, measure: bool = False,
         profile = load_profile_file(profile_file)
         b = Budget.from_dict({**b.to_dict(), "device": profile.name})
     weights = weights_availability(check_hub=check_hub)
-    cache = DBLatencyCache() if b.device == THIS_MACHINE and not profile_file else None
+    cache = DBLatencyCache(database_url) if b.device == THIS_MACHINE and not profile_file else None
     profile, cached = resolve_profile(b.device, profile_file, devices_file, cache)
     if measure and cache is None:
         raise ValueError(f"--measure measures ONNX Runtime on this machine; it only applies to device "

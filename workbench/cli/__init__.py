@@ -4,14 +4,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from workbench.cli import auto, data, export, recommend, train, ui
+from workbench import version
+from workbench.cli import auto, data, export, recommend, serve, train, ui
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench",
-                                     description="Transfer-learning workbench for image classification.")
+                                     description="Transfer-learning workbench for image classification.",
+                                     epilog="Exit codes: 0 ok, 1 failed, 2 bad input.")
+    parser.add_argument("--version", action="version", version=f"workbench {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for area in (data, recommend, train, auto, export, ui):
+    for area in (data, recommend, train, auto, export, ui, serve):
         area.register(sub)
     return parser
 

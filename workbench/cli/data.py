@@ -18,6 +18,7 @@ from core.ingest import display_name
 from workbench import datasets as svc
 from workbench import gc
 from workbench.cli import fix
+from workbench.cli.output import add_json_flag, print_json
 
 GC_LOCK_WAIT_S = 10.0  # `workbench gc` waits this long for running ingests to release the store
 
@@ -63,6 +64,9 @@ def cmd_add(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+    if args.json:
+        print_json(info)
+        return EXIT_OK
     counts = info.split_config.get("counts", {})
     print(
         f"dataset '{display_name(info.name)}' (id {info.id}): {info.num_images} images, "
@@ -132,6 +136,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 @_guard
 def cmd_list(args: argparse.Namespace) -> int:
     rows = svc.list_datasets()
+    if args.json:
+        print_json(rows)
+        return EXIT_OK
     if not rows:
         print("no datasets yet: add one with `workbench data add PATH_OR_ZIP --name NAME`")
         return EXIT_OK
@@ -145,6 +152,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 @_guard
 def cmd_delete(args: argparse.Namespace) -> int:
     res = svc.delete_dataset(args.name)
+    if args.json:
+        print_json(res)
+        return EXIT_OK
     print(f"deleted dataset '{display_name(res.name)}': {res.images} images, {res.files_removed} store files removed")
     if res.files_left:
         print(f"  {res.files_left} store files were left in place because an ingest was running; "
@@ -158,6 +168,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
         return _fail("--grace-hours must be 0 or more")
     report = gc.collect_garbage(grace_hours=args.grace_hours, dry_run=args.dry_run,
                                 lock_wait_s=GC_LOCK_WAIT_S)
+    if args.json:
+        print_json(report)
+        return EXIT_OK
     for line in gc.describe(report):
         print(line)
     return EXIT_OK
@@ -179,18 +192,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         "(e.g. patient), so a group never spans two splits")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_json_flag(p)
     p.set_defaults(func=cmd_add)
 
     p = sub.add_parser("report", help="show a dataset's health report")
     p.add_argument("name")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json_flag(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("list", help="list datasets")
+    add_json_flag(p)
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("delete", help="delete a dataset and its unshared store files")
     p.add_argument("name")
+    add_json_flag(p)
     p.set_defaults(func=cmd_delete)
 
     fix.register(sub)  # `data fix ...` and `data versions`: fixes from the report, as new versions
@@ -201,5 +217,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    help=f"keep anything younger than this (default {gc.DEFAULT_GRACE_HOURS:g}); "
                         "0 removes every unreferenced file now")
     p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    add_json_flag(p)
     p.set_defaults(func=cmd_gc)
     return data

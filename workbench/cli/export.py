@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from core.bundle import BundleError, BundlePredictor, Prediction, Signature, open_bundle
+from workbench.cli.output import add_json_flag, print_json
 
 
 def _progress(msg: str, frac: float) -> None:
@@ -45,6 +46,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except (EvaluationError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if args.json:
+        print_json(out)
+        return 0
     m = out.metrics
     print(f"run {args.run}: test split, {m['n']} images{' (flip TTA)' if m['tta'] else ''}")
     print(f"  accuracy {m['accuracy']:.4f}  balanced accuracy {m['balanced_accuracy']:.4f}"
@@ -101,6 +105,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     except (EvaluationError, ArtifactError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if args.json:
+        print_json(out)
+        return 0
     v = out.verification or {}
     print(f"fp32 verified on {v['n_images']} test images: max |logit diff| {v['max_abs_logit_diff']:.2e}, "
           f"top-1 agreement {v['top1_agreement']:.2%}")
@@ -140,19 +147,25 @@ def _skip(path: Path, reason: str) -> None:
     print(f"skipped {path}: {reason}", file=sys.stderr)
 
 
-def _classify(predictor: BundlePredictor, images: list[str], csv_path: Path, top_k: int) -> int:
-    print(predictor.calibration.describe())
+def _classify(predictor: BundlePredictor, images: list[str], csv_path: Path, top_k: int, as_json: bool = False
+              ) -> int:
+    out = sys.stderr if as_json else sys.stdout
+    print(predictor.calibration.describe(), file=out)
     rows = predictor.predict(_expand(images), top_k, on_skip=_skip)
     _write_predictions(rows, csv_path, predictor.calibration.threshold is not None,
                        predictor.calibration.ood_threshold is not None)
-    print(f"{len(rows)} images classified -> {csv_path}")
+    print(f"{len(rows)} images classified -> {csv_path}", file=out)
     if flagged := sum(r.outside_training_data for r in rows):
         print(f"{flagged} image(s) look unlike the images the model was trained on; their answers are not reliable "
-              "(outside_training_data = yes in the CSV)")
+              "(outside_training_data = yes in the CSV)", file=out)
+    if as_json:
+        from workbench.predictor import as_dict
+
+        print_json([as_dict(r) for r in rows])
     return 0 if rows else 1
 
 
-def _predict_run(run_id: int, images: list[str], csv_path: Path, top_k: int) -> int:
+def _predict_run(run_id: int, images: list[str], csv_path: Path, top_k: int, as_json: bool = False) -> int:
     """Predict with a run's verified fp32 ONNX (the same predictor as for a bundle), calibrated
     with the temperature and threshold of the run's latest evaluation, as its bundle would be."""
     from workbench.evaluations import EvaluationError, latest_evaluation
@@ -172,10 +185,11 @@ def _predict_run(run_id: int, images: list[str], csv_path: Path, top_k: int) -> 
     except BundleError as e:
         print(f"error: run {run_id}'s ONNX export cannot be used: {e}", file=sys.stderr)
         return 1
-    return _classify(predictor, images, csv_path, top_k)
+    return _classify(predictor, images, csv_path, top_k, as_json)
 
 
-def _predict_bundle(target: Path, images: list[str], csv_path: Path, top_k: int, allow_unsigned: bool) -> int:
+def _predict_bundle(target: Path, images: list[str], csv_path: Path, top_k: int, allow_unsigned: bool,
+                    as_json: bool = False) -> int:
     """A bundle is data: checked against its manifest (and signature), its model loaded in-process.
     Its predict.py is never imported or run."""
     from workbench.settings import get_settings
@@ -189,8 +203,9 @@ def _predict_bundle(target: Path, images: list[str], csv_path: Path, top_k: int,
     note = bundle.signature.value
     if bundle.signature is Signature.UNSIGNED:
         note += " (accepted with --allow-unsigned)" if allow_unsigned else " (no WORKBENCH_BUNDLE_KEY configured here)"
-    print(f"bundle {target}: {len(bundle.files)} files match its manifest; {note}")
-    return _classify(predictor, images, csv_path, top_k)
+    print(f"bundle {target}: {len(bundle.files)} files match its manifest; {note}",
+          file=sys.stderr if as_json else sys.stdout)
+    return _classify(predictor, images, csv_path, top_k, as_json)
 
 
 def _expand(inputs: list[str]) -> list[Path]:
@@ -212,13 +227,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     csv_path = Path(args.csv)
     # A folder named like a run id ("42") is the run; write ./42 for such a bundle folder.
     if (target.suffix == ".zip" and target.is_file()) or (target.is_dir() and not args.target.isdigit()):
-        return _predict_bundle(target, args.images, csv_path, args.top_k, args.allow_unsigned)
+        return _predict_bundle(target, args.images, csv_path, args.top_k, args.allow_unsigned, args.json)
     try:
         run_id = int(args.target)
     except ValueError:
         print(f"error: {args.target!r} is neither a bundle (.zip or unpacked folder) nor a run id", file=sys.stderr)
         return 2
-    return _predict_run(run_id, args.images, csv_path, args.top_k)
+    return _predict_run(run_id, args.images, csv_path, args.top_k, args.json)
 
 
 def register(subparsers: Any) -> None:
@@ -230,6 +245,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--positive-class", default=None, help="two-class tasks: the positive class (default: the second)")
     p.add_argument("--device", default=None, metavar="DEVICE",
                    help="where PyTorch runs the model: auto, cpu, cuda, cuda:N (default: WORKBENCH_DEVICE, else auto)")
+    add_json_flag(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = subparsers.add_parser("export", help="build a verified deploy bundle (zip) for a run")
@@ -238,6 +254,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--int8", action="store_true", help="add model_int8.onnx (static int8, QDQ, per-channel)")
     p.add_argument("--uint8", action="store_true", help="add model_uint8.onnx (uint8 NHWC input, resize inside)")
     p.add_argument("-o", "--output", type=Path, default=None, help="where to copy the bundle zip")
+    add_json_flag(p)
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser("predict", help="classify images with a bundle (zip/folder) or a run")
@@ -247,4 +264,5 @@ def register(subparsers: Any) -> None:
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--allow-unsigned", action="store_true",
                    help="accept an unsigned bundle although WORKBENCH_BUNDLE_KEY is set (its files are still checked)")
+    add_json_flag(p)
     p.set_defaults(func=cmd_predict)

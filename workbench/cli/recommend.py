@@ -43,6 +43,7 @@ def register(subparsers: Any) -> None:
                    help=f"models to measure, comma-separated (default {','.join(CALIBRATION_SET)})")
     c.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the lowest p50 is kept")
     c.add_argument("--no-db", action="store_true", help="do not cache the measurements in the database")
+    c.add_argument("--json", action="store_true", help="print the profile as JSON")
     c.set_defaults(func=cmd_calibrate)
 
     d = subparsers.add_parser("devices", help="List device profiles.")
@@ -90,6 +91,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     except (ValueError, LatencyError) as exc:  # LatencyError: the machine was too busy to time
         return _err(str(exc))
     path = save_profile_json(profile, args.output)
+    if args.json:
+        print(json.dumps({"path": str(path), "profile": profile.to_dict()}, indent=2))
+        return 0
     tp = profile.throughput
     print(f"Wrote profile '{profile.name}' to {path}: overhead {tp.overhead_ms:.2f} ms, "
           f"{tp.gmacs_per_s:.1f} GMAC/s, activation bandwidth "

@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 
 from workbench import lanes, runs, worker
+from workbench.cli.output import add_json_flag, human, print_json
 from workbench.status import ACTIVE_RUN, TERMINAL, RunStatus
 
 
@@ -34,24 +35,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, metavar="DEVICE",
                    help="where the worker trains: auto (a GPU if it has one), cpu, cuda or cuda:N "
                         "(default: WORKBENCH_DEVICE, else auto)")
+    add_json_flag(p)
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("runs", help="list training runs with state and best metrics; `runs delete RUN`")
     p.add_argument("--dataset", default=None)
+    add_json_flag(p)
     p.set_defaults(func=cmd_runs)
     runs_sub = p.add_subparsers(dest="runs_command", metavar="ACTION")
     d = runs_sub.add_parser("delete", help="delete a run: its folder, checkpoints, evaluations, exports and rows")
     d.add_argument("run", type=int)
     d.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    add_json_flag(d)
     d.set_defaults(func=cmd_runs_delete)
 
     p = subparsers.add_parser("resume", help="resume a failed or cancelled run from its last checkpoint")
     p.add_argument("run", type=int)
     p.add_argument("--detach", action="store_true")
+    add_json_flag(p)
     p.set_defaults(func=cmd_resume)
 
     p = subparsers.add_parser("cancel", help="cancel a queued or running run")
     p.add_argument("run", type=int)
+    add_json_flag(p)
     p.set_defaults(func=cmd_cancel)
 
     p = subparsers.add_parser("worker", help="run the job worker in the foreground")
@@ -65,11 +71,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_worker)
 
 
-def follow(run_ids: Sequence[int], poll_s: float = 0.5) -> int:
-    """tqdm bars following the DB progress of each run in turn; 0 if all succeeded."""
+def follow(run_ids: Sequence[int], poll_s: float = 0.5, as_json: bool = False) -> int:
+    """tqdm bars following the DB progress of each run in turn; 0 if all succeeded.
+    ``as_json``: the final state of every run as JSON on stdout, the summary lines on stderr."""
     from tqdm import tqdm
 
     worst = 0
+    finished = []
     for rid in run_ids:
         info = runs.get_run(rid)
         bar = tqdm(total=1000, desc=f"run {rid} {info.variant}", unit="‰", leave=True,
@@ -93,8 +101,11 @@ def follow(run_ids: Sequence[int], poll_s: float = 0.5) -> int:
                     lanes.ensure_worker()
             time.sleep(poll_s)
         bar.close()
-        print(_describe(info))
+        print(_describe(info), file=sys.stderr if as_json else sys.stdout)
+        finished.append(info)
         worst = max(worst, 0 if info.status == RunStatus.SUCCEEDED else 1)
+    if as_json:
+        print_json(finished)
     return worst
 
 
@@ -130,15 +141,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (runs.RunError, WeightsError, DeviceError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"Queued run(s) {', '.join(map(str, ids))}; worker pid {lanes.worker_pid() or 'starting'}.")
+    print(f"Queued run(s) {', '.join(map(str, ids))}; worker pid {lanes.worker_pid() or 'starting'}.", file=human(args))
     if args.detach:
+        if args.json:
+            print_json([runs.get_run(i) for i in ids])
         return 0
-    return _follow_or_leave(ids)
+    return _follow_or_leave(ids, args.json)
 
 
-def _follow_or_leave(ids: Sequence[int]) -> int:
+def _follow_or_leave(ids: Sequence[int], as_json: bool = False) -> int:
     try:
-        return follow(ids)
+        return follow(ids, as_json=as_json)
     except KeyboardInterrupt:
         print(f"\nStopped following. Training continues in the background worker; "
               f"check with `workbench runs`, stop with `workbench cancel {ids[0]}`.")
@@ -148,6 +161,9 @@ def _follow_or_leave(ids: Sequence[int]) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     worker.reconcile()
     rows = runs.list_runs(args.dataset)
+    if args.json:
+        print_json(rows)
+        return 0
     if not rows:
         print("No runs yet.")
         return 0
@@ -173,8 +189,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
     except runs.RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"Run {args.run} queued to resume.")
-    return 0 if args.detach else _follow_or_leave([args.run])
+    print(f"Run {args.run} queued to resume.", file=human(args))
+    if args.detach:
+        if args.json:
+            print_json([runs.get_run(args.run)])
+        return 0
+    return _follow_or_leave([args.run], args.json)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -183,6 +203,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     except runs.RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.json:
+        print_json({"run": args.run, "state": state})
+        return 0
     print(f"Run {args.run}: {state}.")
     return 0
 
@@ -222,6 +245,9 @@ def cmd_runs_delete(args: argparse.Namespace) -> int:
     except runs.RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.json:
+        print_json(res)
+        return 0
     print(f"Deleted run {res.run_id}: {res.files_removed} registered files"
           + (" and its folder." if res.run_dir_removed else " (it had no folder)."))
     return 0

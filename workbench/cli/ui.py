@@ -17,6 +17,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "workbench" / "app.py"
+# Installed from a wheel, .streamlit/config.toml ships as workbench/streamlit_config/config.toml.
+SHIPPED_CONFIG = ROOT / "workbench" / "streamlit_config" / "config.toml"
 
 # Paths (after any server.baseUrlPath) answered with 404 in front of Streamlit.
 HIDDEN_SUFFIXES = (
@@ -52,6 +54,15 @@ def streamlit_config(host: str, port: int) -> dict[str, Any]:
             "browser.gatherUsageStats": False}
 
 
+def shipped_config(path: Path = SHIPPED_CONFIG) -> dict[str, Any]:
+    """The options of a Streamlit config.toml as flat ``section.option`` flags."""
+    import tomllib
+
+    with open(path, "rb") as f:
+        doc = tomllib.load(f)
+    return {f"{section}.{key}": value for section, table in doc.items() for key, value in table.items()}
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from workbench import auth
 
@@ -70,12 +81,18 @@ def cmd_ui(args: argparse.Namespace) -> int:
     import streamlit as st
     from starlette.middleware import Middleware
 
-    # Same config files as `streamlit run workbench/app.py` from the repository root:
-    # ./.streamlit/config.toml is read from the working directory.
-    os.chdir(ROOT)
+    config = streamlit_config(args.host, args.port)
+    if (ROOT / ".streamlit" / "config.toml").is_file():
+        # A checkout: the same config files as `streamlit run workbench/app.py` from the
+        # repository root (./.streamlit/config.toml is read from the working directory).
+        os.chdir(ROOT)
+    else:
+        # Installed: stay in the user's directory (the default data dir, ./workbench-data, is
+        # there) and pass the shipped config.toml's options as flags.
+        config = {**shipped_config(), **config}
     sys.argv = [str(APP)]  # App.run() anchors the script-level config on argv[0]
     app = st.App(str(APP), middleware=[Middleware(HideInternalRoutes)])
-    app.run(config=streamlit_config(args.host, args.port))
+    app.run(config=config)
     return 0
 
 
