@@ -31,6 +31,7 @@ from workbench.status import ACTIVE_RUN, TERMINAL, RunStatus
 if TYPE_CHECKING:  # evaluations and exports import torch: loaded when first used, not on import
     from core.recommend import Recommendation
     from workbench.evaluations import EvaluationResult
+    from workbench.searches import SearchInfo
 
 POLL_S = 0.5  # how often a blocking train() reads the run's progress from the database
 
@@ -166,8 +167,39 @@ class Workbench:
             handle.wait(progress=progress)
         return handle
 
-    # Auto search (issue 16, item 1: ``wb.auto(...)``) belongs here, next to train(): it will submit
-    # the ``search`` job kind of workbench/searches.py and follow it like _follow() follows a run.
+    def auto(self, dataset: str | int, *, device: str = "this-machine", latency_ms: float | None = None,
+             memory_mb: float | None = None, size_mb: float | None = None, precision: str = "fp32",
+             time: str | float = "10m", objective: str = "macro-f1", max_trials: int | None = None, seed: int = 0,
+             wait: bool = True, progress: bool = True) -> SearchInfo:
+        """Search models and recipes on the data within a device budget and a time budget, as
+        ``workbench auto`` does; the winner is tested and bundled (``Predictor.from_run(info.winner_run_id)``).
+        ``wait=True`` blocks with a progress bar on the time budget."""
+        from workbench import searches
+
+        info = searches.start_search(dataset, device=device, latency_ms=latency_ms, memory_mb=memory_mb,
+                                     size_mb=size_mb, precision=precision, time_budget=time, objective=objective,
+                                     max_trials=max_trials, seed=seed, settings=self.settings)
+        return self._follow_search(info.id, progress=progress) if wait else info
+
+    def _follow_search(self, search_id: int, *, progress: bool, poll_s: float = POLL_S) -> SearchInfo:
+        from tqdm.auto import tqdm
+
+        from workbench import searches, worker
+
+        info = searches.get_search(search_id, settings=self.settings)
+        bar = tqdm(total=int(info.time_budget_s), unit="s", desc=f"search {search_id}", disable=not progress)
+        try:
+            while info.active:
+                time.sleep(poll_s)
+                info = searches.get_search(search_id, settings=self.settings)
+                bar.n = int(min(info.spent_s, info.time_budget_s))
+                bar.set_postfix_str(searches.progress_line(info)[:80], refresh=True)
+                if lanes.worker_pid(self.settings) is None and info.active:
+                    worker.reconcile(settings=self.settings)
+                    lanes.ensure_worker(self.settings)
+            return info
+        finally:
+            bar.close()
 
     def run(self, run_id: int) -> RunHandle:
         self.run_info(run_id)  # RunError for an unknown id, now rather than later
