@@ -251,7 +251,12 @@ class SearchCallback:
     def on_log(self, message: str, level: str = "info") -> None: ...
 
     def should_stop(self) -> bool:
+        """Stop now, the running trial included (a cancel, the worker shutting down)."""
         return False
+
+    def may_start_trial(self) -> bool:
+        """Whether to start another trial (another worker may have begun the search's finish)."""
+        return True
 
 
 def trial_epochs(time_budget_s: float) -> tuple[int, int]:
@@ -381,14 +386,15 @@ def delete_study(storage_url: str, study_name: str) -> bool:
     return True
 
 
-def fail_stale_trials(study: Any, is_running: Callable[[int], bool]) -> list[int]:
+def fail_stale_trials(study: Any, is_running: Callable[[Any], bool]) -> list[int]:
     """Trials left RUNNING by a worker that died: mark them failed and queue their parameters to
-    be tried again first. ``is_running(number)``: whether a live worker still trains it."""
+    be tried again first. ``is_running(trial)``: whether a live worker still trains it (its
+    ``owner`` user attribute names who asked for it)."""
     import optuna
 
     stale = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if not is_running(t.number):
+        if not is_running(t):
             study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
             study.enqueue_trial(dict(t.params), user_attrs={"rerun_of": t.number})
             stale.append(t.number)
@@ -409,6 +415,7 @@ class SearchLoop:
     deadline: float  # time.time() by which trials must end
     max_trials: int | None = None
     imbalance_ratio: float = 1.0
+    owner: str = ""  # who asks for the trials (a job id), kept on each trial for fail_stale_trials
     store: FeatureStore = field(default_factory=FeatureStore)
     epochs: tuple[int, int] = (HEAD_EPOCHS, FINETUNE_EPOCHS)
     outcomes: list[TrialOutcome] = field(default_factory=list)
@@ -428,10 +435,11 @@ class SearchLoop:
         return left >= 0.5 * quickest
 
     def run(self, cb: SearchCallback) -> list[TrialOutcome]:
-        while not cb.should_stop() and self._time_for_another():
+        while not cb.should_stop() and cb.may_start_trial() and self._time_for_another():
             if self.max_trials is not None and self.finished_trials() >= self.max_trials:
                 break
             trial = self.study.ask()
+            trial.set_user_attr("owner", self.owner)
             plan = suggest_trial(trial, self.space, self.objective, imbalance_ratio=self.imbalance_ratio,
                                  seed=self.seed, epochs=self.epochs)
             outcome = run_trial(plan, trial, self.samples, self.val, self.classes, self.objective, cb,

@@ -130,7 +130,9 @@ def test_train_without_waiting_returns_a_handle_at_once(data_dir: Path, tmp_path
     write_images(tmp_path / "src", [6, 6])
     wb.add_dataset(tmp_path / "src", name="tiny", progress=False)
     # Hold the train lane's lock, as a live worker would: no worker starts, so the run stays queued.
-    with open(lock_path(wb.settings), "a+") as lock:
+    lock_file = lock_path(wb.settings)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         run = wb.train("tiny", variant="lite0", recipe="quick", wait=False)
         assert run.status == "queued" and run.info().recipe == "quick"

@@ -46,7 +46,7 @@ from workbench.handlers.train import DbCallback, record_success, samples_of
 from workbench.handlers.train import on_orphan as train_on_orphan
 from workbench.jobs import JobContext, JobOutcome
 from workbench.paths import RunPaths
-from workbench.status import JobStatus, RunStatus, SearchStatus
+from workbench.status import ACTIVE_SEARCH, JobStatus, RunStatus, SearchStatus
 from workbench.summary import merge_summary
 
 OTHERS_WAIT_S = 120.0  # how long the finishing worker waits for the others' last trials
@@ -77,7 +77,7 @@ class _Trials(SearchCallback):
         self.ctx, self.search_id, self.dataset_id = ctx, search_id, dataset_id
         self.sf = ctx.session_factory
         self.run_ids: dict[int, int] = {}  # trial number -> run id
-        self._last_poll, self._stop = 0.0, False
+        self._last_poll, self._stop, self._running = 0.0, False, True
 
     def on_trial_start(self, plan: TrialPlan) -> tuple[Path, Callback]:
         choice = plan.choice
@@ -133,16 +133,26 @@ class _Trials(SearchCallback):
     def on_log(self, message: str, level: str = "info") -> None:
         searches_event(self.sf, self.search_id, message, level)
 
-    def should_stop(self) -> bool:
-        if self._stop or self.ctx.stop_requested():
-            return True
+    def _poll(self) -> None:
         now = time.monotonic()
         if now - self._last_poll >= self.POLL_S:
             self._last_poll = now
             with self.sf() as s:
                 row = s.get(Search, self.search_id)
-                self._stop = row is None or bool(row.cancel_requested) or row.status != SearchStatus.RUNNING
+                self._stop = row is None or bool(row.cancel_requested) or row.status not in ACTIVE_SEARCH
+                self._running = row is not None and row.status == SearchStatus.RUNNING
+
+    def should_stop(self) -> bool:
+        if self._stop or self.ctx.stop_requested():
+            return True
+        self._poll()
         return self._stop
+
+    def may_start_trial(self) -> bool:
+        """No new trial once another worker has begun the finish (its current one runs to its end)."""
+        self._last_poll = 0.0
+        self._poll()
+        return self._running
 
 
 def searches_event(sf: Any, search_id: int, message: str, level: str = "info") -> None:
@@ -187,10 +197,15 @@ def _begin(ctx: JobContext, search_id: int) -> _Setup | JobOutcome:
                       max(counts.values()) / max(1, min(counts.values())), trial_epochs(float(row.time_budget_s)))
 
 
-def _trial_is_live(sf: Any, search_id: int, number: int) -> bool:
+def _trial_is_live(sf: Any, search_id: int, trial: Any, my_job: int) -> bool:
+    """A trial is live while its run trains, or (no run yet) while the job that asked for it runs."""
     with sf() as s:
-        status = s.scalar(select(Run.status).where(Run.search_id == search_id, Run.trial_number == number))
-    return status == RunStatus.RUNNING
+        status = s.scalar(select(Run.status).where(Run.search_id == search_id, Run.trial_number == trial.number))
+        if status is not None:
+            return status == RunStatus.RUNNING
+        owner = str(trial.user_attrs.get("owner", ""))
+        job = s.get(Job, int(owner)) if owner.isdigit() else None
+        return job is not None and job.id != my_job and job.status == JobStatus.RUNNING
 
 
 def handle_search(ctx: JobContext) -> JobOutcome:
@@ -200,7 +215,7 @@ def handle_search(ctx: JobContext) -> JobOutcome:
         return setup
     sf = ctx.session_factory
     study = open_study(ctx.settings.database_url, setup.study_name, setup.seed)
-    stale = fail_stale_trials(study, lambda n: _trial_is_live(sf, search_id, n))
+    stale = fail_stale_trials(study, lambda t: _trial_is_live(sf, search_id, t, ctx.job_id))
     if stale:
         searches_event(sf, search_id, f"Trial(s) {', '.join(map(str, stale))} were cut off when a worker stopped: "
                                       "marked failed; their settings are tried again first.", "warning")
@@ -209,7 +224,8 @@ def handle_search(ctx: JobContext) -> JobOutcome:
     trials = _Trials(ctx, search_id, dataset_id)
     store = FeatureStore()
     loop = SearchLoop(study, setup.space, setup.objective, setup.train, setup.val, setup.classes, setup.seed,
-                      setup.deadline, setup.max_trials, setup.imbalance_ratio, store, epochs=setup.epochs)
+                      setup.deadline, setup.max_trials, setup.imbalance_ratio, str(ctx.job_id), store,
+                      epochs=setup.epochs)
     try:
         loop.run(trials)
     except Exception as exc:  # noqa: BLE001 - record, the search stays resumable
