@@ -73,7 +73,7 @@ def search_panel() -> None:
             searches.resume_search(info.id)
     st.progress(min(1.0, info.spent_s / max(1.0, info.time_budget_s)), text=searches.progress_line(info))
     if info.active and info.progress:
-        st.caption(f"Now: {info.progress.get('message', '')}")
+        st.caption(f"Now: {ui.progress_text(info.progress)}")
     if info.error:
         st.error(info.error)
     rows = pd.DataFrame(searches.trial_rows(info))
@@ -90,7 +90,7 @@ def search_panel() -> None:
             ).properties(height=260), width="stretch")
             st.caption("Each dot is a trial. Up is better on the validation images, left is faster on the device; "
                        "coloured dots are the best choice for their speed (the Pareto front).")
-        st.dataframe(rows, hide_index=True, width="stretch")
+        st.dataframe(pd.DataFrame(ui.plain_rows(searches.trial_rows(info))), hide_index=True, width="stretch")
     if info.winner_run_id:
         _winner(info)
 

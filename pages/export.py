@@ -66,7 +66,9 @@ with ui.errors("Could not list the run's files"):
                         f"built {b.created_at:%Y-%m-%d %H:%M} UTC" + (f" · files: {models}" if models else ""))
             variants = meta.get("variants") or {}
             if variants:
-                rows = ui.plain_rows([{"precision": name, **{k: v for k, v in vals.items() if k != "file"}}
+                # Nested records (the measuring conditions) go to the technical details, not the table.
+                rows = ui.plain_rows([{"precision": name, **{k: v for k, v in vals.items()
+                                                             if k != "file" and not isinstance(v, (dict, list))}}
                                       for name, vals in variants.items()])
                 st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
                 with st.expander("What these columns mean"):
@@ -76,4 +78,9 @@ with ui.errors("Could not list the run's files"):
                                   "model (0 = no loss).")
             with st.expander("Technical details"):
                 st.caption(f"Artifact id {b.id}")
+                for name, vals in variants.items():
+                    cond = vals.get("conditions")
+                    if isinstance(cond, dict):
+                        st.caption(f"{name} timed with " + ", ".join(f"{ui.field_label(k).lower()} {ui.plain_cell(v)}"
+                                                                     for k, v in cond.items()))
             ui.download_button(b.id, "Download bundle", f"workbench-run{run_id}-bundle{n}.zip", key=f"dl{b.id}")

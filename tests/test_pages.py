@@ -319,7 +319,7 @@ def test_recommend_measure_on_this_machine_from_the_page(data_dir: Path) -> None
     at.number_input(key="rec_latency").set_value(60.0)
     next(b for b in at.button if b.label == "Recommend").click().run()
     assert_clean(at)
-    sources = lambda a: set(a.dataframe[0].value["latency from"]) | set(a.dataframe[1].value["latency from"])  # noqa: E731
+    sources = lambda a: set(a.dataframe[0].value["times from"]) | set(a.dataframe[1].value["times from"])  # noqa: E731
     assert not any(str(x).startswith("measured") for x in sources(at))  # nothing measured yet
     next(b for b in at.button if b.key == "rec_measure").click().run()
     assert_clean(at)

@@ -284,6 +284,9 @@ def test_auto_page_refuses_an_impossible_budget_then_starts_and_stops_a_search(m
         [found] = searches.list_searches()
         assert found.time_budget_s == 180 and found.device == "this-machine"
         assert any(f"Search {found.id}" in m.value for m in at.markdown)
+        from plain_language import plain_language_problems
+
+        assert plain_language_problems(at, allow=MED_CLASSES) == []
         stop = next(b for b in at.button if b.label == "Stop")
         stop.click().run()
         wait_for(lambda: not searches.get_search(found.id).active, timeout=120, what="the search to stop")
@@ -291,3 +294,33 @@ def test_auto_page_refuses_an_impossible_budget_then_starts_and_stops_a_search(m
         assert stopped.status == SearchStatus.CANCELLED and stopped.resumable
     finally:
         stop_workers(data_dir)
+
+
+@pytest.mark.slow
+def test_two_workers_on_two_hosts_share_one_search(med: str, data_dir: Path) -> None:
+    from sqlalchemy import select
+    from test_workers_multihost import spawn_host
+
+    from storage.db import get_sessionmaker
+    from storage.models import Run
+    from workbench import searches
+    from workbench.settings import get_settings
+    from workbench.status import SearchStatus
+
+    info = searches.start_search(med, time_budget="4m", max_trials=2, size_mb=15, workers=2, start_worker=False)
+    procs = [spawn_host(h) for h in ("host-a", "host-b")]
+    try:
+        wait_for(lambda: not searches.get_search(info.id).active, timeout=600, poll=1.0, what="the shared search")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=60)
+        stop_workers(data_dir)
+    done = searches.get_search(info.id)
+    assert done.status == SearchStatus.SUCCEEDED, done.error
+    with get_sessionmaker(get_settings().database_url)() as s:
+        trials = s.scalars(select(Run).where(Run.search_id == info.id)).all()
+    # Both workers trained trials of the one study, each trial once.
+    assert len({r.worker_pid for r in trials}) == 2
+    assert len({r.trial_number for r in trials}) == len(trials) >= 2

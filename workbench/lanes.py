@@ -16,6 +16,7 @@ import fcntl
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,11 +76,13 @@ def pid_path(settings: Settings, lane: str = DEFAULT_LANE) -> Path:
 
 
 def pid_alive(pid: int | None) -> bool:
-    """A live, non-zombie process with this pid."""
+    """A live, non-zombie process with this pid (one being torn down after a kill has no command
+    line any more: not alive either)."""
     if not pid:
         return False
     try:
-        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+        proc = psutil.Process(pid)
+        return bool(proc.status() != psutil.STATUS_ZOMBIE and proc.cmdline())
     except psutil.Error:
         return False
 
@@ -108,6 +111,12 @@ def ensure_worker(settings: Settings | None = None, *, lane: str = DEFAULT_LANE,
     settings = settings or get_settings()
     settings.ensure_dirs()
     pid = worker_pid(settings, lane)
+    # A worker killed a moment ago may leave its lock held a few seconds longer (a child process it
+    # forked still has the file open): wait for it rather than trust a dead pid and start nothing.
+    deadline = time.monotonic() + 20.0
+    while pid is not None and pid > 0 and not pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        pid = worker_pid(settings, lane)
     if pid is not None:
         return pid
     logs = settings.data_dir / "logs"
