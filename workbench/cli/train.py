@@ -24,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=None, help="fine-tune epochs (overrides the recipe)")
     p.add_argument("--batch-label", default=None, help="label grouping these runs for comparison")
     p.add_argument("--detach", action="store_true", help="queue and return at once")
+    p.add_argument("--track", action="append", choices=["mlflow", "tensorboard"], default=[],
+                   help="also log the run to MLflow (MLFLOW_TRACKING_URI, else <data dir>/mlruns) or to "
+                        "TensorBoard event files (<run folder>/tensorboard); repeat for both")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("runs", help="list training runs with state and best metrics; `runs delete RUN`")
@@ -94,13 +97,14 @@ def _describe(info: runs.RunInfo) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from core.trackers import TrackerError
     from core.weights import WeightsError
 
     try:
         ids = runs.queue_training(args.dataset, args.variants or ["lite0"], resolution=args.resolution,
                                   preset=args.preset, recipe=args.recipe, epochs=args.epochs,
-                                  batch_label=args.batch_label)
-    except (runs.RunError, WeightsError, ValueError) as exc:
+                                  batch_label=args.batch_label, track=args.track)
+    except (runs.RunError, WeightsError, TrackerError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"Queued run(s) {', '.join(map(str, ids))}; worker pid {lanes.worker_pid() or 'starting'}.")
