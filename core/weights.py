@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 
 from core.efficientnet import EfficientNet, VariantSpec, get_variant, scaled_arch
-from core.preprocessing import IMAGENET_MEAN, IMAGENET_STD, TF_MEAN, TF_STD, Preprocessing
+from core.preprocessing import IMAGENET_MEAN, IMAGENET_STD, TF_MEAN, TF_STD, Interpolation, Preprocessing
 
 
 class WeightsError(RuntimeError):
@@ -98,11 +98,13 @@ def timm_pretrained_cfg(checkpoint: str) -> dict[str, Any]:
 def preprocessing_from_timm(cfg: dict[str, Any]) -> Preprocessing:
     """The eval preprocessing a timm pretrained config describes."""
     size = cfg["input_size"][-1]
-    interpolation = cfg.get("interpolation") or "bicubic"
-    if interpolation not in ("bilinear", "bicubic", "nearest"):
-        interpolation = "bicubic"
+    named: dict[str, Interpolation] = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}
+    interpolation = named.get(str(cfg.get("interpolation")), "bicubic")  # timm's "random": bicubic
+    mean = tuple(float(x) for x in cfg["mean"])
+    std = tuple(float(x) for x in cfg["std"])
+    assert len(mean) == 3 and len(std) == 3, f"not an RGB config: mean {mean}, std {std}"
     return Preprocessing(int(size), float(cfg.get("crop_pct") or 1.0), interpolation,
-                         tuple(cfg["mean"]), tuple(cfg["std"]))  # type: ignore[arg-type]
+                         (mean[0], mean[1], mean[2]), (std[0], std[1], std[2]))
 
 
 def _timm_conventions(checkpoint: str) -> tuple[Literal["symmetric", "same"], float]:

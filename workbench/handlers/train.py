@@ -169,9 +169,14 @@ def handle_train(ctx: JobContext) -> JobOutcome:
     except TrackerError as exc:
         return _fail(ctx, run_id, str(exc))
     try:
-        result = train(todo["train"], todo["classes"], todo["variant"], RunPaths(ctx.settings, run_id).root, cfg,
-                       resolution=todo["resolution"], val_samples=todo["val"] or None,
-                       callback=CallbackFanout(cb, *trackers) if trackers else cb, resume=resume)
+        try:
+            result = train(todo["train"], todo["classes"], todo["variant"], RunPaths(ctx.settings, run_id).root, cfg,
+                           resolution=todo["resolution"], val_samples=todo["val"] or None,
+                           callback=CallbackFanout(cb, *trackers) if trackers else cb, resume=resume)
+        except BaseException as exc:  # close the tracker runs too, then handle as before
+            for tracker in trackers:
+                tracker.finish([], status="KILLED" if isinstance(exc, TrainingCancelled) else "FAILED")
+            raise
         for tracker in trackers:
             tracker.finish(run_artifacts(RunPaths(ctx.settings, run_id).root, result.best_path))
     except TrainingCancelled as exc:
