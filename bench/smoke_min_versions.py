@@ -26,8 +26,9 @@ def import_everything() -> int:
     n = 0
     for folder in ("core", "storage", "workbench", "pages"):
         for path in sorted((ROOT / folder).rglob("*.py")):
-            if "bundle_template" in path.parts or "migrations" in path.parts or folder == "pages":
-                continue  # pages run inside Streamlit; checked below through the widgets they use
+            if "bundle_template" in path.parts or "migrations" in path.parts or folder == "pages" \
+                    or path.name == "__main__.py" or path == ROOT / "workbench" / "app.py":
+                continue  # scripts: pages and app.py run inside Streamlit (their widgets are checked below)
             importlib.import_module(".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"))
             n += 1
     import streamlit as st
