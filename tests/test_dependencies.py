@@ -83,7 +83,7 @@ def test_known_floors() -> None:
         return tuple(int(p) for p in m.group(1).split("."))
 
     assert floor("albumentations") >= (1, 4, 21)  # Compose.set_random_seed, RandomResizedCrop(size=)
-    assert floor("streamlit") >= (1, 50)  # width="stretch" on charts and dataframes
+    assert floor("streamlit") >= (1, 51)  # width="stretch" on charts and dataframes
     assert floor("torch") >= (2, 5)  # torch.onnx.export(dynamo=False)
     assert floor("pydicom") >= (3, 0)  # pydicom.pixels
     for name in ("timm", "scipy", "huggingface-hub", "pyyaml", "pillow-heif"):
