@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -56,7 +57,7 @@ def main() -> int:
         for label in ("healthy", "bean_rust"):
             (src / label).mkdir(parents=True)
             for p in sorted((DATASETS / "beans" / "train" / label).glob("*.jpg"))[:12]:
-                (src / label / p.name).symlink_to(p)
+                shutil.copyfile(p, src / label / p.name)  # ingest never follows links
         r = ingest(src, tmp / "data")
         assert not r.skipped and len(r.images) == 24, r.skipped
         steps.append(f"ingested {len(r.images)} beans photos")
