@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PORT ?= 8501
 
-.PHONY: run test test-postgres lint bench install install-dev install-postgres browser clean
+.PHONY: run test test-postgres lint bench install install-dev install-postgres browser clean min-versions
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,12 @@ test-postgres: install-dev install-postgres
 	@test -n "$$WORKBENCH_TEST_DATABASE_URL" || \
 	  { echo "set WORKBENCH_TEST_DATABASE_URL (see the comment above test-postgres in the Makefile)" >&2; exit 2; }
 	$(PY) -m pytest -q -p no:cacheprovider --durations=10 $(PG_TESTS)
+
+# Every declared floor installed exactly in a fresh venv, then a smoke test (ingest, train lite0
+# at 96 px for 1 epoch, export, predict); appends to bench/results_min_versions.md. Not part of
+# `make test` (its own install time). MIN_TORCH / MIN_TORCH_LINK: see .ci/min-versions and README.
+min-versions:
+	.ci/min-versions $(MIN_VENV)
 
 bench: install-dev
 	$(PY) bench/run_all.py

