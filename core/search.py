@@ -367,13 +367,29 @@ def open_study(storage_url: str, study_name: str, seed: int) -> Any:
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if storage_url.startswith("sqlite"):
         engine_kwargs["connect_args"] = {"timeout": 60}  # several workers may write at once
-    storage = optuna.storages.RDBStorage(storage_url, engine_kwargs=engine_kwargs)
+    storage = _rdb_storage(storage_url, engine_kwargs)
     # constant_liar: workers running trials at once do not all sample the same point.
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, multivariate=True, group=True,
                                          constant_liar=True)
     pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=PRUNE_MIN_EPOCHS, reduction_factor=3)
     return optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
                                direction="maximize", load_if_exists=True)
+
+
+def _rdb_storage(storage_url: str, engine_kwargs: dict[str, Any], attempts: int = 5) -> Any:
+    """Optuna's storage; two workers opening a new database at once race to create Optuna's tables
+    (one gets a unique-constraint error): the loser tries again and finds them made."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(storage_url, engine_kwargs=engine_kwargs)
+        except (IntegrityError, OperationalError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def delete_study(storage_url: str, study_name: str) -> bool:

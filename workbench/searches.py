@@ -190,7 +190,12 @@ def start_search(dataset: str | int, *, device: str = "this-machine", latency_ms
         row.study_name = f"workbench-search-{row.id:05d}"
         for _ in range(workers):
             jobs.enqueue(s, JobKind.SEARCH, None, {"search_id": row.id})
-        search_id = row.id
+        search_id, study_name = row.id, row.study_name
+    # The study (and Optuna's tables) exist before any worker opens them: workers sharing the
+    # search never race to create them.
+    from core.search import open_study
+
+    open_study(settings.database_url, study_name, seed)
     if start_worker:
         lanes.ensure_worker(settings, lane=lanes.lane_of(JobKind.SEARCH))
     return get_search(search_id, settings=settings)
