@@ -5,7 +5,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from workbench import searches, ui
+from workbench import searches, ui, views
 
 ui.header("Auto", "Workbench tries several models and training settings on your images, keeps the one that "
           "scores best on the validation images within your device's limits, tests it once on the held-out "
@@ -90,7 +90,11 @@ def search_panel() -> None:
             ).properties(height=260), width="stretch")
             st.caption("Each dot is a trial. Up is better on the validation images, left is faster on the device; "
                        "coloured dots are the best choice for their speed (the Pareto front).")
-        st.dataframe(pd.DataFrame(ui.plain_rows(searches.trial_rows(info))), hide_index=True, width="stretch")
+        shown = ui.plain_rows(searches.trial_rows(info))
+        for row, t in zip(shown, info.trials):  # the test split is small: its figures come with their range
+            row["Test accuracy 95 % range"] = views.percent_range(*t.test_accuracy_range) or "—" \
+                if t.test_accuracy_range else "—"
+        st.dataframe(pd.DataFrame(shown), hide_index=True, width="stretch")
     if info.winner_run_id:
         _winner(info)
 
@@ -103,8 +107,10 @@ def _winner(info: searches.SearchInfo) -> None:
     with st.container(border=True):
         st.markdown(f"### Winner: {w.model} (run {w.run_id})")
         m1, m2, m3 = st.columns(3)
-        m1.metric("Test accuracy", ui.fmt_num(w.test_accuracy * 100 if w.test_accuracy is not None else None, 1)
-                  + " %", help="Share of the held-out test images it classified correctly (it never saw them).")
+        rng = {"lo": w.test_accuracy_range[0], "hi": w.test_accuracy_range[1]} if w.test_accuracy_range else None
+        m1.metric("Test accuracy", views.with_range(rng, w.test_accuracy) or "—",
+                  help="Share of the held-out test images it classified correctly (it never saw them); the range "
+                       "is where the true figure lies with 95 % confidence, given how few test images there are.")
         m2.metric("Validation score", ui.fmt_num(w.value), help=info.objective_label)
         m3.metric("Time per image", ui.fmt_num(lat.get("p50_ms"), 1) + " ms", help=lat.get("source", ""))
         b1, b2 = st.columns(2)

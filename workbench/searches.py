@@ -53,6 +53,7 @@ class TrialInfo:
     params: dict[str, Any]
     test_accuracy: float | None  # finalists only: the test split is touched for them alone
     test_macro_f1: float | None
+    test_accuracy_range: tuple[float, float] | None  # its 95 % range (the test split is small)
     finalist: bool
     winner: bool
     pareto: bool
@@ -239,6 +240,9 @@ def _trial(run: Run, summary: dict[str, Any], pareto: set[int]) -> TrialInfo:
         params=dict(rs.get("search_params", {})),
         test_accuracy=rs.get("test_accuracy") if run.id in finalists else None,
         test_macro_f1=rs.get("test_macro_f1") if run.id in finalists else None,
+        test_accuracy_range=((rs["test_accuracy_lo"], rs["test_accuracy_hi"]) if run.id in finalists
+                             and rs.get("test_accuracy_lo") is not None and rs.get("test_accuracy_hi") is not None
+                             else None),
         finalist=run.id in finalists, winner=run.id == summary.get("winner_run_id"), pareto=run.id in pareto)
 
 

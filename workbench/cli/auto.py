@@ -79,8 +79,10 @@ def describe(info: SearchInfo) -> str:
         w = next((t for t in info.trials if t.run_id == info.winner_run_id), None)
         lat = s.get("winner_latency", {})
         if w is not None:
+            rng = (f" (95 % range {w.test_accuracy_range[0]:.0%}-{w.test_accuracy_range[1]:.0%})"
+                   if w.test_accuracy_range else "")
             out.append(f"Winner: run {w.run_id}, {w.model}: validation {_num(w.value)}, test accuracy "
-                       f"{_num(w.test_accuracy, '{:.1%}')}, test macro-F1 {_num(w.test_macro_f1)}; latency "
+                       f"{_num(w.test_accuracy, '{:.1%}')}{rng}, test macro-F1 {_num(w.test_macro_f1)}; latency "
                        f"{_num(lat.get('p50_ms'), '{:.1f} ms')} ({lat.get('source', '')}).")
         out.append(f"Pareto front (best validation for its latency): runs {', '.join(map(str, s.get('pareto', [])))}. "
                    "Only the finalists were scored on the test images.")
