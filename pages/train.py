@@ -116,8 +116,11 @@ def progress_panel() -> None:
             else:
                 sm = r.summary
                 bits = []
-                if sm.get("test_accuracy") is not None:
-                    bits.append(f"test accuracy {sm['test_accuracy']:.0%}")
+                if sm.get("test_accuracy") is not None:  # with its 95 % range: the test split is small
+                    rng = ({"lo": sm["test_accuracy_lo"], "hi": sm["test_accuracy_hi"]}
+                           if sm.get("test_accuracy_lo") is not None and sm.get("test_accuracy_hi") is not None
+                           else None)
+                    bits.append(f"test accuracy {views.with_range(rng, sm['test_accuracy'])}")
                 if sm.get("test_macro_f1") is not None:
                     bits.append(f"macro-F1 {sm['test_macro_f1']:.2f}")
                 if sm.get("latency_ms_p50") is not None:
