@@ -267,12 +267,17 @@ def _info(s: Session, row: Search, with_trials: bool = True) -> SearchInfo:
         progress=job.progress if job else None, trials=trials)
 
 
+def _row(s: Session, search_id: int) -> Search:
+    row = s.get(Search, search_id)
+    if row is None:
+        raise SearchRequestError(f"No search with id {search_id}.")
+    return row
+
+
 def get_search(search_id: int, *, settings: Settings | None = None) -> SearchInfo:
     settings, sf = service_context(settings)
     with sf.begin() as s:
-        row = s.get(Search, search_id)
-        if row is None:
-            raise SearchRequestError(f"No search with id {search_id}.")
+        row = _row(s, search_id)
         settle(s, row)
         return _info(s, row)
 
@@ -299,9 +304,7 @@ def cancel_search(search_id: int, *, settings: Settings | None = None) -> str:
     """Stop a search: its running trial stops within a batch (resumable); the search can resume."""
     settings, sf = service_context(settings)
     with sf.begin() as s:
-        row = s.get(Search, search_id)
-        if row is None:
-            raise SearchRequestError(f"No search with id {search_id}.")
+        row = _row(s, search_id)
         if row.status not in ACTIVE_SEARCH:
             raise SearchRequestError(f"Search {search_id} is {row.status}; only a queued or running search can be "
                                      "stopped.")
@@ -322,9 +325,7 @@ def resume_search(search_id: int, *, extra_time: str | float | None = None, work
     Trials killed with their worker are marked failed and re-run first (core.search.fail_stale_trials)."""
     settings, sf = service_context(settings)
     with sf.begin() as s:
-        row = s.get(Search, search_id)
-        if row is None:
-            raise SearchRequestError(f"No search with id {search_id}.")
+        row = _row(s, search_id)
         settle(s, row)
         if row.status not in RESUMABLE_SEARCH and not (row.status == SearchStatus.SUCCEEDED and extra_time):
             raise SearchRequestError(f"Search {search_id} is {row.status}; only a stopped or failed search can be "
@@ -348,9 +349,7 @@ def delete_search(search_id: int, *, settings: Settings | None = None) -> list[i
 
     settings, sf = service_context(settings)
     with sf.begin() as s:
-        row = s.get(Search, search_id)
-        if row is None:
-            raise SearchRequestError(f"No search with id {search_id}.")
+        row = _row(s, search_id)
         settle(s, row)
         if row.status in ACTIVE_SEARCH:
             raise SearchRequestError(f"Search {search_id} is {row.status}: stop it before deleting it.")
@@ -360,9 +359,9 @@ def delete_search(search_id: int, *, settings: Settings | None = None) -> list[i
         runs.delete_run(rid, settings=settings)
     delete_study(settings.database_url, study)
     with sf.begin() as s:
-        row = s.get(Search, search_id)
-        if row is not None:
-            s.delete(row)
+        gone = s.get(Search, search_id)
+        if gone is not None:
+            s.delete(gone)
     return run_ids
 
 

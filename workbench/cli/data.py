@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,31 +17,13 @@ from core.ingest import display_name
 from workbench import datasets as svc
 from workbench import gc
 from workbench.cli import fix
+from workbench.cli.exits import EXIT_OK
+from workbench.cli.exits import fail as _fail
+from workbench.cli.exits import guard as _guard
 from workbench.cli.output import add_json_flag, print_json
 
 GC_LOCK_WAIT_S = 10.0  # `workbench gc` waits this long for running ingests to release the store
 
-EXIT_OK = 0
-EXIT_BAD_INPUT = 2
-
-
-def _fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return EXIT_BAD_INPUT
-
-
-def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Turn user errors (ValueError family, missing files) into exit code 2 with a message."""
-
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except (ValueError, FileNotFoundError) as e:
-            return _fail(str(e))
-
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
-    return wrapper
 
 
 @_guard

@@ -7,34 +7,19 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import sys
-from collections.abc import Callable
 from typing import Any
 
 from core.ingest import display_name
 from workbench import dataset_fixes as fixes
+from workbench.cli.exits import EXIT_OK, Command, guard
+from workbench.cli.exits import fail as _fail
 
-EXIT_OK = 0
-EXIT_BAD_INPUT = 2
 MAX_LISTED = 20  # changed files printed per fix (all of them: `workbench data versions NAME --details`)
 
 
-def _fail(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return EXIT_BAD_INPUT
-
-
-def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+def _guard(fn: Command) -> Command:
     """User errors (bad file, label, pattern; nothing to fix) -> exit code 2 with the message."""
-
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except ValueError as e:
-            return _fail(str(e))
-
-    wrapper.__name__ = fn.__name__
-    return wrapper
+    return guard(fn, errors=(ValueError,))
 
 
 def _by() -> str:
