@@ -119,7 +119,7 @@ def minutes(seconds: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # Checks before anything is queued
 # ---------------------------------------------------------------------------------------------
-def _check_splits(s: Session, ds: Any) -> tuple[int, int]:
+def check_splits(s: Session, ds: Any) -> tuple[int, int]:
     """(train images, test images); SearchRequestError when the dataset is too small to search."""
     counts = repo.split_counts(s, ds.id)
     if len(ds.classes) < 2:
@@ -170,7 +170,7 @@ def start_search(dataset: str | int, *, device: str = "this-machine", latency_ms
         ds = repo.get_dataset_by_name_or_id(s, dataset)
         if ds is None:
             raise SearchRequestError(f"No dataset named {dataset!r}.")
-        num_train, _ = _check_splits(s, ds)
+        num_train, _ = check_splits(s, ds)
         try:
             goal.check_classes(ds.classes)
             budget = Budget(**{**budget.to_dict(), "train_images": num_train, "num_classes": len(ds.classes)})

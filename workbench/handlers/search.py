@@ -186,7 +186,7 @@ def _begin(ctx: JobContext, search_id: int) -> _Setup | JobOutcome:
         if not summary.get("sitting_started"):  # the first worker of this sitting starts the clock
             summary["sitting_started"] = utcnow().timestamp()
         left = float(row.time_budget_s) - float(row.spent_s or 0.0)
-        _, num_test = searches._check_splits(s, ds)
+        _, num_test = searches.check_splits(s, ds)
         reserve = finalize_reserve_seconds(left, num_test, min(c.latency_p50_ms for c in space.choices))
         counts = repo.split_counts(s, ds.id).get("train", {})
         row.status, row.started_at, row.error = SearchStatus.RUNNING, row.started_at or utcnow(), None
