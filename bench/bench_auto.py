@@ -2,7 +2,12 @@
 fine-tune, per shared dataset and seed, through the product's own code path.
 
     .venv/bin/python bench/bench_auto.py [--datasets beans rice_leaf_ph mednist_3k hymenoptera] \
-        [--seeds 0 1 2] [--time 10m] [--out bench/results_auto.md]
+        [--seeds 0 1 2] [--time 10m] [--only auto recommended timm] [--redo]
+
+The whole grid takes about 3.5 hours on a 2-core CPU, so each finished cell (dataset, seed,
+contender) is appended to bench/results_auto.jsonl and skipped on the next run: the grid can be
+filled in pieces, on an idle machine each time, and bench/results_auto.md is rewritten from all
+recorded cells.
 
 For each dataset and seed, in a throw-away data dir: the dataset is ingested with the service the
 CLI uses (same split rules, split seed = the run seed), then
@@ -20,6 +25,7 @@ before each contender is recorded (time only on an otherwise idle machine).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -31,6 +37,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "datasets"
+KINDS = ["auto", "recommended", "timm"]
 
 
 def _use_data_dir(d: Path) -> None:
@@ -176,59 +183,92 @@ def _fmt(vals: list[float], pct: bool = True) -> str:
     return f"{statistics.mean(vals) * k:.1f} ± {sd:.1f}"
 
 
+def _cells(path: Path) -> list[dict[str, Any]]:
+    """Every result recorded so far (one JSON object per line), so the benchmark can be run in pieces."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _run_cell(name: str, seed: int, kind: str, budget: str) -> dict[str, Any]:
+    load = os.getloadavg()
+    out = (run_auto(name, seed, budget) if kind == "auto" else
+           run_recommended(name, seed) if kind == "recommended" else run_timm(name, seed))
+    return {"dataset": name, "seed": seed, "kind": kind, "budget": budget, **out,
+            "load_before": [round(x, 2) for x in load], "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def _table(cells: list[dict[str, Any]], command: str) -> list[str]:
+    from core.latency import machine_id
+
+    lines = [f"# Auto search benchmark (updated {time.strftime('%Y-%m-%d')})", "",
+             f"Machine: {machine_id()}. Command (each run adds its missing cells to "
+             f"`bench/results_auto.jsonl`, then rewrites this table from all of them): `{command}`", "",
+             "| dataset | contender | seeds | test macro-F1 % | test accuracy % | wall time s | notes |",
+             "|---|---|---|---|---|---|---|"]
+    rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for c in cells:
+        rows.setdefault((c["dataset"], c["kind"]), []).append(c)
+    for (name, kind), res in sorted(rows.items(), key=lambda kv: (kv[0][0], KINDS.index(kv[0][1]))):
+        note = ""
+        if kind == "auto":
+            note = (f"budget {res[0].get('budget')}; trials {statistics.mean(r.get('trials', 0) for r in res):.1f}, "
+                    f"pruned {statistics.mean(r.get('pruned', 0) for r in res):.1f}; decoding "
+                    f"{statistics.mean(r.get('decode_s', 0) for r in res):.0f} s, caching "
+                    f"{statistics.mean(r.get('cache_s', 0) for r in res):.0f} s, training "
+                    f"{statistics.mean(r.get('train_s', 0) for r in res):.0f} s; winners "
+                    + ", ".join(str(r.get("winner")) for r in res))
+        elif kind == "recommended":
+            note = "pick " + ", ".join(str(r.get("pick")) for r in res)
+        errors = [str(r["error"]) for r in res if "error" in r]
+        if errors:
+            note += "; failed: " + "; ".join(errors)
+        lines.append(f"| {name} | {kind} | {', '.join(str(r['seed']) for r in res)} | "
+                     f"{_fmt([r.get('macro_f1', float('nan')) for r in res])} | "
+                     f"{_fmt([r.get('accuracy', float('nan')) for r in res])} | "
+                     f"{_fmt([r['wall_s'] for r in res], pct=False)} | {note} |")
+    lines += ["", "Mean ± sample standard deviation over the seeds listed. Load average (1, 5, 15 min) "
+              "before each cell:", ""]
+    lines += [f"- {c['dataset']} {c['kind']} seed {c['seed']} ({c.get('when', '?')}): {c['load_before']}"
+              for c in cells]
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--datasets", nargs="+", default=["beans", "rice_leaf_ph", "mednist_3k", "hymenoptera"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--time", default="10m")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["auto", "recommended", "timm"])
+    ap.add_argument("--only", nargs="+", default=list(KINDS), choices=KINDS)
+    ap.add_argument("--redo", action="store_true", help="run cells again even if recorded")
+    ap.add_argument("--cells", default=str(REPO / "bench" / "results_auto.jsonl"))
     ap.add_argument("--out", default=str(REPO / "bench" / "results_auto.md"))
     args = ap.parse_args()
-    from core.latency import machine_id
     from tests.conftest import stop_workers
     from workbench import datasets
 
-    rows: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    store = Path(args.cells)
     for name in args.datasets:
         for seed in args.seeds:
+            done = {(c["dataset"], c["seed"], c["kind"]) for c in _cells(store)}
+            todo = [k for k in args.only if args.redo or (name, seed, k) not in done]
+            if not todo:
+                continue
             with tempfile.TemporaryDirectory(prefix="wb-bench-auto-") as tmp:
                 d = Path(tmp) / "data"
                 d.mkdir()
                 _use_data_dir(d)
                 datasets.add_dataset(SHARED / name, name, seed=seed)
-                for kind in ("auto", "recommended", "timm"):
-                    if kind in args.skip:
-                        continue
-                    load = os.getloadavg()[0]
-                    out = (run_auto(name, seed, args.time) if kind == "auto" else
-                           run_recommended(name, seed) if kind == "recommended" else run_timm(name, seed))
-                    result = {**out, "load_before": round(load, 2), "seed": seed}
-                    print(name, kind, result, flush=True)
-                    rows.setdefault(name, {}).setdefault(kind, []).append(result)
-                stop_workers(d)
-    lines = [f"# Auto search benchmark ({time.strftime('%Y-%m-%d')})", "",
-             f"Machine: {machine_id()}; budget {args.time}; seeds {args.seeds}; command: "
-             f"`python bench/bench_auto.py --datasets {' '.join(args.datasets)} --seeds "
-             f"{' '.join(map(str, args.seeds))} --time {args.time}`", "",
-             "| dataset | contender | test macro-F1 % | test accuracy % | wall time s | notes |",
-             "|---|---|---|---|---|---|"]
-    for name, kinds in rows.items():
-        for kind, res in kinds.items():
-            note = ""
-            if kind == "auto":
-                note = (f"trials {statistics.mean(r.get('trials', 0) for r in res):.1f}, pruned "
-                        f"{statistics.mean(r.get('pruned', 0) for r in res):.1f}; decoding "
-                        f"{statistics.mean(r.get('decode_s', 0) for r in res):.0f} s, caching "
-                        f"{statistics.mean(r.get('cache_s', 0) for r in res):.0f} s, training "
-                        f"{statistics.mean(r.get('train_s', 0) for r in res):.0f} s; winners "
-                        + ", ".join(str(r.get("winner")) for r in res))
-            elif kind == "recommended":
-                note = "pick " + ", ".join(str(r.get("pick")) for r in res)
-            lines.append(f"| {name} | {kind} | {_fmt([r.get('macro_f1', float('nan')) for r in res])} | "
-                         f"{_fmt([r.get('accuracy', float('nan')) for r in res])} | "
-                         f"{_fmt([r['wall_s'] for r in res], pct=False)} | {note} |")
-    lines += ["", "Load average before each contender: "
-              + ", ".join(f"{r['load_before']}" for k in rows.values() for v in k.values() for r in v)]
+                try:
+                    for kind in todo:
+                        cell = _run_cell(name, seed, kind, args.time)
+                        print(json.dumps(cell), flush=True)
+                        with store.open("a") as f:
+                            f.write(json.dumps(cell) + "\n")
+                finally:
+                    stop_workers(d)
+    command = "python bench/bench_auto.py --datasets ... --seeds ... --time " + args.time
+    lines = _table(_cells(store), command)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

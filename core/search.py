@@ -29,10 +29,20 @@ from typing import Any
 
 import numpy as np
 
+from core.augment import PRESETS
 from core.data import DataError
 from core.efficientnet_arch import VARIANTS, get_variant
 from core.recommend import Budget, Candidate, recommend
-from core.train import Callback, FeatureStore, TrainConfig, TrainingCancelled, TrainingError, TrainResult, make_config
+from core.train import (
+    RECIPES,
+    Callback,
+    FeatureStore,
+    TrainConfig,
+    TrainingCancelled,
+    TrainingError,
+    TrainResult,
+    make_config,
+)
 from core.train import train as train_model
 
 SearchSamples = Sequence[tuple[str, int]]
@@ -43,7 +53,10 @@ HEAD_EPOCHS = 20  # cheap (cached embeddings); early stopping ends it sooner
 FINETUNE_EPOCHS = 6
 SHORT_BUDGET_S = 300.0  # below this, shorter trials: several short trials beat one long one
 PATIENCE = 3
-PRUNE_MIN_EPOCHS = 3  # successive halving's first rung
+# Successive halving's first rung, in fine-tune epochs: the head warm-up runs on cached embeddings
+# in seconds and its first epochs say little about a recipe (a low head learning rate starts slow),
+# so trials are compared and stopped on fine-tune epochs only, where the time goes.
+PRUNE_MIN_EPOCHS = 2
 FINALISTS = 3  # the winner and at most two more Pareto-optimal trials get a test score
 
 
@@ -268,7 +281,7 @@ def suggest_trial(trial: Any, space: ArchSpace, objective: Objective, *, imbalan
                   seed: int, epochs: tuple[int, int] = (HEAD_EPOCHS, FINETUNE_EPOCHS)) -> TrialPlan:
     """Sample one (architecture, recipe) from the search space (define-by-run)."""
     choice = space.get(trial.suggest_categorical("model", [c.key for c in space.choices]))
-    augment = trial.suggest_categorical("augment", ["medical", "field", "none"])
+    augment = trial.suggest_categorical("augment", list(PRESETS))
     values: dict[str, Any] = {
         "lr_head": trial.suggest_float("lr_head", 1e-3, 3e-2, log=True),
         "lr": trial.suggest_float("lr", 1e-4, 3e-3, log=True),
@@ -291,6 +304,21 @@ def suggest_trial(trial: Any, space: ArchSpace, objective: Objective, *, imbalan
     return TrialPlan(trial.number, choice, cfg, dict(trial.params))
 
 
+def starting_point(space: ArchSpace, preset: str, imbalance_ratio: float) -> dict[str, Any]:
+    """The first trial of every search: the recommender's first pick (at a resolution the images
+    support) with the default recipe and the augmentation for the kind of image, i.e. what
+    `workbench train` gives by default. The search then starts from a known-good point and only
+    keeps something else if it does better on validation (AutoGluon and the EON Tuner also seed
+    their searches with defaults)."""
+    recipe, base = RECIPES["default"], TrainConfig()
+    return {"model": space.choices[0].key, "augment": preset, "augment_strength": 1.0,
+            "lr_head": recipe.get("lr_head", base.lr_head), "lr": recipe.get("lr", base.lr),
+            "unfreeze_stages": recipe.get("unfreeze_stages", base.unfreeze_stages),
+            "label_smoothing": recipe.get("label_smoothing", base.label_smoothing),
+            "cache_views": recipe.get("cache_views", base.cache_views), "ema": recipe.get("ema", base.ema),
+            "balance": "loss" if imbalance_ratio >= base.imbalance_ratio else "none"}
+
+
 class _TrialCallback(Callback):
     """The trial's own training callback, plus Optuna pruning and the search's deadline."""
 
@@ -299,6 +327,7 @@ class _TrialCallback(Callback):
         self.inner, self.trial, self.objective = inner, trial, objective
         self.deadline, self.search_stop = deadline, search_stop
         self.best = -math.inf
+        self.finetune_epochs = 0
         self.pruned = self.out_of_time = False
 
     def on_phase_start(self, phase: str, epochs: int, steps_per_epoch: int) -> None:
@@ -315,9 +344,13 @@ class _TrialCallback(Callback):
         value = self.objective.value({k.removeprefix("val_"): v for k, v in metrics.items()})
         if not math.isnan(value):
             self.best = max(self.best, value)
+        if phase != "finetune":
+            return
+        self.finetune_epochs += 1  # the pruner's resource (replayed epochs of a resumed trial count too)
         if self.best > -math.inf and not metrics.get("replayed"):
-            self.trial.report(self.best, epoch)  # best so far: a plateau is not punished twice
-            if epoch >= PRUNE_MIN_EPOCHS and self.trial.should_prune():
+            # Best so far, head warm-up included: a plateau is not punished twice.
+            self.trial.report(self.best, self.finetune_epochs)
+            if self.finetune_epochs >= PRUNE_MIN_EPOCHS and self.trial.should_prune():
                 self.pruned = True
 
     def should_stop(self) -> bool:
@@ -501,4 +534,4 @@ def choose_finalists(points: Sequence[TrialPoint], n: int = FINALISTS) -> tuple[
 __all__ = ["ArchChoice", "ArchSpace", "Objective", "SearchCallback", "SearchError", "SearchLoop", "TrialOutcome",
            "TrialPlan", "TrialPoint", "architecture_space", "choose_finalists", "data_resolution_cap",
            "delete_study", "estimate_trial_seconds", "fail_stale_trials", "finalize_reserve_seconds", "open_study",
-           "pareto_front", "search_resolutions", "suggest_trial", "trial_epochs"]
+           "pareto_front", "search_resolutions", "starting_point", "suggest_trial", "trial_epochs"]

@@ -216,6 +216,16 @@ def test_two_searches_queue_on_one_worker_and_each_delivers_a_tested_winner_and_
         statuses = {r.id: r.status for r in s.scalars(select(Run).where(Run.search_id == first.id))}
     assert evaluated & set(statuses) == set(a.summary["finalists"])
     assert all(st in (RunStatus.SUCCEEDED, RunStatus.PRUNED) for st in statuses.values())
+    # The first trial is the default: the recommender's pick with the default recipe.
+    import optuna
+
+    from core.train import RECIPES
+    study = optuna.load_study(study_name=f"workbench-search-{first.id:05d}", storage=os.environ.get(
+        "DATABASE_URL") or f"sqlite:///{data_dir / 'workbench.db'}")
+    start = study.trials[0]
+    assert start.user_attrs.get("starting_point") and start.params["model"] == a.summary["space"]["choices"][0]["key"]
+    assert (start.params["lr_head"], start.params["unfreeze_stages"]) == (RECIPES["default"]["lr_head"],
+                                                                         RECIPES["default"]["unfreeze_stages"])
     bundle = open_bundle(artifact_for_download(a.bundle_artifact_id), key=get_settings().bundle_key)
     assert bundle.labels == list(MED_CLASSES)
     # The CLI reads it back, and deleting the search deletes its trial runs.

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.recommend import Budget, BudgetError
-from core.search import Objective, SearchError, architecture_space, estimate_trial_seconds
+from core.search import Objective, SearchError, architecture_space, estimate_trial_seconds, starting_point
 from storage import repositories as repo
 from storage.models import Image, Job, Run, Search, utcnow
 from workbench import jobs, lanes, runs
@@ -182,6 +182,9 @@ def start_search(dataset: str | int, *, device: str = "this-machine", latency_ms
             raise SearchRequestError(f"{minutes(seconds)} is too short: one trial on {ds.name!r} takes about "
                                      f"{minutes(least)} here, and a search needs time for at least one trial "
                                      f"and the final checks. Give at least {minutes(2 * least)}.")
+        counts = repo.split_counts(s, ds.id).get("train", {})
+        first = starting_point(space, runs.default_preset(s, ds.id),
+                               max(counts.values(), default=1) / max(1, min(counts.values(), default=1)))
         row = Search(dataset_id=ds.id, status=SearchStatus.QUEUED, study_name=f"pending-{utcnow().timestamp()}",
                      objective=goal.text, device=device, budget=budget.to_dict(), time_budget_s=seconds, spent_s=0.0,
                      seed=seed, max_trials=max_trials, workers=workers, summary={"space": space.to_dict()},
@@ -196,7 +199,7 @@ def start_search(dataset: str | int, *, device: str = "this-machine", latency_ms
     # search never race to create them.
     from core.search import open_study
 
-    open_study(settings.database_url, study_name, seed)
+    open_study(settings.database_url, study_name, seed).enqueue_trial(first, user_attrs={"starting_point": True})
     if start_worker:
         lanes.ensure_worker(settings, lane=lanes.lane_of(JobKind.SEARCH))
     return get_search(search_id, settings=settings)
