@@ -46,7 +46,9 @@ with ui.errors("Could not load the evaluation"):
     c[4].metric("Calibration error", ui.fmt_num((cal.get("before") or {}).get("ece")), help=ui.METRIC_HELP["ece"],
                 delta=None if not cal.get("after") else
                 f"{cal['after']['ece'] - cal['before']['ece']:+.3f} after adjustment", delta_color="inverse")
-    st.markdown("\n".join(f"- {line}" for line in wording.found_sentences(m)))
+    found = wording.found_sentences(m)  # many classes: one click away, not a wall of text
+    with st.expander("How many of each class were found") if len(found) > 8 else st.container():
+        st.markdown("\n".join(f"- {line}" for line in found))
     if two_class := wording.sensitivity_specificity(m):
         st.markdown(two_class, help=f"{wording.HELP['sensitivity']} {wording.HELP['specificity']}")
     iv = m.get("intervals") or {}
@@ -70,7 +72,7 @@ with ui.errors("Could not load the evaluation"):
         per_class = pd.DataFrame(wording.per_class_table(m, views.per_class_ranges(m) if iv else ()))
         st.dataframe(per_class, hide_index=True, width="stretch", column_config={
             k: st.column_config.Column(help=wording.HELP[h]) for k, h in (
-                ("found (recall)", "recall"), ("precision", "precision"), ("F1", "f1"), ("ROC-AUC", "macro_roc_auc"),
+                ("found (recall)", "recall"), ("precision", "precision"), ("F1", "f1"), ("ROC-AUC", "roc_auc"),
                 ("average precision", "average_precision"))})
         with st.expander("What these scores mean"):
             st.markdown("\n".join(f"- {wording.HELP[k]}" for k in ("recall", "precision", "f1", "average_precision")))

@@ -22,6 +22,8 @@ HELP: dict[str, str] = {
                          "as much as a common one.",
     "macro_roc_auc": "ROC-AUC: how well the model's scores put images of a class above the others "
                      "(1 = always, 0.5 = no better than guessing), averaged over classes.",
+    "roc_auc": "ROC-AUC: how well the model's scores put images of this class above the others "
+               "(1 = always, 0.5 = no better than guessing).",
     "recall": "Found (recall): of the test images of a class, the share the model called that class.",
     "precision": "Precision: of the images the model called a class, the share that really are that class.",
     "f1": "F1: precision and recall in one number (1 = perfect).",
