@@ -5,12 +5,13 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from workbench import actions, artifacts, dataset_fixes, evaluations, ui, views
+from workbench import actions, artifacts, dataset_fixes, evaluations, ui, views, wording
 from workbench.status import JobKind
 
 ui.header("Evaluate", "Metrics on the held-out test split (never used for training or model selection).")
 
-run_id = ui.pick_finished_run_or_stop("Run", key="eval_run")
+run_id = ui.pick_finished_run_or_stop(  # nothing chosen: the best run of the newest dataset
+    "Run", key="eval_run", default=views.default_predict_run(views.newest_dataset_id()))
 
 c1, c2, _ = st.columns([1, 1, 2])
 if c1.button("Evaluate again", icon=":material/refresh:", help="Re-run the test-split evaluation."):
@@ -38,44 +39,47 @@ with ui.errors("Could not load the evaluation"):
     m = ev.metrics
     cal = m.get("calibration", {})
     c = st.columns(5)
-    c[0].metric("Accuracy", ui.fmt_num(m.get("accuracy")))
-    c[1].metric("Balanced accuracy", ui.fmt_num(m.get("balanced_accuracy")))
-    c[2].metric("Macro-F1", ui.fmt_num(m.get("macro_f1")))
-    c[3].metric("Macro ROC-AUC", ui.fmt_num(m.get("macro_roc_auc")))
-    c[4].metric("ECE", ui.fmt_num((cal.get("before") or {}).get("ece")),
+    c[0].metric("Accuracy", ui.fmt_num(m.get("accuracy")), help=ui.METRIC_HELP["accuracy"])
+    c[1].metric("Balanced accuracy", ui.fmt_num(m.get("balanced_accuracy")), help=wording.HELP["balanced_accuracy"])
+    c[2].metric("Macro-F1", ui.fmt_num(m.get("macro_f1")), help=ui.METRIC_HELP["macro_f1"])
+    c[3].metric("Macro ROC-AUC", ui.fmt_num(m.get("macro_roc_auc")), help=wording.HELP["macro_roc_auc"])
+    c[4].metric("Calibration error", ui.fmt_num((cal.get("before") or {}).get("ece")), help=ui.METRIC_HELP["ece"],
                 delta=None if not cal.get("after") else
-                f"{cal['after']['ece'] - cal['before']['ece']:+.3f} after temperature", delta_color="inverse")
+                f"{cal['after']['ece'] - cal['before']['ece']:+.3f} after adjustment", delta_color="inverse")
+    found = wording.found_sentences(m)  # many classes: one click away, not a wall of text
+    with st.expander("How many of each class were found") if len(found) > 8 else st.container():
+        st.markdown("\n".join(f"- {line}" for line in found))
+    if two_class := wording.sensitivity_specificity(m):
+        st.markdown(two_class, help=f"{wording.HELP['sensitivity']} {wording.HELP['specificity']}")
     iv = m.get("intervals") or {}
     if iv:
         st.markdown(f"**Accuracy {views.with_range(iv['accuracy'])}** · macro-F1 {views.with_range(iv['macro_f1'])} "
                     f"— measured on {iv['n']} test images; on more images like these it would most likely fall "
                     "inside the range.")
-    st.caption(f"{m.get('n', '?')} test images · evaluated {ev.created_at:%Y-%m-%d %H:%M} UTC"
+    st.caption(f"{m.get('n', 'No')} test images · evaluated {ev.created_at:%Y-%m-%d %H:%M} UTC"
                + (" · with test-time augmentation" if ev.tta else ""))
     leakage = dataset_fixes.leakage_free_sentence(m)
     if leakage:
         st.warning(leakage, icon=":material/content_copy:")
     effect = m.get("tta_effect")
     if effect:
-        st.caption(f"Test-time augmentation changed {effect['changed_predictions']} prediction(s); accuracy "
-                   f"{effect['without']['accuracy']:.3f} → {effect['with']['accuracy']:.3f}.")
+        st.caption(wording.tta_sentence(effect))
 
     tab_metrics, tab_cm, tab_curves, tab_cal, tab_errors = st.tabs(
         ["Metrics", "Confusion matrix", "ROC & PR", "Calibration", "Misclassified & Grad-CAM"])
     plots = artifacts.evaluation_plots(run_id, ev.id)
     with tab_metrics:
-        per_class = pd.DataFrame(m.get("per_class", []))
-        if iv and not per_class.empty:
-            per_class.insert(1, "recall (95 % range)", views.per_class_ranges(m))
-        st.dataframe(per_class, hide_index=True, width="stretch",
-                     column_config={k: st.column_config.NumberColumn(format="%.3f")
-                                    for k in ("precision", "recall", "f1", "roc_auc", "average_precision")})
-        if m.get("top_k"):
-            st.caption("Top-k accuracy: " + ", ".join(f"{k} = {v:.3f}" for k, v in m["top_k"].items()))
-        op = m.get("operating_point")
-        if op and "error" not in op:
-            st.caption("Operating point for a sensitivity target: " + ", ".join(
-                f"{k.replace('_', ' ')} = {ui.fmt_num(v)}" for k, v in op.items() if not isinstance(v, (dict, list))))
+        per_class = pd.DataFrame(wording.per_class_table(m, views.per_class_ranges(m) if iv else ()))
+        st.dataframe(per_class, hide_index=True, width="stretch", column_config={
+            k: st.column_config.Column(help=wording.HELP[h]) for k, h in (
+                ("found (recall)", "recall"), ("precision", "precision"), ("F1", "f1"), ("ROC-AUC", "roc_auc"),
+                ("average precision", "average_precision"))})
+        with st.expander("What these scores mean"):
+            st.markdown("\n".join(f"- {wording.HELP[k]}" for k in ("recall", "precision", "f1", "average_precision")))
+        if top_k := wording.top_k_sentence(m.get("top_k")):
+            st.caption(top_k)
+        if op_sentence := wording.operating_point_sentence(m.get("operating_point")):
+            st.caption(op_sentence)
         if iv:
             with st.expander("How the 95 % ranges are computed"):
                 st.markdown(f"- Accuracy and per-class recall: {iv['accuracy']['method']} interval.\n"
@@ -110,11 +114,9 @@ with ui.errors("Could not load the evaluation"):
             ui.show_plot(plots, "pr", "Precision-recall, one class vs rest")
     with tab_cal:
         ui.show_plot(plots, "reliability", "Reliability diagram", width="content")
-        if cal.get("temperature"):
-            st.caption(f"Temperature {cal['temperature']:.3f} fitted on {cal.get('n_val', '?')} validation images: "
-                       f"ECE {cal['before']['ece']:.3f} → {cal['after']['ece']:.3f}.")
-        elif cal.get("note"):
-            st.caption(cal["note"])
+        st.caption(ui.METRIC_HELP["ece"])
+        if cal_sentence := wording.calibration_sentence(cal):
+            st.caption(cal_sentence)
     with tab_errors:
         wrong = m.get("misclassified", [])
         if not wrong:
@@ -122,5 +124,4 @@ with ui.errors("Could not load the evaluation"):
         else:
             st.caption("The highest-loss mistakes, with Grad-CAM: where the model looked for its (wrong) answer.")
             ui.show_plot(plots, "misclassified", width="content")
-            st.dataframe(pd.DataFrame(wrong).drop(columns=["path", "index"], errors="ignore"),
-                         hide_index=True, width="stretch")
+            st.dataframe(pd.DataFrame(wording.misclassified_table(wrong)), hide_index=True, width="stretch")

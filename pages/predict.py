@@ -3,20 +3,28 @@ from __future__ import annotations
 
 import streamlit as st
 
-from workbench import actions, ui, views
+from workbench import actions, ui, views, wording
 from workbench.status import JobStatus
 
 OUTSIDE_TRAINING_DATA = "This image looks unlike the images the model was trained on; its answer is not reliable."
 
 ui.header("Predict", "Try a trained model on new images. Grad-CAM shows where the model looked.")
-run_id = ui.pick_finished_run_or_stop("Model", key="predict_run", empty="No trained models yet: train one first.")
+dataset_names = {d.id: d.name for d in ui.datasets_or_stop("No datasets yet: add one first.", "datasets.py")}
+ids = list(dataset_names)
+newest = views.newest_dataset_id()
+dataset_id = st.selectbox("Dataset", ids, index=ids.index(newest) if newest in dataset_names else len(ids) - 1,
+                          format_func=lambda i: dataset_names[i], key="predict_dataset")
+run_id = ui.pick_finished_run_or_stop(  # opens on the exported model, else the best one, of that dataset
+    "Model", key=f"predict_run_{dataset_id}", empty="No trained models for this dataset yet: train one first.",
+    dataset_id=dataset_id, default=views.default_predict_run(dataset_id))
 
 with st.form("predict_form", clear_on_submit=True):
     files = st.file_uploader("Images", type=["jpg", "jpeg", "png", "bmp", "tif", "tiff", "webp", "heic", "heif", "dcm"],
                              accept_multiple_files=True, key="predict_files")
     c1, c2 = st.columns(2)
-    top_k = c1.slider("Top-k", 1, 5, 3, key="predict_topk")
-    cam = c2.toggle("Grad-CAM overlay", value=True, key="predict_cam")
+    top_k = c1.slider("Answers to show", 1, 5, 3, key="predict_topk",
+                      help="The model's most likely classes, best first.")
+    cam = c2.toggle("Show where the model looked (Grad-CAM)", value=True, key="predict_cam")
     go = st.form_submit_button("Predict", type="primary", icon=":material/image_search:")
 if go:
     with ui.errors("Could not start the prediction"):
@@ -39,12 +47,14 @@ def results() -> None:
         st.error(f"Prediction failed: {j.error}")
         return
     cal = j.payload.get("calibration") or {}
-    if cal:
-        how = f" Temperature {cal['temperature']:.3f} ({cal.get('note', '')})." if cal.get("calibrated") else ""
-        st.caption(f"{cal.get('confidence', '')}{how}")
-    if cal.get("threshold") is not None:
-        st.caption(f"Decision: **{cal['positive_class']}** when its probability is at least {cal['threshold']:.1%}, "
-                   f"otherwise **{cal['negative_class']}** (threshold chosen on the {cal.get('chosen_on') or 'n/a'}).")
+    if cal.get("confidence"):
+        st.caption(cal["confidence"])
+    if cal.get("calibrated") and cal.get("temperature"):
+        with st.expander("How the confidences were adjusted (expert detail)"):
+            note = cal.get("note") or "fitted on the validation images"
+            st.caption(f"Temperature {cal['temperature']:.2f} ({note}).")
+    if decision := wording.decision_sentence(cal):
+        st.caption(decision)
     for r in j.payload.get("results", []):
         with st.container(border=True):
             left, right = st.columns([1, 2])
@@ -59,17 +69,18 @@ def results() -> None:
                     st.warning(f"**{r['name']}**: {OUTSIDE_TRAINING_DATA}")
                     detail = st.expander("The model's answer anyway (expert detail)")
                 else:
-                    st.markdown(f"**{r['name']}** → **{r['top'][0]['class']}** ({r['top'][0]['p']:.1%})")
+                    best = r["top"][0]
+                    st.markdown(f"**{r['name']}** → **{best['class']}** ({wording.percent(best['p'], 1)})")
                     detail = st.container()
                 with detail:
                     if r.get("decision") is not None:
                         st.markdown(f"Decision: **{r['decision']}** ({cal.get('positive_class')} "
-                                    f"{r['p_positive']:.1%}, threshold {cal['threshold']:.1%})")
+                                    f"{wording.percent(r['p_positive'], 1)}, threshold "
+                                    f"{wording.percent(cal['threshold'], 1)})")
                     for t in r["top"]:
-                        st.progress(t["p"], text=f"{t['class']}: {t['p']:.1%}")
-                    if r.get("ood_score") is not None:
-                        st.caption(f"Unfamiliarity (energy) score {r['ood_score']:.2f}; images above "
-                                   f"{cal['ood_threshold']:.2f} are flagged.")
+                        st.progress(t["p"], text=f"{t['class']}: {wording.percent(t['p'], 1)}")
+                    if familiar := wording.familiarity_sentence(r.get("ood_score"), cal.get("ood_threshold")):
+                        st.caption(familiar)
 
 
 results()

@@ -5,21 +5,21 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from workbench import datasets, runs, ui, views
+from workbench import datasets, runs, suggestions, ui, views, wording
 from workbench.status import RunStatus
 
-# Leaderboard and chart column headers, from the read models' field names.
-COLUMNS = {"resolution": "res", "test_macro_f1": "macro-F1", "test_accuracy": "accuracy",
-           "val_accuracy": "val accuracy", "latency_ms": "latency ms", "size_mb": "size MB", "params_m": "params M",
-           "train_seconds": "training s", "macro_f1": "macro-F1", "accuracy_range": "accuracy 95 % range",
-           "test_images": "test images"}
+# Chart column headers, from the read model's field names.
+COLUMNS = {"macro_f1": "macro-F1", "latency_ms": "latency ms", "size_mb": "size MB"}
 
 ui.header("Runs", "Every training run, measured the same way: test metrics, ONNX Runtime latency and size.")
 ds_filter = None
 with ui.errors("Could not list datasets"):
     ds_names = {d.id: d.name for d in datasets.list_datasets()}
     if ds_names:
-        ds_filter = st.selectbox("Dataset", [None, *ds_names], format_func=lambda i: "All" if i is None
+        # One dataset at a time (scores of different datasets do not compare); "all" is last.
+        newest = views.newest_dataset_id()
+        ds_filter = st.selectbox("Dataset", [*ds_names, None], index=list(ds_names).index(newest)
+                                 if newest in ds_names else 0, format_func=lambda i: "All datasets" if i is None
                                  else ds_names[i], key="runs_dataset")
 
 c1, c2, c3, c4 = st.columns([2, 1, 2, 1])
@@ -37,22 +37,22 @@ with ui.errors("Could not read the runs"):
     offset, limit = ui.paginate(total, page_size, key="runs_page")
     rows = views.runs_table(offset=offset, limit=limit, sort=sort, descending=descending,
                             dataset_id=ds_filter, statuses=statuses)
-    df = pd.DataFrame(rows).rename(columns=COLUMNS)
+    df = pd.DataFrame(wording.leaderboard_table(rows))
     event = st.dataframe(
         df, hide_index=True, width="stretch", on_select="rerun", selection_mode="multi-row", key="runs_table",
         column_config={
-            "macro-F1": st.column_config.NumberColumn(format="%.3f"),
-            "accuracy": st.column_config.NumberColumn(format="%.3f"),
-            "val accuracy": st.column_config.NumberColumn(format="%.3f"),
-            "latency ms": st.column_config.NumberColumn(format="%.2f"),
+            "macro-F1": st.column_config.NumberColumn(format="%.3f", help=ui.METRIC_HELP["macro_f1"]),
+            "accuracy": st.column_config.NumberColumn(format="%.3f", help=ui.METRIC_HELP["accuracy"]),
+            "validation accuracy": st.column_config.NumberColumn(format="%.3f", help=wording.HELP["val_accuracy"]),
+            "latency ms": st.column_config.NumberColumn(format="%.2f", help=ui.METRIC_HELP["latency_p50"]),
             "size MB": st.column_config.NumberColumn(format="%.1f"),
-            "params M": st.column_config.NumberColumn(format="%.2f"),
-            "training s": st.column_config.NumberColumn(format="%.0f"),
+            "parameters (millions)": st.column_config.NumberColumn(format="%.2f", help=ui.METRIC_HELP["params"]),
             "created": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm"),
         },
     )
-    st.caption(f"Runs {offset + 1}–{offset + len(rows)} of {total}. Select rows to overlay their curves below; "
-               "latency is ONNX Runtime fp32, batch 1, median, on this machine.")
+    st.caption(f"Runs {offset + 1}–{offset + len(rows)} of {total}. Select rows to overlay their curves below. "
+               "**Macro-F1** and **accuracy** are measured on the test images (1 = every image right); "
+               "**latency** is the typical time the model takes per image on this machine.")
     selected = [rows[i].run for i in event.selection.rows] if event and event.selection else []
     if margin := views.leaderboard_margin(rows):
         st.info(margin, icon=":material/balance:")
@@ -72,7 +72,7 @@ with ui.errors("Could not draw the accuracy-vs-latency chart"):
         front = views.pareto_front(points)
         pts["Pareto front"] = pts["run"].isin(front)
         base = alt.Chart(pts).encode(
-            x=alt.X("latency ms:Q", title="ORT latency (ms, p50)"),
+            x=alt.X("latency ms:Q", title="typical time per image (ms)"),
             y=alt.Y("accuracy:Q", title="test accuracy", scale=alt.Scale(zero=False)))
         dots = base.mark_circle(size=90).encode(
             color=alt.Color("Pareto front:N", scale=alt.Scale(domain=[True, False], range=["#d62728", "#9e9e9e"])),
@@ -80,7 +80,8 @@ with ui.errors("Could not draw the accuracy-vs-latency chart"):
         line = alt.Chart(pts[pts["Pareto front"]].sort_values("latency ms")).mark_line(
             color="#d62728", strokeDash=[4, 3]).encode(x="latency ms:Q", y="accuracy:Q")
         st.altair_chart(line + dots, width="stretch")
-        st.caption(f"Red: the Pareto front ({len(front)} runs) — no other run is both faster and more accurate.")
+        st.caption(f"Red: the Pareto front ({len(front)} run{'s' if len(front) != 1 else ''}) — no other run is both "
+                   "faster and more accurate.")
 
 st.subheader("Training curves")
 if not selected:
@@ -91,10 +92,12 @@ else:
         if curves.empty:
             st.caption("No per-epoch metrics recorded for these runs yet.")
         else:
-            metric = st.selectbox("Metric", sorted(curves["metric"].unique()), key="runs_metric")
+            metric = st.selectbox("Metric", suggestions.curve_metric_choices(curves["metric"].unique()),
+                                  format_func=wording.curve_label, key="runs_metric")  # validation macro-F1 first
             sub = curves[curves["metric"] == metric]
             st.altair_chart(alt.Chart(sub).mark_line(point=True).encode(
-                x="epoch:Q", y=alt.Y("value:Q", title=metric), color="run:N", strokeDash="phase:N",
+                x=alt.X("epoch:Q", title="round of training"), y=alt.Y("value:Q", title=wording.curve_label(metric)),
+                color="run:N", strokeDash="phase:N",
                 tooltip=["run", "phase", "epoch", "value"]), width="stretch")
     for rid in selected[:5]:
         c = st.columns(3)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import time
 import zipfile
 from collections.abc import Iterator
@@ -374,8 +375,10 @@ def test_runs_leaderboard_paginates_sorts_and_marks_the_front(data_dir: Path) ->
     first = at.dataframe[0].value
     assert len(first) == 25
     assert list(first["macro-F1"]) == sorted(first["macro-F1"], reverse=True)
-    assert {"macro-F1", "accuracy", "latency ms", "size MB", "params M", "training s"} <= set(first.columns)
-    assert first["params M"].between(3, 6).all()  # lite0/lite1/b0 with a 2-class head
+    assert {"macro-F1", "accuracy", "latency ms", "size MB", "parameters (millions)", "training time"} <= set(
+        first.columns)
+    assert first["parameters (millions)"].between(3, 6).all()  # lite0/lite1/b0 with a 2-class head
+    assert all(re.fullmatch(r"\d+ (s|min)", t) for t in first["training time"])  # "2 min", not 129.0
     assert "Runs 1–25 of 130" in " ".join(c.value for c in at.caption)
     assert "Pareto front" in " ".join(c.value for c in at.caption)
     assert len(at.get("vega_lite_chart")) == 1
@@ -513,10 +516,17 @@ def test_evaluate_page_shows_metrics_confusion_plots(trained: tuple[Path, int]) 
     at = open_page("evaluate")
     assert_clean(at)
     metrics = {m.label: m.value for m in at.metric}
-    assert set(metrics) >= {"Accuracy", "Balanced accuracy", "Macro-F1", "Macro ROC-AUC", "ECE"}
+    assert set(metrics) >= {"Accuracy", "Balanced accuracy", "Macro-F1", "Macro ROC-AUC", "Calibration error"}
     assert 0.0 <= float(metrics["Accuracy"]) <= 1.0
+    assert all(m.help for m in at.metric)  # each measure explained where it first appears
     per_class = at.dataframe[0].value
     assert set(per_class["class"]) == {"healthy", "bean_rust"}
+    text = " ".join(m.value for m in at.markdown)
+    assert re.search(r"\d of 2 healthy found", text) and re.search(r"\d of 2 bean_rust found", text)
+    assert "**Sensitivity" in text and "**Specificity" in text  # two classes: the medical pair, with counts
+    from plain_language import assert_plain_language
+
+    assert_plain_language(at, allow={"bean_rust"})
     assert len(at.get("vega_lite_chart")) == 1  # the confusion-matrix heatmap
     # ROC, PR and reliability diagrams are the evaluation's verified PNG artifacts.
     assert len(at.get("image")) >= 3
@@ -582,6 +592,29 @@ def test_predict_page_top_k_and_gradcam(trained: tuple[Path, int], shared_datase
     assert len(results) == 2 and all(f.name in " ".join(results) for f in files)
     assert all(im.captions[0].startswith("Grad-CAM for ") for im in at.get("image"))
     assert any("notes.png" in e.value for e in at.error)  # the broken file is reported, not fatal
+    from plain_language import assert_plain_language
+
+    assert_plain_language(at, allow={"bean_rust"})
+
+
+@pytest.mark.slow
+def test_runs_page_with_a_finished_run_reads_plainly(trained: tuple[Path, int]) -> None:
+    from plain_language import assert_plain_language
+
+    _, run_id = trained
+    at = open_page("runs")
+    assert_clean(at)
+    assert at.selectbox(key="runs_dataset").value is not None  # one dataset, not all of them together
+    row = at.dataframe[0].value.iloc[0]
+    assert row["run"] == run_id and row["batch"] == "—" and re.fullmatch(r"\d+ (s|min)", row["training time"])
+    assert_plain_language(at, allow={"bean_rust"})
+    at.session_state["runs_table"] = {"selection": {"rows": [0], "columns": [], "cells": []}}  # a row picked
+    at.run()
+    assert_clean(at)
+    metric = next(b for b in at.selectbox if b.label == "Metric")
+    assert metric.value == "val_macro_f1" and metric.options[0] == "Validation macro-F1"  # not best_epoch
+    assert "Best round so far" not in metric.options
+    assert_plain_language(at, allow={"bean_rust"})
 
 
 @pytest.mark.slow

@@ -77,7 +77,10 @@ def with_beans(beans_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
 ALLOW = {"bean_rust", "beans-plain"}
 
 
-@pytest.mark.parametrize("name", ["home", "datasets", "recommend", "train", "export", "settings"])
+# Every page, with a dataset and no run yet; Runs, Evaluate, Export and Predict with a finished run are
+# checked in test_pages.py, which shares one real training run between its tests.
+@pytest.mark.parametrize("name", ["home", "datasets", "recommend", "auto", "train", "runs", "evaluate", "export",
+                                  "predict", "settings"])
 def test_page_reads_as_plain_language(with_beans: Path, name: str) -> None:
     at = open_page(name)
     assert_clean(at)
@@ -152,5 +155,96 @@ def test_sensible_defaults(data_dir: Path) -> None:
     assert views.default_predict_run(old_id) == ids["exported"]  # an exported model beats a better unexported one
     assert views.default_predict_run(new_id) == ids["other"]
     assert views.newest_dataset_id() == new_id  # the dataset of the newest run
+
+    # The pages open on those defaults (the model is only loaded when Predict is pressed).
+    at = open_page("predict")
+    assert_clean(at)
+    assert at.selectbox(key="predict_dataset").value == new_id
+    assert at.selectbox(key=f"predict_run_{new_id}").value == ids["other"]
+    at.selectbox(key="predict_dataset").select(old_id).run()
+    assert at.selectbox(key=f"predict_run_{old_id}").value == ids["exported"]
+    at = open_page("runs")
+    assert at.selectbox(key="runs_dataset").value == new_id
+    assert set(at.dataframe[0].value["run"]) == {ids["other"]}  # one dataset's runs, not all on one front
+    at = open_page("evaluate")
+    assert at.selectbox(key="eval_run").value == ids["other"]  # the best run of the newest dataset
+    at = open_page("datasets")
+    assert at.selectbox(key="dataset_choice").value == "new"
+    with sm.begin() as s:  # a second upload: the page follows it
+        repo.add_dataset(s, name="newer", source="c.zip", classes=["a", "b"], health={}, split_config={},
+                         skipped=[], num_images=0)
+    at.run()
+    assert at.selectbox(key="dataset_choice").value == "newer"
     assert suggestions.curve_metric_choices(["best_epoch", "train_loss", "val_accuracy", "val_macro_f1"]) == [
         "val_macro_f1", "val_accuracy", "train_loss"]
+
+
+# --- the wording of the Runs, Evaluate and Predict pages (workbench/wording.py) ----------------
+
+THREE = {"classes": ["platelet", "RBC", "WBC"], "confusion_matrix": [[68, 0, 1], [2, 40, 3], [0, 0, 0]]}
+
+
+def test_found_sentences_count_what_each_class_was_called() -> None:
+    from workbench import wording
+
+    assert wording.found_sentences(THREE) == ["68 of 69 platelet found, 1 called WBC.",
+                                              "40 of 45 RBC found, 3 called WBC, 2 called platelet.",
+                                              "No test images of WBC."]
+    assert wording.found_sentences(THREE, most=1)[1] == "40 of 45 RBC found, 3 called WBC and 2 called another class."
+    assert wording.sensitivity_specificity(THREE) == ""  # three classes: no sensitivity/specificity pair
+
+
+def test_two_class_sensitivity_specificity_and_operating_point() -> None:
+    from workbench import wording
+
+    m = {"classes": ["normal", "pneumonia"], "confusion_matrix": [[45, 5], [2, 48]],
+         "operating_point": {"target_sensitivity": 0.95, "threshold": 0.3123, "sensitivity": 0.98,
+                             "specificity": 0.86, "positive_class": "pneumonia", "chosen_on": "val"}}
+    assert wording.sensitivity_specificity(m) == (
+        "**Sensitivity 96 %**: 48 of 50 pneumonia images found. **Specificity 90 %**: 45 of 50 normal images "
+        "correctly not called pneumonia.")
+    op = wording.operating_point_sentence(m["operating_point"])
+    assert "at least 95 % of pneumonia images" in op and "31.2 %" in op and "validation images" in op
+    assert "98 %" in op and "86 %" in op
+    assert wording.operating_point_sentence({"error": "only for two classes"}) == ""
+    m["operating_point"]["positive_class"] = "normal"  # the user's chosen class is the one looked for
+    assert wording.sensitivity_specificity(m).startswith("**Sensitivity 90 %**: 45 of 50 normal")
+
+
+def test_scores_tables_and_times_in_plain_words() -> None:
+    from datetime import datetime
+
+    from workbench import wording
+    from workbench.views import LeaderboardRow
+
+    assert wording.top_k_sentence({"top3": 0.991, "top1": 0.9}) == \
+        "The right class is the model's first answer for 90.0 %, among its first 3 for 99.1 % of the test images."
+    assert wording.calibration_sentence({"temperature": 1.4567, "n_val": 80, "before": {"ece": 0.08123},
+                                         "after": {"ece": 0.0312}}) == \
+        "Confidences adjusted on 80 validation images (temperature 1.46): calibration error 0.081 → 0.031."
+    rows = wording.per_class_table({"per_class": [
+        {"class": "a", "precision": 0.91234, "recall": 0.5, "f1": 0.6, "support": 10, "counted": True,
+         "roc_auc": None, "average_precision": float("nan")},
+        {"class": "b", "precision": None, "recall": None, "f1": None, "support": 0, "counted": False}]})
+    assert rows[0]["precision"] == 0.912 and rows[0]["found (recall)"] == "50.0 %"
+    assert rows[0]["ROC-AUC"] == "—" and rows[0]["average precision"] == "—"
+    assert rows[1]["found (recall)"] == "—" and rows[1]["in the averages"] == "no (no test images)"
+    assert wording.misclassified_table([{"index": 3, "path": "/x/y.jpg", "name": "y.jpg", "true": "a",
+                                         "predicted": "b", "confidence": 0.8771, "loss": 2.1}]) == [
+        {"image": "y.jpg", "true class": "a", "the model said": "b", "with confidence": "87.7 %"}]
+    row = LeaderboardRow(run=7, dataset="beans", variant="lite0", resolution=96, preset="field", status="succeeded",
+                         test_macro_f1=0.91234, test_accuracy=None, val_accuracy=None, latency_ms=1.50492,
+                         size_mb=13.4863, params_m=3.37357, train_seconds=539.9, batch=None,
+                         created=datetime(2026, 1, 1))
+    (table,) = wording.leaderboard_table([row])
+    assert table["training time"] == "9 min" and table["batch"] == "—" and table["accuracy 95 % range"] == "—"
+    assert (table["macro-F1"], table["latency ms"], table["size MB"]) == (0.912, 1.5, 13.5)
+    assert wording.duration(3599.0) == "1 h 00 min" and wording.duration(None) == "—"
+    assert [wording.percent(x) for x in (0.9487, 1.0, 0.0, 0.9991, 0.999999, 1e-7, None)] == [
+        "95 %", "100 %", "0 %", "99.9 %", "over 99.99 %", "under 0.01 %", "—"]
+    assert wording.curve_label("val_macro_f1") == "Validation macro-F1"
+    assert wording.curve_label("val_sensitivity_at_specificity") == "Validation sensitivity at high specificity"
+    assert wording.decision_sentence({"threshold": 0.25, "positive_class": "sick", "negative_class": "well",
+                                      "chosen_on": "val"}) == (
+        "Decision: **sick** when its probability is at least 25.0 %, otherwise **well** (threshold chosen on the "
+        "validation images).")

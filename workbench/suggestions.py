@@ -39,7 +39,7 @@ def guessed_image_kind(dataset: DatasetInfo) -> str | None:
 
 
 CURVE_FIRST = ("macro_f1", "val_macro_f1", "accuracy", "val_accuracy", "loss", "val_loss")
-CURVE_HIDDEN = {"best_epoch", "epoch", "lr", "seconds"}
+CURVE_HIDDEN = {"best_epoch", "epoch", "lr", "seconds", "phase_epoch"}
 
 
 def curve_metric_choices(metrics: Collection[str]) -> list[str]:

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import streamlit as st
 
-from workbench import artifacts, datasets, views
+from workbench import artifacts, datasets, views, wording
 from workbench.datasets import DatasetInfo
 from workbench.jobs import friendly
 from workbench.settings import Settings, get_settings
@@ -140,15 +140,7 @@ def fmt_num(x: Any, digits: int = 3) -> str:
 
 def fmt_seconds(s: float | None) -> str:
     """A duration as people say it: "45 s", "9 min", "2 h 05 min" (rounded, never "8 min 60 s")."""
-    if s is None or (isinstance(s, float) and math.isnan(s)):
-        return "—"
-    s = float(s)
-    if s < 59.5:
-        return f"{s:.0f} s"
-    minutes = round(s / 60)
-    if minutes < 60:
-        return f"{minutes} min"
-    return f"{minutes // 60} h {minutes % 60:02d} min"
+    return wording.duration(s)
 
 
 def fmt_bytes(n: float | None) -> str:
@@ -361,12 +353,14 @@ def query_run_id() -> int | None:
         return None
 
 
-def pick_run(label: str, choices: dict[int, str], key: str) -> int | None:
-    """A run select box that starts on ``?run=`` and writes the choice back to the address."""
+def pick_run(label: str, choices: dict[int, str], key: str, default: int | None = None) -> int | None:
+    """A run select box that starts on ``?run=`` (else on ``default``, else the newest) and writes
+    the choice back to the address."""
     if not choices:
         return None
     ids = list(choices)
     want = query_run_id()
+    want = want if want in choices else default
     index = ids.index(want) if want in choices else 0
     rid = st.selectbox(label, ids, index=index, format_func=lambda i: choices[i], key=key)
     if rid is not None and st.query_params.get("run") != str(rid):
@@ -374,10 +368,12 @@ def pick_run(label: str, choices: dict[int, str], key: str) -> int | None:
     return rid
 
 
-def pick_finished_run_or_stop(label: str, key: str, empty: str = "No finished runs yet: train one first.") -> int:
-    """The run picker of the pages that need a trained model; without one, says so and stops the page."""
-    choices = views.run_choices(statuses=[RunStatus.SUCCEEDED])
-    run_id = pick_run(label, choices, key=key)
+def pick_finished_run_or_stop(label: str, key: str, empty: str = "No finished runs yet: train one first.",
+                              dataset_id: int | None = None, default: int | None = None) -> int:
+    """The run picker of the pages that need a trained model (the runs of ``dataset_id`` when given,
+    opening on ``?run=``, else ``default``); without one, says so and stops the page."""
+    choices = views.run_choices(statuses=[RunStatus.SUCCEEDED], dataset_id=dataset_id)
+    run_id = pick_run(label, choices, key=key, default=default)
     if run_id is None:
         empty_state(empty, "train.py", "Train a model")
         st.stop()

@@ -373,10 +373,11 @@ def pareto_front(points: Sequence[RunPoint]) -> set[int]:
     return front
 
 
-def run_choices(*, statuses: Sequence[str] | None = None, limit: int = 500) -> dict[int, str]:
-    """{run id: label} of the most recent runs, for select boxes."""
+def run_choices(*, statuses: Sequence[str] | None = None, limit: int = 500,
+                dataset_id: int | None = None) -> dict[int, str]:
+    """{run id: label} of the most recent runs (of one dataset when given), for select boxes."""
     stmt = select(Run.id, Run.variant, Run.resolution, Run.status, Dataset.name).join(
-        Dataset, Run.dataset_id == Dataset.id).where(*_run_filter(None, statuses))
+        Dataset, Run.dataset_id == Dataset.id).where(*_run_filter(dataset_id, statuses))
     with _db()() as s:
         rows = s.execute(stmt.order_by(Run.id.desc()).limit(limit)).all()
     return {rid: f"#{rid} · {name} · {variant}@{res} · {status}" for rid, variant, res, status, name in rows}
