@@ -200,3 +200,33 @@ def test_a_failed_process_becomes_a_clear_error(tmp_path: Path, errors: list[dic
     log.write_text("...\nKilled by the system\n")
     with pytest.raises(raised, match=message):
         read_outcome(tmp_path, -9 if not errors else 1, 2, log)
+
+
+def test_a_gpu_job_of_two_processes_waits_for_two_gpus_and_resumes_on_one_process(
+        data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from helpers_train import create_dataset_rows
+    from sqlalchemy import select
+
+    from storage.db import get_sessionmaker
+    from storage.models import Job, Run
+    from workbench import runs as run_service
+    from workbench.cli import main
+    from workbench.settings import get_settings
+    from workbench.status import RunStatus
+
+    sf = get_sessionmaker(get_settings().database_url)
+    create_dataset_rows(data_dir, sf, "gen", [3, 3], val_per_class=1)
+    (run_id,) = run_service.queue_training("gen", ["lite0"], recipe="quick", postrun=False, start_worker=False,
+                                           overrides={"device": "cuda", "processes": 2})
+    with sf.begin() as s:
+        assert s.scalars(select(Job.payload).where(Job.run_id == run_id)).one()["needs"] == {"gpus": 2}
+        s.get(Run, run_id).status = RunStatus.FAILED  # as if its worker had died
+    with pytest.raises(run_service.RunError, match="number of processes must be 1 or more, got 0"):
+        run_service.resume_run(run_id, processes=0, start_worker=False)
+    run_service.resume_run(run_id, processes=1, start_worker=False)
+    with sf() as s:
+        payloads = s.scalars(select(Job.payload).where(Job.run_id == run_id).order_by(Job.id)).all()
+        assert "needs" not in payloads[-1] and s.get(Run, run_id).config["processes"] == 1
+    # The command line says the same in words, before anything is queued.
+    assert main(["train", "gen", "--processes", "0", "--detach"]) == 2
+    assert "processes must be a whole number of 1 or more" in capsys.readouterr().err

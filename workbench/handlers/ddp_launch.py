@@ -34,7 +34,7 @@ def spec_for(ctx: JobContext, todo: dict[str, Any], resume: bool, verify_s: floa
     return {"job_id": ctx.job_id, "kind": ctx.kind, "run_id": ctx.run_id, "payload": ctx.payload,
             "train": todo["train"], "val": todo["val"], "classes": todo["classes"], "variant": todo["variant"],
             "resolution": todo["resolution"], "config": asdict(todo["cfg"]), "resume": resume,
-            "verify_s": verify_s, "out_dir": str(out_dir)}
+            "verify_s": verify_s, "out_dir": str(out_dir), "worker_pid": os.getpid()}
 
 
 def torchrun_command(processes: int, spec_path: Path) -> list[str]:

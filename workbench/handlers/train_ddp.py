@@ -26,13 +26,35 @@ def _plain(obj: Any) -> Any:
     return obj.tolist() if hasattr(obj, "tolist") else str(obj)
 
 
+class RankZeroCallback(DbCallback):
+    """``DbCallback`` that also stops the processes when the worker that started them is gone:
+    nobody would read their outcome, and the run may already be resumed on another host."""
+
+    def __init__(self, ctx: JobContext, run_id: int, verify_s: float, worker_pid: int):
+        super().__init__(ctx, run_id, verify_s)
+        self.worker_pid = worker_pid
+
+    def should_stop(self) -> bool:
+        return super().should_stop() or not _alive(self.worker_pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's (cannot be ours, but not gone either)
+        return True
+    return True
+
+
 def _callback(spec: dict[str, Any], rank: int) -> Callback:
     if rank != 0:
         return Callback()
     settings = get_settings()
     ctx = JobContext(spec["job_id"], spec["kind"], spec["run_id"], spec["payload"],
                      get_sessionmaker(settings.database_url), settings)
-    return DbCallback(ctx, spec["run_id"], float(spec["verify_s"]))
+    return RankZeroCallback(ctx, spec["run_id"], float(spec["verify_s"]), int(spec["worker_pid"]))
 
 
 def run(spec: dict[str, Any], rank: int) -> dict[str, Any]:
