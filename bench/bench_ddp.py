@@ -45,7 +45,7 @@ def rank_main(spec_path: str) -> None:
     from core.train import make_config, train
 
     if spec.get("control"):
-        dist_helpers.average_gradients = lambda params, local_count: None  # type: ignore[assignment]
+        dist_helpers.average_gradients = lambda params, local_count: None
     train([tuple(s) for s in spec["samples"]], spec["classes"], "lite0", spec["run_dir"],
           make_config("quick", **spec["config"]), resolution=spec["resolution"],
           val_samples=[tuple(s) for s in spec["val"]])

@@ -220,13 +220,16 @@ def test_a_gpu_job_of_two_processes_waits_for_two_gpus_and_resumes_on_one_proces
                                            overrides={"device": "cuda", "processes": 2})
     with sf.begin() as s:
         assert s.scalars(select(Job.payload).where(Job.run_id == run_id)).one()["needs"] == {"gpus": 2}
-        s.get(Run, run_id).status = RunStatus.FAILED  # as if its worker had died
+        run = s.get(Run, run_id)
+        assert run is not None
+        run.status = RunStatus.FAILED  # as if its worker had died
     with pytest.raises(run_service.RunError, match="number of processes must be 1 or more, got 0"):
         run_service.resume_run(run_id, processes=0, start_worker=False)
     run_service.resume_run(run_id, processes=1, start_worker=False)
     with sf() as s:
         payloads = s.scalars(select(Job.payload).where(Job.run_id == run_id).order_by(Job.id)).all()
-        assert "needs" not in payloads[-1] and s.get(Run, run_id).config["processes"] == 1
+        assert "needs" not in payloads[-1] and s.scalars(select(Run.config).where(Run.id == run_id)).one()[
+            "processes"] == 1
     # The command line says the same in words, before anything is queued.
     assert main(["train", "gen", "--processes", "0", "--detach"]) == 2
     assert "processes must be a whole number of 1 or more" in capsys.readouterr().err

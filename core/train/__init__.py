@@ -80,6 +80,8 @@ def train(
     ``run_dir/last.pt`` if it exists (same config and seed give the same result).
     ``feature_store``: decoded images and frozen-prefix activations shared with other runs of
     this process (a search's trials); results are the same with or without it.
+    ``config.processes`` > 1: this is one of the processes torchrun started for a data-parallel
+    run (core.train.distributed); only rank 0 reports through ``callback`` and writes checkpoints.
     Raises DataError / TrainingError with user-facing messages, TrainingCancelled on cancel.
     """
     cfg = config or TrainConfig()

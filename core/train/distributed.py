@@ -209,12 +209,13 @@ def global_batch_dropout(model: nn.Module) -> Iterator[None]:
         model.drop_rate = rate  # type: ignore[assignment]
 
 
-def average_gradients(params: Sequence[nn.Parameter], local_count: int) -> None:
+def average_gradients(params: Sequence[nn.Parameter], local_count: float) -> None:
     """Gradients of the mean loss over the whole global batch, on every rank.
 
     Each rank's gradients are of its own shard's mean loss; weighting them by the shard's size
-    and dividing by the summed sizes (sent in the same buffer: one all_reduce) gives the
-    single-process gradient for uneven shards too. A rank with an empty shard sends zeros."""
+    (with class weights: its summed sample weights) and dividing by the total (sent in the same
+    buffer: one all_reduce) gives the single-process gradient for uneven shards too. A rank with
+    an empty shard sends zeros."""
     if not active():
         return
     dev = _comm_device()

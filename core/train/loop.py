@@ -128,13 +128,20 @@ def accumulated_step(tail: nn.Module, criterion: nn.Module, optimizer: torch.opt
             scaled.backward()
         loss_sum += loss.item() * len(xb)
         correct += int((logits.argmax(1) == yb).sum())
-    distributed.average_gradients([p for g in optimizer.param_groups for p in g["params"]], len(x))
+    distributed.average_gradients([p for g in optimizer.param_groups for p in g["params"]], _share_weight(criterion, y))
     if ctx.scaler is not None:
         ctx.scaler.step(optimizer)
         ctx.scaler.update()
     else:
         optimizer.step()
     return loss_sum, correct
+
+
+def _share_weight(criterion: nn.Module, y: torch.Tensor) -> float:
+    """What this process's share counts for in the batch's mean loss: its size, or with class
+    weights the sum of its samples' weights (the denominator of a weighted mean)."""
+    weight = getattr(criterion, "weight", None)
+    return float(weight[y].sum()) if weight is not None and len(y) else float(len(y))
 
 
 def train_one_epoch(
