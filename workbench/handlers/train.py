@@ -189,6 +189,9 @@ def handle_train(ctx: JobContext) -> JobOutcome:
     try:
         try:
             if cfg.processes > 1:  # data-parallel: torchrun's processes report to the database themselves
+                if trackers:
+                    ctx.event("With several processes the experiment trackers get the final files, not the "
+                              "numbers of each epoch.", "warning")
                 result = train_in_processes(ctx, todo, resume, verify_s, cb.should_stop)
             else:
                 result = train(todo["train"], todo["classes"], todo["variant"], RunPaths(ctx.settings, run_id).root,
