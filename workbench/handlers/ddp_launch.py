@@ -67,7 +67,7 @@ def train_in_processes(ctx: JobContext, todo: dict[str, Any], resume: bool, veri
         proc = subprocess.Popen(torchrun_command(processes, spec_path), stdout=log, stderr=subprocess.STDOUT,
                                 env=child_env(ctx, processes), start_new_session=True)
         rc = _wait(proc, ctx.stop_requested, user_cancelled)
-    if ctx.stop_requested():
+    if ctx.stop_requested() and not (rc == 0 and (out_dir / "result.json").is_file()):
         raise TrainingCancelled("the worker was stopped")
     return read_outcome(out_dir, rc, processes, run_dir / LOG_NAME)
 
