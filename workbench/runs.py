@@ -19,7 +19,7 @@ from core.images import GRAYSCALE_MODES
 from storage import repositories as repo
 from storage.artifacts import ArtifactError, resolve_in_data_dir
 from storage.models import Artifact, Image, Job, Run, RunEvent, RunMetric, utcnow
-from workbench import jobs, lanes
+from workbench import jobs, lanes, workers
 from workbench.paths import RunPaths
 from workbench.settings import Settings, service_context
 from workbench.status import ACTIVE_RUN, RESUMABLE_RUN, JobKind, JobStatus, RunStatus
@@ -150,8 +150,10 @@ def queue_training(
                       status=RunStatus.QUEUED, config=asdict(cfg), batch_label=label, created_at=utcnow())
             s.add(run)
             s.flush()
+            needs = workers.training_needs(run.config)  # one GPU per process on GPUs
             jobs.enqueue(s, JobKind.TRAIN, run.id, {"resume": False, "postrun": postrun,
-                                                     **({"track": list(track)} if track else {})})
+                                                     **({"track": list(track)} if track else {}),
+                                                     **({"needs": needs} if needs else {})})
             ids.append(run.id)
     if start_worker:
         lanes.ensure_worker(settings, lane=lanes.lane_of(JobKind.TRAIN))
@@ -203,8 +205,11 @@ def cancel_run(run_id: int, *, settings: Settings | None = None) -> str:
         raise RunError(f"Run {run_id} is {run.status}; only queued or running runs can be cancelled.")
 
 
-def resume_run(run_id: int, *, settings: Settings | None = None, start_worker: bool = True) -> int:
+def resume_run(run_id: int, *, settings: Settings | None = None, start_worker: bool = True,
+               processes: int | None = None) -> int:
     """Queue a failed/cancelled run again; it continues from its last checkpoint. Returns the job id.
+
+    ``processes``: continue with this many data-parallel processes (checkpoints do not depend on it).
 
     A run still marked running whose worker died is failed by ``worker.reconcile`` (the CLI and
     the pages call it before offering resume).
@@ -216,6 +221,10 @@ def resume_run(run_id: int, *, settings: Settings | None = None, start_worker: b
             raise RunError(f"No run with id {run_id}.")
         if run.status not in RESUMABLE_RUN:
             raise RunError(f"Run {run_id} is {run.status}; only failed or cancelled runs can be resumed.")
+        if processes is not None:
+            if processes < 1:
+                raise RunError(f"The number of processes must be 1 or more, got {processes}.")
+            run.config = {**(run.config or {}), "processes": processes}
         last = RunPaths(settings, run_id).last_checkpoint
         # A run whose worker died while verifying has its trained model (only a finished training
         # records checkpoint_path): resume re-runs the export, verification and evaluation only.
@@ -225,7 +234,9 @@ def resume_run(run_id: int, *, settings: Settings | None = None, start_worker: b
                    "again." if verify_only else "Resume queued" + (" from the last checkpoint." if last.is_file()
                                                                    else " (no checkpoint yet: starts over)."))
         s.add(RunEvent(run_id=run_id, created_at=utcnow(), level="info", message=message))
-        job = jobs.enqueue(s, JobKind.TRAIN, run_id, {"resume": True, "postrun": True, "verify_only": verify_only})
+        needs = workers.training_needs(run.config or {})
+        job = jobs.enqueue(s, JobKind.TRAIN, run_id, {"resume": True, "postrun": True, "verify_only": verify_only,
+                                                      **({"needs": needs} if needs else {})})
         job_id = job.id
     if start_worker:
         lanes.ensure_worker(settings, lane=lanes.lane_of(JobKind.TRAIN))

@@ -16,6 +16,8 @@ class RunSummary(TypedDict, total=False):
     # Written by training (core.train's TrainResult.summary, merged as it is).
     device: str
     threads: int
+    world_size: int  # data-parallel processes of the last training attempt (1: one process)
+    backend: str  # their torch.distributed backend: gloo, nccl, or "none" for one process
     balance: str
     imbalance_ratio: float
     class_counts: dict[str, int]

@@ -100,6 +100,12 @@ def parse_needs(payload: dict[str, Any] | None) -> Needs:
     return Needs(gpus=_whole("gpus", raw.get("gpus", 0)), memory_gb=float(mem), cpus=_whole("cpus", raw.get("cpus", 0)))
 
 
+def training_needs(config: dict[str, Any]) -> dict[str, int]:
+    """A train job's needs: a GPU per process for a data-parallel run on GPUs (device cuda)."""
+    processes = int(config.get("processes") or 1)
+    return {"gpus": processes} if processes > 1 and str(config.get("device") or "").startswith("cuda") else {}
+
+
 def shortfall(needs: Needs, has: Resources) -> list[str]:
     """What ``has`` lacks for ``needs``, in words (empty: it fits)."""
     out = []

@@ -11,7 +11,8 @@ cache, run the phases, report the result. The modules:
 * ``loop``: ``train_one_epoch``, ``evaluate``, the optimiser, LR schedule and weight EMA;
 * ``phase_runner``: per phase and epoch: train, validate, checkpoint, report;
 * ``checkpoint``: atomic save, resume state, ``load_trained_model``;
-* ``callbacks`` / ``runner``: errors, progress events, the run's record.
+* ``callbacks`` / ``runner``: errors, progress events, the run's record;
+* ``distributed``: data-parallel runs over several processes (torchrun, gloo or nccl).
 
 Why it is fast on 2 CPU cores (measured numbers in bench/results_train.md): frozen layers are
 a pure function of the input, so their output is computed once per image and augmented view
@@ -37,6 +38,7 @@ from core.data import DataError, Sample, load_images
 from core.efficientnet import EfficientNet
 from core.metrics import validation_metrics
 from core.preprocessing import Preprocessing
+from core.train import distributed
 from core.train.callbacks import Callback, Progress, TrainingCancelled, TrainingError
 from core.train.checkpoint import (
     ResumeState,
@@ -78,23 +80,40 @@ def train(
     ``run_dir/last.pt`` if it exists (same config and seed give the same result).
     ``feature_store``: decoded images and frozen-prefix activations shared with other runs of
     this process (a search's trials); results are the same with or without it.
+    ``config.processes`` > 1: this is one of the processes torchrun started for a data-parallel
+    run (core.train.distributed); only rank 0 reports through ``callback`` and writes checkpoints.
     Raises DataError / TrainingError with user-facing messages, TrainingCancelled on cancel.
     """
     cfg = config or TrainConfig()
     cfg.validate()
-    run = _start_run(cfg, classes, callback or Callback(), Path(run_dir))
-    device, threads = _set_up_device(run)
+    with distributed.joined(cfg.processes, cfg.device) as rank_device:
+        # Only rank 0 reports (and writes checkpoints: phase_runner).
+        cb = (callback or Callback()) if distributed.is_main() else Callback()
+        return _train(train_samples, classes, variant, Path(run_dir), cfg, resolution, val_samples, cb, resume,
+                      feature_store, rank_device)
+
+
+def _train(train_samples: SampleList, classes: Sequence[str], variant: str, run_dir: Path, cfg: TrainConfig,
+           resolution: int | None, val_samples: SampleList | None, callback: Callback, resume: bool,
+           feature_store: FeatureStore | None, rank_device: torch.device | None) -> TrainResult:
+    run = _start_run(cfg, classes, callback, run_dir)
+    device, threads = _set_up_device(run, rank_device)
     samples, vals = check_samples(train_samples, val_samples, run)
     balance = imbalance_policy(samples, vals, run)
     base_variant = variant.split("@")[0].lower()  # checkpoints name the variant without "@resolution"
     model, pre = _create_seeded_model(variant, base_variant, resolution, run)
     resume_state = restore_run(run, model, pre, base_variant) if resume else ResumeState()
+    distributed.broadcast_state(model)  # every rank starts from rank 0's weights
+    # After restore_run (a resumed run's summary is the checkpoint's): this attempt's process count.
+    run.summary.update(world_size=distributed.world(), backend=distributed.backend())
     phases = plan_phases(cfg)
     if resume_state.start_phase >= len(phases):
         run.log("All phases already finished; nothing to train.")
     images_key = (repr(pre), tuple(s.path for s in samples), tuple(s.path for s in vals))
     ctx = _prepare_context(run, model, pre, base_variant, device, threads, samples, vals, balance,
                            feature_store, images_key)
+    if distributed.active() and distributed.agree(run.cb.should_stop()):
+        raise TrainingCancelled("cancelled while loading the images")
     plan = plan_cache(ctx, phases, resume_state.start_phase)
     caches = fill_cache(ctx, plan, feature_store, images_key)
     run.total_steps_plan = planned_steps(ctx, plan.remaining, resume_state.start_phase_epoch)
@@ -102,7 +121,8 @@ def train(
         # Restore the RNG streams only now: decoding and caching above must not shift them
         # (resumed dropout masks must equal the uninterrupted run's).
         set_rng_state(resume_state.checkpoint["rng"])
-    epochs_run = run_phases(ctx, plan, caches, resume_state)
+    with distributed.global_batch_dropout(model):  # every rank on one RNG stream, as one process
+        epochs_run = run_phases(ctx, plan, caches, resume_state)
     return _result(run, epochs_run)
 
 
@@ -114,11 +134,12 @@ def _start_run(cfg: TrainConfig, classes: Sequence[str], callback: Callback, run
     return Runner(cfg, list(classes), callback, run_dir)
 
 
-def _set_up_device(run: Runner) -> tuple[torch.device, int]:
-    """Intra-op threads = cores (resume compares need the same count); the device to train on."""
+def _set_up_device(run: Runner, rank_device: torch.device | None) -> tuple[torch.device, int]:
+    """Intra-op threads = cores (resume compares need the same count); the device to train on
+    (``rank_device``: this process's device in a data-parallel run)."""
     threads = run.cfg.num_threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    device = resolve_device(run.cfg.device)
+    device = rank_device or resolve_device(run.cfg.device)
     run.summary.update(device=str(device), threads=threads)
     return device, threads
 

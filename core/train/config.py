@@ -55,6 +55,9 @@ class TrainConfig:
     seed: int = 0
     num_threads: int | None = None  # None: all cores torch sees (resume compares need the same value)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Data-parallel processes: one per GPU, or CPU processes with the gloo backend (started by
+    # torchrun; core.train.distributed). Each global batch is split across them.
+    processes: int = 1
     amp: bool = True  # CUDA only: bf16 autocast if supported, else fp16 + GradScaler
     val_fraction: float = 0.15  # used only when no validation samples are given
     on_missing: Literal["fail", "skip"] = "fail"  # image files deleted from the store after ingest
@@ -80,6 +83,9 @@ class TrainConfig:
                              f"got {self.select_metric!r}")
         if not 0.0 < self.target_specificity <= 1.0:
             raise ValueError(f"target_specificity must be in (0, 1], got {self.target_specificity}")
+        if not isinstance(self.processes, int) or self.processes < 1:
+            raise ValueError(f"processes must be a whole number of 1 or more (1: no data-parallel training), "
+                             f"got {self.processes!r}")
         if self.on_missing not in ("fail", "skip"):
             raise ValueError(f"on_missing must be fail or skip, got {self.on_missing!r}")
 

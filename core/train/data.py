@@ -10,6 +10,7 @@ import torch
 from core.augment import Augmenter, view_seed
 from core.data import DataError, Sample, as_samples, batches, check_class_counts, find_missing
 from core.preprocessing import Preprocessing, normalize
+from core.train import distributed
 from core.train.config import TrainConfig
 from core.train.runner import Runner
 
@@ -90,7 +91,7 @@ def epoch_batches(order: np.ndarray, batch_size: int, labels: np.ndarray, x_view
     """Batches for one epoch, a pure function of (seed, phase, epoch): resume replays it exactly.
 
     ``x_views``: cached activations, view v of image i at row v*N+i; None trains on images
-    augmented on the fly.
+    augmented on the fly. In a data-parallel run each process gets its share of every batch.
     """
     n = len(labels)
     if x_views is not None:
@@ -98,7 +99,8 @@ def epoch_batches(order: np.ndarray, batch_size: int, labels: np.ndarray, x_view
         # Which cached view each image shows this epoch.
         rng = np.random.default_rng([cfg.seed, phase_index, phase_epoch, 1])
         view = rng.integers(0, num_views, size=n)
-    for idx in batches(order, batch_size):
+    for whole in batches(order, batch_size):
+        idx = whole[distributed.part(len(whole))]
         y = torch.from_numpy(labels[idx])
         if x_views is not None:
             yield x_views[torch.from_numpy(view[idx] * n + idx)], y

@@ -22,6 +22,7 @@ from torch import nn
 from core.augment import view_seed
 from core.efficientnet import EfficientNet, entry_position
 from core.preprocessing import normalize
+from core.train import distributed
 from core.train.callbacks import Progress, TrainingCancelled, TrainingError
 from core.train.config import TrainConfig
 from core.train.context import TrainContext
@@ -161,13 +162,19 @@ def _train_view(ctx: TrainContext, i: int, v: int) -> np.ndarray:
 def build_cache(ctx: TrainContext, entries: Sequence[str], chunk: int = 32) -> Cache:
     """Frozen-prefix activations per entry: train (K*N, ...) with view v of image i at v*N+i; val (N_val, ...).
 
-    Views are seeded by (seed, image, view), so the cache is identical after a resume.
+    Views are seeded by (seed, image, view), so the cache is identical after a resume. In a
+    data-parallel run each process computes its share of the rows and the shares are gathered:
+    every process ends with the whole cache, as one process would have it.
     """
     cfg, run = ctx.cfg, ctx.run
     ctx.model.eval()
     jobs = [(i, v) for v in range(cfg.cache_views) for i in range(ctx.num_train)]
-    total = len(jobs) + len(ctx.images_val)
-    chunks = math.ceil(total / chunk)
+    mine = jobs[distributed.part(len(jobs))]
+    imgs_va = ctx.images_val[distributed.part(len(ctx.images_val))]
+    # Every process runs as many chunks as rank 0 (the largest share): each checks a cancel all agree on.
+    share = distributed.part(len(jobs), 0)
+    chunks = max(1, math.ceil((share.stop - share.start) / chunk))
+    total = len(mine) + len(imgs_va)
     run.cb.on_phase_start("cache", 1, chunks)
     forward, backend = prefix_runner(ctx.model, entries, ctx.pre.resolution, cfg, ctx.device, ctx.threads, run)
     run.summary["cache_backend"] = backend
@@ -175,23 +182,32 @@ def build_cache(ctx: TrainContext, entries: Sequence[str], chunk: int = 32) -> C
     t0 = time.perf_counter()
     eta = EtaSmoother()  # smoothed: one slow chunk must not make the ETA jump
     eta.update(t0, 0, total)
-    for c, s in enumerate(range(0, len(jobs), chunk)):
-        if run.cb.should_stop():
+    for c in range(chunks):
+        if distributed.agree(run.cb.should_stop()):
             raise TrainingCancelled("cancelled while caching activations")
-        x = np.stack([normalize(_train_view(ctx, i, v), ctx.pre) for i, v in jobs[s:s + chunk]])
+        part = mine[c * chunk:(c + 1) * chunk]
+        if not part:
+            continue
+        x = np.stack([normalize(_train_view(ctx, i, v), ctx.pre) for i, v in part])
         outs_tr.append(forward(x))
-        done = s + len(x)
+        done = c * chunk + len(x)
         now = time.perf_counter()
         seconds_per_image = (now - t0) / done
         eta_s = eta.update(now, done, total)
         run.cb.on_step(Progress("cache", 0, c + 1, chunks, eta_s=eta_s if eta_s is not None else
                                 seconds_per_image * (total - done),
                                 images_per_s=1 / max(seconds_per_image, 1e-9), done_fraction=0.0))
-    imgs_va = ctx.images_val
     outs_va = [forward(np.stack([normalize(im, ctx.pre) for im in imgs_va[s:s + chunk]]))
                for s in range(0, len(imgs_va), chunk)]
-    return {e: (torch.cat([o[j] for o in outs_tr]), torch.cat([o[j] for o in outs_va]))
+    empty = [y[:0] for y in forward(normalize(ctx.images_val[0], ctx.pre)[None])] if not (outs_tr and outs_va) else []
+    return {e: (distributed.gather_rows(_rows(outs_tr, j, empty), len(jobs)),
+                distributed.gather_rows(_rows(outs_va, j, empty), len(ctx.images_val)))
             for j, e in enumerate(entries)}
+
+
+def _rows(outs: list[list[torch.Tensor]], j: int, empty: list[torch.Tensor]) -> torch.Tensor:
+    """Entry ``j`` of every chunk's outputs, concatenated (an empty share: no rows, the right shape)."""
+    return torch.cat([o[j] for o in outs]) if outs else empty[j]
 
 
 def activation_key(ctx: TrainContext, images_key: tuple[Any, ...]) -> tuple[Any, ...]:

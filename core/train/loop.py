@@ -18,6 +18,7 @@ from torch import nn
 
 from core.efficientnet import EfficientNet
 from core.metrics import sensitivity_at_specificity, validation_metrics
+from core.train import distributed
 from core.train.callbacks import Callback, TrainingCancelled
 from core.train.config import TrainConfig
 from core.train.phases import PhaseSpec, param_groups
@@ -109,8 +110,10 @@ def accumulated_step(tail: nn.Module, criterion: nn.Module, optimizer: torch.opt
                      x: torch.Tensor, y: torch.Tensor, micro: int, step: int, ctx: StepContext) -> tuple[float, int]:
     """One optimiser update on batch (x, y) in micro-batches of ``micro`` (gradient accumulation:
     the same update as one batch, less memory). Restartable: it zeroes gradients first.
-    Returns (summed loss, correct predictions)."""
+    In a data-parallel run (x, y) is this process's share of the batch and the gradients are
+    averaged over all processes before the update. Returns (summed loss, correct predictions)."""
     optimizer.zero_grad(set_to_none=True)
+    distributed.begin_step(len(x))
     loss_sum, correct = 0.0, 0
     for s in range(0, len(x), micro):
         xb, yb = x[s:s + micro], y[s:s + micro]
@@ -125,12 +128,20 @@ def accumulated_step(tail: nn.Module, criterion: nn.Module, optimizer: torch.opt
             scaled.backward()
         loss_sum += loss.item() * len(xb)
         correct += int((logits.argmax(1) == yb).sum())
+    distributed.average_gradients([p for g in optimizer.param_groups for p in g["params"]], _share_weight(criterion, y))
     if ctx.scaler is not None:
         ctx.scaler.step(optimizer)
         ctx.scaler.update()
     else:
         optimizer.step()
     return loss_sum, correct
+
+
+def _share_weight(criterion: nn.Module, y: torch.Tensor) -> float:
+    """What this process's share counts for in the batch's mean loss: its size, or with class
+    weights the sum of its samples' weights (the denominator of a weighted mean)."""
+    weight = getattr(criterion, "weight", None)
+    return float(weight[y].sum()) if weight is not None and len(y) else float(len(y))
 
 
 def train_one_epoch(
@@ -146,10 +157,10 @@ def train_one_epoch(
     total_loss, total_correct, seen = 0.0, 0, 0
     t0 = time.perf_counter()
     for step, (x, y) in enumerate(data, start=1):
-        if ctx.callback.should_stop():
+        if distributed.agree(ctx.callback.should_stop()):  # rank 0's cancel stops every process
             raise TrainingCancelled(f"cancelled in the {ctx.phase} phase, epoch {ctx.epoch}, step {step}")
         x, y = to_device(x, ctx), to_device(y, ctx)
-        tried = min(ctx.micro_batch, len(x))
+        tried = max(1, min(ctx.micro_batch, len(x)))  # 1: an empty share of a tiny last batch
         (loss_sum, correct), used = retry_on_oom(
             # Called at once (not stored), so the loop variables are bound as they are now.
             lambda micro: accumulated_step(tail, criterion, optimizer, x, y, micro, step, ctx),  # noqa: B023
@@ -163,10 +174,11 @@ def train_one_epoch(
         total_correct += correct
         seen += len(x)
         if ctx.progress is not None:
-            ctx.progress(step, num_steps, loss_sum / len(x), optimizer.param_groups[0]["lr"])
+            ctx.progress(step, num_steps, loss_sum / max(1, len(x)), optimizer.param_groups[0]["lr"])
     dt = time.perf_counter() - t0
-    return {"loss": total_loss / max(1, seen), "accuracy": total_correct / max(1, seen),
-            "images_per_s": seen / max(dt, 1e-9), "seconds": dt}
+    loss_all, correct_all, seen_all = distributed.sum_floats([total_loss, total_correct, seen])  # every process's share
+    return {"loss": loss_all / max(1, seen_all), "accuracy": correct_all / max(1, seen_all),
+            "images_per_s": seen_all / max(dt, 1e-9), "seconds": dt}
 
 
 @torch.inference_mode()

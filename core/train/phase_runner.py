@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from core.data import epoch_order
+from core.train import distributed
 from core.train.checkpoint import ResumeState, checkpoint_common, cpu_state, save_atomic
 from core.train.context import TrainContext
 from core.train.data import epoch_batches, steps_per_epoch
@@ -91,8 +92,11 @@ def run_epoch(ctx: TrainContext, phase: PhaseSpec, phase_index: int, phase_epoch
         run.summary["micro_batch"] = step_ctx.micro_batch
     if optim.ema is not None:
         optim.ema.swap(ctx.model)
-    val = evaluate(tail, ctx.eval_criterion, x_val, ctx.labels_val, ctx.num_classes, ctx.device,
-                   target_specificity=cfg.target_specificity, positive_index=cfg.positive_index)
+    # Rank 0 validates (it holds the weights checkpoints store); every process takes its numbers,
+    # so best epoch and early stopping are decided alike everywhere.
+    val = distributed.share(evaluate(tail, ctx.eval_criterion, x_val, ctx.labels_val, ctx.num_classes, ctx.device,
+                                     target_specificity=cfg.target_specificity, positive_index=cfg.positive_index)
+                            if distributed.is_main() else None)
     improved = is_better(val, run.best["metrics"] if run.best else None, cfg.select_metric)
     record = {"epoch": step_ctx.epoch, "phase": phase.name, "phase_epoch": phase_epoch + 1,
               "train_loss": train_stats["loss"], "train_accuracy": train_stats["accuracy"],
@@ -111,8 +115,13 @@ def run_epoch(ctx: TrainContext, phase: PhaseSpec, phase_index: int, phase_epoch
 def save_epoch_checkpoints(ctx: TrainContext, optim: PhaseOptim, epoch: int, phase: str, improved: bool,
                            phase_state: dict[str, Any]) -> None:
     """best.pt when validation improved (the weights just validated: EMA weights when EMA is on),
-    then last.pt with everything a resume needs (the trained weights, EMA shadow, RNG...)."""
+    then last.pt with everything a resume needs (the trained weights, EMA shadow, RNG...).
+    Only rank 0 writes them in a data-parallel run (its RNG state: other ranks' streams differ)."""
     model = ctx.model
+    if not distributed.is_main():
+        if optim.ema is not None:
+            optim.ema.swap(model)
+        return
     common = checkpoint_common(model, ctx.run, ctx.variant, ctx.pre, epoch, phase)
     optimizer_state = {"optimizer": optim.optimizer.state_dict(), "scheduler": optim.scheduler.state_dict()}
     if improved:

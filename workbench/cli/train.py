@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, metavar="DEVICE",
                    help="where the worker trains: auto (a GPU if it has one), cpu, cuda or cuda:N "
                         "(default: WORKBENCH_DEVICE, else auto)")
+    p.add_argument("--processes", type=int, default=None, metavar="N",
+                   help="train one run with N processes working together: one per GPU (needs N GPUs with "
+                        "--device cuda), or N CPU processes; each takes a share of every batch (default 1)")
     add_json_flag(p)
     p.add_argument("--track", action="append", choices=["mlflow", "tensorboard"], default=[],
                    help="also log the run to MLflow (MLFLOW_TRACKING_URI, else <data dir>/mlruns) or to "
@@ -54,6 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("resume", help="resume a failed or cancelled run from its last checkpoint")
     p.add_argument("run", type=int)
+    p.add_argument("--processes", type=int, default=None, metavar="N",
+                   help="continue with N processes working together (default: as the run had)")
     p.add_argument("--detach", action="store_true")
     add_json_flag(p)
     p.set_defaults(func=cmd_resume)
@@ -138,10 +143,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         # Checked here for its spelling only: whether the GPU exists is the worker's machine's business.
         device = check_device_name(args.device or get_settings().device)
+        overrides = {**({"device": device} if device != "auto" else {}),
+                     **({"processes": args.processes} if args.processes is not None else {})}
         ids = runs.queue_training(args.dataset, args.variants or ["lite0"], resolution=args.resolution,
                                   preset=preset, recipe=args.recipe, epochs=args.epochs,
                                   batch_label=args.batch_label, track=args.track,
-                                  overrides={"device": device} if device != "auto" else None)
+                                  overrides=overrides or None)
     except (runs.RunError, WeightsError, DeviceError, TrackerError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -189,7 +196,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     worker.reconcile()  # a run whose worker died is still marked running: fail it, so it can resume
     try:
-        runs.resume_run(args.run)
+        runs.resume_run(args.run, processes=args.processes)
     except runs.RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ from core.weights import WeightsError
 from storage import repositories as repo
 from storage.artifacts import register_artifact, relative_to_data_dir, resolve_in_data_dir
 from storage.models import Dataset, Run, RunEvent, RunMetric, utcnow
+from workbench.handlers.ddp_launch import train_in_processes
 from workbench.handlers.postrun import VERIFY_STEPS, after_training, verify_estimate_s
 from workbench.jobs import JobContext, JobOutcome
 from workbench.paths import RunPaths
@@ -187,9 +188,15 @@ def handle_train(ctx: JobContext) -> JobOutcome:
         return _fail(ctx, run_id, str(exc))
     try:
         try:
-            result = train(todo["train"], todo["classes"], todo["variant"], RunPaths(ctx.settings, run_id).root, cfg,
-                           resolution=todo["resolution"], val_samples=todo["val"] or None,
-                           callback=CallbackFanout(cb, *trackers) if trackers else cb, resume=resume)
+            if cfg.processes > 1:  # data-parallel: torchrun's processes report to the database themselves
+                if trackers:
+                    ctx.event("With several processes the experiment trackers get the final files, not the "
+                              "numbers of each epoch.", "warning")
+                result = train_in_processes(ctx, todo, resume, verify_s, cb.should_stop)
+            else:
+                result = train(todo["train"], todo["classes"], todo["variant"], RunPaths(ctx.settings, run_id).root,
+                               cfg, resolution=todo["resolution"], val_samples=todo["val"] or None,
+                               callback=CallbackFanout(cb, *trackers) if trackers else cb, resume=resume)
         except BaseException as exc:  # close the tracker runs too, then handle as before
             for tracker in trackers:
                 tracker.finish([], status="KILLED" if isinstance(exc, TrainingCancelled) else "FAILED")
