@@ -12,7 +12,7 @@ from workbench.status import RunStatus
 COLUMNS = {"resolution": "res", "test_macro_f1": "macro-F1", "test_accuracy": "accuracy",
            "val_accuracy": "val accuracy", "latency_ms": "latency ms", "size_mb": "size MB", "params_m": "params M",
            "train_seconds": "training s", "macro_f1": "macro-F1", "accuracy_range": "accuracy 95 % range",
-           "test_images": "test images"}
+           "test_images": "test images", "latency_on": "latency measured on"}
 
 ui.header("Runs", "Every training run, measured the same way: test metrics, ONNX Runtime latency and size.")
 ds_filter = None
@@ -52,7 +52,8 @@ with ui.errors("Could not read the runs"):
         },
     )
     st.caption(f"Runs {offset + 1}–{offset + len(rows)} of {total}. Select rows to overlay their curves below; "
-               "latency is ONNX Runtime fp32, batch 1, median, on this machine.")
+               "latency is ONNX Runtime fp32, batch 1, median, on this machine (its CPU or GPU: see "
+               "'latency measured on').")
     selected = [rows[i].run for i in event.selection.rows] if event and event.selection else []
     if margin := views.leaderboard_margin(rows):
         st.info(margin, icon=":material/balance:")

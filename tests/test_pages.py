@@ -376,6 +376,7 @@ def test_runs_leaderboard_paginates_sorts_and_marks_the_front(data_dir: Path) ->
     assert list(first["macro-F1"]) == sorted(first["macro-F1"], reverse=True)
     assert {"macro-F1", "accuracy", "latency ms", "size MB", "params M", "training s"} <= set(first.columns)
     assert first["params M"].between(3, 6).all()  # lite0/lite1/b0 with a 2-class head
+    assert set(first["latency measured on"]) == {"CPU"}  # figures stored before providers were recorded
     assert "Runs 1–25 of 130" in " ".join(c.value for c in at.caption)
     assert "Pareto front" in " ".join(c.value for c in at.caption)
     assert len(at.get("vega_lite_chart")) == 1
