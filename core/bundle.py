@@ -534,17 +534,26 @@ def _refuse_external_data(model: bytes) -> None:
 class BundlePredictor:
     """ONNX Runtime classifier with Workbench preprocessing: the one ONNX prediction path of
     Workbench, for a verified bundle and for a run's verified export alike. Probabilities are
-    softmax(logits / T) with the calibration's temperature; two-class models also decide."""
+    softmax(logits / T) with the calibration's temperature; two-class models also decide.
+
+    ``device`` (auto, cpu, cuda, cuda:N; ``core.latency.ort_providers``): auto takes the CUDA
+    execution provider when it is installed and a GPU is present; an explicit GPU that is not
+    there raises ``core.train.robustness.DeviceError`` before the model is read. ``provider``
+    says what ONNX Runtime runs on."""
 
     def __init__(self, model: bytes | Path, labels: Sequence[str], pre: Preprocessing,
-                 calibration: Calibration | None = None) -> None:
+                 calibration: Calibration | None = None, *, device: str = "auto") -> None:
         import onnxruntime as ort
 
+        from core.latency import ort_providers
+
+        providers = ort_providers(device)  # a DeviceError (the user's choice) is not the bundle's fault
         src = model if isinstance(model, bytes) else str(model)
         try:
-            self._sess = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+            self._sess = ort.InferenceSession(src, providers=providers)
         except Exception as e:  # ORT raises its own exception types
             raise BundleError(f"model.onnx: ONNX Runtime cannot load it ({e})") from None
+        self.provider: str = str(self._sess.get_providers()[0])
         self._input = self._sess.get_inputs()[0].name
         width = self._sess.get_outputs()[0].shape[-1]
         if isinstance(width, int) and width != len(labels):
@@ -556,12 +565,13 @@ class BundlePredictor:
                               f"of the labels {self.labels}")
 
     @classmethod
-    def from_bundle(cls, bundle: VerifiedBundle) -> BundlePredictor:
+    def from_bundle(cls, bundle: VerifiedBundle, *, device: str = "auto") -> BundlePredictor:
         _refuse_external_data(bundle.model)
-        return cls(bundle.model, bundle.labels, bundle.preprocessing, bundle.calibration)
+        return cls(bundle.model, bundle.labels, bundle.preprocessing, bundle.calibration, device=device)
 
     @classmethod
-    def from_onnx(cls, path: str | Path, metrics: dict[str, Any] | None = None) -> BundlePredictor:
+    def from_onnx(cls, path: str | Path, metrics: dict[str, Any] | None = None, *,
+                  device: str = "auto") -> BundlePredictor:
         """A Workbench ONNX export: labels and preprocessing come from its metadata; the
         temperature and threshold from ``metrics``, the run's latest evaluation (the caller
         reads it: core reads no database). Without it the confidences are not calibrated."""
@@ -570,7 +580,7 @@ class BundlePredictor:
         md = read_metadata(path)
         labels = json.loads(md["classes"])
         return cls(Path(path), labels, Preprocessing.from_dict(json.loads(md["preprocessing"])),
-                   Calibration.from_metrics(metrics, labels))
+                   Calibration.from_metrics(metrics, labels), device=device)
 
     def predict(self, paths: Sequence[Path], top_k: int = 3, *, on_skip: SkipFn | None = None,
                 batch_size: int = 16) -> list[Prediction]:

@@ -30,7 +30,7 @@ from core.bundle import (
 )
 from core.evaluate import iter_batches
 from core.hashing import sha256_file
-from core.latency import Latency, MachineBusy, Spec, machine_id, measure_side_by_side, ort_session
+from core.latency import Latency, MachineBusy, Spec, machine_id, measure_side_by_side, ort_session, provider_words
 from core.onnx_export import OPSET, export_onnx, read_metadata
 from core.preprocessing import Preprocessing
 
@@ -324,6 +324,7 @@ def uint8_agreement(uint8_path: str | Path, fp32_path: str | Path, paths: Sequen
 def _speed_record(path: Path, b1: Latency | None, bt: Latency | None, throughput_batch: int,
                   note: str = "") -> dict[str, Any]:
     size = path.stat().st_size
+    provider = str(b1.conditions.get("provider", "")) if b1 else ""
     warning = "; ".join(w for w in (note, f"batch 1: {b1.warning}" if b1 and b1.warning else "",
                                     f"batch {throughput_batch}: {bt.warning}" if bt and bt.warning else "") if w)
     return {"onnx_mb": size / 1e6, "bytes": size,
@@ -331,24 +332,27 @@ def _speed_record(path: Path, b1: Latency | None, bt: Latency | None, throughput
             "throughput_batch": throughput_batch, "throughput_images_per_s": bt.images_per_s if bt else None,
             "machine": machine_id(), "latency_b1": b1.to_dict() if b1 else None,
             "latency_bt": bt.to_dict() if bt else None,
-            "latency_conditions": dict(b1.conditions) if b1 else {}, "latency_note": warning}
+            "latency_conditions": dict(b1.conditions) if b1 else {}, "latency_note": warning,
+            # Beside the figure: what ONNX Runtime ran on, raw and in words ("" when nothing was timed).
+            "latency_provider": provider, "latency_on": provider_words(provider)}
 
 
 def measure_variants(paths: Mapping[str, str | Path], resolution: int, *, runs: int = 20, max_seconds: float = 10.0,
                      throughput_batch: int = 32, throughput_runs: int = 5, idle_wait_s: float = 60.0,
-                     say: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+                     say: Callable[[str], None] | None = None, device: str = "cpu") -> dict[str, dict[str, Any]]:
     """Size, p50/p95 at batch 1 and images/s at ``throughput_batch`` of several models (e.g. the
-    precisions of one export), all timed in one sitting, round-robin, so they compare side by side.
+    precisions of one export), all timed in one sitting, round-robin, so they compare side by side,
+    with ONNX Runtime on ``device`` (``core.latency.ort_providers``; the provider is recorded).
 
     On a busy machine nothing is timed: every record says "not measured: machine busy ..." in
     ``latency_note`` and carries None for the speeds (a figure taken under load is never kept)."""
     named = {k: Path(v) for k, v in paths.items()}
     try:
         b1 = measure_side_by_side([Spec(k, v, resolution, 1) for k, v in named.items()], runs=runs,
-                                  max_seconds=max_seconds, idle_wait_s=idle_wait_s, say=say)
+                                  max_seconds=max_seconds, idle_wait_s=idle_wait_s, say=say, device=device)
         bt = measure_side_by_side([Spec(k, v, resolution, throughput_batch) for k, v in named.items()], warmup=1,
                                   rounds=min(5, throughput_runs), runs=throughput_runs, max_seconds=max_seconds,
-                                  idle_wait_s=idle_wait_s, say=say)
+                                  idle_wait_s=idle_wait_s, say=say, device=device)
     except MachineBusy as e:
         note = f"not measured: machine busy (load {e.load:.1f} on {os.cpu_count()} cores) — measure again later"
         return {k: _speed_record(v, None, None, throughput_batch, note) for k, v in named.items()}
@@ -539,7 +543,8 @@ def model_card(info: dict[str, Any], file_hashes: dict[str, str]) -> str:
         first = next(iter(variants.values()))
         machine = str(first.get("machine", "?"))
         cond = first.get("latency_conditions") or {}
-        L += [f"## Files and speed (ONNX Runtime CPU, measured on {machine})", "",
+        ran_on = provider_words(str(cond.get("provider") or "CPUExecutionProvider"))
+        L += [f"## Files and speed (ONNX Runtime on {ran_on}, measured on {machine})", "",
               "| file | precision | MB | p50 ms (batch 1) | p95 ms | images/s (batch 32) | test accuracy | vs fp32 |",
               "|---|---|---|---|---|---|---|---|"]
         for name, v in variants.items():

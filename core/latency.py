@@ -104,32 +104,63 @@ def machine_id() -> str:
     return f"{cpu} x{os.cpu_count()} ({platform.system()})"
 
 
-def ort_providers(device: str = "cpu") -> list[str]:
-    """ONNX Runtime providers for ``device``: CUDA first when asked for (auto, cuda, cuda:N), the
-    CUDA provider is installed and a GPU is present; else the CPU alone (what ``providers[0]`` of
-    a session says is what a latency figure was measured on)."""
+def ort_providers(device: str = "cpu") -> list[Any]:
+    """ONNX Runtime providers for ``device`` (auto, cpu, cuda, cuda:N).
+
+    auto: CUDA first when the CUDA provider is installed and a GPU is present, else the CPU
+    alone. cuda / cuda:N: that GPU, or a ``DeviceError`` saying what is missing (no GPU, no such
+    GPU, or an onnxruntime without the CUDA provider): an explicit request never falls back to
+    the CPU silently. ``providers[0]`` of the session is what a latency figure was measured on.
+    """
     import onnxruntime as ort
 
-    if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
-        try:
-            import torch
+    name = (device or "").strip().lower()
+    has_cuda_ep = "CUDAExecutionProvider" in ort.get_available_providers()
+    if name == "cpu" or (name == "auto" and not has_cuda_ep):  # the common cases, without importing torch
+        return ["CPUExecutionProvider"]
+    from core.train.robustness import DeviceError, check_device_name, resolve_device
 
-            gpu = torch.cuda.is_available()
-        except ImportError:
-            gpu = False
-        if gpu:
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+    name = check_device_name(device)
+    if name == "auto":
+        gpu = resolve_device("auto").type == "cuda"
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
+    dev = resolve_device(name)  # a DeviceError when this machine has no such GPU
+    if not has_cuda_ep:
+        raise DeviceError(f"Device {device!r} was requested, but ONNX Runtime {ort.__version__} here has no CUDA "
+                          "execution provider (install onnxruntime-gpu in place of onnxruntime), so it can only "
+                          "run on the CPU. Use --device cpu, or install onnxruntime-gpu.")
+    return [("CUDAExecutionProvider", {"device_id": dev.index or 0}), "CPUExecutionProvider"]
 
 
-def ort_session(onnx_path: str | Path, threads: int | None = None, device: str = "cpu"):
+def ort_session(onnx_path: str | Path | bytes, threads: int | None = None, device: str = "cpu"):
+    """An ONNX Runtime session on ``device`` (``ort_providers``); ``session_provider`` says
+    which provider it got."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(onnx_path), opts, providers=ort_providers(device))
+    src = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
+    return ort.InferenceSession(src, opts, providers=ort_providers(device))
+
+
+def session_provider(session: Any) -> str:
+    """The execution provider a session runs on first (e.g. "CPUExecutionProvider")."""
+    return str(session.get_providers()[0])
+
+
+_PROVIDER_WORDS = {"CPUExecutionProvider": "CPU", "CUDAExecutionProvider": "GPU (CUDA)",
+                   "TensorrtExecutionProvider": "GPU (TensorRT)", "ROCMExecutionProvider": "GPU (ROCm)",
+                   "CoreMLExecutionProvider": "Apple Neural Engine / GPU (Core ML)",
+                   "DmlExecutionProvider": "GPU (DirectML)", "OpenVINOExecutionProvider": "OpenVINO"}
+
+
+def provider_words(provider: str) -> str:
+    """An execution provider in plain words: "CPU", "GPU (CUDA)"; "" for none (not measured)."""
+    if not provider:
+        return ""
+    return _PROVIDER_WORDS.get(provider, provider.removesuffix("ExecutionProvider"))
 
 
 # ------------------------------------------------------------------------------------------
@@ -208,8 +239,13 @@ def _one_sitting(specs: Sequence[Spec], sessions: list[Any], inputs: list[dict[s
 
 def measure_side_by_side(specs: Sequence[Spec], *, warmup: int = 3, rounds: int = 5, runs: int = 20,
                          max_seconds: float = 10.0, threads: int | None = None, idle_wait_s: float = 60.0,
-                         max_retries: int = 2, say: Callable[[str], None] | None = None) -> dict[str, Latency]:
+                         max_retries: int = 2, say: Callable[[str], None] | None = None,
+                         device: str = "cpu") -> dict[str, Latency]:
     """Time every spec in one sitting (interleaved rounds); figures keyed by ``Spec.key``.
+
+    ``device`` (cpu, auto, cuda, cuda:N; ``ort_providers``): where ONNX Runtime runs; the
+    provider the sessions got is recorded in every figure's ``conditions["provider"]``. On a GPU
+    each timed call includes copying the input to it and the logits back, as a prediction does.
 
     ``runs`` timed calls per spec (at least one per round), ``max_seconds`` per spec at most.
     Raises MachineBusy when the cores are not idle before, or stay loaded after, the timing.
@@ -219,13 +255,13 @@ def measure_side_by_side(specs: Sequence[Spec], *, warmup: int = 3, rounds: int 
     if len({s.key for s in specs}) != len(specs):
         raise ValueError("every spec measured side by side needs its own key")
     rounds = max(1, min(rounds, runs))
-    sessions = [ort_session(s.onnx_path, threads) for s in specs]
+    sessions = [ort_session(s.onnx_path, threads, device) for s in specs]
     inputs = []
     for s, sess in zip(specs, sessions):
         x = np.random.default_rng(0).standard_normal((s.batch, 3, s.resolution, s.resolution))
         inputs.append({sess.get_inputs()[0].name: x.astype(s.input_dtype)})
     n_threads = threads or (os.cpu_count() or 1)
-    static = {"threads": n_threads, "provider": "CPUExecutionProvider", "onnxruntime": _ort_version(),
+    static = {"threads": n_threads, "provider": session_provider(sessions[0]), "onnxruntime": _ort_version(),
               "machine": machine_id()}
     best: tuple[float, list[tuple[np.ndarray, list[float]]], dict[str, Any]] | None = None
     attempts = 0
@@ -284,13 +320,15 @@ def _badness(times: np.ndarray, round_p50: list[float]) -> float:
 def measure_latency(onnx_path: str | Path, resolution: int, batch: int = 1, *, warmup: int = 3,
                     runs: int = 20, max_seconds: float = 10.0, threads: int | None = None,
                     input_dtype: str = "float32", rounds: int = 5, idle_wait_s: float = 60.0,
-                    max_retries: int = 2) -> Latency:
+                    max_retries: int = 2, device: str = "cpu") -> Latency:
     """p50 / p95 of one ONNX Runtime call at ``batch`` for one model (see ``measure_side_by_side``)."""
     spec = Spec("model", onnx_path, resolution, batch, input_dtype)
     return measure_side_by_side([spec], warmup=warmup, rounds=rounds, runs=runs, max_seconds=max_seconds,
-                                threads=threads, idle_wait_s=idle_wait_s, max_retries=max_retries)["model"]
+                                threads=threads, idle_wait_s=idle_wait_s, max_retries=max_retries,
+                                device=device)["model"]
 
 
 __all__ = ["IDLE_OTHER_CORES", "Latency", "LatencyError", "MachineBusy", "Spec", "busy_message", "idle_limit",
-           "machine_id", "measure_latency", "measure_side_by_side", "ort_session", "other_load",
+           "machine_id", "measure_latency", "measure_side_by_side", "ort_providers", "ort_session", "other_load",
+           "provider_words", "session_provider",
            "wait_until_idle"]

@@ -52,7 +52,8 @@ with ui.errors("Could not read the runs"):
     )
     st.caption(f"Runs {offset + 1}–{offset + len(rows)} of {total}. Select rows to overlay their curves below. "
                "**Macro-F1** and **accuracy** are measured on the test images (1 = every image right); "
-               "**latency** is the typical time the model takes per image on this machine.")
+               "**latency** is the typical time the model takes per image on this machine "
+               "(on its processor or its graphics card: see 'latency measured on').")
     selected = [rows[i].run for i in event.selection.rows] if event and event.selection else []
     if margin := views.leaderboard_margin(rows):
         st.info(margin, icon=":material/balance:")

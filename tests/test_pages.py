@@ -379,6 +379,7 @@ def test_runs_leaderboard_paginates_sorts_and_marks_the_front(data_dir: Path) ->
         first.columns)
     assert first["parameters (millions)"].between(3, 6).all()  # lite0/lite1/b0 with a 2-class head
     assert all(re.fullmatch(r"\d+ (s|min)", t) for t in first["training time"])  # "2 min", not 129.0
+    assert set(first["latency measured on"]) == {"CPU"}  # figures stored before providers were recorded
     assert "Runs 1–25 of 130" in " ".join(c.value for c in at.caption)
     assert "Pareto front" in " ".join(c.value for c in at.caption)
     assert len(at.get("vega_lite_chart")) == 1

@@ -263,9 +263,10 @@ class Workbench:
                                  settings=self.settings)
         return Path(out.out_path or out.bundle_path)
 
-    def predictor(self, run: RunRef) -> Predictor:
-        """A Predictor on the run's newest verified bundle (export it first)."""
-        return Predictor.from_run(_run_id(run), settings=self.settings)
+    def predictor(self, run: RunRef, *, device: str | None = None) -> Predictor:
+        """A Predictor on the run's newest verified bundle (export it first), with ONNX Runtime on
+        ``device`` (auto, cpu, cuda, cuda:N; default WORKBENCH_DEVICE); ``.runs_on`` says where."""
+        return Predictor.from_run(_run_id(run), settings=self.settings, device=device)
 
 
 __all__ = ["RunFailed", "RunHandle", "Workbench"]

@@ -119,17 +119,25 @@ def _summary_fields(m: dict[str, Any], tta: bool) -> RunSummary:
 def evaluate_run(run_id: int, *, tta: bool = False, sensitivity: float = 0.95, positive_class: str | None = None,
                  settings: Settings | None = None, session_factory: sessionmaker[Session] | None = None,
                  progress: ProgressCb | None = None, trained: Any = None,
-                 test_logits: np.ndarray | None = None) -> EvaluationResult:
+                 test_logits: np.ndarray | None = None, device: str | None = None) -> EvaluationResult:
     """Evaluate a run's best checkpoint on its dataset's test split; store an Evaluation row,
     plots and metrics.json as artifacts.
 
     ``trained`` (an already loaded checkpoint) and ``test_logits`` (PyTorch logits of the test
-    split, e.g. from the export's verification) save recomputing them.
+    split, e.g. from the export's verification) save recomputing them. A checkpoint loaded here runs
+    (Grad-CAM included) on ``device`` (auto, cpu, cuda, cuda:N; default WORKBENCH_DEVICE); a given
+    ``trained`` stays where its caller put it.
     """
     s, sf = service_context(settings, session_factory)
     with sf() as session:
         rd = RunData(session, run_id, s.data_dir)
-    tm = trained or cx.load_trained(rd.checkpoint)
+    tm = trained
+    if tm is None:
+        from core.train.robustness import resolve_device
+
+        where = resolve_device(device or s.device)  # a DeviceError before the checkpoint is read
+        tm = cx.load_trained(rd.checkpoint)
+        tm.model.to(where)
     classes = list(tm.classes)
     test = rd.items("test", classes)
     if not test:

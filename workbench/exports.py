@@ -31,8 +31,8 @@ from workbench.paths import RunPaths
 from workbench.settings import Settings, service_context
 from workbench.summary import update_summary
 
-BUNDLE_VARIANT_KEYS = ("onnx_mb", "latency_ms_p50", "latency_ms_p95", "throughput_images_per_s", "accuracy",
-                       "accuracy_delta", "latency_note", "latency_conditions")
+BUNDLE_VARIANT_KEYS = ("onnx_mb", "latency_ms_p50", "latency_ms_p95", "throughput_images_per_s", "latency_on",
+                       "accuracy", "accuracy_delta", "latency_note", "latency_conditions")
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def ensure_fp32(run_id: int, *, settings: Settings | None = None,
     say(progress, "measuring ONNX Runtime latency", 0.7)
     meas = cx.measure_variants({"fp32": path}, tm.preprocessing.resolution, runs=latency_runs,
                                max_seconds=latency_seconds, throughput_runs=min(5, latency_runs),
-                               say=lambda msg: say(progress, msg, 0.7))["fp32"]
+                               say=lambda msg: say(progress, msg, 0.7), device=s.device)["fp32"]
     y = np.array([it.label for it in test])
     ort = ver.ort_logits
     meas["accuracy"] = float((ort.argmax(1) == y).mean()) if len(y) and ort is not None else None
@@ -119,6 +119,7 @@ def ensure_fp32(run_id: int, *, settings: Settings | None = None,
         "onnx_mb": meas["onnx_mb"], "latency_ms_p50": meas["latency_ms_p50"], "latency_ms_p95": meas["latency_ms_p95"],
         "throughput_images_per_s": meas["throughput_images_per_s"], "latency_machine": meas["machine"],
         "latency_conditions": meas["latency_conditions"], "latency_note": meas["latency_note"],
+        "latency_provider": meas["latency_provider"],
         "export_verified": ver.passed, "export_max_abs_logit_diff": ver.max_abs_logit_diff,
         "export_top1_agreement": ver.top1_agreement})
     say(progress, "fp32 export " + ("verified" if ver.passed else f"FAILED verification: {ver.reason}"), 1.0)
@@ -129,7 +130,7 @@ class _Variants:
     """The bundle's models and their measurements, fp32 first (the reference)."""
 
     def __init__(self, fp32: Fp32Export, test_paths: list[Path], y: np.ndarray, pre: Any,
-                 latency_runs: int, latency_seconds: float):
+                 latency_runs: int, latency_seconds: float, device: str = "cpu"):
         assert fp32.measurements is not None
         self.fp32_path = Path(fp32.path)
         self.base_acc = fp32.measurements["accuracy"]
@@ -138,6 +139,7 @@ class _Variants:
         self.models: dict[str, Path] = {"model.onnx": self.fp32_path}
         self.test_paths, self.y, self.pre = test_paths, y, pre
         self.latency_runs, self.latency_seconds = latency_runs, latency_seconds
+        self.device = device  # where ONNX Runtime times them (settings.device)
         self._fp32_logits: np.ndarray | None = None
 
     def measure(self, precision: str, path: Path) -> dict[str, Any]:
@@ -163,7 +165,7 @@ class _Variants:
         paths = {p: self.fp32_path if p == "fp32" else self.models[v["file"]] for p, v in self.variants.items()}
         speeds = cx.measure_variants(paths, self.pre.resolution, runs=self.latency_runs,
                                      max_seconds=self.latency_seconds, throughput_runs=min(5, self.latency_runs),
-                                     say=lambda msg: say(progress, msg, 0.8))
+                                     say=lambda msg: say(progress, msg, 0.8), device=self.device)
         for precision, speed in speeds.items():
             self.variants[precision].update(speed)
 
@@ -191,7 +193,7 @@ def export_run(run_id: int, *, fp16: bool = False, int8: bool = False, uint8_gra
                               "for download")
     paths = RunPaths(s, run_id)
     out = _Variants(fp32, [it.path for it in test], np.array([it.label for it in test]), pre, latency_runs,
-                    latency_seconds)
+                    latency_seconds, s.device)
 
     def add(precision: str, path: Path) -> None:
         say(progress, f"measuring {precision}", 0.5)
@@ -228,7 +230,7 @@ def export_run(run_id: int, *, fp16: bool = False, int8: bool = False, uint8_gra
     bundle = cx.build_bundle(paths.new_bundle(), out.models, info, key=s.bundle_key)
     bundle_id = _register(sf, s, bundle, "bundle", run_id, {
         "files": sorted(out.models),
-        "variants": {k: {kk: v[kk] for kk in BUNDLE_VARIANT_KEYS} for k, v in out.variants.items()}})
+        "variants": {k: {kk: v.get(kk) for kk in BUNDLE_VARIANT_KEYS} for k, v in out.variants.items()}})
     copied = None
     if out_path is not None:
         copied = Path(out_path)

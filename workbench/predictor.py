@@ -26,6 +26,7 @@ from PIL import Image
 
 from core.bundle import BundleError, BundlePredictor, Prediction, VerifiedBundle, canonical_json, open_bundle
 from workbench.artifacts import list_artifacts
+from workbench.compute import chosen_device, provider_words
 from workbench.settings import Settings, get_settings
 
 ImageInput = str | Path | Image.Image | np.ndarray | bytes
@@ -89,9 +90,11 @@ class Predictor:
     >>> p.predict(["leaf.jpg"])[0].label
     """
 
-    def __init__(self, bundle: VerifiedBundle) -> None:
+    def __init__(self, bundle: VerifiedBundle, *, device: str | None = None) -> None:
         self.bundle = bundle
-        self._model = BundlePredictor.from_bundle(bundle)
+        # ONNX Runtime on ``device`` (auto, cpu, cuda, cuda:N; default WORKBENCH_DEVICE): a GPU asked
+        # for but absent raises core.train.robustness.DeviceError with a plain message.
+        self._model = BundlePredictor.from_bundle(bundle, device=chosen_device(device))
         # A zip is identified by its own sha256; an unpacked folder by its manifest's, which lists
         # the sha256 of every file.
         source = Path(bundle.source)
@@ -100,20 +103,36 @@ class Predictor:
                                      else canonical_json(bundle.manifest)).hexdigest()
 
     @classmethod
-    def load(cls, bundle: str | Path, *, allow_unsigned: bool = False, key: bytes | None = None) -> Predictor:
+    def load(cls, bundle: str | Path, *, allow_unsigned: bool = False, key: bytes | None = None,
+             device: str | None = None) -> Predictor:
         """Open a bundle (zip or unpacked folder); every file is checked against its manifest.
 
-        ``key``: the signing key (default: this installation's WORKBENCH_BUNDLE_KEY).
-        Raises ``core.bundle.BundleError`` naming the file on anything wrong."""
-        key = key if key is not None else get_settings().bundle_key
-        return cls(open_bundle(bundle, key=key, allow_unsigned=allow_unsigned))
+        ``key``: the signing key (default: this installation's WORKBENCH_BUNDLE_KEY). ``device``:
+        where ONNX Runtime runs (auto, cpu, cuda, cuda:N; default WORKBENCH_DEVICE).
+        Raises ``core.bundle.BundleError`` naming the file on anything wrong, ``DeviceError`` for a
+        device this machine does not have."""
+        settings = get_settings()
+        key = key if key is not None else settings.bundle_key
+        return cls(open_bundle(bundle, key=key, allow_unsigned=allow_unsigned),
+                   device=chosen_device(device, settings))
 
     @classmethod
-    def from_run(cls, run_id: int, *, settings: Settings | None = None, allow_unsigned: bool = False) -> Predictor:
+    def from_run(cls, run_id: int, *, settings: Settings | None = None, allow_unsigned: bool = False,
+                 device: str | None = None) -> Predictor:
         """The newest verified bundle of a run."""
         settings = settings or get_settings()
         return cls(open_bundle(newest_bundle(run_id, settings=settings), key=settings.bundle_key,
-                               allow_unsigned=allow_unsigned))
+                               allow_unsigned=allow_unsigned), device=chosen_device(device, settings))
+
+    @property
+    def provider(self) -> str:
+        """The ONNX Runtime execution provider the model runs on ("CPUExecutionProvider", ...)."""
+        return self._model.provider
+
+    @property
+    def runs_on(self) -> str:
+        """Where the model runs, in plain words: "CPU", "GPU (CUDA)"."""
+        return provider_words(self._model.provider)
 
     @property
     def labels(self) -> list[str]:
@@ -136,6 +155,7 @@ class Predictor:
                        "format_version": manifest.get("format_version"), "created": manifest.get("created"),
                        "run_id": manifest.get("run_id"), "signature": self.bundle.signature.value,
                        "files": dict(manifest.get("files", {}))},
+            "runs_on": self.runs_on, "provider": self.provider,
         }
 
     def predict(self, images: ImageInput | Sequence[ImageInput], *, names: Sequence[str] | None = None

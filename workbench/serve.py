@@ -5,7 +5,8 @@ or as JSON ``{"images": [{"name": "...", "data": "<base64>"}, ...]}`` (a bare ba
 image also works). Answers ``{"predictions": [...]}``, one object per image in order, with every
 field of ``core.bundle.Prediction`` plus ``probabilities`` (see ``workbench.predictor.as_dict``);
 the predictions come from the same ``BundlePredictor`` as ``workbench predict`` and predict.py.
-``GET /health``, ``GET /metadata`` (labels, preprocessing, calibration, version, sha256), and
+``GET /health``, ``GET /metadata`` (labels, preprocessing, calibration, version, sha256, where the
+model runs: ``runs_on`` "CPU" / "GPU (CUDA)" and the ONNX Runtime ``provider``), and
 FastAPI's OpenAPI docs at ``/docs``.
 
 Limits (``ServeLimits``): bytes per image, bytes per request, images per request. The request
@@ -159,7 +160,8 @@ def create_app(predictor: Predictor, limits: ServeLimits = ServeLimits()) -> Fas
 
     @app.get("/health", summary="Is the server up and its model loaded?")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "labels": len(predictor.labels), "bundle_sha256": meta["bundle"]["sha256"]}
+        return {"status": "ok", "labels": len(predictor.labels), "bundle_sha256": meta["bundle"]["sha256"],
+                "runs_on": predictor.runs_on}
 
     @app.get("/metadata", summary="Labels, preprocessing, calibration, version and the bundle's sha256")
     def metadata() -> dict[str, Any]:

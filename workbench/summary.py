@@ -46,6 +46,7 @@ class RunSummary(TypedDict, total=False):
     latency_machine: dict[str, Any]
     latency_conditions: dict[str, Any]  # threads, load before/after, provider, onnxruntime, time, sitting
     latency_note: str  # plain words when latency was not measured (busy machine) or stayed uneven
+    latency_provider: str  # the ONNX Runtime provider the figures ran on ("CPUExecutionProvider"; "" not measured)
     export_verified: bool
     export_max_abs_logit_diff: float
     export_top1_agreement: float

@@ -179,6 +179,7 @@ FIELD_LABELS: dict[str, str] = {
     "memory_mb": "Memory (MB)", "device_memory_mb": "Device memory (MB)", "params_m": "Parameters (millions)",
     "gmacs": "GMACs (computing per image)", "min_resolution": "Minimum resolution (px)", "file": "File",
     "latency_machine": "Measured on", "test_macro_f1": "Test macro-F1", "macro_f1": "Macro-F1",
+    "latency_on": "Timed on",
 }
 
 

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage.db import get_sessionmaker
 from storage.models import Artifact, Dataset, Image, Job, Run
 from workbench import runs
+from workbench.compute import latency_on
 from workbench.datasets import DatasetInfo
 from workbench.paths import importable_folders
 from workbench.runs import RunInfo
@@ -254,6 +255,7 @@ class LeaderboardRow:
     created: datetime
     accuracy_range: str = ""  # "89–97 %": the 95 % range of test accuracy ("" when not evaluated)
     test_images: int | None = None
+    latency_on: str = ""  # "CPU" / "GPU (CUDA)": where the latency was measured ("" when it was not)
 
 
 @functools.lru_cache(maxsize=512)
@@ -276,7 +278,7 @@ def _leaderboard_row(run: Run, dataset_name: str, num_classes: int) -> Leaderboa
         val_accuracy=best.get("accuracy"), latency_ms=sm.get("latency_ms_p50"), size_mb=sm.get("onnx_mb"),
         params_m=params / 1e6 if params else None, train_seconds=run.train_seconds, batch=run.batch_label,
         created=run.created_at, accuracy_range=percent_range(sm.get("test_accuracy_lo"), sm.get("test_accuracy_hi")),
-        test_images=sm.get("test_n"))
+        test_images=sm.get("test_n"), latency_on=latency_on(sm))
 
 
 def percent_range(lo: float | None, hi: float | None) -> str:

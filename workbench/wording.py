@@ -95,7 +95,8 @@ def leaderboard_table(rows: Sequence[LeaderboardRow]) -> list[dict[str, Any]]:
         "macro-F1": num(r.test_macro_f1, 3), "accuracy": num(r.test_accuracy, 3),
         "accuracy 95 % range": r.accuracy_range or MISSING, "test images": r.test_images,
         "validation accuracy": num(r.val_accuracy, 3), "latency ms": num(r.latency_ms, 2),
-        "size MB": num(r.size_mb, 1), "parameters (millions)": num(r.params_m, 2),
+        "latency measured on": r.latency_on or MISSING, "size MB": num(r.size_mb, 1),
+        "parameters (millions)": num(r.params_m, 2),
         "training time": duration(r.train_seconds), "batch": r.batch or MISSING, "created": r.created,
     } for r in rows]
 

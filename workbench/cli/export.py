@@ -29,17 +29,14 @@ def _score(value: float | None) -> str:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from core.train.robustness import DeviceError, resolve_device
-    from workbench.evaluations import EvaluationError, evaluate_run, load_run
-    from workbench.settings import service_context
+    from workbench.compute import chosen_device
+    from workbench.evaluations import EvaluationError, evaluate_run
 
     try:
-        device = resolve_device(args.device or service_context()[0].device)  # before any loading
-        trained = None
-        if device.type != "cpu":
-            _data, trained = load_run(args.run, *service_context())
-            trained.model.to(device)
+        device = chosen_device(args.device)
+        resolve_device(device)  # before any loading
         out = evaluate_run(args.run, tta=args.tta, sensitivity=args.sensitivity, positive_class=args.positive_class,
-                           progress=_progress, trained=trained)
+                           progress=_progress, device=device)
     except DeviceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -95,13 +92,18 @@ def _speed(v: float | None, width: int) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from core.train.robustness import DeviceError
     from storage.artifacts import ArtifactError
+    from workbench.compute import latency_provider, measured_on
     from workbench.evaluations import EvaluationError
     from workbench.exports import export_run
 
     try:
         out = export_run(args.run, fp16=args.fp16, int8=args.int8, uint8_graph=args.uint8, out_path=args.output,
                          progress=_progress)
+    except DeviceError as e:  # WORKBENCH_DEVICE names a GPU this machine lacks: speeds are timed there
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (EvaluationError, ArtifactError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -115,9 +117,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     for name, m in out.variants.items():
         print(f"{name:<10}{m['onnx_mb']:>8.2f}{_speed(m['latency_ms_p50'], 9)}{_speed(m['latency_ms_p95'], 9)}"
               f"{_speed(m['throughput_images_per_s'], 10)}{m['accuracy']:>10.4f}{m['accuracy_delta']:>+9.4f}")
-    cond = next(iter(out.variants.values())).get("latency_conditions") or {}
+    first = next(iter(out.variants.values()))
+    cond = first.get("latency_conditions") or {}
     if cond:
-        print(f"speeds measured side by side on {cond.get('measured_at')} UTC, load {cond.get('load_before')} before / "
+        print(f"speeds measured{measured_on(out.variants.values())} (ONNX Runtime {latency_provider(first)}) side by "
+              f"side on {cond.get('measured_at')} UTC, load {cond.get('load_before')} before / "
               f"{cond.get('load_after')} after, {cond.get('threads')} threads, onnxruntime {cond.get('onnxruntime')}")
     for note in dict.fromkeys(m.get("latency_note") for m in out.variants.values()):
         if note:
@@ -149,7 +153,11 @@ def _skip(path: Path, reason: str) -> None:
 
 def _classify(predictor: BundlePredictor, images: list[str], csv_path: Path, top_k: int, as_json: bool = False
               ) -> int:
+    from core.latency import provider_words
+
     out = sys.stderr if as_json else sys.stdout
+    runs_on = provider_words(predictor.provider)
+    print(f"running on {runs_on} (ONNX Runtime {predictor.provider})", file=out)
     print(predictor.calibration.describe(), file=out)
     rows = predictor.predict(_expand(images), top_k, on_skip=_skip)
     _write_predictions(rows, csv_path, predictor.calibration.threshold is not None,
@@ -161,18 +169,23 @@ def _classify(predictor: BundlePredictor, images: list[str], csv_path: Path, top
     if as_json:
         from workbench.predictor import as_dict
 
-        print_json([as_dict(r) for r in rows])
+        print_json([{**as_dict(r), "runs_on": runs_on, "provider": predictor.provider} for r in rows])
     return 0 if rows else 1
 
 
-def _predict_run(run_id: int, images: list[str], csv_path: Path, top_k: int, as_json: bool = False) -> int:
+def _predict_run(run_id: int, images: list[str], csv_path: Path, top_k: int, as_json: bool = False,
+                 device: str = "auto") -> int:
     """Predict with a run's verified fp32 ONNX (the same predictor as for a bundle), calibrated
     with the temperature and threshold of the run's latest evaluation, as its bundle would be."""
+    from core.train.robustness import DeviceError
     from workbench.evaluations import EvaluationError, latest_evaluation
     from workbench.exports import ensure_fp32
 
     try:
         exp = ensure_fp32(run_id, progress=_progress)
+    except DeviceError as e:  # WORKBENCH_DEVICE, where a first export times the model
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except EvaluationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -181,7 +194,7 @@ def _predict_run(run_id: int, images: list[str], csv_path: Path, top_k: int, as_
         return 1
     ev = latest_evaluation(run_id)
     try:
-        predictor = BundlePredictor.from_onnx(exp.path, ev.metrics if ev else None)
+        predictor = BundlePredictor.from_onnx(exp.path, ev.metrics if ev else None, device=device)
     except BundleError as e:
         print(f"error: run {run_id}'s ONNX export cannot be used: {e}", file=sys.stderr)
         return 1
@@ -189,14 +202,14 @@ def _predict_run(run_id: int, images: list[str], csv_path: Path, top_k: int, as_
 
 
 def _predict_bundle(target: Path, images: list[str], csv_path: Path, top_k: int, allow_unsigned: bool,
-                    as_json: bool = False) -> int:
+                    as_json: bool = False, device: str = "auto") -> int:
     """A bundle is data: checked against its manifest (and signature), its model loaded in-process.
     Its predict.py is never imported or run."""
     from workbench.settings import get_settings
 
     try:
         bundle = open_bundle(target, key=get_settings().bundle_key, allow_unsigned=allow_unsigned)
-        predictor = BundlePredictor.from_bundle(bundle)
+        predictor = BundlePredictor.from_bundle(bundle, device=device)
     except BundleError as e:
         print(f"error: refusing bundle {target}: {e}", file=sys.stderr)
         return 1
@@ -223,17 +236,25 @@ def _expand(inputs: list[str]) -> list[Path]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from core.train.robustness import DeviceError
+    from workbench.compute import check_ort_device
+
+    try:
+        device = check_ort_device(args.device)  # before any file is read or written
+    except DeviceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     target = Path(args.target)
     csv_path = Path(args.csv)
     # A folder named like a run id ("42") is the run; write ./42 for such a bundle folder.
     if (target.suffix == ".zip" and target.is_file()) or (target.is_dir() and not args.target.isdigit()):
-        return _predict_bundle(target, args.images, csv_path, args.top_k, args.allow_unsigned, args.json)
+        return _predict_bundle(target, args.images, csv_path, args.top_k, args.allow_unsigned, args.json, device)
     try:
         run_id = int(args.target)
     except ValueError:
         print(f"error: {args.target!r} is neither a bundle (.zip or unpacked folder) nor a run id", file=sys.stderr)
         return 2
-    return _predict_run(run_id, args.images, csv_path, args.top_k, args.json)
+    return _predict_run(run_id, args.images, csv_path, args.top_k, args.json, device)
 
 
 def register(subparsers: Any) -> None:
@@ -264,5 +285,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--allow-unsigned", action="store_true",
                    help="accept an unsigned bundle although WORKBENCH_BUNDLE_KEY is set (its files are still checked)")
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="where ONNX Runtime runs the model: auto (a GPU if there is one and onnxruntime-gpu is "
+                        "installed), cpu, cuda, cuda:N (default: WORKBENCH_DEVICE, else auto)")
     add_json_flag(p)
     p.set_defaults(func=cmd_predict)

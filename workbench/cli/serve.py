@@ -3,6 +3,8 @@
 A run id is served with its newest verified bundle. The server has no password, so, like
 ``workbench ui``, it listens on 127.0.0.1 unless told otherwise; any other ``--host`` needs
 ``--allow-remote`` (or ``WORKBENCH_ALLOW_OPEN=1``, the UI's switch), else exit code 2.
+``--device`` (auto, cpu, cuda, cuda:N; default WORKBENCH_DEVICE, else auto) says where ONNX
+Runtime runs; a GPU asked for but absent is exit code 2 too, before the bundle is read.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ def _fail(msg: str, code: int = 2) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from core.bundle import BundleError
+    from core.train.robustness import DeviceError
+    from workbench.compute import check_ort_device
     from workbench.predictor import Predictor
     from workbench.serve import MB, ServeLimits, create_app
 
@@ -38,12 +42,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail("--max-images must be at least 1")
     target = Path(args.target)
     try:
+        check_ort_device(args.device)  # before any bundle is read
         if target.exists() and not args.target.isdigit():
-            predictor = Predictor.load(target, allow_unsigned=args.allow_unsigned)
+            predictor = Predictor.load(target, allow_unsigned=args.allow_unsigned, device=args.device)
         elif args.target.isdigit():
-            predictor = Predictor.from_run(int(args.target), allow_unsigned=args.allow_unsigned)
+            predictor = Predictor.from_run(int(args.target), allow_unsigned=args.allow_unsigned, device=args.device)
         else:
             return _fail(f"{args.target!r} is neither a bundle (.zip or unpacked folder) nor a run id")
+    except DeviceError as e:
+        return _fail(str(e))
     except BundleError as e:
         return _fail(f"cannot serve {args.target}: {e}")
     limits = ServeLimits(max_image_bytes=int(args.max_image_mb * MB), max_request_bytes=int(args.max_request_mb * MB),
@@ -53,6 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     print(f"Serving {len(predictor.labels)} classes ({predictor.describe()}) on http://{args.host}:{args.port} "
+          f"with the model on {predictor.runs_on} (ONNX Runtime {predictor.provider}) "
           f"(API docs at /docs). Ctrl-C stops it.", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -71,5 +79,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-image-mb", type=float, default=10.0, help="largest image accepted (default 10 MB)")
     p.add_argument("--max-request-mb", type=float, default=50.0, help="largest request accepted (default 50 MB)")
     p.add_argument("--max-images", type=int, default=32, help="most images per request (default 32)")
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="where ONNX Runtime runs the model: auto, cpu, cuda, cuda:N "
+                        "(default: WORKBENCH_DEVICE, else auto)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)

@@ -91,11 +91,13 @@ def handle_ingest(ctx: JobContext) -> JobOutcome:
 
 
 def predict_images(model_path: Path, files: list[tuple[str, Path]], top_k: int, gradcam: bool, out_dir: Path,
-                   progress: Callable[[str, float], None], calibration: Calibration | None = None) -> dict[str, Any]:
+                   progress: Callable[[str, float], None], calibration: Calibration | None = None,
+                   device: str = "cpu") -> dict[str, Any]:
     """Top-k probabilities (+ Grad-CAM overlay PNGs in ``out_dir``) for image files, with core.
 
     Probabilities are softmax(logits / T) with ``calibration``'s temperature (the run's latest
-    evaluation; none: not calibrated), and two-class models get the threshold's decision."""
+    evaluation; none: not calibrated), and two-class models get the threshold's decision. The
+    model and its Grad-CAM run on ``device`` (auto, cpu, cuda, cuda:N: the worker's settings)."""
     import numpy as np
     import torch
     from PIL import Image as PILImage
@@ -105,9 +107,13 @@ def predict_images(model_path: Path, files: list[tuple[str, Path]], top_k: int, 
     from core.export import load_trained
     from core.images import load_rgb
     from core.preprocessing import preprocess, resize_and_crop
+    from core.train.robustness import resolve_device
+    from workbench.compute import torch_device_words
 
+    where = resolve_device(device)  # a DeviceError (plain words) before the model is read
     progress("loading the model", 0.05)
     tm = load_trained(model_path)
+    tm.model.to(where)
     cal = calibration or Calibration(note="not calibrated: the model has not been evaluated")
     if cal.positive_class is not None and cal.positive_class not in tm.classes:
         raise ValueError(f"the evaluation's positive class {cal.positive_class!r} is not one of the model's classes")
@@ -122,7 +128,7 @@ def predict_images(model_path: Path, files: list[tuple[str, Path]], top_k: int, 
             continue
         x = preprocess(img, tm.preprocessing)[None].astype(np.float32)
         with torch.inference_mode():
-            logits = tm.model(torch.from_numpy(x)).float().numpy()
+            logits = tm.model(torch.from_numpy(x).to(where)).float().cpu().numpy()
         probs = cal.probabilities(logits)[0]
         order = np.argsort(-probs)[:top_k]
         entry: dict[str, Any] = {"name": name, "top": [{"class": tm.classes[j], "p": float(probs[j])} for j in order]}
@@ -139,7 +145,7 @@ def predict_images(model_path: Path, files: list[tuple[str, Path]], top_k: int, 
             entry["overlay"] = str(over)
         results.append(entry)
     record = cal.record or {"note": cal.note}
-    return {"results": results, "classes": list(tm.classes),
+    return {"results": results, "classes": list(tm.classes), "runs_on": torch_device_words(where),
             "calibration": {"temperature": cal.temperature, "calibrated": cal.calibrated, "note": cal.note,
                             "confidence": confidence_sentence(record),
                             "positive_class": cal.positive_class, "negative_class": cal.negative_class,
@@ -169,7 +175,8 @@ def handle_predict(ctx: JobContext) -> JobOutcome:
         files = [(f["name"], in_staging(ctx.settings, f["path"], PREDICT)) for f in p.get("files", [])]
         out_dir = in_staging(ctx.settings, p["out_dir"], PREDICT) if p.get("out_dir") else files[0][1].parent
         res = predict_images(ckpt, files, int(p.get("top_k") or 3), bool(p.get("gradcam", True)), out_dir,
-                             lambda m, f: ctx.progress({"phase": m, "fraction": f}), _run_calibration(ctx, run_id))
+                             lambda m, f: ctx.progress({"phase": m, "fraction": f}), _run_calibration(ctx, run_id),
+                             device=ctx.settings.device)
     except Exception as exc:  # noqa: BLE001 - shown on the page
         log.warning("predict job %s failed", ctx.job_id, exc_info=True)
         return JobOutcome(JobStatus.FAILED, friendly(exc))
