@@ -258,6 +258,6 @@ def test_predict_page_says_the_image_looks_unlike_the_training_images(ws, export
         assert not at.exception, [e.value for e in at.exception]
         assert any(OUTSIDE_TRAINING_DATA in w.value for w in at.warning)
         assert not any("→" in md.value for md in at.markdown)  # no silent class
-        assert [e.label for e in at.expander] == ["The model's answer anyway (expert detail)"]
+        assert "The model's answer anyway (expert detail)" in [e.label for e in at.expander]
     finally:
         reset_sessionmakers()

@@ -175,6 +175,8 @@ def _begin(ctx: JobContext, search_id: int) -> _Setup | JobOutcome:
             return JobOutcome(JobStatus.FAILED, f"search {search_id} no longer exists")
         if row.cancel_requested or row.status in (SearchStatus.CANCELLED, SearchStatus.SUCCEEDED):
             return JobOutcome(JobStatus.CANCELLED)
+        if row.status == SearchStatus.FINALIZING:  # another worker is finishing it: nothing left to do
+            return JobOutcome(JobStatus.SUCCEEDED)
         ds = row.dataset
         budget = Budget.from_dict(row.budget)
         try:
@@ -240,7 +242,7 @@ def handle_search(ctx: JobContext) -> JobOutcome:
         _end_sitting(sf, search_id, SearchStatus.CANCELLED, None)
         return JobOutcome(JobStatus.CANCELLED)
     if ctx.stop_requested():
-        _end_sitting(sf, search_id, SearchStatus.FAILED, "The worker was stopped; resume continues with the time left.")
+        _leave(sf, search_id, ctx.job_id)
         return JobOutcome(JobStatus.FAILED, "worker stopped")
     if not _claim_finish(sf, search_id):
         return JobOutcome(JobStatus.SUCCEEDED)  # another worker finishes this search
@@ -273,6 +275,19 @@ def _wait_for_others(sf: Any, search_id: int, job_id: int) -> None:
         if not others:
             return
         time.sleep(1.0)
+
+
+def _leave(sf: Any, search_id: int, job_id: int) -> None:
+    """This worker was stopped. The last worker of the search ends its sitting (failed, resumable);
+    while others still run trials, or one of them is finishing, the search goes on without it."""
+    with sf.begin() as s:
+        row = s.get(Search, search_id)
+        others = [j for j in searches.search_jobs(s, search_id, {JobStatus.RUNNING}) if j.id != job_id]
+        if row is not None and row.status == SearchStatus.RUNNING and not others:
+            searches.close_sitting(row, SearchStatus.FAILED, "The worker was stopped; resume continues with the "
+                                                             "time left.")
+            return
+    searches_event(sf, search_id, "A worker was stopped; the search goes on with the others.", "warning")
 
 
 def _end_sitting(sf: Any, search_id: int, status: SearchStatus, error: str | None,
