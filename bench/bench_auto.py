@@ -128,7 +128,10 @@ def run_timm(name: str, seed: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     loaded = create_model("lite0", len(classes), resolution=224)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=len(classes))
-    model.load_state_dict(loaded.model.state_dict(), strict=False)
+    # Same key names as timm's (checked): the ImageNet weights load whole, never a silent partial load.
+    keys = model.load_state_dict(loaded.model.state_dict(), strict=False)
+    if keys.missing_keys or keys.unexpected_keys:
+        raise RuntimeError(f"ImageNet weights did not load into timm's model: {keys}")
     pre = loaded.preprocessing
     tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(pre.mean, pre.std)])
     tr = split["train"]
