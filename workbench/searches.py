@@ -142,6 +142,12 @@ def image_sizes(s: Session, dataset_id: int) -> list[tuple[int, int]]:
     return [(int(w), int(h)) for w, h in rows]
 
 
+def train_imbalance(s: Session, dataset_id: int) -> float:
+    """Largest over smallest class count of the training split (1.0 for balanced classes)."""
+    counts = repo.split_counts(s, dataset_id).get("train", {})
+    return max(counts.values(), default=1) / max(1, min(counts.values(), default=1))
+
+
 def _here_ms(space_keys: list[str]) -> float:
     """Predicted batch-1 latency of the cheapest candidate on this machine (for time estimates)."""
     from core.recommend import recommend
@@ -182,9 +188,7 @@ def start_search(dataset: str | int, *, device: str = "this-machine", latency_ms
             raise SearchRequestError(f"{minutes(seconds)} is too short: one trial on {ds.name!r} takes about "
                                      f"{minutes(least)} here, and a search needs time for at least one trial "
                                      f"and the final checks. Give at least {minutes(2 * least)}.")
-        counts = repo.split_counts(s, ds.id).get("train", {})
-        first = starting_point(space, runs.default_preset(s, ds.id),
-                               max(counts.values(), default=1) / max(1, min(counts.values(), default=1)))
+        first = starting_point(space, runs.default_preset(s, ds.id), train_imbalance(s, ds.id))
         row = Search(dataset_id=ds.id, status=SearchStatus.QUEUED, study_name=f"pending-{utcnow().timestamp()}",
                      objective=goal.text, device=device, budget=budget.to_dict(), time_budget_s=seconds, spent_s=0.0,
                      seed=seed, max_trials=max_trials, workers=workers, summary={"space": space.to_dict()},

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from core.bundle import BundleError, BundlePredictor, Prediction, Signature, open_bundle
+from workbench.cli.exits import fail
 from workbench.cli.output import add_json_flag, print_json
 
 
@@ -38,8 +39,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         out = evaluate_run(args.run, tta=args.tta, sensitivity=args.sensitivity, positive_class=args.positive_class,
                            progress=_progress, device=device)
     except DeviceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     except (EvaluationError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -102,8 +102,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         out = export_run(args.run, fp16=args.fp16, int8=args.int8, uint8_graph=args.uint8, out_path=args.output,
                          progress=_progress)
     except DeviceError as e:  # WORKBENCH_DEVICE names a GPU this machine lacks: speeds are timed there
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     except (EvaluationError, ArtifactError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -184,8 +183,7 @@ def _predict_run(run_id: int, images: list[str], csv_path: Path, top_k: int, as_
     try:
         exp = ensure_fp32(run_id, progress=_progress)
     except DeviceError as e:  # WORKBENCH_DEVICE, where a first export times the model
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     except EvaluationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -242,8 +240,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     try:
         device = check_ort_device(args.device)  # before any file is read or written
     except DeviceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     target = Path(args.target)
     csv_path = Path(args.csv)
     # A folder named like a run id ("42") is the run; write ./42 for such a bundle folder.

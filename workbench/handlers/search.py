@@ -38,7 +38,6 @@ from core.search import (
     trial_epochs,
 )
 from core.train import Callback, FeatureStore
-from storage import repositories as repo
 from storage.models import Job, Run, Search, utcnow
 from workbench import exports, searches
 from workbench.handlers.postrun import after_training
@@ -190,13 +189,12 @@ def _begin(ctx: JobContext, search_id: int) -> _Setup | JobOutcome:
         left = float(row.time_budget_s) - float(row.spent_s or 0.0)
         _, num_test = searches.check_splits(s, ds)
         reserve = finalize_reserve_seconds(left, num_test, min(c.latency_p50_ms for c in space.choices))
-        counts = repo.split_counts(s, ds.id).get("train", {})
         row.status, row.started_at, row.error = SearchStatus.RUNNING, row.started_at or utcnow(), None
         row.summary = {**summary, "space": space.to_dict(), "reserve_s": round(reserve, 1)}
         return _Setup(search_id, row.study_name, row.seed, Objective.parse(row.objective), space, list(ds.classes),
                       samples_of(s, ds, ctx.settings, "train"), samples_of(s, ds, ctx.settings, "val"),
                       float(summary["sitting_started"]) + left - reserve, row.max_trials,
-                      max(counts.values()) / max(1, min(counts.values())), trial_epochs(float(row.time_budget_s)))
+                      searches.train_imbalance(s, ds.id), trial_epochs(float(row.time_budget_s)))
 
 
 def _trial_is_live(sf: Any, search_id: int, trial: Any, my_job: int) -> bool:
