@@ -80,6 +80,9 @@ def run_auto(name: str, seed: int, budget: str) -> dict[str, Any]:
     trial_s = sum(t.seconds or 0 for t in info.trials)
     return {**_test_metrics(info.winner_run_id), "wall_s": wall, "spent_s": info.spent_s,
             "winner": next(t.model for t in info.trials if t.winner), "trials": len(info.trials),
+            # Validation is what the search chose on: the winner's and the starting point's (trial 0).
+            "val_winner": next(t.value for t in info.trials if t.winner),
+            "val_start": next((t.value for t in info.trials if t.number == 0), None),
             "pruned": sum(t.status == "pruned" for t in info.trials),
             "decode_s": cache.get("seconds_decoding", 0.0), "cache_s": cache.get("seconds_caching", 0.0),
             "train_s": max(0.0, trial_s - cache.get("seconds_decoding", 0.0) - cache.get("seconds_caching", 0.0)),
@@ -98,7 +101,9 @@ def run_recommended(name: str, seed: int) -> dict[str, Any]:
                                 overrides={"seed": seed})
     _wait(lambda: runs.get_run(rid).status in TERMINAL_RUN and runs.get_run(rid).summary.get("test_accuracy")
           is not None, timeout=7200)
-    return {**_test_metrics(rid), "wall_s": time.perf_counter() - t0, "pick": pick}
+    val = runs.get_run(rid).best_metrics or {}
+    return {**_test_metrics(rid), "wall_s": time.perf_counter() - t0, "pick": pick,
+            "val_macro_f1": val.get("macro_f1")}
 
 
 def run_timm(name: str, seed: int) -> dict[str, Any]:
@@ -201,6 +206,11 @@ def _run_cell(name: str, seed: int, kind: str, budget: str) -> dict[str, Any]:
             "load_before": [round(x, 2) for x in load], "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
+def _val_note(res: list[dict[str, Any]], key: str, label: str) -> str:
+    vals = [r[key] for r in res if r.get(key) is not None]
+    return f"; {label} {_fmt(vals)} ({len(vals)} seeds)" if vals else ""
+
+
 def _table(cells: list[dict[str, Any]], command: str) -> list[str]:
     from core.latency import machine_id
 
@@ -220,9 +230,11 @@ def _table(cells: list[dict[str, Any]], command: str) -> list[str]:
                     f"{statistics.mean(r.get('decode_s', 0) for r in res):.0f} s, caching "
                     f"{statistics.mean(r.get('cache_s', 0) for r in res):.0f} s, training "
                     f"{statistics.mean(r.get('train_s', 0) for r in res):.0f} s; winners "
-                    + ", ".join(str(r.get("winner")) for r in res))
+                    + ", ".join(str(r.get("winner")) for r in res)
+                    + _val_note(res, "val_winner", "winner's validation macro-F1"))
         elif kind == "recommended":
-            note = "pick " + ", ".join(str(r.get("pick")) for r in res)
+            note = "pick " + ", ".join(str(r.get("pick")) for r in res) + _val_note(res, "val_macro_f1",
+                                                                                      "validation macro-F1")
         errors = [str(r["error"]) for r in res if "error" in r]
         if errors:
             note += "; failed: " + "; ".join(errors)

@@ -277,6 +277,17 @@ def trial_epochs(time_budget_s: float) -> tuple[int, int]:
     return (HEAD_EPOCHS, FINETUNE_EPOCHS) if time_budget_s >= SHORT_BUDGET_S else (8, 3)
 
 
+def _trial_length(epochs: tuple[int, int], starting_point: bool) -> tuple[int, int, int]:
+    """(head epochs, fine-tune epochs, patience). The starting point trains as long as the default
+    recipe does, so that it is exactly what `workbench train` gives (a shortened copy is a weaker
+    baseline, and the search then delivered less than plain training); a short budget shortens
+    every trial alike."""
+    if starting_point and epochs == (HEAD_EPOCHS, FINETUNE_EPOCHS):
+        recipe = RECIPES["default"]
+        return int(recipe["head_epochs"]), int(recipe["finetune_epochs"]), int(recipe["patience"])
+    return epochs[0], epochs[1], PATIENCE
+
+
 def suggest_trial(trial: Any, space: ArchSpace, objective: Objective, *, imbalance_ratio: float,
                   seed: int, epochs: tuple[int, int] = (HEAD_EPOCHS, FINETUNE_EPOCHS)) -> TrialPlan:
     """Sample one (architecture, recipe) from the search space (define-by-run)."""
@@ -298,8 +309,9 @@ def suggest_trial(trial: Any, space: ArchSpace, objective: Objective, *, imbalan
         "balance": (trial.suggest_categorical("balance", ["none", "loss", "sampler"]) if imbalance_ratio >= 1.5
                     else "none"),
     }
-    cfg = make_config("default", **values, head_epochs=epochs[0], finetune_epochs=epochs[1],
-                      patience=PATIENCE, seed=seed, select_metric=objective.metric,
+    head_epochs, finetune_epochs, patience = _trial_length(epochs, bool(trial.user_attrs.get("starting_point")))
+    cfg = make_config("default", **values, head_epochs=head_epochs, finetune_epochs=finetune_epochs,
+                      patience=patience, seed=seed, select_metric=objective.metric,
                       target_specificity=objective.target_specificity, train_bn=False)
     return TrialPlan(trial.number, choice, cfg, dict(trial.params))
 
@@ -448,7 +460,8 @@ def fail_stale_trials(study: Any, is_running: Callable[[Any], bool]) -> list[int
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if not is_running(t):
             study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-            study.enqueue_trial(dict(t.params), user_attrs={"rerun_of": t.number})
+            again = {"rerun_of": t.number, **({"starting_point": True} if t.user_attrs.get("starting_point") else {})}
+            study.enqueue_trial(dict(t.params), user_attrs=again)
             stale.append(t.number)
     return stale
 

@@ -166,13 +166,17 @@ def test_auth_helpers_roundtrip() -> None:
 # --- datasets ----------------------------------------------------------------------------
 
 def wait_for(at: AppTest, predicate, timeout: float = 90, what="condition") -> AppTest:
-    """Rerun the app until ``predicate(at)``; ``what`` (text or a callable giving text) explains a timeout."""
+    """Rerun the app until ``predicate(at)``; ``what`` (text or a callable giving text) explains a timeout.
+    The pause between reruns grows to 3 s: a rerun costs the test process CPU, and rerunning every
+    half second through a minute-long job kept the worker's latency timing waiting for idle cores."""
     deadline = time.monotonic() + timeout
+    pause = 0.5
     while time.monotonic() < deadline:
         at.run()
         if predicate(at):
             return at
-        time.sleep(0.5)
+        time.sleep(pause)
+        pause = min(3.0, pause * 1.5)
     what = what() if callable(what) else what
     raise AssertionError(f"timed out waiting for {what}; errors={[e.value for e in at.error]}")
 

@@ -96,6 +96,38 @@ def test_pareto_front_and_finalists() -> None:
     assert choose_finalists([]) == (None, [])
 
 
+@pytest.mark.parametrize("budget_s, imbalance", [(600.0, 1.0), (600.0, 4.0), (120.0, 1.0)])
+def test_the_starting_point_trains_as_workbench_train_does_and_keeps_that_when_rerun(budget_s, imbalance) -> None:
+    """Trial 0 is the configuration `workbench train --recipe default` queues for the same seed and
+    preset (at full length unless the whole budget is short), also when a killed trial 0 is re-run."""
+    import optuna
+
+    from core.search import HEAD_EPOCHS, fail_stale_trials, starting_point, suggest_trial, trial_epochs
+
+    space = architecture_space(Budget(device="this-machine"), [(500, 500)] * 5)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    study.enqueue_trial(starting_point(space, "field", imbalance), user_attrs={"starting_point": True})
+    epochs = trial_epochs(budget_s)
+    plans = [suggest_trial(study.ask(), space, Objective.parse("macro-f1"), imbalance_ratio=imbalance, seed=3,
+                           epochs=epochs)]
+    fail_stale_trials(study, lambda t: False)  # the worker died during trial 0
+    plans.append(suggest_trial(study.ask(), space, Objective.parse("macro-f1"), imbalance_ratio=imbalance, seed=3,
+                               epochs=epochs))
+    assert study.trials[1].user_attrs["rerun_of"] == 0
+    as_train = dataclasses.asdict(make_config("default", augment="field", seed=3))
+    for plan in plans:
+        got = dataclasses.asdict(plan.config)
+        # "auto" balance means a class-weighted loss from 3:1 imbalance on: the same choice, made early.
+        assert got.pop("balance") == ("loss" if imbalance >= as_train["imbalance_ratio"] else "none")
+        differ = {k: (v, as_train[k]) for k, v in got.items() if v != as_train[k]}
+        if budget_s < 300:  # a short budget shortens every trial, the starting point too
+            assert plan.config.head_epochs < HEAD_EPOCHS and set(differ) <= {"head_epochs", "finetune_epochs",
+                                                                             "patience"}
+        else:
+            assert differ == {}, differ
+    assert plans[0].config == plans[1].config
+
+
 # ---------------------------------------------------------------------------------------------
 # The shared feature cache: reused, and the result does not change
 # ---------------------------------------------------------------------------------------------
