@@ -102,7 +102,14 @@ def test_the_starting_point_trains_as_workbench_train_does_and_keeps_that_when_r
     preset (at full length unless the whole budget is short), also when a killed trial 0 is re-run."""
     import optuna
 
-    from core.search import HEAD_EPOCHS, fail_stale_trials, starting_point, suggest_trial, trial_epochs
+    from core.search import (
+        HEAD_EPOCHS,
+        SHORT_BUDGET_S,
+        fail_stale_trials,
+        starting_point,
+        suggest_trial,
+        trial_epochs,
+    )
 
     space = architecture_space(Budget(device="this-machine"), [(500, 500)] * 5)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
@@ -120,7 +127,7 @@ def test_the_starting_point_trains_as_workbench_train_does_and_keeps_that_when_r
         # "auto" balance means a class-weighted loss from 3:1 imbalance on: the same choice, made early.
         assert got.pop("balance") == ("loss" if imbalance >= as_train["imbalance_ratio"] else "none")
         differ = {k: (v, as_train[k]) for k, v in got.items() if v != as_train[k]}
-        if budget_s < 300:  # a short budget shortens every trial, the starting point too
+        if budget_s < SHORT_BUDGET_S:  # a short budget shortens every trial, the starting point too
             assert plan.config.head_epochs < HEAD_EPOCHS and set(differ) <= {"head_epochs", "finetune_epochs",
                                                                              "patience"}
         else:
