@@ -198,11 +198,12 @@ def _cells(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _run_cell(name: str, seed: int, kind: str, budget: str) -> dict[str, Any]:
+def _run_cell(name: str, seed: int, kind: str, budget: str, split_counts: dict[str, int]) -> dict[str, Any]:
     load = os.getloadavg()
     out = (run_auto(name, seed, budget) if kind == "auto" else
            run_recommended(name, seed) if kind == "recommended" else run_timm(name, seed))
-    return {"dataset": name, "seed": seed, "kind": kind, "budget": budget, **out,
+    # The split sizes let bench/selection_check.py judge validation differences against their noise.
+    return {"dataset": name, "seed": seed, "kind": kind, "budget": budget, **out, "split_counts": split_counts,
             "load_before": [round(x, 2) for x in load], "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
@@ -273,10 +274,10 @@ def main() -> int:
                 d = Path(tmp) / "data"
                 d.mkdir()
                 _use_data_dir(d)
-                datasets.add_dataset(SHARED / name, name, seed=seed)
+                info = datasets.add_dataset(SHARED / name, name, seed=seed)
                 try:
                     for kind in todo:
-                        cell = _run_cell(name, seed, kind, args.time)
+                        cell = _run_cell(name, seed, kind, args.time, dict(info.split_config["counts"]))
                         print(json.dumps(cell), flush=True)
                         with store.open("a") as f:
                             f.write(json.dumps(cell) + "\n")

@@ -240,6 +240,7 @@ class TrialPlan:
     choice: ArchChoice
     config: TrainConfig
     params: dict[str, Any]
+    starting_point: bool = False  # the first trial: what `workbench train` gives by default
 
 
 @dataclass
@@ -309,11 +310,12 @@ def suggest_trial(trial: Any, space: ArchSpace, objective: Objective, *, imbalan
         "balance": (trial.suggest_categorical("balance", ["none", "loss", "sampler"]) if imbalance_ratio >= 1.5
                     else "none"),
     }
-    head_epochs, finetune_epochs, patience = _trial_length(epochs, bool(trial.user_attrs.get("starting_point")))
+    is_start = bool(trial.user_attrs.get("starting_point"))
+    head_epochs, finetune_epochs, patience = _trial_length(epochs, is_start)
     cfg = make_config("default", **values, head_epochs=head_epochs, finetune_epochs=finetune_epochs,
                       patience=patience, seed=seed, select_metric=objective.metric,
                       target_specificity=objective.target_specificity, train_bn=False)
-    return TrialPlan(trial.number, choice, cfg, dict(trial.params))
+    return TrialPlan(trial.number, choice, cfg, dict(trial.params), is_start)
 
 
 def starting_point(space: ArchSpace, preset: str, imbalance_ratio: float) -> dict[str, Any]:
@@ -517,6 +519,17 @@ class SearchLoop:
 # ---------------------------------------------------------------------------------------------
 # Selection
 # ---------------------------------------------------------------------------------------------
+def validation_noise(score: float, num_images: int) -> float | None:
+    """One standard error of a validation score measured on ``num_images`` images: how far chance
+    alone moves such a score. A lead smaller than this may be luck of the split rather than a
+    better model (the winner's curse). Binomial approximation (macro-F1 has no closed form), with
+    one success and one failure added so that a perfect score still has some noise."""
+    if num_images <= 0 or not 0.0 <= score <= 1.0:
+        return None
+    p = (score * num_images + 1.0) / (num_images + 2.0)
+    return math.sqrt(p * (1.0 - p) / num_images)
+
+
 @dataclass(frozen=True)
 class TrialPoint:
     key: Any  # the caller's id for the trial (a run id)
@@ -547,4 +560,5 @@ def choose_finalists(points: Sequence[TrialPoint], n: int = FINALISTS) -> tuple[
 __all__ = ["ArchChoice", "ArchSpace", "Objective", "SearchCallback", "SearchError", "SearchLoop", "TrialOutcome",
            "TrialPlan", "TrialPoint", "architecture_space", "choose_finalists", "data_resolution_cap",
            "delete_study", "estimate_trial_seconds", "fail_stale_trials", "finalize_reserve_seconds", "open_study",
-           "pareto_front", "search_resolutions", "starting_point", "suggest_trial", "trial_epochs"]
+           "pareto_front", "search_resolutions", "starting_point", "suggest_trial", "trial_epochs",
+           "validation_noise"]

@@ -113,6 +113,9 @@ def _winner(info: searches.SearchInfo) -> None:
                        "is where the true figure lies with 95 % confidence, given how few test images there are.")
         m2.metric("Validation score", ui.fmt_num(w.value), help=info.objective_label)
         m3.metric("Time per image", ui.fmt_num(lat.get("p50_ms"), 1) + " ms", help=lat.get("source", ""))
+        cmp = info.versus_start
+        if cmp is not None:  # a small validation split can crown a challenger that is no better
+            (st.info if cmp.within_noise else st.caption)(cmp.sentence())
         b1, b2 = st.columns(2)
         b1.page_link(str(ui.PAGES_DIR / "evaluate.py"), label="Evaluate the winner", icon=":material/analytics:",
                      query_params={"run": w.run_id})

@@ -22,6 +22,7 @@ from core.search import (
     data_resolution_cap,
     pareto_front,
     search_resolutions,
+    validation_noise,
 )
 from core.train import FeatureStore, make_config, train
 from tests.conftest import stop_workers, wait_for, worker_processes
@@ -94,6 +95,39 @@ def test_pareto_front_and_finalists() -> None:
     assert winner is not None and winner.key == 5  # best validation, the faster of the tie
     assert [p.key for p in finalists] == [5, 1, 2]
     assert choose_finalists([]) == (None, [])
+
+
+@pytest.mark.parametrize("score, images, expected", [
+    (0.9, 100, ((91 / 102) * (11 / 102) / 100) ** 0.5),  # one success and one failure added
+    (1.0, 450, ((451 / 452) * (1 / 452) / 450) ** 0.5),  # a perfect score still has some noise
+    (0.0, 40, ((1 / 42) * (41 / 42) / 40) ** 0.5),
+    (0.9, 0, None), (1.2, 50, None), (float("nan"), 50, None),
+])
+def test_validation_noise_is_one_standard_error_on_that_many_images(score, images, expected) -> None:
+    assert validation_noise(score, images) == (pytest.approx(expected) if expected is not None else None)
+    if expected is not None and images < 400:  # fewer images, more noise
+        assert validation_noise(score, images) > validation_noise(score, images * 4)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("winner_run, start, winner, noise, words, flagged", [
+    (7, 0.95, 0.95, 0.015, ["winner is the first trial", "206 validation images"], False),
+    (9, 0.95, 0.95, 0.015, ["the same as plain training", "run 7", "faster"], False),
+    (9, 0.967, 0.980, 0.0144, ["1.3 points above plain training", "run 7", "±1.4 points", "may be no better"], True),
+    (9, 0.903, 0.953, 0.0456, ["5.0 points above", "more than the ±4.6 points"], False),
+    (9, 0.9500, 0.9501, 0.015, ["less than 0.1 point above", "may be no better"], True),
+    (9, 0.90, 0.95, None, ["5.0 points above plain training"], False),
+])
+def test_the_winner_is_set_against_plain_training_in_plain_words(winner_run, start, winner, noise, words,
+                                                                 flagged) -> None:
+    from workbench.searches import StartComparison
+
+    cmp = StartComparison.from_summary({"winner_run_id": winner_run, "versus_start": {
+        "run_id": 7, "value": start, "winner_value": winner, "images": 206, "noise": noise}})
+    assert cmp is not None and cmp.within_noise is flagged
+    text = cmp.sentence()
+    for w in words:
+        assert w in text, (w, text)
+    assert StartComparison.from_summary({"winner_run_id": 3}) is None  # a search finished before this existed
 
 
 @pytest.mark.parametrize("budget_s, imbalance", [(600.0, 1.0), (600.0, 4.0), (120.0, 1.0)])
@@ -219,8 +253,8 @@ def test_a_dataset_too_small_to_split_is_refused(data_dir: Path, shared_datasets
 
 
 @pytest.mark.slow
-def test_two_searches_queue_on_one_worker_and_each_delivers_a_tested_winner_and_a_bundle(med: str,
-                                                                                           data_dir: Path) -> None:
+def test_two_searches_queue_on_one_worker_and_each_delivers_a_tested_winner_and_a_bundle(med: str, data_dir: Path,
+                                                                                           capsys) -> None:
     from sqlalchemy import select
 
     from core.bundle import open_bundle
@@ -267,8 +301,27 @@ def test_two_searches_queue_on_one_worker_and_each_delivers_a_tested_winner_and_
                                                                          RECIPES["default"]["unfreeze_stages"])
     bundle = open_bundle(artifact_for_download(a.bundle_artifact_id), key=get_settings().bundle_key)
     assert bundle.labels == list(MED_CLASSES)
+    # The winner is set against that first trial, with how far chance moves a score on the validation images.
+    from workbench import datasets
+
+    cmp, first_trial = a.versus_start, next(t for t in a.trials if t.number == 0)
+    n_val = datasets.get_dataset(med).split_config["counts"]["val"]
+    assert cmp is not None and (cmp.start_run_id, cmp.start_value) == (first_trial.run_id, first_trial.value)
+    assert cmp.images == n_val and cmp.noise == pytest.approx(validation_noise(cmp.start_value, n_val))
     # The CLI reads it back, and deleting the search deletes its trial runs.
+    capsys.readouterr()
     assert _cli("auto", "--follow", str(first.id)) == 0
+    assert cmp.sentence() in capsys.readouterr().out
+    from test_pages import assert_clean, open_page
+
+    at = open_page("auto")  # the Auto page shows the same sentence under its winner
+    at.session_state["auto_search"] = first.id
+    at.run()
+    assert_clean(at)
+    assert any(cmp.sentence() in m.value for m in [*at.caption, *at.info]), [m.value for m in at.caption]
+    from plain_language import plain_language_problems
+
+    assert plain_language_problems(at, allow=MED_CLASSES) == []
     assert set(searches.delete_search(first.id)) == set(statuses)
     with sf() as s:
         assert s.scalars(select(Run).where(Run.id.in_(list(statuses)))).all() == []
@@ -309,6 +362,9 @@ def test_a_search_whose_worker_is_killed_resumes_and_reruns_the_cut_trial(med: s
     assert states[0] == optuna.trial.TrialState.FAIL  # the trial cut off by the kill is marked...
     rerun = [t for t in study.trials if t.user_attrs.get("rerun_of") == 0]
     assert rerun and rerun[0].params == study.trials[0].params  # ...and its settings were tried again
+    # The re-run is the plain-training baseline the winner is set against.
+    rerun_run = next(t.run_id for t in done.trials if t.number == rerun[0].number)
+    assert done.versus_start is not None and done.versus_start.start_run_id == rerun_run
 
 
 @pytest.mark.slow

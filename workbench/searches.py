@@ -60,6 +60,55 @@ class TrialInfo:
 
 
 @dataclass(frozen=True)
+class StartComparison:
+    """The winner against the search's first trial (the recommended model with the default
+    settings: what plain training gives), on the validation images."""
+
+    start_run_id: int
+    winner_run_id: int
+    start_value: float
+    winner_value: float
+    images: int  # the validation images the objective is measured on
+    noise: float | None  # one standard error of the first trial's score on that many images
+
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any]) -> StartComparison | None:
+        v, winner = summary.get("versus_start"), summary.get("winner_run_id")
+        if not v or winner is None:
+            return None
+        return cls(int(v["run_id"]), int(winner), float(v["value"]), float(v["winner_value"]), int(v["images"]),
+                   None if v.get("noise") is None else float(v["noise"]))
+
+    @property
+    def lead_points(self) -> float:
+        return 100.0 * (self.winner_value - self.start_value)
+
+    @property
+    def within_noise(self) -> bool:
+        """The winner leads, but by no more than chance alone moves a score on this many images."""
+        return self.noise is not None and 0 < self.lead_points <= 100.0 * self.noise
+
+    def sentence(self) -> str:
+        plain = f"plain training of the recommended model (the first trial, run {self.start_run_id})"
+        if self.start_run_id == self.winner_run_id:
+            return ("The winner is the first trial: the recommended model trained with the default settings, as "
+                    f"the Train page would train it. No other trial scored higher on the {self.images} validation "
+                    "images.")
+        if self.lead_points <= 0:
+            return f"The winner scores the same as {plain} on the validation images, and is faster."
+        by = f"{self.lead_points:.1f} points" if self.lead_points >= 0.05 else "less than 0.1 point"
+        lead = f"The winner scores {by} above {plain} on the {self.images} validation images"
+        if self.noise is None:
+            return lead + "."
+        if self.within_noise:
+            return (f"{lead}. Chance alone moves a score on {self.images} images by about ±{100.0 * self.noise:.1f} "
+                    f"points, so the winner may be no better: run {self.start_run_id} is kept if you prefer the "
+                    "plainer model.")
+        return (f"{lead}: more than the ±{100.0 * self.noise:.1f} points by which chance alone moves a score on "
+                f"{self.images} images.")
+
+
+@dataclass(frozen=True)
 class SearchInfo:
     id: int
     dataset_id: int
@@ -80,6 +129,10 @@ class SearchInfo:
     summary: dict[str, Any]
     progress: dict[str, Any] | None  # the newest search job's progress snapshot
     trials: list[TrialInfo] = field(default_factory=list)
+
+    @property
+    def versus_start(self) -> StartComparison | None:
+        return StartComparison.from_summary(self.summary)
 
     @property
     def time_left_s(self) -> float:

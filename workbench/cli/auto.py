@@ -84,6 +84,8 @@ def describe(info: SearchInfo) -> str:
             out.append(f"Winner: run {w.run_id}, {w.model}: validation {_num(w.value)}, test accuracy "
                        f"{_num(w.test_accuracy, '{:.1%}')}{rng}, test macro-F1 {_num(w.test_macro_f1)}; latency "
                        f"{_num(lat.get('p50_ms'), '{:.1f} ms')} ({lat.get('source', '')}).")
+        if info.versus_start is not None:
+            out.append(info.versus_start.sentence())
         out.append(f"Pareto front (best validation for its latency): runs {', '.join(map(str, s.get('pareto', [])))}. "
                    "Only the finalists were scored on the test images.")
         out.append(f"Verified bundle: {_bundle_path(info)}; details with `workbench evaluate "

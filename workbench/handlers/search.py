@@ -36,8 +36,10 @@ from core.search import (
     open_study,
     pareto_front,
     trial_epochs,
+    validation_noise,
 )
 from core.train import Callback, FeatureStore
+from storage import repositories as repo
 from storage.models import Job, Run, Search, utcnow
 from workbench import exports, searches
 from workbench.handlers.postrun import after_training
@@ -86,7 +88,8 @@ class _Trials(SearchCallback):
                       search_id=self.search_id, trial_number=plan.number, batch_label=f"Auto search {self.search_id}",
                       created_at=utcnow(), started_at=utcnow(), worker_pid=os.getpid(),
                       summary={"search_params": plan.params, "target_latency_ms": choice.latency_p50_ms,
-                               "target_latency_source": choice.latency_source})
+                               "target_latency_source": choice.latency_source,
+                               "starting_point": plan.starting_point})
             s.add(run)
             s.flush()
             # The job points at the trial it trains, so reconcile's orphan hook finds it if we die.
@@ -311,6 +314,25 @@ def _points(s: Session, search_id: int) -> list[TrialPoint]:
             for r in rows if r.summary and r.summary.get("objective_value") is not None]
 
 
+def _versus_start(s: Session, search_id: int, winner: TrialPoint) -> dict[str, Any] | None:
+    """The winner against the first trial (what plain training gives) on validation, with how far
+    chance alone moves a score on that many images: a small validation split can crown a
+    challenger that is no better (bench/results_selection.md)."""
+    row = s.get(Search, search_id)
+    done = s.scalars(select(Run).where(Run.search_id == search_id, Run.status == RunStatus.SUCCEEDED)).all()
+    starts = [(float(r.summary["objective_value"]), r) for r in done
+              if r.summary and r.summary.get("starting_point") and r.summary.get("objective_value") is not None]
+    if row is None or not starts:
+        return None
+    value, start = max(starts, key=lambda vr: vr[0])
+    labels = [im.label for im in repo.images_for_dataset(s, row.dataset_id, "val")]
+    if Objective.parse(row.objective).metric != "macro_f1":  # sensitivity is measured on the positives alone
+        positive = row.dataset.classes[int((start.config or {}).get("positive_index", 1))]
+        labels = [lb for lb in labels if lb == positive]
+    return {"run_id": start.id, "value": value, "winner_value": winner.value, "images": len(labels),
+            "noise": validation_noise(value, len(labels))}
+
+
 def finalize(ctx: JobContext, search_id: int) -> JobOutcome:
     sf = ctx.session_factory
     t0 = time.perf_counter()
@@ -365,6 +387,7 @@ def _finish(ctx: JobContext, search_id: int, winner: TrialPoint, finalists: list
         row.summary = {**(row.summary or {}), "winner_run_id": int(winner.key),
                        "finalists": [int(f.key) for f in finalists],
                        "pareto": [int(p.key) for p in pareto_front(points)], "tested": tested,
+                       "versus_start": _versus_start(s, search_id, winner),
                        "winner_latency": winner_latency, "finalize_seconds": round(time.perf_counter() - t0, 1)}
     _end_sitting(sf, search_id, SearchStatus.SUCCEEDED, None, winner_run_id=int(winner.key),
                  bundle_artifact_id=bundle.bundle_artifact_id)
