@@ -21,15 +21,7 @@ from storage import repositories as repo
 from storage.models import Image, Job, Run, Search, utcnow
 from workbench import jobs, lanes, runs
 from workbench.settings import Settings, service_context
-from workbench.status import (
-    ACTIVE_JOB,
-    ACTIVE_SEARCH,
-    RESUMABLE_SEARCH,
-    JobKind,
-    JobStatus,
-    RunStatus,
-    SearchStatus,
-)
+from workbench.status import ACTIVE_JOB, ACTIVE_SEARCH, RESUMABLE_SEARCH, JobKind, JobStatus, RunStatus, SearchStatus
 
 MIN_TRAIN_PER_CLASS = 2
 MIN_VAL_IMAGES = 2
@@ -61,8 +53,7 @@ class TrialInfo:
 
 @dataclass(frozen=True)
 class StartComparison:
-    """The winner against the search's first trial (the recommended model with the default
-    settings: what plain training gives), on the validation images."""
+    """The winner against the first trial (the recommended model, default settings: plain training) on validation."""
 
     start_run_id: int
     winner_run_id: int
@@ -74,10 +65,9 @@ class StartComparison:
     @classmethod
     def from_summary(cls, summary: dict[str, Any]) -> StartComparison | None:
         v, winner = summary.get("versus_start"), summary.get("winner_run_id")
-        if not v or winner is None:
-            return None
-        return cls(int(v["run_id"]), int(winner), float(v["value"]), float(v["winner_value"]), int(v["images"]),
-                   None if v.get("noise") is None else float(v["noise"]))
+        return None if not v or winner is None else cls(
+            int(v["run_id"]), int(winner), float(v["value"]), float(v["winner_value"]), int(v["images"]),
+            None if v.get("noise") is None else float(v["noise"]))
 
     @property
     def lead_points(self) -> float:
@@ -91,21 +81,19 @@ class StartComparison:
     def sentence(self) -> str:
         plain = f"plain training of the recommended model (the first trial, run {self.start_run_id})"
         if self.start_run_id == self.winner_run_id:
-            return ("The winner is the first trial: the recommended model trained with the default settings, as "
-                    f"the Train page would train it. No other trial scored higher on the {self.images} validation "
-                    "images.")
+            return ("The winner is the first trial: the recommended model trained with the default settings, as the "
+                    f"Train page would train it. No other trial scored higher on the {self.images} validation images.")
         if self.lead_points <= 0:
             return f"The winner scores the same as {plain} on the validation images, and is faster."
         by = f"{self.lead_points:.1f} points" if self.lead_points >= 0.05 else "less than 0.1 point"
         lead = f"The winner scores {by} above {plain} on the {self.images} validation images"
         if self.noise is None:
             return lead + "."
+        noise = f"±{100.0 * self.noise:.1f} points"
         if self.within_noise:
-            return (f"{lead}. Chance alone moves a score on {self.images} images by about ±{100.0 * self.noise:.1f} "
-                    f"points, so the winner may be no better: run {self.start_run_id} is kept if you prefer the "
-                    "plainer model.")
-        return (f"{lead}: more than the ±{100.0 * self.noise:.1f} points by which chance alone moves a score on "
-                f"{self.images} images.")
+            return (f"{lead}. Chance alone moves a score on {self.images} images by about {noise}, so the winner may "
+                    f"be no better: run {self.start_run_id} is kept if you prefer the plainer model.")
+        return f"{lead}: more than the {noise} by which chance alone moves a score on {self.images} images."
 
 
 @dataclass(frozen=True)
