@@ -314,15 +314,14 @@ def _points(s: Session, search_id: int) -> list[TrialPoint]:
             for r in rows if r.summary and r.summary.get("objective_value") is not None]
 
 
-def _versus_start(s: Session, search_id: int, winner: TrialPoint) -> dict[str, Any] | None:
+def _versus_start(s: Session, row: Search, winner: TrialPoint) -> dict[str, Any] | None:
     """The winner against the first trial (what plain training gives) on validation, with how far
     chance alone moves a score on that many images: a small validation split can crown a
     challenger that is no better (bench/results_selection.md)."""
-    row = s.get(Search, search_id)
-    done = s.scalars(select(Run).where(Run.search_id == search_id, Run.status == RunStatus.SUCCEEDED)).all()
+    done = s.scalars(select(Run).where(Run.search_id == row.id, Run.status == RunStatus.SUCCEEDED)).all()
     starts = [(float(r.summary["objective_value"]), r) for r in done
               if r.summary and r.summary.get("starting_point") and r.summary.get("objective_value") is not None]
-    if row is None or not starts:
+    if not starts:
         return None
     value, start = max(starts, key=lambda vr: vr[0])
     labels = [im.label for im in repo.images_for_dataset(s, row.dataset_id, "val")]
@@ -387,7 +386,7 @@ def _finish(ctx: JobContext, search_id: int, winner: TrialPoint, finalists: list
         row.summary = {**(row.summary or {}), "winner_run_id": int(winner.key),
                        "finalists": [int(f.key) for f in finalists],
                        "pareto": [int(p.key) for p in pareto_front(points)], "tested": tested,
-                       "versus_start": _versus_start(s, search_id, winner),
+                       "versus_start": _versus_start(s, row, winner),
                        "winner_latency": winner_latency, "finalize_seconds": round(time.perf_counter() - t0, 1)}
     _end_sitting(sf, search_id, SearchStatus.SUCCEEDED, None, winner_run_id=int(winner.key),
                  bundle_artifact_id=bundle.bundle_artifact_id)
