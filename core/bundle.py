@@ -35,6 +35,7 @@ import numpy as np
 from core.images import ImageDecodeError, load_rgb
 from core.ingest import IngestError, IngestLimits, open_zip, scan_folder, scan_zip
 from core.metrics import softmax
+from core.onnx_files import ModelFileError, model_session
 from core.preprocessing import Preprocessing, preprocess
 
 MANIFEST_NAME = "manifest.json"
@@ -517,20 +518,6 @@ class Prediction:
 SkipFn = Callable[[Path, str], None]
 
 
-def _refuse_external_data(model: bytes) -> None:
-    """An ONNX file may point at 'external data' files by path; a bundle's model must be
-    self-contained, or a crafted one could make ONNX Runtime read files outside the bundle."""
-    import onnx
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data
-
-    try:
-        proto = onnx.load_from_string(model)
-    except Exception as e:  # protobuf raises its own DecodeError
-        raise BundleError(f"model.onnx: not a readable ONNX model ({e})") from None
-    if any(uses_external_data(t) for t in _get_all_tensors(proto)):
-        raise BundleError("model.onnx: refers to external data files; a bundle's model must be self-contained")
-
-
 class BundlePredictor:
     """ONNX Runtime classifier with Workbench preprocessing: the one ONNX prediction path of
     Workbench, for a verified bundle and for a run's verified export alike. Probabilities are
@@ -543,14 +530,13 @@ class BundlePredictor:
 
     def __init__(self, model: bytes | Path, labels: Sequence[str], pre: Preprocessing,
                  calibration: Calibration | None = None, *, device: str = "auto") -> None:
-        import onnxruntime as ort
-
         from core.latency import ort_providers
 
         providers = ort_providers(device)  # a DeviceError (the user's choice) is not the bundle's fault
-        src = model if isinstance(model, bytes) else str(model)
         try:
-            self._sess = ort.InferenceSession(src, providers=providers)
+            self._sess = model_session(model, providers=providers)
+        except ModelFileError as e:
+            raise BundleError(f"model.onnx: {e}") from None
         except Exception as e:  # ORT raises its own exception types
             raise BundleError(f"model.onnx: ONNX Runtime cannot load it ({e})") from None
         self.provider: str = str(self._sess.get_providers()[0])
@@ -566,7 +552,6 @@ class BundlePredictor:
 
     @classmethod
     def from_bundle(cls, bundle: VerifiedBundle, *, device: str = "auto") -> BundlePredictor:
-        _refuse_external_data(bundle.model)
         return cls(bundle.model, bundle.labels, bundle.preprocessing, bundle.calibration, device=device)
 
     @classmethod

@@ -137,12 +137,13 @@ def ort_session(onnx_path: str | Path | bytes, threads: int | None = None, devic
     which provider it got."""
     import onnxruntime as ort
 
+    from core.onnx_files import model_session
+
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
-    src = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
-    return ort.InferenceSession(src, opts, providers=ort_providers(device))
+    return model_session(onnx_path, opts, ort_providers(device))
 
 
 def session_provider(session: Any) -> str:

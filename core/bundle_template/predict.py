@@ -21,6 +21,9 @@ Workbench's (a Workbench test checks the arrays are identical).
 DICOM files (.dcm, or any file with the DICM marker) are read like Workbench reads them: modality
 LUT, the file's own window if it has one, min-max to 8 bits, MONOCHROME1 inverted, first frame.
 
+The model is given to ONNX Runtime as bytes with its external-data folder set to an empty
+temporary folder, so a crafted model.onnx that names other files ("external data") cannot read them.
+
 Before loading anything it checks every file against manifest.json (sha256), so a damaged or
 altered model, label list or preprocessing file is refused with the file's name.
 """
@@ -31,6 +34,7 @@ import csv
 import hashlib
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -248,6 +252,15 @@ def find_images(inputs: list[str]) -> list[Path]:
     return out
 
 
+def open_model(path, ort):
+    """An ONNX Runtime session that can open no file but the model: external data, which a
+    crafted model may point at any file, is looked up in an empty folder that is then removed."""
+    opts = ort.SessionOptions()
+    with tempfile.TemporaryDirectory() as empty:
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", empty)
+        return ort.InferenceSession(Path(path).read_bytes(), opts, providers=["CPUExecutionProvider"])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Classify images with a Workbench ONNX bundle.")
     ap.add_argument("images", nargs="+", help="image files and/or folders")
@@ -279,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     if ood_thr is not None:
         print(f"images whose energy score is above {ood_thr:.3f} are flagged as unlike the training images",
               file=sys.stderr)
-    sess = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
+    sess = open_model(args.model, ort)
     name = sess.get_inputs()[0].name
     paths = find_images(args.images)
     if not paths:
