@@ -33,6 +33,7 @@ from core.augment import PRESETS
 from core.data import DataError
 from core.efficientnet_arch import VARIANTS, get_variant
 from core.recommend import Budget, Candidate, recommend
+from core.status import TrialState
 from core.train import (
     RECIPES,
     Callback,
@@ -246,7 +247,7 @@ class TrialPlan:
 @dataclass
 class TrialOutcome:
     number: int
-    state: str  # complete | pruned | stopped (time ran out) | failed
+    state: TrialState
     value: float | None
     seconds: float
     result: TrainResult | None = None
@@ -389,21 +390,21 @@ def run_trial(plan: TrialPlan, trial: Any, samples: SearchSamples, val: SearchSa
     except TrainingCancelled:
         if tcb.pruned:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            return TrialOutcome(plan.number, "pruned", tcb.best if tcb.best > -math.inf else None,
+            return TrialOutcome(plan.number, TrialState.PRUNED, tcb.best if tcb.best > -math.inf else None,
                                 time.perf_counter() - t0)
         # Out of time, or the search was stopped: the trial's run stays resumable.
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        return TrialOutcome(plan.number, "stopped", None, time.perf_counter() - t0)
+        return TrialOutcome(plan.number, TrialState.STOPPED, None, time.perf_counter() - t0)
     except (DataError, TrainingError, ValueError, RuntimeError) as exc:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        return TrialOutcome(plan.number, "failed", None, time.perf_counter() - t0, error=str(exc)[:500])
+        return TrialOutcome(plan.number, TrialState.FAILED, None, time.perf_counter() - t0, error=str(exc)[:500])
     value = objective.value(result.best["metrics"])
     if math.isnan(value):
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        return TrialOutcome(plan.number, "failed", None, time.perf_counter() - t0, result,
+        return TrialOutcome(plan.number, TrialState.FAILED, None, time.perf_counter() - t0, result,
                             f"the objective {objective.text} could not be computed on validation")
     study.tell(trial, value)
-    return TrialOutcome(plan.number, "complete", value, time.perf_counter() - t0, result)
+    return TrialOutcome(plan.number, TrialState.COMPLETE, value, time.perf_counter() - t0, result)
 
 
 # ---------------------------------------------------------------------------------------------

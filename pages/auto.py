@@ -5,7 +5,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from workbench import searches, ui, views
+from workbench import search_words, searches, ui, views
 
 ui.header("Auto", "Workbench tries several models and training settings on your images, keeps the one that "
           "scores best on the validation images within your device's limits, tests it once on the held-out "
@@ -71,12 +71,12 @@ def search_panel() -> None:
     elif info.resumable and buttons.button("Resume", key=f"resume{info.id}", icon=":material/play_circle:"):
         with ui.errors("Could not resume the search"):
             searches.resume_search(info.id)
-    st.progress(min(1.0, info.spent_s / max(1.0, info.time_budget_s)), text=searches.progress_line(info))
+    st.progress(min(1.0, info.spent_s / max(1.0, info.time_budget_s)), text=search_words.progress_line(info))
     if info.active and info.progress:
         st.caption(f"Now: {ui.progress_text(info.progress)}")
     if info.error:
         st.error(info.error)
-    rows = pd.DataFrame(searches.trial_rows(info))
+    rows = pd.DataFrame(search_words.trial_rows(info))
     if not rows.empty:
         scored = rows.dropna(subset=["Validation score", "Speed on the device (ms per image)"])
         if not scored.empty:
@@ -90,7 +90,7 @@ def search_panel() -> None:
             ).properties(height=260), width="stretch")
             st.caption("Each dot is a trial. Up is better on the validation images, left is faster on the device; "
                        "coloured dots are the best choice for their speed (the Pareto front).")
-        shown = ui.plain_rows(searches.trial_rows(info))
+        shown = ui.plain_rows(search_words.trial_rows(info))
         for row, t in zip(shown, info.trials):  # the test split is small: its figures come with their range
             row["Test accuracy 95 % range"] = views.percent_range(*t.test_accuracy_range) or "—" \
                 if t.test_accuracy_range else "—"

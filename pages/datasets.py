@@ -73,7 +73,7 @@ def ingest_progress() -> None:
         if j.status == JobStatus.SUCCEEDED:
             c1.success(f"{label}: ingested {p.get('done', 0)} images.", icon=":material/check_circle:")
         else:
-            c1.error(f"{label}: {j.error or 'failed'}")
+            c1.error(f"{label}: {j.error or 'it stopped without saying why'}")
         if c2.button("Dismiss", key=f"dismiss{j.id}"):
             dismissed.add(j.id)
             st.rerun()

@@ -112,7 +112,7 @@ def progress_panel() -> None:
                                               if p.get("eta_s") is not None else "")
                 st.progress(min(max(frac, 0.0), 1.0), text=text)
             elif r.status == RunStatus.FAILED:
-                st.error(r.error or "failed")
+                st.error(r.error or "Training stopped without saying why.")
             else:
                 sm = r.summary
                 bits = []

@@ -149,7 +149,7 @@ class Run(Base):
     variant: Mapped[str] = mapped_column(String(100))
     resolution: Mapped[int] = mapped_column(Integer)
     preset: Mapped[str] = mapped_column(String(50))
-    status: Mapped[str] = mapped_column(String(20), default="queued")
+    status: Mapped[str] = mapped_column(String(20))  # set by the service that creates the row (workbench.status)
     config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -260,7 +260,7 @@ class Search(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
-    status: Mapped[str] = mapped_column(String(20), default="queued")
+    status: Mapped[str] = mapped_column(String(20))  # set by the service that creates the row (workbench.status)
     study_name: Mapped[str] = mapped_column(String(100), unique=True)
     objective: Mapped[str] = mapped_column(String(50))
     device: Mapped[str] = mapped_column(String(100))
@@ -288,7 +288,7 @@ class Job(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String(50))  # train | evaluate | export | ...
-    status: Mapped[str] = mapped_column(String(20), default="queued", index=True)
+    status: Mapped[str] = mapped_column(String(20), index=True)  # set by workbench.jobs (workbench.status)
     run_id: Mapped[int | None] = mapped_column(
         ForeignKey("runs.id", ondelete="CASCADE"), nullable=True, index=True
     )

@@ -6,7 +6,10 @@
 * ``core`` never imports ``streamlit``, ``storage`` or ``workbench``;
 * the modules of ``workbench/`` import each other without cycles (imports inside functions count:
   a lazy import hides a cycle from Python, not from the design);
-* no file of ``workbench/`` exceeds ``MAX_LINES``.
+* no file of ``workbench/`` exceeds ``MAX_LINES``;
+* status words are spelled only in ``workbench/status.py`` and ``core/status.py``: anywhere else
+  in the product a string equal to one of them is a breach (a word shown for a status, the value
+  of a dict keyed by status members, is a display word and allowed).
 """
 from __future__ import annotations
 
@@ -143,3 +146,53 @@ def test_workbench_modules_import_each_other_without_cycles() -> None:
 def test_workbench_files_stay_small(path: Path) -> None:
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, f"{path.relative_to(REPO_ROOT)} has {lines} lines (at most {MAX_LINES})"
+
+
+# --- status words -------------------------------------------------------------------------------
+STATUS_MODULES = [WORKBENCH / "status.py", REPO_ROOT / "core" / "status.py"]
+PRODUCT_FILES = sorted(p for root in ("core", "workbench", "storage", "pages") for p in (REPO_ROOT / root).rglob("*.py")
+                       if p not in STATUS_MODULES and "bundle_template" not in p.parts and "migrations" not in p.parts)
+
+
+def status_enums() -> dict[str, set[str]]:
+    """The state enums (classes named ...Status, ...State, ...End, ...Outcome) and their words."""
+    enums: dict[str, set[str]] = {}
+    for path in STATUS_MODULES:
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef) and node.name.endswith(("Status", "State", "End", "Outcome")):
+                enums[node.name] = {a.value.value for a in node.body if isinstance(a, ast.Assign)
+                                    and isinstance(a.value, ast.Constant) and isinstance(a.value.value, str)}
+    return enums
+
+
+def status_literals(path: Path, enums: dict[str, set[str]]) -> list[str]:
+    """``file:line 'word'`` for each string constant equal to a status word (docstrings and display
+    words, the values of a dict whose keys are status members, excepted)."""
+    words = set().union(*enums.values())
+    tree = ast.parse(path.read_text(), str(path))
+    allowed: set[int] = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        first = body[0] if isinstance(body, list) and body else None
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+            allowed.add(id(first.value))  # a docstring
+        if isinstance(node, ast.Dict):
+            allowed |= {id(v) for k, v in zip(node.keys, node.values) if isinstance(k, ast.Attribute)
+                        and isinstance(k.value, ast.Name) and k.value.id in enums}
+    rel = path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path.name
+    return [f"{rel}:{n.lineno} {n.value!r}" for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in words and id(n) not in allowed]
+
+
+def test_the_status_scan_finds_a_literal(tmp_path: Path) -> None:
+    enums = status_enums()
+    assert {"RunStatus", "JobStatus", "SearchStatus", "TrialState"} <= set(enums) and "queued" in enums["RunStatus"]
+    probe = tmp_path / "probe.py"
+    probe.write_text('"""Docstring: failed."""\nWORDS = {RunStatus.FAILED: "failed"}\n'
+                     'if run.status == "failed":\n    pass\n')
+    assert status_literals(probe, enums) == ["probe.py:3 'failed'"]
+
+
+@pytest.mark.parametrize("path", PRODUCT_FILES, ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_status_words_come_from_the_status_modules(path: Path) -> None:
+    assert not status_literals(path, status_enums())

@@ -31,6 +31,7 @@ from storage.models import (
     RunMetric,
     utcnow,
 )
+from workbench.status import RunStatus
 
 HEAD = "0005_dataset_versions"
 TABLES = {"datasets", "images", "runs", "run_metrics", "run_events", "evaluations",
@@ -243,7 +244,7 @@ def _new_dataset_and_run(sm, name: str) -> tuple[int, int]:  # type: ignore[no-u
     with sm.begin() as s:
         ds = repo.add_dataset(s, name=name, source="src", classes=["a", "b"], health={},
                               split_config={}, skipped=[], num_images=0)
-        run = Run(dataset_id=ds.id, variant="efficientnet_b0", resolution=224, preset="fast")
+        run = Run(dataset_id=ds.id, variant="efficientnet_b0", resolution=224, preset="fast", status=RunStatus.QUEUED)
         s.add(run)
         s.flush()
         return ds.id, run.id

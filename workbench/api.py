@@ -184,7 +184,7 @@ class Workbench:
     def _follow_search(self, search_id: int, *, progress: bool, poll_s: float = POLL_S) -> SearchInfo:
         from tqdm.auto import tqdm
 
-        from workbench import searches, worker
+        from workbench import search_words, searches, worker
 
         info = searches.get_search(search_id, settings=self.settings)
         bar = tqdm(total=int(info.time_budget_s), unit="s", desc=f"search {search_id}", disable=not progress)
@@ -193,7 +193,7 @@ class Workbench:
                 time.sleep(poll_s)
                 info = searches.get_search(search_id, settings=self.settings)
                 bar.n = int(min(info.spent_s, info.time_budget_s))
-                bar.set_postfix_str(searches.progress_line(info)[:80], refresh=True)
+                bar.set_postfix_str(search_words.progress_line(info)[:80], refresh=True)
                 if lanes.worker_pid(self.settings) is None and info.active:
                     worker.reconcile(settings=self.settings)
                     lanes.ensure_worker(self.settings)

@@ -22,7 +22,7 @@ from storage.models import Artifact, Image, Job, Run, RunEvent, RunMetric, utcno
 from workbench import jobs, lanes, workers
 from workbench.paths import RunPaths
 from workbench.settings import Settings, service_context
-from workbench.status import ACTIVE_RUN, RESUMABLE_RUN, JobKind, JobStatus, RunStatus
+from workbench.status import ACTIVE_RUN, RESUMABLE_RUN, CancelOutcome, JobKind, JobStatus, RunStatus
 from workbench.summary import BestMetrics, RunSummary, read_best, read_summary
 
 # A verifying run's training is over: cancelling would only throw away its export and metrics.
@@ -181,7 +181,7 @@ def get_run(run_id: int, *, settings: Settings | None = None) -> RunInfo:
         return _info(s, run, settings)
 
 
-def cancel_run(run_id: int, *, settings: Settings | None = None) -> str:
+def cancel_run(run_id: int, *, settings: Settings | None = None) -> CancelOutcome:
     """Queued: cancelled at once. Running: the worker stops it within one batch. Returns the new state."""
     settings, sf = service_context(settings)
     with sf.begin() as s:
@@ -193,11 +193,11 @@ def cancel_run(run_id: int, *, settings: Settings | None = None) -> str:
             for job in s.scalars(select(Job).where(Job.run_id == run_id, Job.status == JobStatus.QUEUED)):
                 job.status, job.finished_at = JobStatus.CANCELLED, utcnow()
             s.add(RunEvent(run_id=run_id, message="Cancelled before it started.", level="info", created_at=utcnow()))
-            return "cancelled"
+            return CancelOutcome.CANCELLED
         if run.status == RunStatus.RUNNING:
             run.cancel_requested = True
             s.add(RunEvent(run_id=run_id, message="Cancel requested.", level="info", created_at=utcnow()))
-            return "cancelling"
+            return CancelOutcome.CANCELLING
         if run.status == RunStatus.VERIFYING:
             raise RunError(f"Run {run_id} has finished training and is checking its exported model; this "
                            "cannot be cancelled and takes a few minutes. Delete the run afterwards if you do "

@@ -21,7 +21,16 @@ from storage import repositories as repo
 from storage.models import Image, Job, Run, Search, utcnow
 from workbench import jobs, lanes, runs
 from workbench.settings import Settings, service_context
-from workbench.status import ACTIVE_JOB, ACTIVE_SEARCH, RESUMABLE_SEARCH, JobKind, JobStatus, RunStatus, SearchStatus
+from workbench.status import (
+    ACTIVE_JOB,
+    ACTIVE_SEARCH,
+    RESUMABLE_SEARCH,
+    CancelOutcome,
+    JobKind,
+    JobStatus,
+    RunStatus,
+    SearchStatus,
+)
 
 MIN_TRAIN_PER_CLASS = 2
 MIN_VAL_IMAGES = 2
@@ -348,7 +357,7 @@ def list_searches(dataset: str | int | None = None, *, settings: Settings | None
 # ---------------------------------------------------------------------------------------------
 # Changing
 # ---------------------------------------------------------------------------------------------
-def cancel_search(search_id: int, *, settings: Settings | None = None) -> str:
+def cancel_search(search_id: int, *, settings: Settings | None = None) -> CancelOutcome:
     """Stop a search: its running trial stops within a batch (resumable); the search can resume."""
     settings, sf = service_context(settings)
     with sf.begin() as s:
@@ -362,9 +371,9 @@ def cancel_search(search_id: int, *, settings: Settings | None = None) -> str:
                 j.status, j.finished_at = JobStatus.CANCELLED, utcnow()
         if not any(j.status == JobStatus.RUNNING for j in active):
             row.status, row.finished_at = SearchStatus.CANCELLED, utcnow()
-            return "cancelled"
+            return CancelOutcome.CANCELLED
         row.cancel_requested = True
-        return "cancelling"
+        return CancelOutcome.CANCELLING
 
 
 def resume_search(search_id: int, *, extra_time: str | float | None = None, workers: int | None = None,
@@ -411,35 +420,3 @@ def delete_search(search_id: int, *, settings: Settings | None = None) -> list[i
         if gone is not None:
             s.delete(gone)
     return run_ids
-
-
-STATE_WORDS: dict[str, str] = {
-    RunStatus.SUCCEEDED: "done", RunStatus.PRUNED: "stopped early", RunStatus.RUNNING: "training",
-               RunStatus.CANCELLED: "stopped (time)", RunStatus.FAILED: "failed", RunStatus.QUEUED: "waiting"}
-
-
-def trial_rows(info: SearchInfo) -> list[dict[str, Any]]:
-    """The trials as a table in plain words (pages, CLI --json readers use ``info.trials``)."""
-    rows = []
-    for t in info.trials:
-        role = "winner" if t.winner else ("finalist" if t.finalist else ("best for its speed" if t.pareto else ""))
-        rows.append({"Trial": t.number, "Run": t.run_id, "Model": t.model,
-                     "State": STATE_WORDS.get(t.status, t.status), "Validation score": t.value,
-                     "Speed on the device (ms per image)": t.latency_ms, "Training time (s)": t.seconds,
-                     "Test accuracy": t.test_accuracy, "Role": role})
-    return rows
-
-
-def progress_line(info: SearchInfo) -> str:
-    """'4 min of 10 min used · 5 trials: 2 done, 2 stopped early, 1 training · best so far 0.931'."""
-    counts: dict[str, int] = {}
-    for t in info.trials:
-        word = STATE_WORDS.get(t.status, t.status)
-        counts[word] = counts.get(word, 0) + 1
-    best = next((t for t in info.trials if t.run_id == info.best_run_id), None)
-    parts = [f"{minutes(info.spent_s)} of {minutes(info.time_budget_s)} used",
-             f"{len(info.trials)} trial(s)" + (": " + ", ".join(f"{n} {w}" for w, n in counts.items())
-                                               if counts else "")]
-    if best is not None and best.value is not None:
-        parts.append(f"best so far {best.value:.3f} ({best.model})")
-    return " · ".join(parts)

@@ -51,6 +51,13 @@ class SearchStatus(StrEnum):
     CANCELLED = "cancelled"  # resumable too
 
 
+class CancelOutcome(StrEnum):
+    """What asking to cancel a run or a search did."""
+
+    CANCELLED = "cancelled"  # it had not started: cancelled at once
+    CANCELLING = "cancelling"  # it is running: the worker stops it within one batch
+
+
 class Lane(StrEnum):
     """One worker process per lane, so light jobs never queue behind a long training."""
 

@@ -38,6 +38,7 @@ from core.data import DataError, Sample, load_images
 from core.efficientnet import EfficientNet
 from core.metrics import validation_metrics
 from core.preprocessing import Preprocessing
+from core.status import TrainEnd
 from core.train import distributed
 from core.train.callbacks import Callback, Progress, TrainingCancelled, TrainingError
 from core.train.checkpoint import (
@@ -218,7 +219,7 @@ def _result(run: Runner, epochs_run: int) -> TrainResult:
     if run.best is None:
         raise TrainingError("No epoch was trained (all phase lengths are 0).")
     run.summary.update(best_epoch=run.best["epoch"], best_phase=run.best["phase"], epochs_run=epochs_run)
-    return TrainResult("succeeded", run.best, run.history, run.best_path, run.last_path,
+    return TrainResult(TrainEnd.SUCCEEDED, run.best, run.history, run.best_path, run.last_path,
                        round(run.seconds(), 2), run.summary)
 
 

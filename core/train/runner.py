@@ -8,15 +8,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from core.status import TrainEnd
 from core.train.callbacks import Callback, Progress
 from core.train.config import TrainConfig
 
 
 @dataclass
 class TrainResult:
-    status: Literal["succeeded", "cancelled"]
+    status: TrainEnd
     best: dict[str, Any]  # {"epoch", "phase", "metrics"}
     history: list[dict[str, Any]]
     best_path: Path

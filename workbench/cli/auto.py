@@ -11,9 +11,9 @@ from workbench import lanes, searches, worker
 from workbench.searches import SearchInfo, SearchRequestError, minutes
 from workbench.status import JobKind, RunStatus, SearchStatus
 
-STATE_WORDS: dict[str, str] = {
-    RunStatus.SUCCEEDED: "done", RunStatus.PRUNED: "pruned", RunStatus.RUNNING: "running",
-               RunStatus.CANCELLED: "stopped", RunStatus.FAILED: "failed", RunStatus.QUEUED: "waiting"}  # 8 wide
+# 8 wide; a state not named here is shown as its own word.
+STATE_WORDS: dict[str, str] = {**{s: str(s) for s in RunStatus}, RunStatus.SUCCEEDED: "done",
+                               RunStatus.CANCELLED: "stopped", RunStatus.QUEUED: "waiting"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

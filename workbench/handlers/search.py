@@ -38,6 +38,7 @@ from core.search import (
     trial_epochs,
     validation_noise,
 )
+from core.status import TrialState
 from core.train import Callback, FeatureStore
 from storage import repositories as repo
 from storage.models import Job, Run, Search, utcnow
@@ -106,16 +107,16 @@ class _Trials(SearchCallback):
     def on_trial_end(self, plan: TrialPlan, outcome: TrialOutcome) -> None:
         run_id = self.run_ids[plan.number]
         trial_ctx = replace(self.ctx, run_id=run_id)
-        if outcome.state == "complete" and outcome.result is not None:
+        if outcome.state == TrialState.COMPLETE and outcome.result is not None:
             record_success(trial_ctx, run_id, outcome.result)
             trial_ctx.event(f"Trial {plan.number} finished: validation {outcome.value:.3f} in {outcome.seconds:.0f} s.")
         status, message = {
-            "complete": (RunStatus.SUCCEEDED, None),
-            "pruned": (RunStatus.PRUNED, "Stopped early: this trial was unlikely to beat the best ones so far "
-                                         "(resume trains it to the end)."),
-            "stopped": (RunStatus.CANCELLED, "Stopped when the search's time ran out or the search was stopped; "
-                                             "resume continues from the last checkpoint."),
-            "failed": (RunStatus.FAILED, f"Trial failed: {outcome.error}"),
+            TrialState.COMPLETE: (RunStatus.SUCCEEDED, None),
+            TrialState.PRUNED: (RunStatus.PRUNED, "Stopped early: this trial was unlikely to beat the best ones "
+                                                  "so far (resume trains it to the end)."),
+            TrialState.STOPPED: (RunStatus.CANCELLED, "Stopped when the search's time ran out or the search was "
+                                                      "stopped; resume continues from the last checkpoint."),
+            TrialState.FAILED: (RunStatus.FAILED, f"Trial failed: {outcome.error}"),
         }[outcome.state]
         with self.sf.begin() as s:
             run = s.get(Run, run_id)

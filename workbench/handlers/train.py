@@ -232,7 +232,7 @@ def _after_training(ctx: JobContext, run_id: int, estimate_s: float) -> None:
     eta.seed(time.monotonic(), 0.0, 1.0, estimate_s)  # the estimate the training ETA included
 
     def report(message: str, fraction: float) -> None:
-        ctx.progress({"phase": "verifying", "message": f"Verifying ({message})", "fraction": fraction,
+        ctx.progress({"phase": RunStatus.VERIFYING, "message": f"Verifying ({message})", "fraction": fraction,
                       "eta_s": eta.update(time.monotonic(), fraction, 1.0)})
 
     report(f"step 1 of {len(VERIFY_STEPS)}, {VERIFY_STEPS[0]}", 0.0)
