@@ -196,3 +196,20 @@ def test_the_status_scan_finds_a_literal(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", PRODUCT_FILES, ids=lambda p: str(p.relative_to(REPO_ROOT)))
 def test_status_words_come_from_the_status_modules(path: Path) -> None:
     assert not status_literals(path, status_enums())
+
+
+# --- one follow loop ----------------------------------------------------------------------------
+FRONT_END_FILES = [WORKBENCH / "api.py", *sorted((WORKBENCH / "cli").glob("*.py"))]
+
+
+def polls(path: Path) -> list[str]:
+    """``file:line`` of each call that waits or starts a worker: following a job is workbench.follow's."""
+    rel = path.relative_to(REPO_ROOT)
+    calls = [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)]
+    return [f"{rel}:{n.lineno} {n.func.attr}" for n in calls
+            if isinstance(n.func, ast.Attribute) and n.func.attr in ("sleep", "ensure_worker")]
+
+
+@pytest.mark.parametrize("path", FRONT_END_FILES, ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_front_ends_follow_jobs_through_the_one_follow_loop(path: Path) -> None:
+    assert not polls(path)

@@ -16,24 +16,23 @@ Errors are the services' own (``ValueError`` family with a plain message).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from workbench import datasets, lanes, runs, views
+from workbench import datasets, follow, runs, views
 from workbench.datasets import DatasetInfo, DeleteResult
 from workbench.predictor import Predictor
-from workbench.runs import RunInfo
+from workbench.runs import RunInfo, progress_text
 from workbench.settings import Settings, get_settings
-from workbench.status import ACTIVE_RUN, TERMINAL, RunStatus
+from workbench.status import RunStatus
 
 if TYPE_CHECKING:  # evaluations and exports import torch: loaded when first used, not on import
     from core.recommend import Recommendation
     from workbench.evaluations import EvaluationResult
     from workbench.searches import SearchInfo
 
-POLL_S = 0.5  # how often a blocking train() reads the run's progress from the database
+POLL_S = follow.POLL_S
 
 
 class RunFailed(RuntimeError):
@@ -184,20 +183,17 @@ class Workbench:
     def _follow_search(self, search_id: int, *, progress: bool, poll_s: float = POLL_S) -> SearchInfo:
         from tqdm.auto import tqdm
 
-        from workbench import search_words, searches, worker
+        from workbench import search_words, searches
 
         info = searches.get_search(search_id, settings=self.settings)
         bar = tqdm(total=int(info.time_budget_s), unit="s", desc=f"search {search_id}", disable=not progress)
+
+        def show(info: SearchInfo) -> None:
+            bar.n = int(min(info.spent_s, info.time_budget_s))
+            bar.set_postfix_str(search_words.progress_line(info)[:80], refresh=True)
+
         try:
-            while info.active:
-                time.sleep(poll_s)
-                info = searches.get_search(search_id, settings=self.settings)
-                bar.n = int(min(info.spent_s, info.time_budget_s))
-                bar.set_postfix_str(search_words.progress_line(info)[:80], refresh=True)
-                if lanes.worker_pid(self.settings) is None and info.active:
-                    worker.reconcile(settings=self.settings)
-                    lanes.ensure_worker(self.settings)
-            return info
+            return follow.follow_search(search_id, settings=self.settings, on_update=show, poll_s=poll_s)
         finally:
             bar.close()
 
@@ -215,33 +211,20 @@ class Workbench:
         return runs.list_runs(dataset, settings=self.settings)
 
     def _follow(self, run_id: int, *, progress: bool, poll_s: float) -> RunInfo:
-        """Poll the run's progress (the job's snapshot in the database) into a tqdm.auto bar, like
-        ``workbench train`` does in a terminal; restart the worker if it died with the run queued."""
+        """The run's progress (the job's snapshot in the database) in a tqdm.auto bar, as
+        ``workbench train`` shows it in a terminal (``workbench.follow``: one loop for all)."""
         from tqdm.auto import tqdm
-
-        from workbench import worker
 
         info = runs.get_run(run_id, settings=self.settings)
         bar = tqdm(total=1000, desc=f"run {run_id} {info.variant}", disable=not progress,
                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+
+        def show(info: RunInfo) -> None:
+            bar.n = int(1000 * min(1.0, float((info.progress or {}).get("fraction") or 0.0)))
+            bar.set_postfix_str(progress_text(info), refresh=True)
+
         try:
-            while True:
-                info = runs.get_run(run_id, settings=self.settings)
-                snap = info.progress or {}
-                bar.n = int(1000 * min(1.0, float(snap.get("fraction") or 0.0)))
-                eta = snap.get("eta_s")
-                bar.set_postfix_str(f"{info.status} | {snap.get('message', '')}"
-                                    + (f" | loss {snap['loss']:.3f}" if snap.get("loss") is not None else "")
-                                    + (f" | about {eta:.0f} s left" if eta is not None else ""), refresh=True)
-                if info.status in TERMINAL:
-                    return info
-                if info.job_status in TERMINAL and info.status == RunStatus.RUNNING:
-                    worker.reconcile(settings=self.settings)
-                elif lanes.worker_pid(self.settings) is None and info.status in ACTIVE_RUN:
-                    worker.reconcile(settings=self.settings)
-                    if runs.get_run(run_id, settings=self.settings).status == RunStatus.QUEUED:
-                        lanes.ensure_worker(self.settings)
-                time.sleep(poll_s)
+            return follow.follow_run(run_id, settings=self.settings, on_update=show, poll_s=poll_s)
         finally:
             bar.close()
 

@@ -22,7 +22,7 @@ from storage.models import Artifact, Image, Job, Run, RunEvent, RunMetric, utcno
 from workbench import jobs, lanes, workers
 from workbench.paths import RunPaths
 from workbench.settings import Settings, service_context
-from workbench.status import ACTIVE_RUN, RESUMABLE_RUN, CancelOutcome, JobKind, JobStatus, RunStatus
+from workbench.status import ACTIVE_RUN, RESUMABLE_RUN, TERMINAL_JOB, CancelOutcome, JobKind, JobStatus, RunStatus
 from workbench.summary import BestMetrics, RunSummary, read_best, read_summary
 
 # A verifying run's training is over: cancelling would only throw away its export and metrics.
@@ -58,6 +58,24 @@ class RunInfo:
     job_status: str | None
     resumable: bool
 
+    @property
+    def active(self) -> bool:
+        """Still to follow: queued, training or verifying, and its job has not ended (a job that
+        ended while the run row still says running was cut short: following it longer waits forever)."""
+        return self.status in ACTIVE_RUN and self.job_status not in TERMINAL_JOB
+
+    @property
+    def queued(self) -> bool:
+        return self.status == RunStatus.QUEUED
+
+
+
+def progress_text(info: RunInfo) -> str:
+    """'running | Epoch 3/10 | loss 0.412 | about 40 s left': the line a followed run shows."""
+    p = info.progress or {}
+    eta = p.get("eta_s")
+    loss = f" | loss {p['loss']:.3f}" if p.get("loss") is not None else ""
+    return f"{info.status} | {p.get('message', '')}{loss}" + (f" | about {eta:.0f} s left" if eta is not None else "")
 
 def _info(s: Session, run: Run, settings: Settings) -> RunInfo:
     job = s.scalar(select(Job).where(Job.run_id == run.id, Job.kind == JobKind.TRAIN).order_by(Job.id.desc())

@@ -143,6 +143,10 @@ class SearchInfo:
     def active(self) -> bool:
         return self.status in ACTIVE_SEARCH
 
+    @property
+    def queued(self) -> bool:
+        return self.status == SearchStatus.QUEUED
+
 
 def parse_duration(text: str | float | int) -> float:
     """Seconds from '15m', '90s', '1h', '1h30m' or a bare number of minutes."""

@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from typing import Any
 
-from workbench import lanes, searches, worker
+from workbench import searches
+from workbench.follow import follow_search
 from workbench.searches import SearchInfo, SearchRequestError, minutes
-from workbench.status import JobKind, RunStatus, SearchStatus
+from workbench.status import RunStatus, SearchStatus
 
 # 8 wide; a state not named here is shown as its own word.
 STATE_WORDS: dict[str, str] = {**{s: str(s) for s in RunStatus}, RunStatus.SUCCEEDED: "done",
@@ -119,26 +119,23 @@ def follow(search_id: int, poll_s: float = 1.0) -> SearchInfo:
     info = searches.get_search(search_id)
     bar = tqdm(total=int(info.time_budget_s), unit="s", desc=f"search {search_id}",
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} s {postfix}")
-    shown = ""
-    while True:
-        info = searches.get_search(search_id)
+    shown = [""]
+
+    def show(info: SearchInfo) -> None:
         bar.n = int(min(info.spent_s, info.time_budget_s))
         p = info.progress or {}
-        bar.set_postfix_str(f"{info.status} | {len(info.trials)} trial(s) | {p.get('message', '')}"[:80], refresh=True)
+        bar.set_postfix_str(f"{info.status} | {len(info.trials)} trial(s) | {p.get('message', '')}"[:80],
+                            refresh=True)
         table = trials_table(info) if info.trials else ""
-        if table != shown:
+        if table != shown[0]:
             bar.clear()
             print(table, flush=True)
-            shown = table
-        if not info.active:
-            break
-        if lanes.worker_pid(lane=lanes.lane_of(JobKind.SEARCH)) is None:
-            worker.reconcile()
-            if searches.get_search(search_id).status == SearchStatus.QUEUED:
-                lanes.ensure_worker(lane=lanes.lane_of(JobKind.SEARCH))
-        time.sleep(poll_s)
-    bar.close()
-    return info
+            shown[0] = table
+
+    try:
+        return follow_search(search_id, on_update=show, poll_s=poll_s)
+    finally:
+        bar.close()
 
 
 def _result(info: SearchInfo, as_json: bool) -> int:

@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Sequence
 
 from workbench import lanes, runs, worker
 from workbench.cli.output import add_json_flag, human, print_json
-from workbench.status import ACTIVE_RUN, TERMINAL, RunStatus
+from workbench.follow import follow_run
+from workbench.status import RunStatus
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -82,39 +82,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def follow(run_ids: Sequence[int], poll_s: float = 0.5, as_json: bool = False) -> int:
     """tqdm bars following the DB progress of each run in turn; 0 if all succeeded.
     ``as_json``: the final state of every run as JSON on stdout, the summary lines on stderr."""
-    from tqdm import tqdm
-
     worst = 0
     finished = []
     for rid in run_ids:
-        info = runs.get_run(rid)
-        bar = tqdm(total=1000, desc=f"run {rid} {info.variant}", unit="‰", leave=True,
-                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
-        while True:
-            info = runs.get_run(rid)
-            p = info.progress or {}
-            frac = p.get("fraction") or 0.0
-            bar.n = int(1000 * min(1.0, frac))
-            eta = p.get("eta_s")
-            bar.set_postfix_str(f"{info.status} | {p.get('message', '')}"
-                                + (f" | loss {p['loss']:.3f}" if p.get("loss") is not None else "")
-                                + (f" | ETA {eta:.0f}s" if eta is not None else ""), refresh=True)
-            if info.status in TERMINAL:
-                break
-            if info.job_status in TERMINAL and info.status in (RunStatus.RUNNING, RunStatus.VERIFYING):
-                break  # worker finished the job but the run row says otherwise: reconcile will fix
-            if lanes.worker_pid() is None and info.status in ACTIVE_RUN:
-                worker.reconcile()
-                if runs.get_run(rid).status == RunStatus.QUEUED:
-                    lanes.ensure_worker()
-            time.sleep(poll_s)
-        bar.close()
+        info = _follow_one(rid, poll_s)
         print(_describe(info), file=sys.stderr if as_json else sys.stdout)
         finished.append(info)
         worst = max(worst, 0 if info.status == RunStatus.SUCCEEDED else 1)
     if as_json:
         print_json(finished)
     return worst
+
+
+def _follow_one(run_id: int, poll_s: float) -> runs.RunInfo:
+    from tqdm import tqdm
+
+    bar = tqdm(total=1000, desc=f"run {run_id} {runs.get_run(run_id).variant}", unit="‰", leave=True,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+
+    def show(info: runs.RunInfo) -> None:
+        bar.n = int(1000 * min(1.0, (info.progress or {}).get("fraction") or 0.0))
+        bar.set_postfix_str(runs.progress_text(info), refresh=True)
+
+    try:
+        return follow_run(run_id, on_update=show, poll_s=poll_s)
+    finally:
+        bar.close()
 
 
 def _describe(info: runs.RunInfo) -> str:
