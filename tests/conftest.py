@@ -192,3 +192,11 @@ def zip_folder(src: Path, dest: Path, *, prefix: str = "", limit_per_dir: int | 
                     continue
             zf.write(p, prefix + p.relative_to(src).as_posix())
     return dest
+
+
+@pytest.fixture(scope="session")
+def ws(tmp_path_factory: pytest.TempPathFactory):
+    """The beans workspace (tests/builders.py): ingested and trained once for the whole session."""
+    from builders import shared_workspace
+
+    return shared_workspace(tmp_path_factory)

@@ -58,12 +58,9 @@ def test_quickstart_notebook_runs_from_a_folder_to_predictions(data_dir: Path, t
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from test_export import FAST, make_run, shared_workspace
+    from builders import exported_run, shared_workspace
 
-    from workbench.exports import export_run
-
-    ws = shared_workspace(tmp_path_factory)
-    return Path(export_run(make_run(ws), settings=ws.settings, session_factory=ws.Session, **FAST).bundle_path)
+    return exported_run(shared_workspace(tmp_path_factory)).bundle
 
 
 def test_predictor_takes_paths_pil_images_numpy_arrays_and_bytes_alike(bundle: Path) -> None:
@@ -121,7 +118,7 @@ def test_workbench_reports_recommends_and_refuses_unknown_things(data_dir: Path,
 def test_train_without_waiting_returns_a_handle_at_once(data_dir: Path, tmp_path: Path) -> None:
     import fcntl
 
-    from helpers_train import write_images
+    from builders import write_images
 
     from workbench import RunFailed, Workbench
     from workbench.lanes import lock_path

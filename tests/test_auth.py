@@ -8,9 +8,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from builders import free_port, stop, wait_for_200
 from conftest import REPO_ROOT
 from streamlit.testing.v1 import AppTest
-from test_serve import free_port, stop, wait_for_200
 
 from workbench import auth
 

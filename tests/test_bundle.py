@@ -28,13 +28,6 @@ def _template():
     return mod
 
 
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory: pytest.TempPathFactory):
-    from test_export import shared_workspace
-
-    return shared_workspace(tmp_path_factory)
-
-
 @pytest.mark.parametrize("pre", [
     Preprocessing(64, 1.0, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     Preprocessing(96, 0.875, "bilinear", IMAGENET_MEAN, IMAGENET_STD),
@@ -69,14 +62,14 @@ def test_predict_py_decoding_matches_load_rgb(tmp_path: Path) -> None:
 
 def test_predict_py_reads_dicom_like_workbench(tmp_path: Path) -> None:
     """Windowed, MONOCHROME1 and a real scanner file: predict.py's pixels equal core.images'."""
+    from builders import write_dicom
     from pydicom.data import get_testdata_file
-    from test_images import _write_dicom
 
     mod = _template()
     arr = np.array([[0, 1000, 1500], [2000, 3000, 4000]], dtype=np.uint16)
-    files = [_write_dicom(tmp_path / "plain.dcm", arr),
-             _write_dicom(tmp_path / "window.dcm", arr, window=(1000, 200)),
-             _write_dicom(tmp_path / "mono1.dcm", arr, photometric="MONOCHROME1"),
+    files = [write_dicom(tmp_path / "plain.dcm", arr),
+             write_dicom(tmp_path / "window.dcm", arr, window=(1000, 200)),
+             write_dicom(tmp_path / "mono1.dcm", arr, photometric="MONOCHROME1"),
              Path(get_testdata_file("CT_small.dcm")), Path(get_testdata_file("MR_small.dcm"))]
     no_suffix = tmp_path / "scan_without_extension"
     no_suffix.write_bytes(files[1].read_bytes())  # found by its DICM marker, like Workbench does
@@ -87,10 +80,10 @@ def test_predict_py_reads_dicom_like_workbench(tmp_path: Path) -> None:
 
 
 def test_predict_py_without_pydicom_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from test_images import _write_dicom
+    from builders import write_dicom
 
     mod = _template()
-    f = _write_dicom(tmp_path / "scan.dcm", np.array([[0, 9], [3, 4]], dtype=np.uint16))
+    f = write_dicom(tmp_path / "scan.dcm", np.array([[0, 9], [3, 4]], dtype=np.uint16))
     monkeypatch.setitem(sys.modules, "pydicom", None)  # as on a machine without pydicom: import fails
     with pytest.raises(RuntimeError, match="pip install pydicom"):
         mod.load_rgb(f)
@@ -98,7 +91,7 @@ def test_predict_py_without_pydicom_says_what_to_install(tmp_path: Path, monkeyp
 
 @pytest.fixture(scope="module")
 def exported(ws):
-    from test_export import FAST, make_run
+    from builders import FAST, make_run
 
     from workbench.exports import export_run
 

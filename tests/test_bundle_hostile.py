@@ -27,7 +27,7 @@ Members = dict[str, bytes]
 # --- a real bundle -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory: pytest.TempPathFactory):
-    from test_export import shared_workspace
+    from builders import shared_workspace
 
     return shared_workspace(tmp_path_factory)
 
@@ -35,7 +35,7 @@ def ws(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def real(ws) -> tuple[Members, list[Path]]:
     """The members of a bundle built by `export_run` (unsigned), and two test images."""
-    from test_export import FAST, make_run
+    from builders import FAST, make_run
 
     from workbench.exports import export_run
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from builders import exported_run
 
 from core.metrics import calibration, softmax
 
@@ -26,25 +27,10 @@ TOL = 1e-6
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory: pytest.TempPathFactory):
-    from test_export import shared_workspace
-
-    return shared_workspace(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def exported(ws) -> tuple[int, Path, dict[str, Any]]:
     """A three-class run's bundle (fp32 only) and the evaluation it was built from."""
-    from test_export import FAST, make_run
-
-    from workbench.evaluations import latest_evaluation
-    from workbench.exports import export_run
-
-    rid = make_run(ws)
-    out = export_run(rid, settings=ws.settings, session_factory=ws.Session, **FAST)
-    ev = latest_evaluation(rid, settings=ws.settings, session_factory=ws.Session)
-    assert ev is not None
-    return rid, Path(out.bundle_path), ev.metrics
+    e = exported_run(ws)
+    return e.run_id, e.bundle, e.metrics
 
 
 def _members(bundle: Path) -> dict[str, bytes]:
@@ -285,7 +271,7 @@ def test_two_class_bundle_carries_and_applies_the_threshold(ws, tmp_path: Path) 
 def test_predict_page_shows_calibrated_confidences(ws, exported, monkeypatch: pytest.MonkeyPatch) -> None:
     """The predict job runs in-process (the handler the light-lane worker runs); the page shows it."""
     import torch
-    from test_pages import open_page
+    from builders import open_page
 
     from core.export import load_trained
     from core.images import load_rgb

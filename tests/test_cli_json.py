@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers_train import write_images
+from builders import write_images
 
 from workbench.cli import main
 

@@ -320,7 +320,7 @@ def test_evaluation_reports_the_leakage_free_score(tmp_path_factory: pytest.Temp
                                                    tmp_path: Path) -> None:
     """A real checkpoint evaluated on a copy of its dataset where 2 test images were also filed in
     train: the normal score on all 12 test images, and beside it the score on the other 10."""
-    from test_export import shared_workspace
+    from builders import shared_workspace
 
     from core.evaluate import EvalItem, evaluate_model
     from core.export import load_trained

@@ -120,13 +120,6 @@ def test_threshold_for_sensitivity() -> None:
 # ------------------------------------------------------------------------------------------
 # On real images with a really trained model
 # ------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory: pytest.TempPathFactory):
-    from test_export import shared_workspace
-
-    return shared_workspace(tmp_path_factory)
-
-
 def _items(folder: Path, classes: list[str]) -> list[EvalItem]:
     return [EvalItem(p, classes.index(p.parent.name)) for p in sorted(folder.rglob("*.jpg"))]
 
@@ -205,7 +198,7 @@ def test_binary_operating_point(ws) -> None:
 
 
 def test_evaluate_run_stores_tta_evaluation(ws) -> None:
-    from test_export import make_run
+    from builders import make_run
 
     from storage import repositories as repo
     from storage.models import Evaluation, Run
@@ -225,7 +218,7 @@ def test_evaluate_run_stores_tta_evaluation(ws) -> None:
 def test_evaluation_records_ranges_and_compares_runs_on_the_same_images(ws) -> None:
     """The plain evaluation stores 95 % ranges (summary + metrics) and per-image outcomes; two runs
     are compared image by image: equal outcomes are within each other's margin, far apart ones not."""
-    from test_export import make_run
+    from builders import make_run
 
     from core.export import load_trained, model_card
     from storage.models import Evaluation, Run

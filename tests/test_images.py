@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import write_dicom
 from PIL import Image
 
 from core.images import ImageDecodeError, decode, load_rgb
@@ -69,42 +70,17 @@ def test_exif_orientation_applied(tmp_path: Path) -> None:
     assert (d.width, d.height) == (20, 60) and d.image.size == (20, 60)
 
 
-def _write_dicom(path: Path, arr: np.ndarray, *, photometric: str = "MONOCHROME2",
-                 window: tuple[float, float] | None = None) -> Path:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = arr.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-    ds.PixelRepresentation = 0
-    if window:
-        ds.WindowCenter, ds.WindowWidth = window
-    ds.PixelData = arr.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 def test_dicom_windowing_to_8_bit(tmp_path: Path) -> None:
     arr = np.array([[0, 1000], [2000, 4000]], dtype=np.uint16)
-    d = decode(_write_dicom(tmp_path / "ct.dcm", arr))
+    d = decode(write_dicom(tmp_path / "ct.dcm", arr))
     assert (d.format, d.mode, d.bit_depth, d.ext) == ("DICOM", "DICOM", 16, ".dcm")
     px = np.asarray(d.image)[:, :, 0]
     assert px[0, 0] == 0 and px[1, 1] == 255 and 0 < px[0, 1] < px[1, 0] < 255
     # A narrow window saturates everything outside it.
-    px = np.asarray(load_rgb(_write_dicom(tmp_path / "w.dcm", arr, window=(1000, 200))))[:, :, 0]
+    px = np.asarray(load_rgb(write_dicom(tmp_path / "w.dcm", arr, window=(1000, 200))))[:, :, 0]
     assert px[0, 0] == 0 and px[1, 0] == 255 and px[1, 1] == 255
     # MONOCHROME1: low values are white.
-    px = np.asarray(load_rgb(_write_dicom(tmp_path / "m1.dcm", arr, photometric="MONOCHROME1")))
+    px = np.asarray(load_rgb(write_dicom(tmp_path / "m1.dcm", arr, photometric="MONOCHROME1")))
     assert px[0, 0, 0] == 255 and px[1, 1, 0] == 0
 
 

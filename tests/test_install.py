@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from test_serve import free_port, stop, wait_for_200
+from builders import free_port, stop, wait_for_200
 
 ROOT = Path(__file__).resolve().parents[1]
 

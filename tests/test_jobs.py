@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+from builders import create_dataset_rows
 from conftest import on_postgresql, wait_for
-from helpers_train import create_dataset_rows
 
 from workbench import jobs, lanes, runs, worker
 from workbench.settings import get_settings

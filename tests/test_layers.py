@@ -7,6 +7,7 @@
 * the modules of ``workbench/`` import each other without cycles (imports inside functions count:
   a lazy import hides a cycle from Python, not from the design);
 * no file of ``workbench/`` exceeds ``MAX_LINES``;
+* no test module imports another: shared builders live in ``tests/builders.py``;
 * status words are spelled only in ``workbench/status.py`` and ``core/status.py``: anywhere else
   in the product a string equal to one of them is a breach (a word shown for a status, the value
   of a dict keyed by status members, is a display word and allowed).
@@ -213,3 +214,14 @@ def polls(path: Path) -> list[str]:
 @pytest.mark.parametrize("path", FRONT_END_FILES, ids=lambda p: str(p.relative_to(REPO_ROOT)))
 def test_front_ends_follow_jobs_through_the_one_follow_loop(path: Path) -> None:
     assert not polls(path)
+
+
+# --- tests share builders, not each other ----------------------------------------------------------
+TEST_MODULES = sorted((REPO_ROOT / "tests").glob("test_*.py"))
+
+
+@pytest.mark.parametrize("path", TEST_MODULES, ids=lambda p: p.name)
+def test_no_test_module_imports_another(path: Path) -> None:
+    found = [f"{path.name}:{imp.line} imports {imp.module}" for imp in imports(path)
+             if imp.module.split(".")[0].startswith("test_")]
+    assert not found, "move what is shared to tests/builders.py: " + "; ".join(found)

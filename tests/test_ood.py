@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from builders import exported_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared" / "datasets"
@@ -79,29 +80,15 @@ def test_threshold_needs_validation_images_and_a_sane_share() -> None:
 
 # --- the bundle -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory: pytest.TempPathFactory):
-    from test_export import shared_workspace
-
-    return shared_workspace(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def exported(ws) -> tuple[int, Path, dict[str, Any]]:
-    from test_export import FAST, make_run
-
-    from workbench.evaluations import latest_evaluation
-    from workbench.exports import export_run
-
-    rid = make_run(ws)
-    out = export_run(rid, settings=ws.settings, session_factory=ws.Session, **FAST)
-    ev = latest_evaluation(rid, settings=ws.settings, session_factory=ws.Session)
-    assert ev is not None
-    return rid, Path(out.bundle_path), ev.metrics
+    """A three-class run's bundle (fp32 only) and the evaluation it was built from."""
+    e = exported_run(ws)
+    return e.run_id, e.bundle, e.metrics
 
 
 @pytest.fixture(scope="module")
 def image_sets(ws) -> dict[str, list[Path]]:
-    from test_export import BEANS, CLASSES
+    from builders import BEANS, CLASSES
 
     held_out = [f for c in CLASSES for f in sorted((BEANS / "test" / c).iterdir())[4:12]]  # not in the fixture
     return {"val": sorted((ws.source / "val").rglob("*.jpg")), "beans": held_out,
@@ -219,7 +206,7 @@ def test_predict_page_says_the_image_looks_unlike_the_training_images(ws, export
     instead of a silent class, the class one click away in an expander."""
     import uuid
 
-    from test_pages import open_page
+    from builders import open_page
 
     from core.bundle import OUTSIDE_TRAINING_DATA, BundlePredictor, open_bundle
     from storage.db import reset_sessionmakers

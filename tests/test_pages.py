@@ -16,30 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, fresh_database, use_database
+from builders import APP, assert_clean, open_page, page_path
+from conftest import fresh_database, use_database
 from streamlit.testing.v1 import AppTest
 
-APP = REPO_ROOT / "workbench" / "app.py"
 PAGES = ["home", "datasets", "recommend", "auto", "train", "runs", "evaluate", "export", "predict", "settings"]
 TITLES = {p: p.capitalize() for p in PAGES} | {"home": "Workbench"}
-
-
-def page_path(name: str) -> str:
-    return f"../pages/{name}.py"
-
-
-def open_page(name: str, timeout: float = 60) -> AppTest:
-    at = AppTest.from_file(str(APP), default_timeout=timeout)
-    at.run()
-    if name != "home":
-        at.switch_page(page_path(name)).run()
-    return at
-
-
-def assert_clean(at: AppTest) -> None:
-    """No uncaught exception (traceback box) and no error message on the page."""
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
 
 
 def titles(at: AppTest) -> list[str]:

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from builders import assert_clean, open_page
 from plain_language import assert_plain_language, plain_language_problems
-from test_pages import assert_clean, open_page
 
 
 class _Fake:  # the shape AppTest elements have, to prove the checker itself can fail

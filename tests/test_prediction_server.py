@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-from test_serve import free_port, stop, wait_for_200
+from builders import free_port, stop, wait_for_200
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = ["--max-images", "4", "--max-image-mb", "0.2", "--max-request-mb", "0.5"]
@@ -28,7 +28,7 @@ LIMITS = ["--max-images", "4", "--max-image-mb", "0.2", "--max-request-mb", "0.5
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
-    from test_export import FAST, make_run, shared_workspace
+    from builders import FAST, make_run, shared_workspace
 
     from workbench.exports import export_run
 

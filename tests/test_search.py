@@ -10,7 +10,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from helpers_train import write_images
+from builders import write_images
 
 from core.recommend import Budget
 from core.search import (
@@ -312,7 +312,7 @@ def test_two_searches_queue_on_one_worker_and_each_delivers_a_tested_winner_and_
     capsys.readouterr()
     assert _cli("auto", "--follow", str(first.id)) == 0
     assert cmp.sentence() in capsys.readouterr().out
-    from test_pages import assert_clean, open_page
+    from builders import assert_clean, open_page
 
     at = open_page("auto")  # the Auto page shows the same sentence under its winner
     at.session_state["auto_search"] = first.id
@@ -369,7 +369,7 @@ def test_a_search_whose_worker_is_killed_resumes_and_reruns_the_cut_trial(med: s
 
 @pytest.mark.slow
 def test_auto_page_refuses_an_impossible_budget_then_starts_and_stops_a_search(med: str, data_dir: Path) -> None:
-    from test_pages import open_page
+    from builders import open_page
 
     from workbench import searches
     from workbench.status import SearchStatus
@@ -403,8 +403,8 @@ def test_auto_page_refuses_an_impossible_budget_then_starts_and_stops_a_search(m
 
 @pytest.mark.slow
 def test_two_workers_on_two_hosts_share_one_search(med: str, data_dir: Path) -> None:
+    from builders import spawn_host
     from sqlalchemy import select
-    from test_workers_multihost import spawn_host
 
     from storage.db import get_sessionmaker
     from storage.models import Run

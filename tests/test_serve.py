@@ -4,47 +4,16 @@ from __future__ import annotations
 
 import os
 import shlex
-import signal
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+from builders import free_port, stop, wait_for_200
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_200(url: str, proc: subprocess.Popen, timeout: float = 90) -> int:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-            pytest.fail(f"server exited with {proc.returncode}:\n{out[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                return r.status
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"no answer from {url} within {timeout} s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:  # already gone (a failed start): keep its own error visible
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def non_loopback_address() -> str | None:

@@ -10,8 +10,8 @@ import uuid
 import zipfile
 from pathlib import Path
 
+from builders import create_dataset_rows
 from conftest import stop_workers, wait_for, worker_processes
-from helpers_train import create_dataset_rows
 
 from workbench import jobs, lanes, runs, worker
 from workbench.settings import get_settings

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers_train import write_images
+from builders import write_images
 
 from core.trackers import (
     CallbackFanout,
@@ -143,7 +143,7 @@ def test_model_card_front_matter_matches_the_evaluation(tmp_path: Path) -> None:
 
 def test_train_job_with_track_logs_to_both(data_dir: Path) -> None:
     """The worker's train handler wires the trackers the job asks for (``workbench train --track``)."""
-    from helpers_train import create_dataset_rows
+    from builders import create_dataset_rows
     from mlflow.tracking import MlflowClient
 
     from storage.db import get_sessionmaker

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_train import write_images
+from builders import write_images
 
 from core.augment import augment_preview, build_augment
 from core.data import DataError

@@ -156,7 +156,7 @@ def test_device_plan_refuses_what_does_not_fit(device: str, gpus: int, message: 
 
 
 def test_worker_trains_a_two_process_job_with_torchrun(data_dir: Path) -> None:
-    from helpers_train import create_dataset_rows
+    from builders import create_dataset_rows
     from sqlalchemy import select
 
     from storage.db import get_sessionmaker
@@ -204,7 +204,7 @@ def test_a_failed_process_becomes_a_clear_error(tmp_path: Path, errors: list[dic
 
 def test_a_gpu_job_of_two_processes_waits_for_two_gpus_and_resumes_on_one_process(
         data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from helpers_train import create_dataset_rows
+    from builders import create_dataset_rows
     from sqlalchemy import select
 
     from storage.db import get_sessionmaker

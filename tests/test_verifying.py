@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers_train import create_dataset_rows
+from builders import create_dataset_rows
 
 from core.train.runner import EtaSmoother
 

@@ -6,23 +6,20 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from builders import WORKER_LEASE_S, create_dataset_rows, spawn_host
 from conftest import wait_for
-from helpers_train import create_dataset_rows
 from sqlalchemy import select
 
 from storage.models import Job
 from workbench import jobs, runs, worker, workers
 from workbench.settings import SettingsError, check_host_id, get_settings
 
-REPO = Path(__file__).resolve().parents[1]
 # Short, so the take-over happens within seconds; long enough that a heartbeat thread starved by a
 # busy machine (one beat every LEASE_S / 3) does not lose a live worker's job.
-LEASE_S = 6
+LEASE_S = WORKER_LEASE_S
 TINY = dict(head_epochs=2, finetune_epochs=8, unfreeze_stages=1, cache_views=1, batch_size=8, head_batch_size=16,
             num_threads=1, patience=20)
 
@@ -32,12 +29,6 @@ def sf(data_dir: Path):
     from storage.db import get_sessionmaker
 
     return get_sessionmaker(get_settings().database_url)
-
-
-def spawn_host(host: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO), WORKBENCH_LEASE_S=str(LEASE_S))
-    return subprocess.Popen([sys.executable, "-m", "workbench.worker", "--lane", "train", "--host-id", host],
-                            cwd=REPO, env=env, start_new_session=True)
 
 
 def _jobs(sf) -> list[Job]:
