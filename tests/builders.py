@@ -31,6 +31,7 @@ from conftest import REPO_ROOT, SHARED_DATASETS
 from PIL import Image
 
 from workbench.paths import RunPaths
+from workbench.status import RunStatus
 
 if TYPE_CHECKING:  # streamlit is imported by the page tests only
     from streamlit.testing.v1 import AppTest
@@ -95,9 +96,12 @@ def create_dataset_rows(data_dir: Path, session_factory, name: str, counts: Sequ
 # --- the beans workspace ------------------------------------------------------------------------
 BEANS = SHARED_DATASETS / "beans"
 
+
 RES = 64
 
+
 CLASSES = ["angular_leaf_spot", "bean_rust", "healthy"]
+
 
 def make_source_folder(dst: Path, n_train: int = 6, n_val: int = 3, n_test: int = 4) -> Path:
     """train/val/test/<class>/ folder of real beans images (a user-provided split)."""
@@ -112,6 +116,7 @@ def make_source_folder(dst: Path, n_train: int = 6, n_val: int = 3, n_test: int 
             for f in files:
                 shutil.copy(f, dst / split / c / f.name)
     return dst
+
 
 def train_checkpoint(path: Path, train_dir: Path, steps: int = 30, seed: int = 0) -> dict[str, Any]:
     """A real (tiny) training: Lite0 ImageNet weights, frozen backbone, a new linear head fitted
@@ -149,10 +154,12 @@ def train_checkpoint(path: Path, train_dir: Path, steps: int = 30, seed: int = 0
     torch.save(ck, path)
     return ck
 
+
 class Workspace:
     def __init__(self, settings: Any, session_factory: Any, dataset_id: int, checkpoint: Path, source: Path):
         self.settings, self.Session, self.dataset_id = settings, session_factory, dataset_id
         self.checkpoint, self.source = checkpoint, source
+
 
 def make_workspace(root: Path) -> Workspace:
     """Data dir + SQLite DB with a real ingested beans subset and one trained checkpoint file."""
@@ -168,13 +175,15 @@ def make_workspace(root: Path) -> Workspace:
     train_checkpoint(ck, src / "train")
     return Workspace(settings, get_sessionmaker(settings.database_url), info.id, ck, src)
 
-def make_run(ws: Workspace) -> int:
-    """A succeeded run row whose best.pt is a copy of the workspace checkpoint."""
+
+def make_run(ws: Workspace, dataset_id: int | None = None) -> int:
+    """A succeeded run row (of the workspace's dataset, or ``dataset_id``) whose best.pt is a copy
+    of the workspace checkpoint."""
     from storage.models import Run
 
     with ws.Session.begin() as s:
-        run = Run(dataset_id=ws.dataset_id, variant="lite0", resolution=RES, preset="test", status="succeeded",
-                  config={"seed": 0, "steps": 4})
+        run = Run(dataset_id=dataset_id or ws.dataset_id, variant="lite0", resolution=RES, preset="test",
+                  status=RunStatus.SUCCEEDED, config={"seed": 0, "steps": 4})
         s.add(run)
         s.flush()
         rid = run.id
@@ -184,7 +193,9 @@ def make_run(ws: Workspace) -> int:
         run.checkpoint_path = dst.relative_to(ws.settings.data_dir).as_posix()
     return rid
 
+
 _SHARED: dict[str, Any] = {}
+
 
 def shared_workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     """One workspace per test session (test_evaluate/test_bundle reuse it): ingest + training
@@ -192,6 +203,7 @@ def shared_workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     if "ws" not in _SHARED:
         _SHARED["ws"] = make_workspace(tmp_path_factory.mktemp("workspace"))
     return _SHARED["ws"]
+
 
 FAST = {"latency_runs": 3, "latency_seconds": 1.0}
 
@@ -223,8 +235,10 @@ def exported_run(ws: Workspace) -> Exported:
 # --- the web UI ---------------------------------------------------------------------------------
 APP = REPO_ROOT / "workbench" / "app.py"
 
+
 def page_path(name: str) -> str:
     return f"../pages/{name}.py"
+
 
 def open_page(name: str, timeout: float = 60) -> AppTest:
     from streamlit.testing.v1 import AppTest
@@ -234,6 +248,7 @@ def open_page(name: str, timeout: float = 60) -> AppTest:
     if name != "home":
         at.switch_page(page_path(name)).run()
     return at
+
 
 def assert_clean(at: AppTest) -> None:
     """No uncaught exception (traceback box) and no error message on the page."""
@@ -247,6 +262,7 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+
 def wait_for_200(url: str, proc: subprocess.Popen, timeout: float = 90) -> int:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -259,6 +275,7 @@ def wait_for_200(url: str, proc: subprocess.Popen, timeout: float = 90) -> int:
         except OSError:
             time.sleep(0.5)
     pytest.fail(f"no answer from {url} within {timeout} s")
+
 
 def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is not None:  # already gone (a failed start): keep its own error visible

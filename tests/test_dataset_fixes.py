@@ -316,36 +316,24 @@ def test_datasets_page_fix_buttons_and_history(leaky: str) -> None:
 
 # --- the evaluation of a run on a dataset with known leakage --------------------------------
 
-def test_evaluation_reports_the_leakage_free_score(tmp_path_factory: pytest.TempPathFactory,
-                                                   tmp_path: Path) -> None:
+def test_evaluation_reports_the_leakage_free_score(ws, tmp_path: Path) -> None:
     """A real checkpoint evaluated on a copy of its dataset where 2 test images were also filed in
     train: the normal score on all 12 test images, and beside it the score on the other 10."""
-    from builders import shared_workspace
+    from builders import make_run
 
     from core.evaluate import EvalItem, evaluate_model
     from core.export import load_trained
-    from storage.models import Run
     from workbench import dataset_fixes as fixes
     from workbench import datasets
     from workbench.evaluations import evaluate_run
-    from workbench.paths import RunPaths
 
-    ws = shared_workspace(tmp_path_factory)
     src = tmp_path / "src"
     shutil.copytree(ws.source, src)
     leaked = sorted((src / "test").rglob("*.jpg"))[:2]
     for f in leaked:
         shutil.copy(f, src / "train" / f.parent.name / f"again_{f.name}")
     info = datasets.add_dataset(src, f"leaky-eval-{tmp_path.name}", settings=ws.settings)
-    with ws.Session.begin() as s:
-        run = Run(dataset_id=info.id, variant="lite0", resolution=64, preset="test", status="succeeded", config={})
-        s.add(run)
-        s.flush()
-        rid = run.id
-        dst = RunPaths(ws.settings, rid).root / "best.pt"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ws.checkpoint, dst)
-        run.checkpoint_path = dst.relative_to(ws.settings.data_dir).as_posix()
+    rid = make_run(ws, info.id)
 
     m = evaluate_run(rid, settings=ws.settings, session_factory=ws.Session).metrics
     clean = m["leakage_free"]
