@@ -88,11 +88,12 @@ def pid_alive(pid: int | None) -> bool:
 
 
 def worker_pid(settings: Settings | None = None, lane: str = DEFAULT_LANE) -> int | None:
-    """The pid of the lane's live worker (-1: starting), or None."""
+    """The pid of the lane's live worker, or of one just started that has not taken the lock yet
+    (-1: starting, pid not known), or None."""
     settings = settings or get_settings()
     lp = lock_path(settings, lane)
     if not lp.exists():
-        return None
+        return _starting_pid(settings, lane)
     with open(lp, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -102,7 +103,21 @@ def worker_pid(settings: Settings | None = None, lane: str = DEFAULT_LANE) -> in
             except (OSError, ValueError):
                 return -1  # locked but the pid file is not written yet
         fcntl.flock(f, fcntl.LOCK_UN)
+        return _starting_pid(settings, lane)
+
+
+def _starting_pid(settings: Settings, lane: str) -> int | None:
+    """A worker ``ensure_worker`` started that is still importing (seconds on a busy machine): without
+    this, a caller polling every half second started a new worker each time, each slowing the rest."""
+    try:
+        pid = int(pid_path(settings, lane).read_text().strip() or 0)
+    except (OSError, ValueError):
         return None
+    try:
+        cmd = psutil.Process(pid).cmdline() if pid_alive(pid) else []
+    except psutil.Error:
+        return None
+    return pid if "workbench.worker" in cmd else None
 
 
 def ensure_worker(settings: Settings | None = None, *, lane: str = DEFAULT_LANE, idle_exit_s: float = 120.0) -> int:
@@ -133,6 +148,7 @@ def ensure_worker(settings: Settings | None = None, *, lane: str = DEFAULT_LANE,
                                  "--lane", lane],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True, cwd=repo_root)
+    pid_path(settings, lane).write_text(str(proc.pid))  # "starting" until it holds the lock (worker_pid)
     return proc.pid
 
 
