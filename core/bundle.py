@@ -64,8 +64,11 @@ class BundleError(ValueError):
 
 
 class Signature(StrEnum):
+    """What is known about who made a bundle. Only VALID says "signed": a signature nobody here
+    could check may be stale or forged (the manifest re-hashed after a file was swapped)."""
     VALID = "signed by this installation's key"
-    UNCHECKED = "signed, but no WORKBENCH_BUNDLE_KEY is configured here to check the signature"
+    UNCHECKED = ("carries a signature that could not be checked here (no WORKBENCH_BUNDLE_KEY is configured), "
+                 "so who made it is unknown")
     UNSIGNED = "unsigned"
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from core.names import is_id
 from storage.models import Artifact, Dataset, DatasetVersion, Image
 
 # --- datasets -----------------------------------------------------------------------
@@ -24,11 +25,12 @@ def get_dataset(session: Session, dataset_id: int) -> Dataset | None:
 
 
 def get_dataset_by_name_or_id(session: Session, name_or_id: str | int) -> Dataset | None:
-    """An int or an all-digit string is an id (dataset names may not be all digits), else a name.
+    """An int or a string of ASCII digits is an id (dataset names may not be all digits), else a name
+    ("²" or "١٧" too: not found by name, rather than a crash in ``int``).
 
     So a lookup by id is never shadowed by a dataset whose name is that number.
     """
-    if isinstance(name_or_id, int) or name_or_id.strip().isdigit():
+    if isinstance(name_or_id, int) or is_id(name_or_id):
         return session.get(Dataset, int(name_or_id))
     return get_dataset_by_name(session, name_or_id)
 

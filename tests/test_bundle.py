@@ -162,7 +162,7 @@ def test_cli_evaluate_export_predict(ws, exported, tmp_path: Path, monkeypatch: 
     assert labels[0] == labels[1]
     assert main(["predict", "not-a-bundle", str(imgs[0])]) == 2
     assert "neither a bundle" in capsys.readouterr().err
-    assert main(["evaluate", "9999"]) == 1
+    assert main(["evaluate", "9999"]) == 2  # an unknown run is bad input (README: exit codes)
     assert "no run with id 9999" in capsys.readouterr().err
     reset_sessionmakers()
 
@@ -211,6 +211,6 @@ def test_export_signs_with_the_installation_key_and_predict_checks_it(ws, export
     assert main(["predict", str(zip_path), str(img), "--csv", str(tmp_path / "p.csv")]) == 0
     assert "signed by this installation's key" in capsys.readouterr().out
     monkeypatch.setenv("WORKBENCH_BUNDLE_KEY", "another-lab")
-    assert main(["predict", str(zip_path), str(img), "--csv", str(tmp_path / "q.csv")]) == 1
+    assert main(["predict", str(zip_path), str(img), "--csv", str(tmp_path / "q.csv")]) == 2  # bad input
     assert "refusing bundle" in capsys.readouterr().err and not (tmp_path / "q.csv").exists()
     reset_sessionmakers()

@@ -20,6 +20,7 @@ import pytest
 from core.ingest import IngestLimits
 
 KEY = "test-installation-key"
+EXIT_BAD_INPUT = 2  # README.md "Exit codes and `--json`": a refused bundle is bad input
 OTHER_KEY = "another-installation-key"
 Members = dict[str, bytes]
 
@@ -170,7 +171,7 @@ def test_damaged_bundle_refused_naming_the_file(real, form: str, damage: Callabl
     m = dict(members)
     damage(m)
     rc, _, err = predict(materialise(m, form, tmp_path), images, tmp_path, capsys)
-    assert rc == 1 and message in err, err
+    assert rc == EXIT_BAD_INPUT and message in err, err
     assert not (tmp_path / "out.csv").exists()
 
 
@@ -193,7 +194,7 @@ def test_predict_py_payload_never_runs(real, form: str, manifest_updated: bool, 
         assert rc == 0, err
         assert len((tmp_path / "out.csv").read_text().splitlines()) == 3
     else:
-        assert rc == 1 and "predict.py: sha256 does not match the manifest" in err
+        assert rc == EXIT_BAD_INPUT and "predict.py: sha256 does not match the manifest" in err
 
 
 def _zip_slip(zf: zipfile.ZipFile) -> None:
@@ -231,7 +232,7 @@ def test_hostile_zip_refused_by_the_ingest_guards(real, add: Callable[[zipfile.Z
     with zipfile.ZipFile(z, "a", zipfile.ZIP_DEFLATED) as zf:
         add(zf)
     rc, _, err = predict(z, images, tmp_path, capsys)
-    assert rc == 1 and message in err, err
+    assert rc == EXIT_BAD_INPUT and message in err, err
     assert not (tmp_path.parent / "evil.txt").exists()
 
 
@@ -257,7 +258,7 @@ def test_symlink_in_folder_bundle_refused(real, link: Callable[[Path, Path], Non
     outside.mkdir()
     link(folder, outside)
     rc, _, err = predict(folder, images, tmp_path, capsys)
-    assert rc == 1 and message in err, err
+    assert rc == EXIT_BAD_INPUT and message in err, err
 
 
 @pytest.mark.parametrize("form", ["zip", "folder"])
@@ -268,7 +269,7 @@ def test_oversized_member_refused(real, form: str, tmp_path: Path, monkeypatch: 
     members, images = real
     monkeypatch.setattr(core.bundle, "BUNDLE_LIMITS", IngestLimits(max_entries=64, max_file_bytes=2**20))
     rc, _, err = predict(materialise(members, form, tmp_path), images, tmp_path, capsys)
-    assert rc == 1 and "model.onnx: larger than the limit of 1,048,576 bytes" in err, err
+    assert rc == EXIT_BAD_INPUT and "model.onnx: larger than the limit of 1,048,576 bytes" in err, err
 
 
 # --- signatures -------------------------------------------------------------------------------
@@ -277,6 +278,9 @@ def _tamper_signature(m: Members) -> None:
     value = manifest["signature"]["value"]
     manifest["signature"]["value"] = ("0" if value[0] != "0" else "1") + value[1:]
     m["manifest.json"] = json.dumps(manifest).encode()
+
+
+UNCHECKED_WORDS = "carries a signature that could not be checked here (no WORKBENCH_BUNDLE_KEY is configured)"
 
 
 def _resign_free_model_swap(m: Members) -> None:
@@ -288,15 +292,19 @@ def _resign_free_model_swap(m: Members) -> None:
 SIGNING = [
     # (case, signed with, key configured, damage, extra args, expected rc, expected text)
     ("signed, verified", KEY, KEY, None, (), 0, "signed by this installation's key"),
-    ("tampered signature", KEY, KEY, _tamper_signature, (), 1, "signature does not match this installation's key"),
-    ("model swapped, manifest re-hashed", KEY, KEY, _resign_free_model_swap, (), 1,
+    ("tampered signature", KEY, KEY, _tamper_signature, (), 2, "signature does not match this installation's key"),
+    ("model swapped, manifest re-hashed", KEY, KEY, _resign_free_model_swap, (), 2,
      "signature does not match this installation's key"),
-    ("signed with another key", OTHER_KEY, KEY, None, (), 1, "signature does not match this installation's key"),
-    ("unsigned while a key is set", None, KEY, None, (), 1, "unsigned"),
+    ("signed with another key", OTHER_KEY, KEY, None, (), 2, "signature does not match this installation's key"),
+    ("unsigned while a key is set", None, KEY, None, (), 2, "unsigned"),
     ("unsigned, --allow-unsigned", None, KEY, None, ("--allow-unsigned",), 0, "accepted with --allow-unsigned"),
     ("unsigned, no key here", None, None, None, (), 0, "no WORKBENCH_BUNDLE_KEY configured here"),
-    ("signed, no key here", KEY, None, None, (), 0, "signed, but no WORKBENCH_BUNDLE_KEY"),
+    # Without the key a good signature and a stale one (model swapped, manifest re-hashed) look
+    # the same: neither is called signed.
+    ("signature, no key here", KEY, None, None, (), 0, UNCHECKED_WORDS),
+    ("stale signature, no key here", KEY, None, _resign_free_model_swap, (), 0, UNCHECKED_WORDS),
 ]
+SIGNED = re.compile(r"(?<!un)signed|verified", re.IGNORECASE)
 
 
 @pytest.mark.parametrize("form", ["zip", "folder"])
@@ -314,6 +322,57 @@ def test_signature(real, form: str, signed_with: str | None, configured: str | N
         monkeypatch.setenv("WORKBENCH_BUNDLE_KEY", configured)
     rc, out, err = predict(materialise(m, form, tmp_path), images, tmp_path, capsys, *extra)
     assert rc == want_rc and text in (out if want_rc == 0 else err), (out, err)
+    if want_rc == 0:  # "signed" only where the signature was checked here and held
+        assert bool(SIGNED.search(out)) == (configured is not None and signed_with == configured), out
+
+
+def test_an_unchecked_signature_is_not_called_signed_by_the_server(real, tmp_path: Path) -> None:
+    """/metadata (the prediction server) on a machine without the key: the signature it carries is
+    reported as unchecked, in the same words as `workbench predict`."""
+    from fastapi.testclient import TestClient
+
+    from workbench.predictor import Predictor
+    from workbench.serve import create_app
+
+    members, _ = real
+    m = build_signed(members, tmp_path, KEY)
+    _resign_free_model_swap(m)  # a stale signature: nothing here can tell
+    meta = TestClient(create_app(Predictor.load(as_zip(m, tmp_path / "bundle.zip")))).get("/metadata").json()
+    assert UNCHECKED_WORDS in meta["bundle"]["signature"]
+    assert not SIGNED.search(json.dumps(meta)), meta["bundle"]["signature"]
+
+
+@pytest.mark.parametrize("target", ["zip", "folder"])
+def test_serve_refuses_a_damaged_bundle_as_bad_input(real, target: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from workbench.cli import main
+
+    m = dict(real[0])
+    _altered_model(m)
+    assert main(["serve", str(materialise(m, target, tmp_path))]) == EXIT_BAD_INPUT
+    assert "model.onnx: sha256 does not match the manifest" in capsys.readouterr().err
+
+
+def test_predict_json_writes_nothing_but_stdout(real, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`predict --json` used to leave predictions.csv in the working folder; now only --csv FILE writes."""
+    from workbench.cli import main
+
+    members, images = real
+    bundle = as_zip(members, tmp_path / "bundle.zip")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["predict", str(bundle), *map(str, images), "--json"]) == 0
+    out = capsys.readouterr()
+    assert [Path(r["image"]) for r in json.loads(out.out)] == images
+    assert list(work.iterdir()) == [] and "->" not in out.err
+    asked = tmp_path / "asked.csv"
+    assert main(["predict", str(bundle), *map(str, images), "--json", "--csv", str(asked)]) == 0
+    assert len(asked.read_text().splitlines()) == 3 and list(work.iterdir()) == []
+    json.loads(capsys.readouterr().out)
+    assert main(["predict", str(bundle), *map(str, images)]) == 0  # without --json: ./predictions.csv, as before
+    assert [p.name for p in work.iterdir()] == ["predictions.csv"]
 
 
 def test_signature_covers_canonical_manifest() -> None:

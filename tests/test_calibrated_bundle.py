@@ -200,7 +200,7 @@ def test_damaged_calibration_is_refused(exported, damage, message: str, tmp_path
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.delenv("WORKBENCH_BUNDLE_KEY", raising=False)
     img = folder / "labels.json"  # any file: the bundle is refused before images are read
-    assert main(["predict", str(folder), str(img), "--csv", str(tmp_path / "out.csv")]) == 1
+    assert main(["predict", str(folder), str(img), "--csv", str(tmp_path / "out.csv")]) == 2  # refused: bad input
     assert message.split(" (")[0] in capsys.readouterr().err
     # The bundle's own predict.py refuses it too (its message for an unlisted file differs).
     r = subprocess.run([sys.executable, str(folder / "predict.py"), str(img), "--csv",

@@ -14,6 +14,7 @@ from typing import Any, BinaryIO
 from storage import repositories as repo
 from storage.db import get_sessionmaker
 from workbench import lanes
+from workbench.datasets import check_name
 from workbench.paths import PREDICT, UPLOADS, in_import_dir, staging_dir
 from workbench.settings import get_settings
 from workbench.status import JobKind
@@ -39,7 +40,8 @@ def start_ingest(upload: BinaryIO, filename: str, name: str, *, csv_upload: Bina
     name = (name or "").strip()
     if not name:
         raise ValueError("Give the dataset a name.")
-    with _db()() as s:  # refuse before copying a large upload
+    name = check_name(name)  # refuse a bad name before copying a large upload
+    with _db()() as s:
         if repo.get_dataset_by_name(s, name) is not None:
             raise ValueError(f"A dataset named {name!r} already exists: choose another name or delete it.")
     settings = get_settings()
@@ -64,7 +66,7 @@ def start_import(entry: str, name: str, *, group_regex: str | None = None, seed:
     through the browser, so its size is not limited by the upload cap. Returns the job id."""
     settings = get_settings()
     src = in_import_dir(settings, entry)
-    name = (name or "").strip() or src.stem
+    name = check_name((name or "").strip() or src.stem)
     with _db()() as s:
         if repo.get_dataset_by_name(s, name) is not None:
             raise ValueError(f"A dataset named {name!r} already exists: choose another name or delete it.")

@@ -34,7 +34,7 @@ from core.splits import (
 )
 from storage import repositories as repo
 from storage.models import Dataset, DatasetVersion, utcnow
-from workbench.datasets import DatasetError, DatasetInfo, _check_name, _get_row
+from workbench.datasets import DatasetError, DatasetInfo, _get_row, check_name
 from workbench.settings import Settings, service_context
 
 LEAKAGE_MODES = {"train": "keep each group in train only", "cluster": "keep each group whole in one split"}
@@ -265,7 +265,7 @@ def _derive(name_or_id: str | int, fix: str, params: dict[str, Any],
         pv = repo.get_dataset_version(session, ds.id)
         root_id, root_name = (pv.root_id, pv.root_name) if pv else (ds.id, ds.name)
         version = max([v.version for v in repo.dataset_versions_of_root(session, root_id)] + [1]) + 1
-        name = _check_name(new_name or f"{root_name} v{version}")
+        name = check_name(new_name or f"{root_name} v{version}")
         if repo.get_dataset_by_name(session, name) is not None:
             raise FixError(f"a dataset named {name!r} already exists; choose another name for the new version")
         config = dict(plan.split_config if plan.split_config is not None else ds.split_config)

@@ -27,6 +27,7 @@ from core.ingest import (
     store_lock,
     unsafe_name_chars,
 )
+from core.names import lookalike_problem
 from core.splits import DEFAULT_FRACTIONS
 from storage import repositories as repo
 from storage.models import Dataset
@@ -87,7 +88,9 @@ class DeleteResult:
     files_left: int = 0  # unreferenced files left to the garbage collector (an ingest held the store)
 
 
-def _check_name(name: str) -> str:
+def check_name(name: str) -> str:
+    """The one check of a new dataset name (CLI, web UI, API, fixes' new versions): the name
+    stripped, or DatasetError saying which character is wrong and why."""
     name = (name or "").strip()
     if not name:
         raise DatasetError("dataset name must not be empty")
@@ -100,6 +103,9 @@ def _check_name(name: str) -> str:
     if bad:
         raise DatasetError(f"dataset name contains control characters ({', '.join(bad)}), such as a "
                            "line break or tab; use letters, digits, spaces and punctuation")
+    if problem := lookalike_problem(name):
+        raise DatasetError(f"dataset name {problem}")
+    # Any digits ("17", "１７", "²"), not only ASCII ones: a name that reads as a number reads as an id.
     if name.isdigit():
         raise DatasetError(f"dataset name {name!r} is all digits, which would read as a dataset id; "
                            f"add a letter (e.g. 'set-{name}')")
@@ -152,7 +158,7 @@ def add_dataset(
 
     Raises DatasetError / core.ingest.IngestError (both ValueError) on bad input.
     """
-    name = _check_name(name)
+    name = check_name(name)
     s, Session_ = service_context(settings)
     with Session_() as session:  # fail fast, before the (slow) ingest
         if repo.get_dataset_by_name(session, name) is not None:

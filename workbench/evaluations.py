@@ -32,6 +32,10 @@ class EvaluationError(RuntimeError):
     """A run cannot be evaluated or exported (user-facing message)."""
 
 
+class UnknownRunError(EvaluationError):
+    """No run has that id: bad input (exit code 2 from the CLI), not a failure of the run."""
+
+
 @dataclass(frozen=True)
 class EvaluationResult:
     evaluation_id: int
@@ -63,7 +67,7 @@ class RunData:
     def __init__(self, session: Session, run_id: int, data_dir: Path):
         run = session.get(Run, run_id)
         if run is None:
-            raise EvaluationError(f"no run with id {run_id}")
+            raise UnknownRunError(f"no run with id {run_id}")
         if not run.checkpoint_path:
             raise EvaluationError(f"run {run_id} has no checkpoint (status {run.status!r}): train it first")
         self.run_id = run_id

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from workbench import searches
+from workbench.cli.exits import id_arg
 from workbench.follow import follow_search
 from workbench.searches import SearchInfo, SearchRequestError, minutes
 from workbench.status import RunStatus, SearchStatus
@@ -35,10 +36,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--trials", type=int, default=None, help="stop after this many trials (default: only time)")
     p.add_argument("--workers", type=int, default=1, help="search jobs sharing this search (one per worker)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", type=int, metavar="SEARCH", default=None,
+    p.add_argument("--resume", type=id_arg("SEARCH"), metavar="SEARCH", default=None,
                    help="resume a stopped or failed search (with --time: add that much time)")
-    p.add_argument("--follow", type=int, metavar="SEARCH", default=None, help="follow a search already running")
-    p.add_argument("--cancel", type=int, metavar="SEARCH", default=None, help="stop a search (resumable)")
+    p.add_argument("--follow", type=id_arg("SEARCH"), metavar="SEARCH", default=None,
+                   help="follow a search already running")
+    p.add_argument("--cancel", type=id_arg("SEARCH"), metavar="SEARCH", default=None, help="stop a search (resumable)")
     p.add_argument("--detach", action="store_true", help="queue and return at once")
     p.add_argument("--json", action="store_true", help="print the search's final state as JSON")
     p.set_defaults(func=cmd_auto)
@@ -49,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_searches)
     sub = p.add_subparsers(dest="searches_command", metavar="ACTION")
     d = sub.add_parser("delete", help="delete a search and all its trial runs")
-    d.add_argument("search", type=int)
+    d.add_argument("search", type=id_arg("SEARCH"), metavar="SEARCH")
     d.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     d.set_defaults(func=cmd_searches_delete)
 

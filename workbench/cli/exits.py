@@ -9,7 +9,10 @@ import functools
 import sys
 from collections.abc import Callable
 
+from core.names import is_id
+
 EXIT_OK = 0
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
 Command = Callable[[argparse.Namespace], int]
@@ -31,3 +34,15 @@ def guard(fn: Command, errors: tuple[type[BaseException], ...] = (ValueError, Fi
             return fail(str(e))
 
     return wrapper
+
+
+def id_arg(kind: str) -> Callable[[str], int]:
+    """An argparse type for a RUN or SEARCH id: ASCII digits only. ``int`` alone would read
+    "٣" as run 3; argparse answers anything else with exit code 2 and this message."""
+    def parse(text: str) -> int:
+        if not is_id(text):
+            raise argparse.ArgumentTypeError(f"{kind} must be a {kind.lower()} id (a whole number such as 3), "
+                                             f"got {text!r}")
+        return int(text)
+
+    return parse

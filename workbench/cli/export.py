@@ -8,19 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from core.bundle import BundleError, BundlePredictor, Prediction, Signature, open_bundle
-from workbench.cli.exits import fail
+from core.names import is_id
+from workbench.cli.exits import EXIT_FAILED, fail, id_arg
 from workbench.cli.output import add_json_flag, print_json
+
+DEFAULT_CSV = "predictions.csv"
 
 
 def _progress(msg: str, frac: float) -> None:
     print(f"[{frac:5.0%}] {msg}", file=sys.stderr)
-
-
-def _run_id(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"RUN must be a run id (an integer), got {text!r}") from None
 
 
 def _score(value: float | None) -> str:
@@ -31,14 +27,14 @@ def _score(value: float | None) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from core.train.robustness import DeviceError, resolve_device
     from workbench.compute import chosen_device
-    from workbench.evaluations import EvaluationError, evaluate_run
+    from workbench.evaluations import EvaluationError, UnknownRunError, evaluate_run
 
     try:
         device = chosen_device(args.device)
         resolve_device(device)  # before any loading
         out = evaluate_run(args.run, tta=args.tta, sensitivity=args.sensitivity, positive_class=args.positive_class,
                            progress=_progress, device=device)
-    except DeviceError as e:
+    except (DeviceError, UnknownRunError) as e:
         return fail(str(e))
     except (EvaluationError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -95,13 +91,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from core.train.robustness import DeviceError
     from storage.artifacts import ArtifactError
     from workbench.compute import latency_provider, measured_on
-    from workbench.evaluations import EvaluationError
+    from workbench.evaluations import EvaluationError, UnknownRunError
     from workbench.exports import export_run
 
     try:
         out = export_run(args.run, fp16=args.fp16, int8=args.int8, uint8_graph=args.uint8, out_path=args.output,
                          progress=_progress)
-    except DeviceError as e:  # WORKBENCH_DEVICE names a GPU this machine lacks: speeds are timed there
+    except (DeviceError, UnknownRunError) as e:  # WORKBENCH_DEVICE names a GPU this machine lacks, or no such run
         return fail(str(e))
     except (EvaluationError, ArtifactError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -150,8 +146,9 @@ def _skip(path: Path, reason: str) -> None:
     print(f"skipped {path}: {reason}", file=sys.stderr)
 
 
-def _classify(predictor: BundlePredictor, images: list[str], csv_path: Path, top_k: int, as_json: bool = False
+def _classify(predictor: BundlePredictor, images: list[str], csv_path: Path | None, top_k: int, as_json: bool = False
               ) -> int:
+    """Predict, write the CSV (``csv_path`` None: none, as under ``--json`` without ``--csv``), print."""
     from core.latency import provider_words
 
     out = sys.stderr if as_json else sys.stdout
@@ -159,30 +156,31 @@ def _classify(predictor: BundlePredictor, images: list[str], csv_path: Path, top
     print(f"running on {runs_on} (ONNX Runtime {predictor.provider})", file=out)
     print(predictor.calibration.describe(), file=out)
     rows = predictor.predict(_expand(images), top_k, on_skip=_skip)
-    _write_predictions(rows, csv_path, predictor.calibration.threshold is not None,
-                       predictor.calibration.ood_threshold is not None)
-    print(f"{len(rows)} images classified -> {csv_path}", file=out)
+    if csv_path is not None:
+        _write_predictions(rows, csv_path, predictor.calibration.threshold is not None,
+                           predictor.calibration.ood_threshold is not None)
+    print(f"{len(rows)} images classified" + (f" -> {csv_path}" if csv_path is not None else ""), file=out)
     if flagged := sum(r.outside_training_data for r in rows):
         print(f"{flagged} image(s) look unlike the images the model was trained on; their answers are not reliable "
-              "(outside_training_data = yes in the CSV)", file=out)
+              f"(outside_training_data = yes in the {'CSV' if csv_path is not None else 'JSON'})", file=out)
     if as_json:
         from workbench.predictor import as_dict
 
         print_json([{**as_dict(r), "runs_on": runs_on, "provider": predictor.provider} for r in rows])
-    return 0 if rows else 1
+    return 0 if rows else EXIT_FAILED
 
 
-def _predict_run(run_id: int, images: list[str], csv_path: Path, top_k: int, as_json: bool = False,
+def _predict_run(run_id: int, images: list[str], csv_path: Path | None, top_k: int, as_json: bool = False,
                  device: str = "auto") -> int:
     """Predict with a run's verified fp32 ONNX (the same predictor as for a bundle), calibrated
     with the temperature and threshold of the run's latest evaluation, as its bundle would be."""
     from core.train.robustness import DeviceError
-    from workbench.evaluations import EvaluationError, latest_evaluation
+    from workbench.evaluations import EvaluationError, UnknownRunError, latest_evaluation
     from workbench.exports import ensure_fp32
 
     try:
         exp = ensure_fp32(run_id, progress=_progress)
-    except DeviceError as e:  # WORKBENCH_DEVICE, where a first export times the model
+    except (DeviceError, UnknownRunError) as e:  # WORKBENCH_DEVICE (a first export times the model), no such run
         return fail(str(e))
     except EvaluationError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -199,7 +197,7 @@ def _predict_run(run_id: int, images: list[str], csv_path: Path, top_k: int, as_
     return _classify(predictor, images, csv_path, top_k, as_json)
 
 
-def _predict_bundle(target: Path, images: list[str], csv_path: Path, top_k: int, allow_unsigned: bool,
+def _predict_bundle(target: Path, images: list[str], csv_path: Path | None, top_k: int, allow_unsigned: bool,
                     as_json: bool = False, device: str = "auto") -> int:
     """A bundle is data: checked against its manifest (and signature), its model loaded in-process.
     Its predict.py is never imported or run."""
@@ -208,9 +206,8 @@ def _predict_bundle(target: Path, images: list[str], csv_path: Path, top_k: int,
     try:
         bundle = open_bundle(target, key=get_settings().bundle_key, allow_unsigned=allow_unsigned)
         predictor = BundlePredictor.from_bundle(bundle, device=device)
-    except BundleError as e:
-        print(f"error: refusing bundle {target}: {e}", file=sys.stderr)
-        return 1
+    except BundleError as e:  # the bundle given is bad input, like an unknown run or dataset
+        return fail(f"refusing bundle {target}: {e}")
     note = bundle.signature.value
     if bundle.signature is Signature.UNSIGNED:
         note += " (accepted with --allow-unsigned)" if allow_unsigned else " (no WORKBENCH_BUNDLE_KEY configured here)"
@@ -242,21 +239,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     except DeviceError as e:
         return fail(str(e))
     target = Path(args.target)
-    csv_path = Path(args.csv)
+    # --json writes nothing but stdout: the CSV only when asked for by name.
+    csv_path = Path(args.csv) if args.csv else None if args.json else Path(DEFAULT_CSV)
     # A folder named like a run id ("42") is the run; write ./42 for such a bundle folder.
-    if (target.suffix == ".zip" and target.is_file()) or (target.is_dir() and not args.target.isdigit()):
+    if (target.suffix == ".zip" and target.is_file()) or (target.is_dir() and not is_id(args.target)):
         return _predict_bundle(target, args.images, csv_path, args.top_k, args.allow_unsigned, args.json, device)
-    try:
-        run_id = int(args.target)
-    except ValueError:
-        print(f"error: {args.target!r} is neither a bundle (.zip or unpacked folder) nor a run id", file=sys.stderr)
-        return 2
-    return _predict_run(run_id, args.images, csv_path, args.top_k, args.json, device)
+    if not is_id(args.target):  # only ASCII digits are a run id: int() reads "٤٢" as 42, and refuses "²"
+        return fail(f"{args.target!r} is neither a bundle (.zip or unpacked folder) nor a run id")
+    return _predict_run(int(args.target), args.images, csv_path, args.top_k, args.json, device)
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("evaluate", help="evaluate a run on its held-out test split")
-    p.add_argument("run", type=_run_id, metavar="RUN")
+    p.add_argument("run", type=id_arg("RUN"), metavar="RUN")
     p.add_argument("--tta", action="store_true", help="also evaluate with horizontal-flip test-time augmentation")
     p.add_argument("--sensitivity", type=float, default=0.95,
                    help="two-class tasks: target sensitivity for the operating threshold (default 0.95)")
@@ -267,7 +262,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_evaluate)
 
     p = subparsers.add_parser("export", help="build a verified deploy bundle (zip) for a run")
-    p.add_argument("run", type=_run_id, metavar="RUN")
+    p.add_argument("run", type=id_arg("RUN"), metavar="RUN")
     p.add_argument("--fp16", action="store_true", help="add model_fp16.onnx (fp16 weights and compute)")
     p.add_argument("--int8", action="store_true", help="add model_int8.onnx (static int8, QDQ, per-channel)")
     p.add_argument("--uint8", action="store_true", help="add model_uint8.onnx (uint8 NHWC input, resize inside)")
@@ -278,7 +273,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("predict", help="classify images with a bundle (zip/folder) or a run")
     p.add_argument("target", metavar="BUNDLE_OR_RUN")
     p.add_argument("images", nargs="+", metavar="IMAGES")
-    p.add_argument("--csv", default="predictions.csv")
+    p.add_argument("--csv", default=None,
+                   help=f"where to write the predictions (default {DEFAULT_CSV}; with --json: no CSV unless given)")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--allow-unsigned", action="store_true",
                    help="accept an unsigned bundle although WORKBENCH_BUNDLE_KEY is set (its files are still checked)")

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from core.names import is_id
 from workbench import auth
 
 
@@ -43,9 +44,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     target = Path(args.target)
     try:
         check_ort_device(args.device)  # before any bundle is read
-        if target.exists() and not args.target.isdigit():
+        # Only ASCII digits are a run id ("²".isdigit() is true, and int() refuses it).
+        if target.exists() and not is_id(args.target):
             predictor = Predictor.load(target, allow_unsigned=args.allow_unsigned, device=args.device)
-        elif args.target.isdigit():
+        elif is_id(args.target):
             predictor = Predictor.from_run(int(args.target), allow_unsigned=args.allow_unsigned, device=args.device)
         else:
             return _fail(f"{args.target!r} is neither a bundle (.zip or unpacked folder) nor a run id")

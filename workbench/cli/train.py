@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from workbench import lanes, runs, worker
+from workbench.cli.exits import guard, id_arg
 from workbench.cli.output import add_json_flag, human, print_json
 from workbench.follow import follow_run
 from workbench.status import RunStatus
@@ -50,13 +51,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_runs)
     runs_sub = p.add_subparsers(dest="runs_command", metavar="ACTION")
     d = runs_sub.add_parser("delete", help="delete a run: its folder, checkpoints, evaluations, exports and rows")
-    d.add_argument("run", type=int)
+    d.add_argument("run", type=id_arg("RUN"), metavar="RUN")
     d.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     add_json_flag(d)
     d.set_defaults(func=cmd_runs_delete)
 
     p = subparsers.add_parser("resume", help="resume a failed or cancelled run from its last checkpoint")
-    p.add_argument("run", type=int)
+    p.add_argument("run", type=id_arg("RUN"), metavar="RUN")
     p.add_argument("--processes", type=int, default=None, metavar="N",
                    help="continue with N processes working together (default: as the run had)")
     p.add_argument("--detach", action="store_true")
@@ -64,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_resume)
 
     p = subparsers.add_parser("cancel", help="cancel a queued or running run")
-    p.add_argument("run", type=int)
+    p.add_argument("run", type=id_arg("RUN"), metavar="RUN")
     add_json_flag(p)
     p.set_defaults(func=cmd_cancel)
 
@@ -162,6 +163,7 @@ def _follow_or_leave(ids: Sequence[int], as_json: bool = False) -> int:
         return 130
 
 
+@guard  # --dataset naming no dataset: exit code 2, not a traceback
 def cmd_runs(args: argparse.Namespace) -> int:
     worker.reconcile()
     rows = runs.list_runs(args.dataset)
