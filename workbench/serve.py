@@ -93,6 +93,8 @@ class WorkQueue:
     can see, and hold, them."""
 
     def __init__(self, limits: ServeLimits) -> None:
+        if limits.workers < 1 or limits.queue_size < 0 or limits.queue_timeout_s <= 0:
+            raise ValueError(f"need workers >= 1, queue_size >= 0 and queue_timeout_s > 0, got {limits}")
         self.limits = limits
         self.slots = threading.BoundedSemaphore(limits.workers)
         self.admitted = 0  # changed on the event loop only, so the admission check cannot race
