@@ -9,11 +9,15 @@ GIF is deliberately unsupported (mostly animations/placeholders in practice).
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -39,6 +43,7 @@ ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 PathLike = str | Path
+Source = PathLike | bytes  # a file, or a file's bytes (the prediction server checks uploads in memory)
 
 
 class ImageDecodeError(ValueError):
@@ -77,24 +82,31 @@ _HEIF_REGISTERED: bool | None = None
 _HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
 
 
-def is_heif(path: PathLike) -> bool:
-    """HEIC/HEIF files open with an ISO-BMFF 'ftyp' box naming a HEIF brand."""
+def _head(source: Source, start: int, n: int) -> bytes:
+    """``n`` bytes from ``start`` of a file or of bytes; b"" for a file that cannot be read."""
+    if isinstance(source, bytes):
+        return source[start:start + n]
     try:
-        with open(path, "rb") as f:
-            head = f.read(12)
+        with open(source, "rb") as f:
+            f.seek(start)
+            return f.read(n)
     except OSError:
-        return False
+        return b""
+
+
+def _open(source: Source) -> IO[bytes]:
+    return io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+
+
+def is_heif(source: Source) -> bool:
+    """HEIC/HEIF files open with an ISO-BMFF 'ftyp' box naming a HEIF brand."""
+    head = _head(source, 0, 12)
     return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
 
 
-def is_dicom(path: PathLike) -> bool:
+def is_dicom(source: Source) -> bool:
     """DICOM Part 10 files carry 'DICM' at byte 128."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
+    return _head(source, 128, 4) == b"DICM"
 
 
 def _too_many_pixels(width: int, height: int, max_pixels: int) -> ImageDecodeError:
@@ -109,7 +121,7 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
         raise _too_many_pixels(width, height, max_pixels)
 
 
-def _header_size(path: PathLike) -> tuple[int, int] | None:
+def _header_size(source: Source) -> tuple[int, int] | None:
     """Width and height read from the header alone, without Pillow's own pixel cap.
 
     Only called after that cap fired inside ``Image.open``, so the message can quote the
@@ -117,7 +129,8 @@ def _header_size(path: PathLike) -> tuple[int, int] | None:
     no pixel data is read.
     """
     Image.init()
-    with open(path, "rb") as fp:
+    name = "" if isinstance(source, bytes) else str(source)
+    with _open(source) as fp:
         prefix = fp.read(16)
         for fmt in list(Image.ID):
             factory, accept = Image.OPEN[fmt]
@@ -126,15 +139,15 @@ def _header_size(path: PathLike) -> tuple[int, int] | None:
                 if isinstance(ok, str) or not ok:  # a str is Pillow's "maybe, with a warning"
                     continue
                 fp.seek(0)
-                im = factory(fp, str(path))
+                im = factory(fp, name)
                 return int(im.size[0]), int(im.size[1])
             except Exception:  # noqa: BLE001 - not this format: try the next one
                 continue
     return None
 
 
-def _bomb_error(path: PathLike, pillow_message: str, max_pixels: int) -> ImageDecodeError:
-    size = _header_size(path)
+def _bomb_error(source: Source, pillow_message: str, max_pixels: int) -> ImageDecodeError:
+    size = _header_size(source)
     if size is None:  # fall back to the pixel count Pillow reports
         m = re.search(r"\((\d+) pixels\)", pillow_message)
         pixels = f"{int(m.group(1)):,} pixels" if m else "too many pixels"
@@ -225,6 +238,76 @@ def _decode_dicom(path: PathLike, max_pixels: int) -> DecodedImage:
     )
 
 
+def _refuse_before_opening(source: Source) -> None:
+    """What needs no image library: an empty file, a HEIC photo this installation cannot read."""
+    size = len(source) if isinstance(source, bytes) else os.stat(source).st_size  # a missing file raises
+    if size == 0:  # say so plainly rather than "unrecognised content"
+        raise ImageDecodeError("empty file (0 bytes)")
+    if not heif_support() and is_heif(source):
+        raise ImageDecodeError("HEIC/HEIF photo, but the pillow-heif package that reads it is not installed "
+                               "(pip install pillow-heif)")
+
+
+@contextmanager
+def _opened(source: Source) -> Iterator[Image.Image]:
+    """``Image.open`` (lazy: only the header is read until ``load``) of a supported format; Pillow's
+    errors inside the block become ImageDecodeError. Pillow's DecompressionBombError passes through:
+    the caller decides what an image that large means."""
+    try:
+        with warnings.catch_warnings():
+            # We enforce our own pixel limit; silence PIL's DecompressionBombWarning.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+                fmt = im.format or "unknown"
+                if fmt == "GIF":
+                    raise ImageDecodeError("GIF images are not supported (convert to PNG)")
+                if fmt not in SUPPORTED_FORMATS:
+                    raise ImageDecodeError(f"unsupported image format {fmt}")
+                yield im
+    except (ImageDecodeError, Image.DecompressionBombError, FileNotFoundError):
+        raise
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not an image (unrecognised file content)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageDecodeError(f"corrupt or truncated image: {e}") from e
+
+
+class HeaderSize(NamedTuple):
+    width: int
+    height: int
+    frames: int  # frames ``decode`` turns into pixels: 1, except a multi-frame DICOM (pydicom decodes all)
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height * self.frames
+
+
+def header_size(source: Source) -> HeaderSize:
+    """The size the file's header states, without decoding a pixel (Pillow opens lazily; DICOM is
+    read without its pixel data), so a decompression bomb costs nothing here. For callers that
+    budget decoding work before ``decode`` (the prediction server). Raises ImageDecodeError, with
+    ``decode``'s reasons, for what ``decode`` refuses before the pixels: empty, not an image, GIF,
+    unsupported format, unreadable DICOM header."""
+    _refuse_before_opening(source)
+    if is_dicom(source):
+        try:
+            import pydicom
+
+            with _open(source) as fp:
+                ds = pydicom.dcmread(fp, stop_before_pixels=True)
+            return HeaderSize(int(ds.Columns), int(ds.Rows), max(1, int(getattr(ds, "NumberOfFrames", 1) or 1)))
+        except Exception as e:  # pydicom raises many types for broken files
+            raise ImageDecodeError(f"unreadable DICOM file: {e}") from e
+    try:
+        with _opened(source) as im:
+            return HeaderSize(im.width, im.height, 1)  # EXIF orientation may swap them, not their product
+    except Image.DecompressionBombError:
+        size = _header_size(source)  # over Pillow's own cap: the header still says how large
+        if size is None:  # pragma: no cover - Pillow measured it to refuse it
+            raise ImageDecodeError("image too large for the image library to open") from None
+        return HeaderSize(*size, 1)
+
+
 def decode(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, reduce_to: int | None = None) -> DecodedImage:
     """Fully decode ``path`` (so truncated files are caught) and describe the original.
 
@@ -234,46 +317,27 @@ def decode(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, reduce_to: i
     exported model sees exactly the pixels it was validated on.
     Raises ImageDecodeError with a user-facing reason for anything unusable.
     """
-    if os.stat(path).st_size == 0:  # say so plainly rather than "unrecognised content"
-        raise ImageDecodeError("empty file (0 bytes)")
+    _refuse_before_opening(path)
     if is_dicom(path):
         return _decode_dicom(path, max_pixels)
-    if not heif_support() and is_heif(path):
-        raise ImageDecodeError("HEIC/HEIF photo, but the pillow-heif package that reads it is not installed "
-                               "(pip install pillow-heif)")
     try:
-        with warnings.catch_warnings():
-            # We enforce our own pixel limit; silence PIL's DecompressionBombWarning.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                fmt = im.format or "unknown"
-                if fmt == "GIF":
-                    raise ImageDecodeError("GIF images are not supported (convert to PNG)")
-                if fmt not in SUPPORTED_FORMATS:
-                    raise ImageDecodeError(f"unsupported image format {fmt}")
-                # Header-only size check before decoding any pixels.
-                _check_pixels(im.width, im.height, max_pixels)
-                if getattr(im, "n_frames", 1) > 1:
-                    im.seek(0)
-                mode = im.mode
-                if reduce_to and fmt == "JPEG" and min(im.size) >= 2 * reduce_to:
-                    im.draft("RGB", (reduce_to, reduce_to))
-                im.load()
-                bit_depth = 16 if mode in SIXTEEN_BIT_MODES else 8
-                oriented = ImageOps.exif_transpose(im)
-                rgb = _to_rgb(oriented)
-                if rgb is im:
-                    rgb = im.copy()  # detach from the file handle closed below
-    except ImageDecodeError:
-        raise
+        with _opened(path) as im:
+            fmt = im.format or "unknown"
+            # Header-only size check before decoding any pixels.
+            _check_pixels(im.width, im.height, max_pixels)
+            if getattr(im, "n_frames", 1) > 1:
+                im.seek(0)
+            mode = im.mode
+            if reduce_to and fmt == "JPEG" and min(im.size) >= 2 * reduce_to:
+                im.draft("RGB", (reduce_to, reduce_to))
+            im.load()
+            bit_depth = 16 if mode in SIXTEEN_BIT_MODES else 8
+            oriented = ImageOps.exif_transpose(im)
+            rgb = _to_rgb(oriented)
+            if rgb is im:
+                rgb = im.copy()  # detach from the file handle closed below
     except Image.DecompressionBombError as e:
         raise _bomb_error(path, str(e), max_pixels) from None
-    except UnidentifiedImageError:
-        raise ImageDecodeError("not an image (unrecognised file content)") from None
-    except FileNotFoundError:
-        raise
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageDecodeError(f"corrupt or truncated image: {e}") from e
     return DecodedImage(
         image=rgb, format=fmt, mode=mode, width=rgb.width, height=rgb.height, bit_depth=bit_depth
     )
@@ -296,6 +360,8 @@ __all__ = [
     "ImageDecodeError",
     "DecodedImage",
     "decode",
+    "HeaderSize",
+    "header_size",
     "load_rgb",
     "is_dicom",
     "is_heif",

@@ -28,7 +28,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from core.train.robustness import DeviceError
     from workbench.compute import check_ort_device
     from workbench.predictor import Predictor
-    from workbench.serve import MB, ServeLimits, create_app
+    from workbench.serve import MB, MEGAPIXEL, ServeLimits, create_app
 
     allowed_open = os.environ.get(auth.ENV_ALLOW_OPEN, "").strip() == "1"
     if not auth.is_loopback(args.host) and not (args.allow_remote or allowed_open):
@@ -36,11 +36,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      "WORKBENCH_PASSWORD_HASH protects the web UI only), so anyone who can reach this machine "
                      "could use it. Use --host 127.0.0.1 (the default), or pass --allow-remote if something in "
                      "front of it (a firewall, a proxy) already controls who gets in.")
-    for name in ("max_image_mb", "max_request_mb"):
+    for name in ("max_image_mb", "max_request_mb", "max_image_megapixels", "max_request_megapixels", "queue_timeout"):
         if getattr(args, name) <= 0:
             return _fail(f"--{name.replace('_', '-')} must be more than 0")
-    if args.max_images < 1:
-        return _fail("--max-images must be at least 1")
+    for name, least in (("max_images", 1), ("workers", 1), ("queue", 0)):
+        if getattr(args, name) < least:
+            return _fail(f"--{name.replace('_', '-')} must be at least {least}")
     target = Path(args.target)
     try:
         check_ort_device(args.device)  # before any bundle is read
@@ -56,7 +57,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except BundleError as e:
         return _fail(f"cannot serve {args.target}: {e}")
     limits = ServeLimits(max_image_bytes=int(args.max_image_mb * MB), max_request_bytes=int(args.max_request_mb * MB),
-                         max_images=args.max_images)
+                         max_images=args.max_images, max_image_pixels=int(args.max_image_megapixels * MEGAPIXEL),
+                         max_request_pixels=int(args.max_request_megapixels * MEGAPIXEL), workers=args.workers,
+                         queue_size=args.queue, queue_timeout_s=args.queue_timeout)
     app = create_app(predictor, limits)
 
     import uvicorn
@@ -81,6 +84,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-image-mb", type=float, default=10.0, help="largest image accepted (default 10 MB)")
     p.add_argument("--max-request-mb", type=float, default=50.0, help="largest request accepted (default 50 MB)")
     p.add_argument("--max-images", type=int, default=32, help="most images per request (default 32)")
+    p.add_argument("--max-image-megapixels", type=float, default=40.0,
+                   help="largest image accepted, from its header before decoding (default 40 megapixels)")
+    p.add_argument("--max-request-megapixels", type=float, default=100.0,
+                   help="most pixels per request, all images together (default 100 megapixels: about 1.5 s "
+                        "of decoding on one core)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="requests decoded and classified at once (default 2: one per core of a 2-core machine)")
+    p.add_argument("--queue", type=int, default=8,
+                   help="requests that may wait for a worker; more get 503 busy (default 8)")
+    p.add_argument("--queue-timeout", type=float, default=10.0,
+                   help="longest a request waits for a worker before 503 busy (default 10 s)")
     p.add_argument("--device", default=None, metavar="DEVICE",
                    help="where ONNX Runtime runs the model: auto, cpu, cuda, cuda:N "
                         "(default: WORKBENCH_DEVICE, else auto)")
