@@ -232,6 +232,37 @@ def exported_run(ws: Workspace) -> Exported:
     return _SHARED["exported"]
 
 
+# --- a bundle without training ----------------------------------------------------------------
+def random_weight_bundle(d: Path) -> dict[str, Any]:
+    """In ``d``: a lite0 bundle at 64 px (three classes, random weights), its speed record timed
+    on the CPU provider, and two images."""
+    import torch
+    from PIL import Image
+
+    import core.latency
+    from core.efficientnet import EfficientNet
+    from core.export import build_bundle, export_fp32, measure_variants
+    from core.preprocessing import Preprocessing
+
+    torch.manual_seed(0)
+    pre = Preprocessing(resolution=64)
+    onnx = export_fp32(EfficientNet("lite0", 3).eval(), d / "model.onnx", pre, ["a", "b", "c"], "lite0", 1)
+    with pytest.MonkeyPatch.context() as mp:
+        # What is tested is the record, not the idle-cores wait: time even on a loaded dev box.
+        mp.setattr(core.latency, "IDLE_OTHER_CORES", 1e6)
+        record = measure_variants({"fp32": onnx}, 64, runs=3, max_seconds=0.5, throughput_batch=2,
+                                  throughput_runs=1, idle_wait_s=0, device="cpu")["fp32"]
+    info = {"classes": ["a", "b", "c"], "variant": "lite0", "run_id": 1, "preprocessing": pre,
+            "variants": {"fp32": {**record, "file": "model.onnx", "accuracy": None}}}
+    bundle = build_bundle(d / "bundle.zip", {"model.onnx": onnx}, info)
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(2):
+        images.append(d / f"img{i}.png")
+        Image.fromarray(rng.integers(0, 255, (80, 90, 3), dtype=np.uint8)).save(images[-1])
+    return {"bundle": bundle, "record": record, "img0": images[0], "img1": images[1]}
+
+
 # --- the web UI ---------------------------------------------------------------------------------
 APP = REPO_ROOT / "workbench" / "app.py"
 

@@ -200,3 +200,11 @@ def ws(tmp_path_factory: pytest.TempPathFactory):
     from builders import shared_workspace
 
     return shared_workspace(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def random_bundle(tmp_path_factory: pytest.TempPathFactory):
+    """A lite0 bundle with random weights and its CPU speed record (tests/builders.py), made once."""
+    from builders import random_weight_bundle
+
+    return random_weight_bundle(tmp_path_factory.mktemp("random-bundle"))

@@ -7,56 +7,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 ABSENT = f"cuda:{GPUS}"  # one past the last GPU (cuda:0 here: there is none)
 REFUSED = [ABSENT] + ([] if GPUS else ["cuda"])
 
 
-@pytest.fixture(scope="module")
-def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | dict]:
-    """A lite0 bundle at 64 px (three classes, random weights), its speed record timed on the
-    CPU provider, and two images."""
-    import core.latency
-    from core.efficientnet import EfficientNet
-    from core.export import build_bundle, export_fp32, measure_variants
-    from core.preprocessing import Preprocessing
-
-    d = tmp_path_factory.mktemp("device")
-    torch.manual_seed(0)
-    pre = Preprocessing(resolution=64)
-    onnx = export_fp32(EfficientNet("lite0", 3).eval(), d / "model.onnx", pre, ["a", "b", "c"], "lite0", 1)
-    with pytest.MonkeyPatch.context() as mp:
-        # What is tested is the record, not the idle-cores wait: time even on a loaded dev box.
-        mp.setattr(core.latency, "IDLE_OTHER_CORES", 1e6)
-        record = measure_variants({"fp32": onnx}, 64, runs=3, max_seconds=0.5, throughput_batch=2,
-                                  throughput_runs=1, idle_wait_s=0, device="cpu")["fp32"]
-    info = {"classes": ["a", "b", "c"], "variant": "lite0", "run_id": 1, "preprocessing": pre,
-            "variants": {"fp32": {**record, "file": "model.onnx", "accuracy": None}}}
-    bundle = build_bundle(d / "bundle.zip", {"model.onnx": onnx}, info)
-    rng = np.random.default_rng(0)
-    images = []
-    for i in range(2):
-        images.append(d / f"img{i}.png")
-        Image.fromarray(rng.integers(0, 255, (80, 90, 3), dtype=np.uint8)).save(images[-1])
-    return {"bundle": bundle, "record": record, "img0": images[0], "img1": images[1]}
 
 
-def test_latency_record_says_which_provider_ran(made: dict) -> None:
+def test_latency_record_says_which_provider_ran(random_bundle: dict) -> None:
     from workbench.compute import latency_on, measured_on
 
-    rec = made["record"]
+    rec = random_bundle["record"]
     assert rec["latency_ms_p50"] > 0
     assert rec["latency_provider"] == "CPUExecutionProvider" == rec["latency_conditions"]["provider"]
     assert rec["latency_on"] == "CPU" and latency_on(rec) == "CPU" and measured_on([rec]) == " on CPU"
     # The model card states it too.
     import zipfile
 
-    with zipfile.ZipFile(made["bundle"]) as zf:
+    with zipfile.ZipFile(random_bundle["bundle"]) as zf:
         assert "## Files and speed (ONNX Runtime on CPU, measured on " in zf.read("README.md").decode()
 
 
@@ -73,15 +44,16 @@ def test_stored_figures_in_plain_words() -> None:
         "CPU", "GPU (CUDA)", "GPU (CUDA)", "GPU 1 (CUDA)"]
 
 
-def test_predict_says_where_it_ran(made: dict, data_dir: Path, tmp_path: Path,
+def test_predict_says_where_it_ran(random_bundle: dict, data_dir: Path, tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     from workbench.cli import main
 
-    imgs = [str(made["img0"]), str(made["img1"])]
-    assert main(["predict", str(made["bundle"]), *imgs, "--device", "cpu", "--csv", str(tmp_path / "p.csv")]) == 0
+    imgs = [str(random_bundle["img0"]), str(random_bundle["img1"])]
+    csv_path = str(tmp_path / "p.csv")
+    assert main(["predict", str(random_bundle["bundle"]), *imgs, "--device", "cpu", "--csv", csv_path]) == 0
     assert "running on CPU (ONNX Runtime CPUExecutionProvider)" in capsys.readouterr().out
     assert (tmp_path / "p.csv").is_file()
-    assert main(["predict", str(made["bundle"]), *imgs, "--device", "cpu", "--json",
+    assert main(["predict", str(random_bundle["bundle"]), *imgs, "--device", "cpu", "--json",
                  "--csv", str(tmp_path / "q.csv")]) == 0
     out = capsys.readouterr()
     rows = json.loads(out.out)
@@ -91,32 +63,33 @@ def test_predict_says_where_it_ran(made: dict, data_dir: Path, tmp_path: Path,
 
 @pytest.mark.parametrize("device", REFUSED)
 @pytest.mark.parametrize("target", ["bundle", "run"])
-def test_predict_on_an_absent_gpu_refuses_before_touching_files(made: dict, data_dir: Path, tmp_path: Path,
+def test_predict_on_an_absent_gpu_refuses_before_touching_files(random_bundle: dict, data_dir: Path, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str], device: str,
                                                                 target: str) -> None:
     from workbench.cli import main
 
     csv_path = tmp_path / "p.csv"
-    what = str(made["bundle"]) if target == "bundle" else "1"  # run 1 does not exist: the device is checked first
-    assert main(["predict", what, str(made["img0"]), "--device", device, "--csv", str(csv_path)]) == 2
+    # run 1 does not exist: the device is checked first
+    what = str(random_bundle["bundle"]) if target == "bundle" else "1"
+    assert main(["predict", what, str(random_bundle["img0"]), "--device", device, "--csv", str(csv_path)]) == 2
     err = capsys.readouterr().err
     assert f"Device '{device}' was requested" in err and ("--device cpu" in err if not GPUS else "GPU" in err)
     assert not csv_path.exists() and list(data_dir.iterdir()) == []  # no CSV, no database, no export
 
 
 @pytest.mark.parametrize("command", ["predict", "serve"])
-def test_unknown_device_names_are_refused(made: dict, data_dir: Path, tmp_path: Path,
+def test_unknown_device_names_are_refused(random_bundle: dict, data_dir: Path, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str], command: str) -> None:
     from workbench.cli import main
 
-    extra = [str(made["img0"]), "--csv", str(tmp_path / "p.csv")] if command == "predict" else []
-    assert main([command, str(made["bundle"]), *extra, "--device", "gpu0"]) == 2
+    extra = [str(random_bundle["img0"]), "--csv", str(tmp_path / "p.csv")] if command == "predict" else []
+    assert main([command, str(random_bundle["bundle"]), *extra, "--device", "gpu0"]) == 2
     err = capsys.readouterr().err
     assert "Unknown device 'gpu0': use auto" in err and "cuda:N" in err
     assert not (tmp_path / "p.csv").exists()
 
 
-def test_serve_reports_where_the_model_runs(made: dict, data_dir: Path,
+def test_serve_reports_where_the_model_runs(random_bundle: dict, data_dir: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     from fastapi.testclient import TestClient
 
@@ -124,9 +97,9 @@ def test_serve_reports_where_the_model_runs(made: dict, data_dir: Path,
     from workbench.predictor import Predictor
     from workbench.serve import create_app
 
-    assert main(["serve", str(made["bundle"]), "--device", ABSENT]) == 2
+    assert main(["serve", str(random_bundle["bundle"]), "--device", ABSENT]) == 2
     assert f"Device '{ABSENT}' was requested" in capsys.readouterr().err
-    p = Predictor.load(made["bundle"], device="cpu")
+    p = Predictor.load(random_bundle["bundle"], device="cpu")
     assert p.runs_on == "CPU" and p.provider == "CPUExecutionProvider"
     client = TestClient(create_app(p))
     assert client.get("/health").json()["runs_on"] == "CPU"

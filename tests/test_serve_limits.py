@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from test_device_predict import made  # noqa: F401 - the module's bundle fixture
 
 from workbench.serve import ServeLimits, create_app
 
@@ -54,10 +53,10 @@ def files(*images: tuple[str, bytes]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def predictor(made: dict) -> Any:  # noqa: F811 - the imported fixture
+def predictor(random_bundle: dict) -> Any:  # noqa: F811 - the imported fixture
     from workbench.predictor import Predictor
 
-    return Predictor.load(made["bundle"], device="cpu")
+    return Predictor.load(random_bundle["bundle"], device="cpu")
 
 
 @pytest.fixture
