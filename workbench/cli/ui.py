@@ -74,6 +74,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
         if auth.configured_hash():
             auth.parse_hash(auth.configured_hash() or "")
         auth.ThrottlePolicy.from_env()
+        # uvicorn's own default believes X-Forwarded-For from 127.0.0.1: only the listed proxies.
+        os.environ["FORWARDED_ALLOW_IPS"] = auth.forwarded_allow_ips(auth.trusted_proxies())
     except (auth.PasswordHashError, auth.AuthConfigError) as exc:
         print(f"Not starting: {exc}", file=sys.stderr)
         return 2
