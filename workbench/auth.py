@@ -10,9 +10,9 @@ Format: ``pbkdf2_sha256$<iterations>$<salt>$<hex digest>`` (stdlib only, constan
 comparison). Without the variable the app is open — bind it to 127.0.0.1 (``make run``);
 ``workbench ui`` refuses any other address without a password unless ``WORKBENCH_ALLOW_OPEN=1``.
 
-Guessing is slowed per client by :class:`LoginThrottle` (exponential backoff, then a
-lockout) and every attempt is appended to ``<data dir>/logs/auth.log`` by
-:class:`PasswordGate`. Both are plain Python (no Streamlit) with an injectable clock.
+Guessing is slowed per client (:mod:`workbench.client_address` says who that is) by
+:class:`LoginThrottle` (exponential backoff, then a lockout) and every attempt is appended
+to ``<data dir>/logs/auth.log`` by :class:`PasswordGate`. Both are plain Python (no Streamlit) with an injectable clock.
 State is in-process: restarting the server forgets it.
 """
 from __future__ import annotations
@@ -95,6 +95,10 @@ ENV_LOCKOUT_SECONDS = "WORKBENCH_AUTH_LOCKOUT_SECONDS"
 ENV_BACKOFF_SECONDS = "WORKBENCH_AUTH_BACKOFF_SECONDS"
 ENV_BACKOFF_MAX_SECONDS = "WORKBENCH_AUTH_BACKOFF_MAX_SECONDS"
 ENV_ALLOW_OPEN = "WORKBENCH_ALLOW_OPEN"
+
+
+# A client key may come from a header: logs keep it to address characters.
+CLIENT_SAFE = re.compile(r"[^0-9A-Za-z.:_\-\[\]]")
 
 
 class AuthConfigError(ValueError):
@@ -248,89 +252,6 @@ def wait_message(state: ThrottleState) -> str:
     return f"Too many wrong passwords from your address. Wait {describe_wait(state.wait_s)} before trying again."
 
 
-# --- who is signing in --------------------------------------------------------------------
-
-_CLIENT_SAFE = re.compile(r"[^0-9A-Za-z.:_\-\[\]]")
-
-
-def _ip_or_none(value: str | None) -> str | None:
-    if not value:
-        return None
-    try:
-        return str(ipaddress.ip_address(value.strip()))
-    except ValueError:
-        return None
-
-
-ENV_TRUSTED_PROXIES = "WORKBENCH_TRUSTED_PROXIES"
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-_LOOPBACK = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
-
-
-def parse_trusted_proxies(raw: str | None) -> tuple[Network, ...]:
-    """The proxies whose ``X-Forwarded-For`` is believed: comma-separated addresses or CIDR networks."""
-    nets: list[Network] = []
-    for item in (raw or "").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        try:
-            nets.append(ipaddress.ip_network(item))
-        except ValueError as exc:
-            hint = f" ({exc})" if "host bits" in str(exc) else ""
-            raise AuthConfigError(
-                f"{ENV_TRUSTED_PROXIES} lists {item!r}, which is not an IP address or a network such as "
-                f"10.0.0.0/8{hint}. Give the addresses of your reverse proxies, separated by commas.") from None
-    return tuple(nets)
-
-
-def trusted_proxies(env: Mapping[str, str] | None = None) -> tuple[Network, ...]:
-    """``WORKBENCH_TRUSTED_PROXIES`` parsed; none by default. Raises AuthConfigError for a bad value."""
-    return parse_trusted_proxies((os.environ if env is None else env).get(ENV_TRUSTED_PROXIES))
-
-
-def forwarded_allow_ips(trusted: tuple[Network, ...]) -> str:
-    """uvicorn's ``FORWARDED_ALLOW_IPS`` for the same proxies ('' trusts none; its default trusts 127.0.0.1)."""
-    return ",".join(str(net) for net in trusted)
-
-
-def _is_trusted(ip: str | None, trusted: tuple[Network, ...]) -> bool:
-    """``ip`` None is a loopback peer (Streamlit does not say which loopback address)."""
-    addresses = _LOOPBACK if ip is None else (ipaddress.ip_address(ip),)
-    return any(a in net for a in addresses for net in trusted)
-
-
-def client_key(remote_ip: str | None, headers: Mapping[str, str] | None, session_key: str,
-               trusted: tuple[Network, ...] = ()) -> str:
-    """The key failures are counted under.
-
-    ``remote_ip`` is the peer Streamlit saw (``st.context.ip_address``: None when it is
-    loopback). X-Forwarded-For counts only when that peer is one of the ``trusted``
-    proxies (WORKBENCH_TRUSTED_PROXIES), and then its right-most entry that is not itself
-    a trusted proxy: the entries to its left are whatever the client sent. Any other
-    peer, loopback included, is keyed by its own address, so rotating the header changes
-    nothing. Without a connection at all (AppTest) the browser session is the client.
-    """
-    if remote_ip is None and not headers:
-        return f"session:{_CLIENT_SAFE.sub('', session_key)[:64]}"
-    ip = _ip_or_none(remote_ip)
-    if remote_ip is not None and ip is None:
-        return "unknown"  # not an address: only a broken proxy in front sends this
-    if not _is_trusted(ip, trusted):
-        return ip or "local"
-    entries = [e.strip() for e in ((headers or {}).get("X-Forwarded-For") or "").split(",") if e.strip()]
-    for entry in reversed(entries):
-        hop = _ip_or_none(entry)
-        if hop is None:
-            return "unknown"  # the proxy's own entry is never garbage: it is a broken chain
-        if not _is_trusted(hop, trusted):
-            return hop
-    # Every hop is a trusted proxy: the left-most one is where the request started.
-    if entries:
-        return _ip_or_none(entries[0]) or "unknown"
-    return ip or "local"
-
-
 # --- the gate: throttle + check + log ----------------------------------------------------
 
 def auth_log_path() -> Path:
@@ -373,8 +294,7 @@ class PasswordGate:
 
     def _log(self, event: str, client: str, state: ThrottleState) -> None:
         when = datetime.fromtimestamp(self.wall_clock(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        # The client string may come from a header: keep it to address characters.
-        line = (f"{when} {event} client={_CLIENT_SAFE.sub('?', client)[:80]} failures={state.failures} "
+        line = (f"{when} {event} client={CLIENT_SAFE.sub('?', client)[:80]} failures={state.failures} "
                 f"wait_s={math.ceil(state.wait_s)}{' locked' if state.locked else ''}\n")
         try:
             path = self.log_path()
