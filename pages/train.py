@@ -128,7 +128,8 @@ def progress_panel() -> None:
                     bits.append(f"{sm['latency_ms_p50']:.0f} ms per image")
                 st.caption(" · ".join(bits + [f"trained in {ui.fmt_seconds(r.train_seconds)}"]))
             for loss in r.summary.get("worker_losses", []):  # workers that died under it, and who took over
-                st.caption(f":material/sync_problem: {describe_worker_loss(loss).capitalize()}")
+                line = describe_worker_loss(loss)
+                st.caption(f":material/sync_problem: {line[:1].upper()}{line[1:]}")
             curves = pd.DataFrame(views.run_curves([r.id]))
             if not curves.empty:
                 sub = curves[curves["metric"].isin(CURVE_METRICS)]

@@ -46,7 +46,7 @@ def on_lease_lost(s: Session, lost: LostWorker) -> None:
     loss = WorkerLoss(at=utcnow().isoformat(timespec="seconds"), host=lost.host_id, pid=lost.pid, epoch=epoch,
                       verifying=verifying, auto_resume=n if n <= limit else 0, limit=limit)
     merge_summary(run, {"worker_losses": [*losses, loss]})
-    head = worker_loss_head(loss).capitalize() + " (its lease ran out)"
+    head = "W" + worker_loss_head(loss)[1:] + " (its lease ran out)"  # not capitalize(): host names keep case
     if n <= limit:
         dead = s.get(Job, lost.job_id)
         # What the person asked for when queueing it (post-run steps, trackers) still holds.
