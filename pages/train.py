@@ -7,6 +7,7 @@ import streamlit as st
 
 from workbench import runs, suggestions, ui, views
 from workbench.status import RunStatus
+from workbench.summary import describe_worker_loss
 
 ui.header("Train", "Fine-tune EfficientNet variants from ImageNet weights. Training runs in a worker process: "
           "close the tab whenever you like.")
@@ -126,6 +127,9 @@ def progress_panel() -> None:
                 if sm.get("latency_ms_p50") is not None:
                     bits.append(f"{sm['latency_ms_p50']:.0f} ms per image")
                 st.caption(" · ".join(bits + [f"trained in {ui.fmt_seconds(r.train_seconds)}"]))
+            for loss in r.summary.get("worker_losses", []):  # workers that died under it, and who took over
+                line = describe_worker_loss(loss)
+                st.caption(f":material/sync_problem: {line[:1].upper()}{line[1:]}")
             curves = pd.DataFrame(views.run_curves([r.id]))
             if not curves.empty:
                 sub = curves[curves["metric"].isin(CURVE_METRICS)]

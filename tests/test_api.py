@@ -57,10 +57,10 @@ def test_quickstart_notebook_runs_from_a_folder_to_predictions(data_dir: Path, t
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from builders import exported_run, shared_workspace
+def bundle(ws) -> Path:
+    from builders import exported_run
 
-    return exported_run(shared_workspace(tmp_path_factory)).bundle
+    return exported_run(ws).bundle
 
 
 def test_predictor_takes_paths_pil_images_numpy_arrays_and_bytes_alike(bundle: Path) -> None:

@@ -12,7 +12,8 @@ from builders import free_port, stop, wait_for_200
 from conftest import REPO_ROOT
 from streamlit.testing.v1 import AppTest
 
-from workbench import auth
+from workbench import auth, client_address
+from workbench.client_address import client_key, parse_trusted_proxies
 
 APP = REPO_ROOT / "workbench" / "app.py"
 RIGHT, WRONG = "open sesame", "guess"
@@ -148,13 +149,82 @@ def test_describe_wait() -> None:
         "1 second", "1 second", "2 seconds", "60 seconds", "2 minutes", "15 minutes"]
 
 
-def test_client_key_trusts_forwarded_for_only_from_a_local_proxy() -> None:
+def test_client_key_ignores_forwarded_for_from_unlisted_peers() -> None:
     xff = {"X-Forwarded-For": "6.6.6.6, 203.0.113.9"}
-    assert auth.client_key("198.51.100.1", xff, "s") == "198.51.100.1"  # direct peer: header ignored
-    assert auth.client_key(None, xff, "s") == "203.0.113.9"  # loopback peer: the proxy's own entry
-    assert auth.client_key(None, {"X-Forwarded-For": "evil\nline"}, "s") == "local"
-    assert auth.client_key(None, {"Host": "x"}, "s") == "local"
-    assert auth.client_key(None, {}, "abc") == "session:abc"
+    assert client_key("198.51.100.1", xff, "s") == "198.51.100.1"  # direct peer: header ignored
+    assert client_key(None, xff, "s") == "local"  # a loopback peer is not a proxy unless listed
+    assert client_key(None, {"X-Forwarded-For": "evil\nline"}, "s") == "local"
+    assert client_key(None, {"Host": "x"}, "s") == "local"
+    assert client_key(None, {}, "abc") == "session:abc"
+
+
+def test_rotating_forwarded_for_from_a_local_peer_hits_one_lockout(tmp_path: Path) -> None:
+    # The attack from issue 26: a process on the server's machine sends a new X-Forwarded-For
+    # with every guess. Without WORKBENCH_TRUSTED_PROXIES every guess is the same client.
+    clock = FakeClock()
+    gate = make_gate(tmp_path, clock, auth.ThrottlePolicy(backoff_s=1, max_failures=3, lockout_s=900))
+    checked = 0
+    for i in range(30):
+        client = client_key(None, {"X-Forwarded-For": f"198.51.{i}.7"}, "s")
+        checked += gate.attempt(client, WRONG, auth.hash_password(RIGHT, iterations=1000)).checked
+        clock.advance(2.5)  # the 75 s of the report
+    assert checked == 3
+    assert {ln.split()[2] for ln in log_lines(tmp_path)} == {"client=local"}
+
+
+def test_client_key_from_a_listed_proxy_takes_the_first_untrusted_hop() -> None:
+    trusted = parse_trusted_proxies(" 127.0.0.1, 10.0.0.0/8 ,")
+    assert [str(n) for n in trusted] == ["127.0.0.1/32", "10.0.0.0/8"]
+    chain = {"X-Forwarded-For": "6.6.6.6, 203.0.113.9, 10.1.2.3"}  # client, its address, an inner proxy
+    assert client_key(None, chain, "s", trusted) == "203.0.113.9"  # loopback proxy
+    assert client_key("10.0.0.5", {"X-Forwarded-For": "203.0.113.9"}, "s", trusted) == "203.0.113.9"
+    assert client_key("198.51.100.1", chain, "s", trusted) == "198.51.100.1"  # not listed: its own address
+    assert client_key(None, {"Host": "x"}, "s", trusted) == "local"  # listed, no header
+    assert client_key(None, {"X-Forwarded-For": "10.0.0.9, 10.0.0.8"}, "s", trusted) == "10.0.0.9"
+    assert client_key(None, {"X-Forwarded-For": "1.2.3.4, evil"}, "s", trusted) == "unknown"
+    assert client_key(None, {"X-Forwarded-For": "1.2.3.4"}, "s", parse_trusted_proxies("::1")) == "1.2.3.4"
+
+
+def test_trusted_proxies_setting_is_checked() -> None:
+    assert client_address.trusted_proxies({}) == () and client_address.forwarded_allow_ips(()) == ""
+    assert client_address.forwarded_allow_ips(parse_trusted_proxies("10.0.0.0/8,::1")) == "10.0.0.0/8,::1/128"
+    with pytest.raises(auth.AuthConfigError, match="WORKBENCH_TRUSTED_PROXIES lists 'proxy.local', which is not"):
+        client_address.trusted_proxies({client_address.ENV_TRUSTED_PROXIES: "10.0.0.1, proxy.local"})
+    with pytest.raises(auth.AuthConfigError, match=r"'10.0.0.1/8'.*has host bits set"):
+        parse_trusted_proxies("10.0.0.1/8")
+
+
+def test_ui_refuses_a_bad_trusted_proxies_setting(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from workbench.cli.ui import cmd_ui
+
+    monkeypatch.setenv(client_address.ENV_TRUSTED_PROXIES, "nginx")
+    assert cmd_ui(argparse.Namespace(host="127.0.0.1", port=1)) == 2
+    assert "Not starting: WORKBENCH_TRUSTED_PROXIES lists 'nginx'" in capsys.readouterr().err
+
+
+def test_uvicorn_rewrites_the_peer_only_for_listed_proxies() -> None:
+    # Streamlit serves through uvicorn, whose ProxyHeadersMiddleware (on by default, trusting
+    # 127.0.0.1) rewrites the peer Streamlit reports; `workbench ui` hands it our list instead.
+    import asyncio
+
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+    def peer_seen(trusted: str, peer: str) -> str:
+        seen: list[str] = []
+
+        async def app(scope: dict, receive: object, send: object) -> None:
+            seen.append(scope["client"][0])
+
+        scope = {"type": "http", "client": (peer, 5000), "headers": [(b"x-forwarded-for", b"203.0.113.9")]}
+        asyncio.run(ProxyHeadersMiddleware(app, trusted_hosts=trusted)(scope, None, None))  # type: ignore[arg-type]
+        return seen[0]
+
+    assert peer_seen(client_address.forwarded_allow_ips(()), "127.0.0.1") == "127.0.0.1"
+    local_proxy = client_address.forwarded_allow_ips(parse_trusted_proxies("127.0.0.1"))
+    assert peer_seen(local_proxy, "127.0.0.1") == "203.0.113.9"
 
 
 def test_exposure_rule() -> None:

@@ -27,21 +27,11 @@ Members = dict[str, bytes]
 
 # --- a real bundle -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory: pytest.TempPathFactory):
-    from builders import shared_workspace
-
-    return shared_workspace(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def real(ws) -> tuple[Members, list[Path]]:
     """The members of a bundle built by `export_run` (unsigned), and two test images."""
-    from builders import FAST, make_run
+    from builders import exported_run
 
-    from workbench.exports import export_run
-
-    out = export_run(make_run(ws), settings=ws.settings, session_factory=ws.Session, **FAST)
-    with zipfile.ZipFile(out.bundle_path) as zf:
+    with zipfile.ZipFile(exported_run(ws).bundle) as zf:
         members = {n: zf.read(n) for n in zf.namelist()}
     return members, sorted((ws.source / "test" / "bean_rust").iterdir())[:2]
 

@@ -3,7 +3,7 @@
 The bundle carries its evaluation's temperature (and, for two classes, its decision threshold)
 in ``calibration.json``, listed in the manifest like every file; the bundle's predict.py,
 ``BundlePredictor`` (bundle and run) and the Predict page all report softmax(logits / T). The
-bundles here come from the shared workspace of tests/test_export.py: no new training.
+bundles here come from the shared workspace of tests/builders.py: no new training.
 """
 from __future__ import annotations
 

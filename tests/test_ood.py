@@ -2,7 +2,7 @@
 
 The threshold is fitted where the temperature is (core.evaluate), travels in calibration.json
 (hashed in the manifest) and is applied alike by BundlePredictor, the bundle's own predict.py
-and ``workbench predict``. The model is the shared beans workspace of tests/test_export.py (a
+and ``workbench predict``. The model is the shared beans workspace of tests/builders.py (a
 lite0 head fitted on 18 real beans images; no new training); the foreign images are real
 mednist_3k and hymenoptera files.
 """

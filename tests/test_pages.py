@@ -109,6 +109,27 @@ def test_password_gate_blocks_every_page(data_dir: Path, password: str, name: st
     assert titles(at) == ["Workbench"] and [t.label for t in at.text_input] == ["Password"]
 
 
+def test_train_page_shows_the_workers_a_run_lost(data_dir: Path) -> None:
+    """A run resumed after its worker died says so under the run, with the hosts' names as they are."""
+    from helpers_train import create_dataset_rows
+
+    from storage.db import get_sessionmaker
+    from storage.models import Run
+    from workbench import runs
+    from workbench.settings import get_settings
+
+    sf = get_sessionmaker(get_settings().database_url)
+    create_dataset_rows(data_dir, sf, "colours", [4, 4], val_per_class=1, size=16)
+    (run_id,) = runs.queue_training("colours", ["lite0"], resolution=64, recipe="quick", start_worker=False)
+    with sf.begin() as s:
+        s.get(Run, run_id).summary = {"worker_losses": [
+            {"host": "GPU-Box", "pid": 7, "epoch": 13, "auto_resume": 1, "limit": 2, "resumed_on": "lab-2"}]}
+    at = open_page("train")
+    assert_clean(at)
+    assert ("Worker on host GPU-Box (pid 7) stopped at epoch 13; resumed on host lab-2 (automatic resume 1 of 2)"
+            in " ".join(c.value for c in at.caption))
+
+
 def test_password_gate_opens_with_the_right_password(data_dir: Path, password: str) -> None:
     at = AppTest.from_file(str(APP), default_timeout=60)
     at.run()

@@ -1,6 +1,6 @@
 """`workbench serve` as a real subprocess on a free loopback port, called over HTTP.
 
-The bundle comes from the shared workspace of tests/test_export.py (real beans images, a really
+The bundle comes from the shared workspace of tests/builders.py (real beans images, a really
 trained Lite0 head, real ONNX Runtime); the server is started with the RUN ID, so it also shows
 that a run resolves to its newest verified bundle. Its answers are compared with the bundle's own
 predict.py on real images, and every bad input gets its own 4xx with a plain message.
@@ -27,14 +27,10 @@ LIMITS = ["--max-images", "4", "--max-image-mb", "0.2", "--max-request-mb", "0.5
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory):
-    from builders import FAST, make_run, shared_workspace
+def served(ws):
+    from builders import exported_run
 
-    from workbench.exports import export_run
-
-    ws = shared_workspace(tmp_path_factory)
-    rid = make_run(ws)
-    bundle = Path(export_run(rid, settings=ws.settings, session_factory=ws.Session, **FAST).bundle_path)
+    rid, bundle = exported_run(ws).run_id, exported_run(ws).bundle
     port = free_port()
     env = {**os.environ, "WORKBENCH_DATA_DIR": str(ws.settings.data_dir), "DATABASE_URL": ws.settings.database_url,
            "PYTHONPATH": str(ROOT)}

@@ -19,7 +19,7 @@ if str(_ROOT) not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-from workbench import auth  # noqa: E402
+from workbench import auth, client_address  # noqa: E402
 
 # A checkout keeps the pages at its top (pages/); an installed wheel ships them inside the
 # package (workbench/pages/, see [tool.setuptools] in pyproject.toml).
@@ -49,12 +49,12 @@ _AUTH_KEY = "_wb_authenticated"
 _NEXT_KEY = "_wb_next"  # (url path, query params) the browser asked for before signing in
 
 
-def _client() -> str:
-    """Who failed sign-ins are counted against: the peer address (see auth.client_key), else the session."""
+def _client(trusted: tuple[client_address.Network, ...]) -> str:
+    """Who failed sign-ins are counted against: the peer address (see client_address.client_key), else the session."""
     ip = st.context.ip_address
     session_key = st.session_state.setdefault("_wb_client", secrets.token_hex(8))
     # AppTest fills ip_address with a mock: only a real string is an address.
-    return auth.client_key(ip if isinstance(ip, str) else None, st.context.headers, session_key)
+    return client_address.client_key(ip if isinstance(ip, str) else None, st.context.headers, session_key, trusted)
 
 
 def _remember_deep_link() -> None:
@@ -83,14 +83,15 @@ def _password_gate() -> None:
     try:
         auth.parse_hash(encoded)
         gate = auth.default_gate()
+        trusted = client_address.trusted_proxies()
     except auth.PasswordHashError as exc:
         st.error(f"Workbench is locked: the password setting is invalid. {exc}")
         st.stop()
     except auth.AuthConfigError as exc:
-        st.error(f"Workbench is locked: a sign-in limit setting is invalid. {exc}")
+        st.error(f"Workbench is locked: a sign-in setting is invalid. {exc}")
         st.stop()
     _remember_deep_link()
-    client = _client()
+    client = _client(trusted)
     st.title("Workbench")
     st.caption("This Workbench is protected by a password.")
     with st.form("wb_login", clear_on_submit=True):

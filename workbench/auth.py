@@ -10,9 +10,9 @@ Format: ``pbkdf2_sha256$<iterations>$<salt>$<hex digest>`` (stdlib only, constan
 comparison). Without the variable the app is open — bind it to 127.0.0.1 (``make run``);
 ``workbench ui`` refuses any other address without a password unless ``WORKBENCH_ALLOW_OPEN=1``.
 
-Guessing is slowed per client by :class:`LoginThrottle` (exponential backoff, then a
-lockout) and every attempt is appended to ``<data dir>/logs/auth.log`` by
-:class:`PasswordGate`. Both are plain Python (no Streamlit) with an injectable clock.
+Guessing is slowed per client (:mod:`workbench.client_address` says who that is) by
+:class:`LoginThrottle` (exponential backoff, then a lockout) and every attempt is appended
+to ``<data dir>/logs/auth.log`` by :class:`PasswordGate`. Both are plain Python (no Streamlit) with an injectable clock.
 State is in-process: restarting the server forgets it.
 """
 from __future__ import annotations
@@ -95,6 +95,10 @@ ENV_LOCKOUT_SECONDS = "WORKBENCH_AUTH_LOCKOUT_SECONDS"
 ENV_BACKOFF_SECONDS = "WORKBENCH_AUTH_BACKOFF_SECONDS"
 ENV_BACKOFF_MAX_SECONDS = "WORKBENCH_AUTH_BACKOFF_MAX_SECONDS"
 ENV_ALLOW_OPEN = "WORKBENCH_ALLOW_OPEN"
+
+
+# A client key may come from a header: logs keep it to address characters.
+CLIENT_SAFE = re.compile(r"[^0-9A-Za-z.:_\-\[\]]")
 
 
 class AuthConfigError(ValueError):
@@ -248,39 +252,6 @@ def wait_message(state: ThrottleState) -> str:
     return f"Too many wrong passwords from your address. Wait {describe_wait(state.wait_s)} before trying again."
 
 
-# --- who is signing in --------------------------------------------------------------------
-
-_CLIENT_SAFE = re.compile(r"[^0-9A-Za-z.:_\-\[\]]")
-
-
-def _ip_or_none(value: str | None) -> str | None:
-    if not value:
-        return None
-    try:
-        return str(ipaddress.ip_address(value.strip()))
-    except ValueError:
-        return None
-
-
-def client_key(remote_ip: str | None, headers: Mapping[str, str] | None, session_key: str) -> str:
-    """The key failures are counted under.
-
-    ``remote_ip`` is the peer Streamlit saw (``st.context.ip_address``: None when it is
-    loopback). X-Forwarded-For is trusted only from a loopback peer — a reverse proxy on
-    the same machine — and then only its last entry, the one that proxy appended (the
-    entries before it are whatever the client sent). Without a connection at all
-    (AppTest) the browser session is the client.
-    """
-    ip = _ip_or_none(remote_ip)
-    if ip is not None:
-        return ip
-    if headers:
-        forwarded = headers.get("X-Forwarded-For") or ""
-        last = _ip_or_none(forwarded.split(",")[-1]) if forwarded else None
-        return last or "local"
-    return f"session:{_CLIENT_SAFE.sub('', session_key)[:64]}"
-
-
 # --- the gate: throttle + check + log ----------------------------------------------------
 
 def auth_log_path() -> Path:
@@ -323,8 +294,7 @@ class PasswordGate:
 
     def _log(self, event: str, client: str, state: ThrottleState) -> None:
         when = datetime.fromtimestamp(self.wall_clock(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        # The client string may come from a header: keep it to address characters.
-        line = (f"{when} {event} client={_CLIENT_SAFE.sub('?', client)[:80]} failures={state.failures} "
+        line = (f"{when} {event} client={CLIENT_SAFE.sub('?', client)[:80]} failures={state.failures} "
                 f"wait_s={math.ceil(state.wait_s)}{' locked' if state.locked else ''}\n")
         try:
             path = self.log_path()

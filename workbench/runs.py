@@ -243,22 +243,31 @@ def resume_run(run_id: int, *, settings: Settings | None = None, start_worker: b
             if processes < 1:
                 raise RunError(f"The number of processes must be 1 or more, got {processes}.")
             run.config = {**(run.config or {}), "processes": processes}
-        last = RunPaths(settings, run_id).last_checkpoint
-        # A run whose worker died while verifying has its trained model (only a finished training
-        # records checkpoint_path): resume re-runs the export, verification and evaluation only.
-        verify_only = run.checkpoint_path is not None and run.best_metrics is not None
-        run.status, run.error, run.cancel_requested, run.finished_at = RunStatus.QUEUED, None, False, None
-        message = ("Resume queued: training had finished, so only the export, verification and evaluation run "
-                   "again." if verify_only else "Resume queued" + (" from the last checkpoint." if last.is_file()
-                                                                   else " (no checkpoint yet: starts over)."))
-        s.add(RunEvent(run_id=run_id, created_at=utcnow(), level="info", message=message))
-        needs = workers.training_needs(run.config or {})
-        job = jobs.enqueue(s, JobKind.TRAIN, run_id, {"resume": True, "postrun": True, "verify_only": verify_only,
-                                                      **({"needs": needs} if needs else {})})
-        job_id = job.id
+        job_id = queue_resume(s, run, settings).id
     if start_worker:
         lanes.ensure_worker(settings, lane=lanes.lane_of(JobKind.TRAIN))
     return job_id
+
+
+def queue_resume(s: Session, run: Run, settings: Settings, *, note: str = "",
+                 payload: dict[str, Any] | None = None) -> Job:
+    """Inside the caller's transaction: mark the run queued and queue the job that continues it
+    from its last checkpoint (what ``workbench resume`` does; the automatic resume too).
+
+    ``note`` goes before the event's usual sentence; ``payload`` is added to the job's.
+    """
+    last = RunPaths(settings, run.id).last_checkpoint
+    # A run whose worker died while verifying has its trained model (only a finished training
+    # records checkpoint_path): resume re-runs the export, verification and evaluation only.
+    verify_only = run.checkpoint_path is not None and run.best_metrics is not None
+    run.status, run.error, run.cancel_requested, run.finished_at = RunStatus.QUEUED, None, False, None
+    message = ("Resume queued: training had finished, so only the export, verification and evaluation run "
+               "again." if verify_only else "Resume queued" + (" from the last checkpoint." if last.is_file()
+                                                               else " (no checkpoint yet: starts over)."))
+    s.add(RunEvent(run_id=run.id, created_at=utcnow(), level="info", message=note + message))
+    needs = workers.training_needs(run.config or {})
+    return jobs.enqueue(s, JobKind.TRAIN, run.id, {"resume": True, "postrun": True, "verify_only": verify_only,
+                                                   **({"needs": needs} if needs else {}), **(payload or {})})
 
 
 @dataclass(frozen=True)

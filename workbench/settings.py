@@ -9,7 +9,9 @@ the key ``workbench predict`` checks bundle signatures with.
 Several hosts (docs/SCALING.md): ``WORKBENCH_HOST_ID`` names this host's workers (default: the
 hostname plus a short id stable for this machine and data dir); ``WORKBENCH_LEASE_S`` (default
 60) is how long a worker's claim on a job lasts without a heartbeat before another host may
-take the job over; ``WORKBENCH_DEVICE`` (auto, cpu, cuda, cuda:N) is where PyTorch work runs.
+take the job over; ``WORKBENCH_DEVICE`` (auto, cpu, cuda, cuda:N) is where PyTorch work runs;
+``WORKBENCH_AUTO_RESUMES`` (default 2, 0: never) is how many times in a row a training run whose
+worker died is resumed automatically on another worker before it is failed for a person to resume.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ class Settings:
     host_id_override: str | None = None
     lease_s: float = 60.0
     device: str = "auto"
+    auto_resumes: int = 2
 
     @property
     def host_id(self) -> str:
@@ -114,6 +117,22 @@ def _lease_s(raw: str | None) -> float:
     return value
 
 
+DEFAULT_AUTO_RESUMES = 2
+
+
+def _auto_resumes(raw: str | None) -> int:
+    if raw is None or not raw.strip():
+        return DEFAULT_AUTO_RESUMES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise SettingsError(f"WORKBENCH_AUTO_RESUMES must be a whole number of 0 or more (how many times a run "
+                            f"whose worker died is resumed automatically; 0: never), got {raw!r}")
+    return value
+
+
 def get_settings() -> Settings:
     data_dir = Path(os.environ.get("WORKBENCH_DATA_DIR", "workbench-data")).expanduser().resolve()
     url = os.environ.get("DATABASE_URL") or f"sqlite:///{data_dir / 'workbench.db'}"
@@ -125,7 +144,8 @@ def get_settings() -> Settings:
                     bundle_key=key.encode("utf-8") if key else None,
                     host_id_override=check_host_id(host) if host else None,
                     lease_s=_lease_s(os.environ.get("WORKBENCH_LEASE_S")),
-                    device=(os.environ.get("WORKBENCH_DEVICE") or "auto").strip())
+                    device=(os.environ.get("WORKBENCH_DEVICE") or "auto").strip(),
+                    auto_resumes=_auto_resumes(os.environ.get("WORKBENCH_AUTO_RESUMES")))
 
 
 def service_context(settings: Settings | None = None, session_factory: sessionmaker[Session] | None = None

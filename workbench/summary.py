@@ -12,6 +12,37 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage.models import Run
 
 
+class WorkerLoss(TypedDict, total=False):
+    """One worker that died under the run (its lease ran out), and what became of the run."""
+
+    at: str  # ISO time the loss was noticed
+    host: str  # the host whose worker stopped
+    pid: int | None
+    epoch: int | None  # the last checkpoint's epoch (None: none yet)
+    verifying: bool  # it died after training, while checking the exported model
+    auto_resume: int  # which automatic resume this queued (1, 2, ...); 0: none (gave up)
+    limit: int  # WORKBENCH_AUTO_RESUMES at the time
+    resumed_on: str  # the host whose worker took the resume
+
+
+def worker_loss_head(loss: WorkerLoss) -> str:
+    """'worker on host A (pid 7) stopped at epoch 13'."""
+    where = ("after training, while checking the model" if loss.get("verifying") else
+             f"at epoch {loss['epoch']}" if loss.get("epoch") is not None else "before its first checkpoint")
+    pid = f" (pid {loss['pid']})" if loss.get("pid") is not None else ""
+    return f"worker on host {loss.get('host') or '?'}{pid} stopped {where}"
+
+
+def describe_worker_loss(loss: WorkerLoss) -> str:
+    """One line of the run's history: '... stopped at epoch 13; resumed on host B (automatic resume 1 of 2)'."""
+    n, limit = loss.get("auto_resume", 0), loss.get("limit", 0)
+    if not n:
+        return f"{worker_loss_head(loss)}; not resumed automatically (limit {limit} reached): resume it by hand"
+    if loss.get("resumed_on"):
+        return f"{worker_loss_head(loss)}; resumed on host {loss['resumed_on']} (automatic resume {n} of {limit})"
+    return f"{worker_loss_head(loss)}; automatic resume {n} of {limit} queued"
+
+
 class RunSummary(TypedDict, total=False):
     # Written by training (core.train's TrainResult.summary, merged as it is).
     device: str
@@ -72,6 +103,8 @@ class RunSummary(TypedDict, total=False):
     target_latency_ms: float
     target_latency_source: str
     cache_reused: bool
+    # Workers that died under the run, oldest first (workbench.handlers.recovery).
+    worker_losses: list[WorkerLoss]
 
 
 class BestMetrics(TypedDict, total=False):

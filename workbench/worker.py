@@ -3,14 +3,16 @@
 It claims the lane's queued jobs one by one (workbench.jobs.claim_next_job) and runs each
 kind's handler from the handler table (workbench.handlers). ``reconcile`` makes the database
 tell the truth after a crash: a job marked running whose worker is gone is failed, and its
-kind's orphan hook runs (a training run is offered for resume). A job of this host is checked
-against this host's lane lock and pid (fast: no waiting); a job of another host once its lease
-ran out (workbench.workers: a heartbeat thread renews it while the worker lives). Reconcile
-runs at worker start and every ``RECONCILE_EVERY_S`` seconds (or the lease, if shorter) in the
-drain loop, so a job whose worker died (the other lane's, another host's, a killed one) does
-not stay "running". At start the worker also runs the garbage collector (workbench.gc) with
-its default grace period. Several train workers may share one data dir and database when they
-present different host ids (``--host-id``, ``WORKBENCH_HOST_ID``): docs/SCALING.md.
+kind's orphan hook runs (a training run is offered for resume; one whose worker on another
+host stopped renewing its lease is resumed automatically, up to ``WORKBENCH_AUTO_RESUMES``
+times). A job of this host is checked against this host's lane lock and pid (fast: no
+waiting); a job of another host once its lease ran out (workbench.workers: a heartbeat thread
+renews it while the worker lives). Reconcile runs at worker start and every
+``RECONCILE_EVERY_S`` seconds (or the lease, if shorter) in the drain loop, so a job whose
+worker died (the other lane's, another host's, a killed one) does not stay "running". At start
+the worker also runs the garbage collector (workbench.gc) with its default grace period.
+Several train workers may share one data dir and database when they present different host ids
+(``--host-id``, ``WORKBENCH_HOST_ID``): docs/SCALING.md.
 """
 from __future__ import annotations
 
@@ -97,7 +99,9 @@ def reconcile(session_factory: sessionmaker[Session] | None = None, settings: Se
                                         error=_orphan_message(pid, job_lane, kind, host if remote else None))
                                 ).rowcount  # type: ignore[attr-defined]
             spec = get_handler(kind)
-            if changed and spec is not None and spec.on_orphan is not None:
+            if changed and spec is not None and remote and spec.on_lease_lost is not None:
+                spec.on_lease_lost(s, workers.LostWorker(job_id, run_id, pid, str(host), settings))
+            elif changed and spec is not None and spec.on_orphan is not None:
                 spec.on_orphan(s, run_id, pid)
         if changed:
             if remote:

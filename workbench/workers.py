@@ -27,6 +27,7 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.models import Job, Worker, utcnow
+from workbench.settings import Settings
 from workbench.status import JobStatus
 
 log = logging.getLogger("workbench.worker")
@@ -249,6 +250,17 @@ def parse_needs_or_none(payload: dict[str, Any] | None) -> Needs | None:
         return parse_needs(payload)
     except NeedsError:
         return None
+
+
+@dataclass(frozen=True)
+class LostWorker:
+    """A job whose worker on another host stopped renewing its lease (reconcile found it)."""
+
+    job_id: int
+    run_id: int | None
+    pid: int | None
+    host_id: str  # the host whose worker died
+    settings: Settings  # of the process that noticed (its auto_resumes limit applies)
 
 
 class Heartbeat(threading.Thread):

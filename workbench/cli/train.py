@@ -11,6 +11,7 @@ from workbench.cli.exits import guard, id_arg
 from workbench.cli.output import add_json_flag, human, print_json
 from workbench.follow import follow_run
 from workbench.status import RunStatus
+from workbench.summary import describe_worker_loss
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -185,6 +186,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
               f"{acc:>7} {f1:>7} {secs:>8}  {r.batch_label or ''}")
         if r.status == RunStatus.FAILED and r.error:
             print(f"      error: {r.error}")
+        for loss in r.summary.get("worker_losses", []):
+            print(f"      {describe_worker_loss(loss)}")
     return 0
 
 

@@ -64,7 +64,7 @@ def shipped_config(path: Path = SHIPPED_CONFIG) -> dict[str, Any]:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from workbench import auth
+    from workbench import auth, client_address
 
     problem = auth.open_exposure_problem(args.host)
     if problem:
@@ -74,6 +74,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
         if auth.configured_hash():
             auth.parse_hash(auth.configured_hash() or "")
         auth.ThrottlePolicy.from_env()
+        # uvicorn's own default believes X-Forwarded-For from 127.0.0.1: only the listed proxies.
+        os.environ["FORWARDED_ALLOW_IPS"] = client_address.forwarded_allow_ips(client_address.trusted_proxies())
     except (auth.PasswordHashError, auth.AuthConfigError) as exc:
         print(f"Not starting: {exc}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ from storage.artifacts import register_artifact, relative_to_data_dir, resolve_i
 from storage.models import Dataset, Run, RunEvent, RunMetric, utcnow
 from workbench.handlers.ddp_launch import train_in_processes
 from workbench.handlers.postrun import VERIFY_STEPS, after_training, verify_estimate_s
+from workbench.handlers.recovery import note_resumed
 from workbench.jobs import JobContext, JobOutcome
 from workbench.paths import RunPaths
 from workbench.runs import last_checkpoint_epoch
@@ -149,6 +150,8 @@ def _start(ctx: JobContext, run_id: int) -> tuple[dict[str, Any], JobOutcome | N
                 "n_test": len(repo.images_for_dataset(s, ds.id, "test"))}
         verify_only = todo["verify_only"] = bool(ctx.payload.get("verify_only")) and run.checkpoint_path is not None
         run.status = RunStatus.VERIFYING if verify_only else RunStatus.RUNNING
+        if ctx.payload.get("auto_resume"):
+            note_resumed(s, run, ctx.settings.host_id)
         run.worker_pid, run.error, run.finished_at = os.getpid(), None, None
         run.started_at = run.started_at or utcnow()
     return todo, None
