@@ -19,7 +19,7 @@ class WorkerLoss(TypedDict, total=False):
     host: str  # the host whose worker stopped
     pid: int | None
     epoch: int | None  # the last checkpoint's epoch (None: none yet)
-    verifying: bool  # it died after training, while checking the exported model
+    after_training: bool  # it died after training, while checking the exported model
     auto_resume: int  # which automatic resume this queued (1, 2, ...); 0: none (gave up)
     limit: int  # WORKBENCH_AUTO_RESUMES at the time
     resumed_on: str  # the host whose worker took the resume
@@ -27,7 +27,7 @@ class WorkerLoss(TypedDict, total=False):
 
 def worker_loss_head(loss: WorkerLoss) -> str:
     """'worker on host A (pid 7) stopped at epoch 13'."""
-    where = ("after training, while checking the model" if loss.get("verifying") else
+    where = ("after training, while checking the model" if loss.get("after_training") else
              f"at epoch {loss['epoch']}" if loss.get("epoch") is not None else "before its first checkpoint")
     pid = f" (pid {loss['pid']})" if loss.get("pid") is not None else ""
     return f"worker on host {loss.get('host') or '?'}{pid} stopped {where}"

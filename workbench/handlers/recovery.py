@@ -44,7 +44,7 @@ def on_lease_lost(s: Session, lost: LostWorker) -> None:
     losses = list(read_summary(run).get("worker_losses", []))
     n = _resumed_in_a_row(losses) + 1
     loss = WorkerLoss(at=utcnow().isoformat(timespec="seconds"), host=lost.host_id, pid=lost.pid, epoch=epoch,
-                      verifying=verifying, auto_resume=n if n <= limit else 0, limit=limit)
+                      after_training=verifying, auto_resume=n if n <= limit else 0, limit=limit)
     merge_summary(run, {"worker_losses": [*losses, loss]})
     head = "W" + worker_loss_head(loss)[1:] + " (its lease ran out)"  # not capitalize(): host names keep case
     if n <= limit:
