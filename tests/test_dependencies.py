@@ -18,7 +18,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 RUNTIME_DIRS = ("core", "workbench", "storage", "pages")
 FIRST_PARTY = {"core", "workbench", "storage", "pages"}
 # Imported, but provided by a declared dependency on purpose (not worth a floor of their own).
-VIA = {"cv2": "albumentations", "starlette": "fastapi"}
+VIA = {"cv2": "albumentations", "starlette": "fastapi", "anyio": "fastapi"}  # anyio: starlette runs on it
 
 
 def _norm(name: str) -> str:

@@ -111,7 +111,7 @@ def test_password_gate_blocks_every_page(data_dir: Path, password: str, name: st
 
 def test_train_page_shows_the_workers_a_run_lost(data_dir: Path) -> None:
     """A run resumed after its worker died says so under the run, with the hosts' names as they are."""
-    from helpers_train import create_dataset_rows
+    from builders import create_dataset_rows
 
     from storage.db import get_sessionmaker
     from storage.models import Run
