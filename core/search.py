@@ -469,23 +469,37 @@ def fail_stale_trials(study: Any, is_running: Callable[[Any], bool]) -> list[int
     return stale
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
+class SearchData:
+    """The images a search trains and compares its trials on."""
+
+    samples: SearchSamples  # training
+    val: SearchSamples  # validation: trials are compared on it alone
+    classes: Sequence[str]
+    imbalance_ratio: float = 1.0  # largest over smallest training class (imbalance handling is searched from 1.5)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchRules:
+    """What the trials sample from and what bounds them."""
+
+    space: ArchSpace
+    objective: Objective
+    seed: int
+    deadline: float  # time.time() by which trials must end
+    max_trials: int | None = None
+    epochs: tuple[int, int] = (HEAD_EPOCHS, FINETUNE_EPOCHS)  # (head, fine-tune) of each trial: trial_epochs
+
+
+@dataclass(kw_only=True)
 class SearchLoop:
     """One worker's share of a search: trials until the deadline, the trial cap or a stop."""
 
     study: Any
-    space: ArchSpace
-    objective: Objective
-    samples: SearchSamples
-    val: SearchSamples
-    classes: Sequence[str]
-    seed: int
-    deadline: float  # time.time() by which trials must end
-    max_trials: int | None = None
-    imbalance_ratio: float = 1.0
+    rules: SearchRules
+    data: SearchData
     owner: str = ""  # who asks for the trials (a job id), kept on each trial for fail_stale_trials
     store: FeatureStore = field(default_factory=FeatureStore)
-    epochs: tuple[int, int] = (HEAD_EPOCHS, FINETUNE_EPOCHS)
     outcomes: list[TrialOutcome] = field(default_factory=list)
 
     def finished_trials(self) -> int:
@@ -495,7 +509,7 @@ class SearchLoop:
         return len(self.study.get_trials(deepcopy=False, states=done))
 
     def _time_for_another(self) -> bool:
-        left = self.deadline - time.time()
+        left = self.rules.deadline - time.time()
         if not self.outcomes:
             return left > 0
         # The quickest trial so far (with the cache warm) is what the next one can hope for.
@@ -503,15 +517,16 @@ class SearchLoop:
         return left >= 0.5 * quickest
 
     def run(self, cb: SearchCallback) -> list[TrialOutcome]:
+        rules, data = self.rules, self.data
         while not cb.should_stop() and cb.may_start_trial() and self._time_for_another():
-            if self.max_trials is not None and self.finished_trials() >= self.max_trials:
+            if rules.max_trials is not None and self.finished_trials() >= rules.max_trials:
                 break
             trial = self.study.ask()
             trial.set_user_attr("owner", self.owner)
-            plan = suggest_trial(trial, self.space, self.objective, imbalance_ratio=self.imbalance_ratio,
-                                 seed=self.seed, epochs=self.epochs)
-            outcome = run_trial(plan, trial, self.samples, self.val, self.classes, self.objective, cb,
-                                self.deadline, self.store)
+            plan = suggest_trial(trial, rules.space, rules.objective, imbalance_ratio=data.imbalance_ratio,
+                                 seed=rules.seed, epochs=rules.epochs)
+            outcome = run_trial(plan, trial, data.samples, data.val, data.classes, rules.objective, cb,
+                                rules.deadline, self.store)
             self.outcomes.append(outcome)
             cb.on_trial_end(plan, outcome)
         return self.outcomes
@@ -558,7 +573,8 @@ def choose_finalists(points: Sequence[TrialPoint], n: int = FINALISTS) -> tuple[
     return winner, [winner, *others[: max(0, n - 1)]]
 
 
-__all__ = ["ArchChoice", "ArchSpace", "Objective", "SearchCallback", "SearchError", "SearchLoop", "TrialOutcome",
+__all__ = ["ArchChoice", "ArchSpace", "Objective", "SearchCallback", "SearchData", "SearchError", "SearchLoop",
+           "SearchRules", "TrialOutcome",
            "TrialPlan", "TrialPoint", "architecture_space", "choose_finalists", "data_resolution_cap",
            "delete_study", "estimate_trial_seconds", "fail_stale_trials", "finalize_reserve_seconds", "open_study",
            "pareto_front", "search_resolutions", "starting_point", "suggest_trial", "trial_epochs",

@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from workbench import search_words, searches, ui, views
+from workbench.search_clock import DEFAULT_TIME_BUDGET_MIN
 
 ui.header("Auto", "Workbench tries several models and training settings on your images, keeps the one that "
           "scores best on the validation images within your device's limits, tests it once on the held-out "
@@ -21,7 +22,7 @@ device = c1.selectbox("Where the model will run", devices,
                       index=devices.index("this-machine") if "this-machine" in devices else 0, key="auto_device")
 latency = c2.number_input("Slowest acceptable time per image (ms, 0 = no limit)", min_value=0.0, value=0.0,
                           step=10.0, key="auto_latency")
-time_min = c3.slider("Time for the search (minutes)", 2, 120, 10, key="auto_time")
+time_min = c3.slider("Time for the search (minutes)", 2, 120, DEFAULT_TIME_BUDGET_MIN, key="auto_time")
 objective = "macro-f1"
 if ds.num_classes == 2:
     find_all = st.toggle("Two classes: rank models by how many positives they find at 95 % specificity "

@@ -267,6 +267,10 @@ class Search(Base):
     budget: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # core.recommend.Budget
     time_budget_s: Mapped[float] = mapped_column(Float)
     spent_s: Mapped[float] = mapped_column(Float, default=0.0)  # wall time of earlier sittings
+    # The running sitting's clock (0006_search_state; workbench.search_clock): when its first
+    # worker started it, and the time kept back from its trials for the finish. NULL: none runs.
+    sitting_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    reserve_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     seed: Mapped[int] = mapped_column(Integer, default=0)
     max_trials: Mapped[int | None] = mapped_column(Integer, nullable=True)
     workers: Mapped[int] = mapped_column(Integer, default=1)
@@ -278,7 +282,10 @@ class Search(Base):
     # Plain ids, not foreign keys: runs already point here (no cycle); deleting a run clears them.
     winner_run_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     bundle_artifact_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # workbench.summary.SearchSummary
+    # What the search is over, fixed when it is queued (workbench.search_plan.SearchPlan);
+    # NULL for a search queued before 0006_search_state (its first worker stores one).
+    plan: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
     dataset: Mapped[Dataset] = relationship()
 

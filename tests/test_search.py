@@ -170,6 +170,59 @@ def test_the_starting_point_trains_as_workbench_train_does_and_keeps_that_when_r
 
 
 # ---------------------------------------------------------------------------------------------
+# The search's state: its summary's schema, its clock, its default budget
+# ---------------------------------------------------------------------------------------------
+def test_a_search_summary_takes_only_the_keys_of_its_schema() -> None:
+    from storage.models import Search
+    from workbench.summary import merge_search_summary
+
+    row = Search(summary={"winner_run_id": 3})
+    merge_search_summary(row, {"finalize_seconds": 12.5})
+    assert row.summary == {"winner_run_id": 3, "finalize_seconds": 12.5}
+    # The sitting's clock is coordination state: a column, never a summary key again.
+    with pytest.raises(ValueError, match="'sitting_started' is not a field of a search's summary"):
+        merge_search_summary(row, {"sitting_started": 1.0, "finalize_seconds": 1.0})  # type: ignore[typeddict-unknown-key]
+    assert row.summary == {"winner_run_id": 3, "finalize_seconds": 12.5}  # nothing of a refused write is kept
+
+
+def test_the_sitting_clock_gives_time_spent_time_left_and_the_trials_deadline() -> None:
+    from datetime import timedelta
+
+    from storage.models import Search, utcnow
+    from workbench.search_clock import SearchClock, close_sitting, open_sitting
+    from workbench.status import SearchStatus
+
+    row = Search(status=SearchStatus.RUNNING, time_budget_s=600.0, spent_s=100.0)
+    with pytest.raises(ValueError, match="no running sitting"):
+        SearchClock.of(row).trial_deadline()
+    clock = open_sitting(row, lambda left: left / 10)  # the first worker: starts the clock, keeps 50 s back
+    assert row.sitting_started_at is not None and row.reserve_s == 50.0
+    start = row.sitting_started_at
+    assert clock.trial_deadline() == pytest.approx(start.timestamp() + 500.0 - 50.0)
+    later = start + timedelta(seconds=30)
+    assert (clock.spent_s(later), clock.left_s(later)) == (130.0, 470.0)
+    assert clock.left_s(start + timedelta(hours=1)) == 0.0  # never below zero
+    joined = open_sitting(row, lambda left: 999.0)  # a second worker of the sitting shares its clock
+    assert joined == clock and row.reserve_s == 50.0
+    row.sitting_started_at = utcnow() - timedelta(seconds=40)
+    close_sitting(row, SearchStatus.FAILED, "stopped")
+    assert row.spent_s == pytest.approx(140.0, abs=2.0) and (row.sitting_started_at, row.reserve_s) == (None, None)
+    assert SearchClock.of(row).spent_s() == row.spent_s  # a closed sitting no longer counts
+
+
+def test_the_default_time_budget_is_one_constant_for_every_front_end() -> None:
+    import inspect
+
+    from workbench import searches
+    from workbench.api import Workbench
+    from workbench.search_clock import DEFAULT_TIME_BUDGET_MIN
+
+    assert searches.parse_duration(DEFAULT_TIME_BUDGET_MIN) == 600.0
+    assert inspect.signature(Workbench.auto).parameters["time"].default == DEFAULT_TIME_BUDGET_MIN
+    assert inspect.signature(searches.start_search).parameters["time_budget"].default == DEFAULT_TIME_BUDGET_MIN
+
+
+# ---------------------------------------------------------------------------------------------
 # The shared feature cache: reused, and the result does not change
 # ---------------------------------------------------------------------------------------------
 def test_trials_sharing_variant_and_views_reuse_the_cache_with_identical_results(tmp_path: Path) -> None:
@@ -252,6 +305,50 @@ def test_a_dataset_too_small_to_split_is_refused(data_dir: Path, shared_datasets
     assert "too small to search" in err or "no validation images" in err, err
 
 
+def test_the_plan_is_made_once_at_queue_time_and_the_worker_reads_the_stored_one(med: str) -> None:
+    from storage.db import get_sessionmaker
+    from storage.models import Search
+    from workbench import searches
+    from workbench.handlers.search import SearchSetup, begin_sitting
+    from workbench.jobs import JobContext
+    from workbench.search_plan import SearchPlan, check_splits, stored_plan, train_imbalance
+    from workbench.settings import get_settings
+    from workbench.status import JobKind, SearchStatus
+
+    info = searches.start_search(med, time_budget="5m", start_worker=False)
+    settings = get_settings()
+    sf = get_sessionmaker(settings.database_url)
+    with sf.begin() as s:
+        row = s.get(Search, info.id)
+        assert row is not None
+        plan = stored_plan(row)
+        assert plan is not None and plan == info.plan and plan.space.choices
+        assert (plan.num_train, plan.num_val, plan.num_test) == check_splits(s, row.dataset)
+        assert plan.imbalance_ratio == train_imbalance(s, row.dataset_id)
+        assert row.summary == {} and row.sitting_started_at is None
+        # Change the stored plan: a worker that recomputed it would not see this.
+        changed = dataclasses.replace(plan, imbalance_ratio=9.0, space=dataclasses.replace(
+            plan.space, choices=plan.space.choices[-1:]))
+        row.plan = changed.to_dict()
+        job_id = searches.search_jobs(s, info.id)[0].id
+    assert SearchPlan.from_dict(changed.to_dict()) == changed
+
+    ctx = JobContext(job_id=job_id, kind=JobKind.SEARCH, run_id=None, payload={"search_id": info.id},
+                     session_factory=sf, settings=settings)
+    setup = begin_sitting(ctx, info.id)
+    assert isinstance(setup, SearchSetup)
+    assert setup.plan == changed and setup.rules.space == changed.space and setup.data.imbalance_ratio == 9.0
+    assert len(setup.data.samples) == changed.num_train and len(setup.data.val) == changed.num_val
+    with sf() as s:
+        row = s.get(Search, info.id)
+        assert row is not None and row.status == SearchStatus.RUNNING
+        assert row.sitting_started_at is not None and row.reserve_s is not None and row.summary == {}
+        assert setup.rules.deadline == pytest.approx(row.sitting_started_at.timestamp() + 300.0 - row.reserve_s)
+    again = begin_sitting(ctx, info.id)  # a second worker joins the sitting: the same plan and deadline
+    assert isinstance(again, SearchSetup) and again.rules == setup.rules and again.plan == changed
+    assert 0.0 <= searches.get_search(info.id).spent_s < 60.0
+
+
 @pytest.mark.slow
 def test_two_searches_queue_on_one_worker_and_each_delivers_a_tested_winner_and_a_bundle(med: str, data_dir: Path,
                                                                                            capsys) -> None:
@@ -296,7 +393,8 @@ def test_two_searches_queue_on_one_worker_and_each_delivers_a_tested_winner_and_
     study = optuna.load_study(study_name=f"workbench-search-{first.id:05d}", storage=os.environ.get(
         "DATABASE_URL") or f"sqlite:///{data_dir / 'workbench.db'}")
     start = study.trials[0]
-    assert start.user_attrs.get("starting_point") and start.params["model"] == a.summary["space"]["choices"][0]["key"]
+    assert a.plan is not None  # the space stored when the search was queued: its first pick starts
+    assert start.user_attrs.get("starting_point") and start.params["model"] == a.plan.space.choices[0].key
     assert (start.params["lr_head"], start.params["unfreeze_stages"]) == (RECIPES["default"]["lr_head"],
                                                                          RECIPES["default"]["unfreeze_stages"])
     bundle = open_bundle(artifact_for_download(a.bundle_artifact_id), key=get_settings().bundle_key)

@@ -5,7 +5,7 @@ On real SQLite, and on a real PostgreSQL database when WORKBENCH_TEST_DATABASE_U
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -29,11 +29,12 @@ from storage.models import (
     Run,
     RunEvent,
     RunMetric,
+    Search,
     utcnow,
 )
 from workbench.status import RunStatus
 
-HEAD = "0005_dataset_versions"
+HEAD = "0006_search_state"
 TABLES = {"datasets", "images", "runs", "run_metrics", "run_events", "evaluations",
           "artifacts", "benchmarks", "jobs", "dataset_versions", "searches", "workers"}
 
@@ -298,3 +299,44 @@ def test_downgrade_from_head_keeps_rows(db_url: str) -> None:
     eng.dispose()
     sm = init_db(url)
     assert _snapshot_rows(sm, like=before) == before
+
+
+# --- a search's clock moves from its JSON summary into columns (0006_search_state) ---------------
+
+def test_0006_moves_the_sitting_clock_into_columns_and_back(db_url: str) -> None:
+    from sqlalchemy.orm import sessionmaker
+
+    url = db_url
+    upgrade(url, "0005_dataset_versions")
+    eng = make_engine(url)
+    started = 1_800_000_000.5  # a POSIX time, as the first worker of a sitting wrote it
+    log = [{"at": "2027-01-15T08:00:00", "level": "info", "message": "trial 0 started"}]
+    with sessionmaker(bind=eng).begin() as s:
+        ds = repo.add_dataset(s, name="d", source="src", classes=["a", "b"], health={}, split_config={}, skipped=[],
+                              num_images=0)
+        # Only the columns revision 0005 has (the model has more).
+        common = dict(dataset_id=ds.id, status="running", objective="macro-f1", device="this-machine", budget={},
+                      time_budget_s=600.0, spent_s=120.0, created_at=utcnow())
+        s.execute(insert(Search.__table__).values(id=1, study_name="s1", summary={
+            "sitting_started": started, "reserve_s": 42.5, "log": log}, **common))
+        s.execute(insert(Search.__table__).values(id=2, study_name="s2", summary={"winner_run_id": 3}, **common))
+    eng.dispose()
+
+    sm = init_db(url)
+    with sm() as s:
+        running, done = s.get(Search, 1), s.get(Search, 2)
+        assert running is not None and done is not None
+        assert running.sitting_started_at == datetime.fromtimestamp(started, UTC) and running.reserve_s == 42.5
+        assert running.summary == {"log": log} and running.spent_s == 120.0 and running.plan is None
+        assert (done.sitting_started_at, done.reserve_s, done.summary) == (None, None, {"winner_run_id": 3})
+    sm.kw["bind"].dispose()
+
+    downgrade(url, "0005_dataset_versions")
+    eng = make_engine(url)
+    with eng.connect() as conn:
+        assert {c["name"] for c in inspect(conn).get_columns("searches")}.isdisjoint(
+            {"sitting_started_at", "reserve_s", "plan"})
+        rows = dict(conn.execute(select(Search.__table__.c.id, Search.__table__.c.summary)).all())
+    eng.dispose()
+    assert rows[1] == {"sitting_started": started, "reserve_s": 42.5, "log": log}
+    assert rows[2] == {"winner_run_id": 3}

@@ -24,6 +24,7 @@ from workbench import datasets, follow, runs, views
 from workbench.datasets import DatasetInfo, DeleteResult
 from workbench.predictor import Predictor
 from workbench.runs import RunInfo, progress_text
+from workbench.search_clock import DEFAULT_TIME_BUDGET_MIN
 from workbench.settings import Settings, get_settings
 from workbench.status import RunStatus
 
@@ -168,8 +169,8 @@ class Workbench:
 
     def auto(self, dataset: str | int, *, device: str = "this-machine", latency_ms: float | None = None,
              memory_mb: float | None = None, size_mb: float | None = None, precision: str = "fp32",
-             time: str | float = "10m", objective: str = "macro-f1", max_trials: int | None = None, seed: int = 0,
-             wait: bool = True, progress: bool = True) -> SearchInfo:
+             time: str | float = DEFAULT_TIME_BUDGET_MIN, objective: str = "macro-f1",
+             max_trials: int | None = None, seed: int = 0, wait: bool = True, progress: bool = True) -> SearchInfo:
         """Search models and recipes on the data within a device budget and a time budget, as
         ``workbench auto`` does; the winner is tested and bundled (``Predictor.from_run(info.winner_run_id)``).
         ``wait=True`` blocks with a progress bar on the time budget."""

@@ -16,10 +16,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.recommend import Budget, BudgetError
-from core.search import Objective, SearchError, architecture_space, estimate_trial_seconds, starting_point
+from core.search import Objective, SearchError, estimate_trial_seconds, starting_point
 from storage import repositories as repo
-from storage.models import Image, Job, Run, Search, utcnow
+from storage.models import Job, Run, Search, utcnow
 from workbench import jobs, lanes, runs
+from workbench.search_clock import DEFAULT_TIME_BUDGET_MIN, SearchClock, close_sitting, time_left_s
+from workbench.search_plan import SearchPlan, SearchRequestError, plan_search, stored_plan
 from workbench.settings import Settings, service_context
 from workbench.status import (
     ACTIVE_JOB,
@@ -31,13 +33,7 @@ from workbench.status import (
     RunStatus,
     SearchStatus,
 )
-
-MIN_TRAIN_PER_CLASS = 2
-MIN_VAL_IMAGES = 2
-
-
-class SearchRequestError(ValueError):
-    """A request about searches cannot be honoured; the message says why."""
+from workbench.summary import SearchSummary, read_search_summary
 
 
 @dataclass(frozen=True)
@@ -72,11 +68,11 @@ class StartComparison:
     noise: float | None  # one standard error of the first trial's score on that many images
 
     @classmethod
-    def from_summary(cls, summary: dict[str, Any]) -> StartComparison | None:
+    def from_summary(cls, summary: SearchSummary) -> StartComparison | None:
         v, winner = summary.get("versus_start"), summary.get("winner_run_id")
         return None if not v or winner is None else cls(
             int(v["run_id"]), int(winner), float(v["value"]), float(v["winner_value"]), int(v["images"]),
-            None if v.get("noise") is None else float(v["noise"]))
+            None if (noise := v.get("noise")) is None else float(noise))
 
     @property
     def lead_points(self) -> float:
@@ -123,7 +119,8 @@ class SearchInfo:
     winner_run_id: int | None
     bundle_artifact_id: int | None
     best_run_id: int | None  # best validation objective so far
-    summary: dict[str, Any]
+    summary: SearchSummary
+    plan: SearchPlan | None  # what the search is over (None: queued before plans were stored, not yet started)
     progress: dict[str, Any] | None  # the newest search job's progress snapshot
     trials: list[TrialInfo] = field(default_factory=list)
 
@@ -133,7 +130,7 @@ class SearchInfo:
 
     @property
     def time_left_s(self) -> float:
-        return max(0.0, self.time_budget_s - self.spent_s)
+        return time_left_s(self.time_budget_s, self.spent_s)
 
     @property
     def resumable(self) -> bool:
@@ -173,35 +170,6 @@ def minutes(seconds: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # Checks before anything is queued
 # ---------------------------------------------------------------------------------------------
-def check_splits(s: Session, ds: Any) -> tuple[int, int]:
-    """(train images, test images); SearchRequestError when the dataset is too small to search."""
-    counts = repo.split_counts(s, ds.id)
-    if len(ds.classes) < 2:
-        raise SearchRequestError(f"Dataset {ds.name!r} has {len(ds.classes)} class(es); a search needs at least 2.")
-    train = counts.get("train", {})
-    few = [c for c in ds.classes if train.get(c, 0) < MIN_TRAIN_PER_CLASS]
-    if few:
-        raise SearchRequestError(f"Dataset {ds.name!r} is too small to search: class '{few[0]}' has "
-                                 f"{train.get(few[0], 0)} training image(s); each class needs at least "
-                                 f"{MIN_TRAIN_PER_CLASS} for training plus some for validation.")
-    if sum(counts.get("val", {}).values()) < MIN_VAL_IMAGES:
-        raise SearchRequestError(f"Dataset {ds.name!r} has no validation images: trials are compared on "
-                                 "validation only, so re-split it with a validation part first.")
-    return sum(train.values()), sum(counts.get("test", {}).values())
-
-
-def image_sizes(s: Session, dataset_id: int) -> list[tuple[int, int]]:
-    rows = s.execute(select(Image.width, Image.height).where(Image.dataset_id == dataset_id,
-                                                             Image.split.in_(("train", "val"))))
-    return [(int(w), int(h)) for w, h in rows]
-
-
-def train_imbalance(s: Session, dataset_id: int) -> float:
-    """Largest over smallest class count of the training split (1.0 for balanced classes)."""
-    counts = repo.split_counts(s, dataset_id).get("train", {})
-    return max(counts.values(), default=1) / max(1, min(counts.values(), default=1))
-
-
 def _here_ms(space_keys: list[str]) -> float:
     """Predicted batch-1 latency of the cheapest candidate on this machine (for time estimates)."""
     from core.recommend import recommend
@@ -212,9 +180,9 @@ def _here_ms(space_keys: list[str]) -> float:
 
 def start_search(dataset: str | int, *, device: str = "this-machine", latency_ms: float | None = None,
                  latency_p95_ms: float | None = None, memory_mb: float | None = None, size_mb: float | None = None,
-                 precision: str = "fp32", time_budget: str | float = "10m", objective: str = "macro-f1",
-                 seed: int = 0, max_trials: int | None = None, workers: int = 1, settings: Settings | None = None,
-                 start_worker: bool = True) -> SearchInfo:
+                 precision: str = "fp32", time_budget: str | float = DEFAULT_TIME_BUDGET_MIN,
+                 objective: str = "macro-f1", seed: int = 0, max_trials: int | None = None, workers: int = 1,
+                 settings: Settings | None = None, start_worker: bool = True) -> SearchInfo:
     """Check everything, then queue a search (one job per worker); SearchRequestError says why not."""
     settings, sf = service_context(settings)
     seconds = parse_duration(time_budget)
@@ -230,22 +198,20 @@ def start_search(dataset: str | int, *, device: str = "this-machine", latency_ms
         ds = repo.get_dataset_by_name_or_id(s, dataset)
         if ds is None:
             raise SearchRequestError(f"No dataset named {dataset!r}.")
-        num_train, _ = check_splits(s, ds)
         try:
             goal.check_classes(ds.classes)
-            budget = Budget(**{**budget.to_dict(), "train_images": num_train, "num_classes": len(ds.classes)})
-            space = architecture_space(budget, image_sizes(s, ds.id))
-        except (SearchError, ValueError) as exc:  # ValueError: an unknown device profile
+        except SearchError as exc:
             raise SearchRequestError(str(exc)) from exc
-        least = estimate_trial_seconds(num_train, _here_ms([c.key for c in space.choices]))
+        budget, plan = plan_search(s, ds, budget)
+        least = estimate_trial_seconds(plan.num_train, _here_ms([c.key for c in plan.space.choices]))
         if seconds < 2 * least:
             raise SearchRequestError(f"{minutes(seconds)} is too short: one trial on {ds.name!r} takes about "
                                      f"{minutes(least)} here, and a search needs time for at least one trial "
                                      f"and the final checks. Give at least {minutes(2 * least)}.")
-        first = starting_point(space, runs.default_preset(s, ds.id), train_imbalance(s, ds.id))
+        first = starting_point(plan.space, plan.preset, plan.imbalance_ratio)
         row = Search(dataset_id=ds.id, status=SearchStatus.QUEUED, study_name=f"pending-{utcnow().timestamp()}",
                      objective=goal.text, device=device, budget=budget.to_dict(), time_budget_s=seconds, spent_s=0.0,
-                     seed=seed, max_trials=max_trials, workers=workers, summary={"space": space.to_dict()},
+                     seed=seed, max_trials=max_trials, workers=workers, summary={}, plan=plan.to_dict(),
                      created_at=utcnow())
         s.add(row)
         s.flush()
@@ -273,16 +239,6 @@ def search_jobs(s: Session, search_id: int, statuses: Any = ACTIVE_JOB) -> list[
     return [j for j in rows if (j.payload or {}).get("search_id") == search_id]
 
 
-def close_sitting(row: Search, status: SearchStatus, error: str | None) -> None:
-    """End the search's current sitting: add its wall time to ``spent_s``, set the state."""
-    summary = dict(row.summary or {})
-    started = summary.pop("sitting_started", None)
-    if started:
-        row.spent_s = float(row.spent_s or 0.0) + max(0.0, utcnow().timestamp() - float(started))
-    row.summary = summary
-    row.status, row.error, row.finished_at, row.cancel_requested = status, error, utcnow(), False
-
-
 def settle(s: Session, row: Search) -> None:
     """A search marked active whose jobs are all gone (its worker died): failed, resumable."""
     if row.status in ACTIVE_SEARCH and not search_jobs(s, row.id):
@@ -290,7 +246,7 @@ def settle(s: Session, row: Search) -> None:
                                                 "time left.")
 
 
-def _trial(run: Run, summary: dict[str, Any], pareto: set[int]) -> TrialInfo:
+def _trial(run: Run, summary: SearchSummary, pareto: set[int]) -> TrialInfo:
     rs = dict(run.summary or {})
     best = dict(run.best_metrics or {})
     finalists = set(summary.get("finalists", []))
@@ -308,24 +264,20 @@ def _trial(run: Run, summary: dict[str, Any], pareto: set[int]) -> TrialInfo:
 
 
 def _info(s: Session, row: Search, with_trials: bool = True) -> SearchInfo:
-    summary = dict(row.summary or {})
+    summary = read_search_summary(row)
     trial_runs = s.scalars(select(Run).where(Run.search_id == row.id).order_by(Run.trial_number, Run.id)).all()
     trials = [_trial(r, summary, set(summary.get("pareto", []))) for r in trial_runs] if with_trials else []
     scored = [t for t in trials if t.value is not None and t.status == RunStatus.SUCCEEDED]
     best = max(scored, key=lambda t: (t.value or 0.0, -(t.latency_ms or 0.0))) if scored else None
     every = search_jobs(s, row.id, list(JobStatus))
     job = every[-1] if every else None
-    spent = float(row.spent_s or 0.0)
-    sitting = summary.get("sitting_started")
-    if row.status in ACTIVE_SEARCH and sitting:
-        spent += max(0.0, utcnow().timestamp() - float(sitting))
     return SearchInfo(
         id=row.id, dataset_id=row.dataset_id, dataset=row.dataset.name, status=row.status, objective=row.objective,
         objective_label=Objective.parse(row.objective).label, device=row.device, budget=dict(row.budget or {}),
-        time_budget_s=float(row.time_budget_s), spent_s=spent, started_at=row.started_at,
+        time_budget_s=float(row.time_budget_s), spent_s=SearchClock.of(row).spent_s(), started_at=row.started_at,
         finished_at=row.finished_at, error=row.error, winner_run_id=row.winner_run_id,
         bundle_artifact_id=row.bundle_artifact_id, best_run_id=best.run_id if best else None, summary=summary,
-        progress=job.progress if job else None, trials=trials)
+        plan=stored_plan(row), progress=job.progress if job else None, trials=trials)
 
 
 def _row(s: Session, search_id: int) -> Search:
@@ -393,7 +345,7 @@ def resume_search(search_id: int, *, extra_time: str | float | None = None, work
                                      "resumed (or a finished one given more time with --time).")
         if extra_time:
             row.time_budget_s = float(row.spent_s or 0.0) + parse_duration(extra_time)
-        elif row.time_budget_s - (row.spent_s or 0.0) <= 0:
+        elif SearchClock.of(row).left_s() <= 0:
             raise SearchRequestError(f"Search {search_id} has used all of its {minutes(row.time_budget_s)}; "
                                      "give it more time (e.g. --time 5m).")
         row.status, row.error, row.cancel_requested, row.finished_at = SearchStatus.QUEUED, None, False, None

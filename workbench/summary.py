@@ -1,7 +1,11 @@
-"""The typed schema of ``Run.summary`` and ``Run.best_metrics`` (JSON columns), and their one writer.
+"""The typed schemas of ``Run.summary``, ``Run.best_metrics`` and ``Search.summary`` (JSON columns),
+and their one writer each.
 
 Every service that records something about a run writes it through ``update_summary`` with
 keys of ``RunSummary``; every reader gets a ``RunSummary``. A key not listed here is a bug.
+A search's summary is written through ``merge_search_summary`` alone, which refuses a key
+``SearchSummary`` does not list. (A search's clock is not in its summary: it has columns,
+``workbench.search_clock``.)
 """
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from typing import Any, TypedDict
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.models import Run
+from storage.models import Run, Search
 
 
 class WorkerLoss(TypedDict, total=False):
@@ -137,3 +141,62 @@ def update_summary(session_factory: sessionmaker[Session], run_id: int, fields: 
         run = session.get(Run, run_id)
         if run is not None:
             merge_summary(run, fields)
+
+
+class SearchLogLine(TypedDict):
+    at: str  # ISO time, seconds
+    level: str  # info | warning | error
+    message: str
+
+
+class FinalistTest(TypedDict):
+    """A finalist's figures on the test split, and its latency measured here."""
+
+    test_accuracy: float | None
+    test_macro_f1: float | None
+    latency_here_ms: float | None
+
+
+class VersusStart(TypedDict):
+    """The winner against the first trial (plain training) on validation (workbench.searches.StartComparison)."""
+
+    run_id: int
+    value: float
+    winner_value: float
+    images: int
+    noise: float | None
+
+
+class WinnerLatency(TypedDict):
+    p50_ms: float | None
+    source: str
+
+
+class SearchSummary(TypedDict, total=False):
+    log: list[SearchLogLine]  # the search's own log (it has no run of its own), the newest 200 lines
+    cache: dict[str, float]  # the shared feature cache's counters (core.train.FeatureStore), all workers
+    error_detail: dict[str, Any]  # the traceback of a crash
+    # Written by the finish (workbench.handlers.search.finalize).
+    winner_run_id: int
+    finalists: list[int]
+    pareto: list[int]
+    tested: dict[str, FinalistTest]  # by run id (JSON keys are text)
+    versus_start: VersusStart | None
+    winner_latency: WinnerLatency
+    finalize_seconds: float
+
+
+SEARCH_SUMMARY_KEYS = frozenset(SearchSummary.__optional_keys__ | SearchSummary.__required_keys__)
+
+
+def read_search_summary(row: Search) -> SearchSummary:
+    return SearchSummary(**(row.summary or {}))  # type: ignore[typeddict-item]
+
+
+def merge_search_summary(row: Search, fields: SearchSummary) -> None:
+    """Inside the caller's transaction; ValueError for a key the schema does not list."""
+    unknown = sorted(set(fields) - SEARCH_SUMMARY_KEYS)
+    if unknown:
+        raise ValueError(f"{', '.join(map(repr, unknown))} is not a field of a search's summary: add it to "
+                         "workbench.summary.SearchSummary, or keep it in a column if it coordinates workers.")
+    row.summary = {**(row.summary or {}), **fields}

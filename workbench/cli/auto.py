@@ -9,6 +9,7 @@ from typing import Any
 from workbench import searches
 from workbench.cli.exits import id_arg
 from workbench.follow import follow_search
+from workbench.search_clock import DEFAULT_TIME_BUDGET_MIN
 from workbench.searches import SearchInfo, SearchRequestError, minutes
 from workbench.status import RunStatus, SearchStatus
 
@@ -29,8 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--memory-mb", type=float, default=None, help="memory limit for the model on the device")
     p.add_argument("--size-mb", type=float, default=None, help="model file size limit")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
-    p.add_argument("--time", default=None, help="wall-clock budget, e.g. 15m, 90s, 1h (default 10m; with "
-                                                "--resume: time to add)")
+    p.add_argument("--time", default=None, help="wall-clock budget, e.g. 15m, 90s, 1h (default "
+                                                f"{DEFAULT_TIME_BUDGET_MIN}m; with --resume: time to add)")
     p.add_argument("--objective", default="macro-f1", help="macro-f1 (default) or, for two classes, "
                                                            "sensitivity@spec0.95")
     p.add_argument("--trials", type=int, default=None, help="stop after this many trials (default: only time)")
@@ -168,9 +169,9 @@ def cmd_auto(args: argparse.Namespace) -> int:
         elif args.dataset:
             info = searches.start_search(args.dataset, device=args.device, latency_ms=args.latency_ms,
                                          latency_p95_ms=args.latency_p95_ms, memory_mb=args.memory_mb,
-                                         size_mb=args.size_mb, precision=args.precision, time_budget=args.time or "10m",
-                                         objective=args.objective, seed=args.seed, max_trials=args.trials,
-                                         workers=args.workers)
+                                         size_mb=args.size_mb, precision=args.precision,
+                                         time_budget=args.time or DEFAULT_TIME_BUDGET_MIN, objective=args.objective,
+                                         seed=args.seed, max_trials=args.trials, workers=args.workers)
         else:
             print("error: give a DATASET, or --resume / --follow / --cancel SEARCH", file=sys.stderr)
             return 2
@@ -178,7 +179,7 @@ def cmd_auto(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.follow is None:
-        print(f"Search {info.id} queued: {len(info.summary.get('space', {}).get('choices', []))} model(s) fit "
+        print(f"Search {info.id} queued: {len(info.plan.space.choices) if info.plan else 0} model(s) fit "
               f"{info.device}; {minutes(info.time_left_s)} to spend.")
     if args.detach:
         return _result(info, args.json) if args.json else 0

@@ -21,15 +21,14 @@ from sqlalchemy.orm import Session
 
 from core.recommend import Budget
 from core.search import (
-    ArchSpace,
     Objective,
     SearchCallback,
-    SearchError,
+    SearchData,
     SearchLoop,
+    SearchRules,
     TrialOutcome,
     TrialPlan,
     TrialPoint,
-    architecture_space,
     choose_finalists,
     fail_stale_trials,
     finalize_reserve_seconds,
@@ -48,26 +47,31 @@ from workbench.handlers.train import DbCallback, record_success, samples_of
 from workbench.handlers.train import on_orphan as train_on_orphan
 from workbench.jobs import JobContext, JobOutcome
 from workbench.paths import RunPaths
+from workbench.search_clock import close_sitting, open_sitting
+from workbench.search_plan import SearchPlan, SearchRequestError, plan_search, stored_plan
 from workbench.status import ACTIVE_SEARCH, JobStatus, RunStatus, SearchStatus
-from workbench.summary import merge_summary
+from workbench.summary import (
+    FinalistTest,
+    VersusStart,
+    WinnerLatency,
+    merge_search_summary,
+    merge_summary,
+    read_search_summary,
+)
 
 OTHERS_WAIT_S = 120.0  # how long the finishing worker waits for the others' last trials
 
 
-@dataclass
-class _Setup:
+@dataclass(frozen=True, kw_only=True)
+class SearchSetup:
+    """What one worker's share of a sitting runs with."""
+
     search_id: int
+    dataset_id: int
     study_name: str
-    seed: int
-    objective: Objective
-    space: ArchSpace
-    classes: list[str]
-    train: list[tuple[str, int]]
-    val: list[tuple[str, int]]
-    deadline: float
-    max_trials: int | None
-    imbalance_ratio: float
-    epochs: tuple[int, int]
+    plan: SearchPlan  # the one stored when the search was queued
+    rules: SearchRules
+    data: SearchData
 
 
 class _Trials(SearchCallback):
@@ -163,15 +167,16 @@ def searches_event(sf: Any, search_id: int, message: str, level: str = "info") -
     with sf.begin() as s:
         row = s.get(Search, search_id)
         if row is not None:
-            log = list((row.summary or {}).get("log", []))[-199:]
-            row.summary = {**(row.summary or {}), "log": [*log, {"at": utcnow().isoformat(timespec="seconds"),
-                                                                 "level": level, "message": message}]}
+            log = read_search_summary(row).get("log", [])[-199:]
+            merge_search_summary(row, {"log": [*log, {"at": utcnow().isoformat(timespec="seconds"), "level": level,
+                                                      "message": message}]})
 
 
 # ---------------------------------------------------------------------------------------------
 # Start: mark running, read what the trials need
 # ---------------------------------------------------------------------------------------------
-def _begin(ctx: JobContext, search_id: int) -> _Setup | JobOutcome:
+def begin_sitting(ctx: JobContext, search_id: int) -> SearchSetup | JobOutcome:
+    """Mark the search running, start (or join) its sitting's clock, read its stored plan."""
     with ctx.session_factory.begin() as s:
         row = s.get(Search, search_id)
         if row is None:
@@ -181,24 +186,28 @@ def _begin(ctx: JobContext, search_id: int) -> _Setup | JobOutcome:
         if row.status == SearchStatus.FINALIZING:  # another worker is finishing it: nothing left to do
             return JobOutcome(JobStatus.SUCCEEDED)
         ds = row.dataset
-        budget = Budget.from_dict(row.budget)
         try:
-            space = architecture_space(budget, searches.image_sizes(s, ds.id))
-        except SearchError as exc:
+            plan = stored_plan(row) or _plan_now(s, row)
+        except SearchRequestError as exc:
             row.status, row.error, row.finished_at = SearchStatus.FAILED, str(exc), utcnow()
             return JobOutcome(JobStatus.FAILED, str(exc))
-        summary = dict(row.summary or {})
-        if not summary.get("sitting_started"):  # the first worker of this sitting starts the clock
-            summary["sitting_started"] = utcnow().timestamp()
-        left = float(row.time_budget_s) - float(row.spent_s or 0.0)
-        _, num_test = searches.check_splits(s, ds)
-        reserve = finalize_reserve_seconds(left, num_test, min(c.latency_p50_ms for c in space.choices))
         row.status, row.started_at, row.error = SearchStatus.RUNNING, row.started_at or utcnow(), None
-        row.summary = {**summary, "space": space.to_dict(), "reserve_s": round(reserve, 1)}
-        return _Setup(search_id, row.study_name, row.seed, Objective.parse(row.objective), space, list(ds.classes),
-                      samples_of(s, ds, ctx.settings, "train"), samples_of(s, ds, ctx.settings, "val"),
-                      float(summary["sitting_started"]) + left - reserve, row.max_trials,
-                      searches.train_imbalance(s, ds.id), trial_epochs(float(row.time_budget_s)))
+        clock = open_sitting(row, lambda left: finalize_reserve_seconds(left, plan.num_test, plan.fastest_ms))
+        rules = SearchRules(space=plan.space, objective=Objective.parse(row.objective), seed=row.seed,
+                            deadline=clock.trial_deadline(), max_trials=row.max_trials,
+                            epochs=trial_epochs(clock.budget_s))
+        data = SearchData(samples=samples_of(s, ds, ctx.settings, "train"),
+                          val=samples_of(s, ds, ctx.settings, "val"), classes=list(ds.classes),
+                          imbalance_ratio=plan.imbalance_ratio)
+        return SearchSetup(search_id=search_id, dataset_id=ds.id, study_name=row.study_name, plan=plan, rules=rules,
+                           data=data)
+
+
+def _plan_now(s: Session, row: Search) -> SearchPlan:
+    """A search queued before plans were stored (0006_search_state): its plan, stored now, once."""
+    _, plan = plan_search(s, row.dataset, Budget.from_dict(row.budget))
+    row.plan = plan.to_dict()
+    return plan
 
 
 def _trial_is_live(sf: Any, search_id: int, trial: Any, my_job: int) -> bool:
@@ -214,22 +223,18 @@ def _trial_is_live(sf: Any, search_id: int, trial: Any, my_job: int) -> bool:
 
 def handle_search(ctx: JobContext) -> JobOutcome:
     search_id = int(ctx.payload["search_id"])
-    setup = _begin(ctx, search_id)
+    setup = begin_sitting(ctx, search_id)
     if isinstance(setup, JobOutcome):
         return setup
     sf = ctx.session_factory
-    study = open_study(ctx.settings.database_url, setup.study_name, setup.seed)
+    study = open_study(ctx.settings.database_url, setup.study_name, setup.rules.seed)
     stale = fail_stale_trials(study, lambda t: _trial_is_live(sf, search_id, t, ctx.job_id))
     if stale:
         searches_event(sf, search_id, f"Trial(s) {', '.join(map(str, stale))} were cut off when a worker stopped: "
                                       "marked failed; their settings are tried again first.", "warning")
-    with sf() as s:
-        dataset_id = s.get(Search, search_id).dataset_id  # type: ignore[union-attr]
-    trials = _Trials(ctx, search_id, dataset_id)
+    trials = _Trials(ctx, search_id, setup.dataset_id)
     store = FeatureStore()
-    loop = SearchLoop(study, setup.space, setup.objective, setup.train, setup.val, setup.classes, setup.seed,
-                      setup.deadline, setup.max_trials, setup.imbalance_ratio, str(ctx.job_id), store,
-                      epochs=setup.epochs)
+    loop = SearchLoop(study=study, rules=setup.rules, data=setup.data, owner=str(ctx.job_id), store=store)
     try:
         loop.run(trials)
     except Exception as exc:  # noqa: BLE001 - record, the search stays resumable
@@ -256,9 +261,9 @@ def _add_store_stats(sf: Any, search_id: int, store: FeatureStore) -> None:
     with sf.begin() as s:
         row = s.get(Search, search_id)
         if row is not None:
-            old = dict((row.summary or {}).get("cache", {}))
+            old = read_search_summary(row).get("cache", {})
             new = store.stats.to_dict()
-            row.summary = {**(row.summary or {}), "cache": {k: round(old.get(k, 0) + v, 2) for k, v in new.items()}}
+            merge_search_summary(row, {"cache": {k: round(old.get(k, 0) + v, 2) for k, v in new.items()}})
 
 
 def _claim_finish(sf: Any, search_id: int) -> bool:
@@ -286,8 +291,7 @@ def _leave(sf: Any, search_id: int, job_id: int) -> None:
         row = s.get(Search, search_id)
         others = [j for j in searches.search_jobs(s, search_id, {JobStatus.RUNNING}) if j.id != job_id]
         if row is not None and row.status == SearchStatus.RUNNING and not others:
-            searches.close_sitting(row, SearchStatus.FAILED, "The worker was stopped; resume continues with the "
-                                                             "time left.")
+            close_sitting(row, SearchStatus.FAILED, "The worker was stopped; resume continues with the time left.")
             return
     searches_event(sf, search_id, "A worker was stopped; the search goes on with the others.", "warning")
 
@@ -299,9 +303,9 @@ def _end_sitting(sf: Any, search_id: int, status: SearchStatus, error: str | Non
         row = s.get(Search, search_id)
         if row is None:
             return
-        searches.close_sitting(row, status, error)
+        close_sitting(row, status, error)
         if data:
-            row.summary = {**(row.summary or {}), "error_detail": data}
+            merge_search_summary(row, {"error_detail": data})
         for k, v in fields.items():
             setattr(row, k, v)
 
@@ -315,7 +319,7 @@ def _points(s: Session, search_id: int) -> list[TrialPoint]:
             for r in rows if r.summary and r.summary.get("objective_value") is not None]
 
 
-def _versus_start(s: Session, row: Search, winner: TrialPoint) -> dict[str, Any] | None:
+def _versus_start(s: Session, row: Search, winner: TrialPoint) -> VersusStart | None:
     """The winner against the first trial (what plain training gives) on validation, with how far
     chance alone moves a score on that many images: a small validation split can crown a
     challenger that is no better (bench/results_selection.md)."""
@@ -329,8 +333,8 @@ def _versus_start(s: Session, row: Search, winner: TrialPoint) -> dict[str, Any]
     if Objective.parse(row.objective).metric != "macro_f1":  # sensitivity is measured on the positives alone
         positive = row.dataset.classes[int((start.config or {}).get("positive_index", 1))]
         labels = [lb for lb in labels if lb == positive]
-    return {"run_id": start.id, "value": value, "winner_value": winner.value, "images": len(labels),
-            "noise": validation_noise(value, len(labels))}
+    return VersusStart(run_id=start.id, value=value, winner_value=winner.value, images=len(labels),
+                       noise=validation_noise(value, len(labels)))
 
 
 def finalize(ctx: JobContext, search_id: int) -> JobOutcome:
@@ -360,35 +364,36 @@ def finalize(ctx: JobContext, search_id: int) -> JobOutcome:
 def _finish(ctx: JobContext, search_id: int, winner: TrialPoint, finalists: list[TrialPoint],
             points: list[TrialPoint], device: str, precision: str, t0: float) -> JobOutcome:
     sf, settings = ctx.session_factory, ctx.settings
-    tested: dict[int, dict[str, Any]] = {}
+    tested: dict[int, FinalistTest] = {}
     for i, f in enumerate(finalists):
         ctx.progress({"phase": "finalize", "message": f"testing finalist {i + 1} of {len(finalists)} (run {f.key})",
                       "fraction": i / (len(finalists) + 1)})
         out = after_training(sf, settings, int(f.key))
-        tested[int(f.key)] = {"test_accuracy": out.summary.get("test_accuracy"),
-                              "test_macro_f1": out.summary.get("test_macro_f1"),
-                              "latency_here_ms": out.summary.get("latency_ms_p50")}
+        tested[int(f.key)] = FinalistTest(test_accuracy=out.summary.get("test_accuracy"),
+                                          test_macro_f1=out.summary.get("test_macro_f1"),
+                                          latency_here_ms=out.summary.get("latency_ms_p50"))
     ctx.progress({"phase": "finalize", "message": "building the winner's bundle", "fraction": 0.9})
     bundle = exports.export_run(int(winner.key), fp16=precision == "fp16", int8=precision == "int8",
                                 settings=settings, session_factory=sf)
-    here = tested[int(winner.key)].get("latency_here_ms")
+    here = tested[int(winner.key)]["latency_here_ms"]
     if device == "this-machine" and here is not None:
-        winner_latency = {"p50_ms": here, "source": "measured on this machine after training"}
+        winner_latency = WinnerLatency(p50_ms=here, source="measured on this machine after training")
     else:
-        winner_latency = {"p50_ms": winner.latency_ms, "source": f"predicted for {device}"}
+        winner_latency = WinnerLatency(p50_ms=winner.latency_ms, source=f"predicted for {device}")
     with sf.begin() as s:
         for rid, fields in tested.items():
             run = s.get(Run, rid)
-            if run is not None and device == "this-machine" and fields.get("latency_here_ms") is not None:
-                merge_summary(run, {"target_latency_ms": fields["latency_here_ms"],
+            measured = fields["latency_here_ms"]
+            if run is not None and device == "this-machine" and measured is not None:
+                merge_summary(run, {"target_latency_ms": measured,
                                     "target_latency_source": "measured on this machine"})
         row = s.get(Search, search_id)
         assert row is not None
-        row.summary = {**(row.summary or {}), "winner_run_id": int(winner.key),
-                       "finalists": [int(f.key) for f in finalists],
-                       "pareto": [int(p.key) for p in pareto_front(points)], "tested": tested,
-                       "versus_start": _versus_start(s, row, winner),
-                       "winner_latency": winner_latency, "finalize_seconds": round(time.perf_counter() - t0, 1)}
+        merge_search_summary(row, {
+            "winner_run_id": int(winner.key), "finalists": [int(f.key) for f in finalists],
+            "pareto": [int(p.key) for p in pareto_front(points)], "tested": {str(k): v for k, v in tested.items()},
+            "versus_start": _versus_start(s, row, winner), "winner_latency": winner_latency,
+            "finalize_seconds": round(time.perf_counter() - t0, 1)})
     _end_sitting(sf, search_id, SearchStatus.SUCCEEDED, None, winner_run_id=int(winner.key),
                  bundle_artifact_id=bundle.bundle_artifact_id)
     return JobOutcome(JobStatus.SUCCEEDED)
@@ -405,5 +410,5 @@ def on_orphan(s: Session, run_id: int | None, pid: int | None) -> None:
     if search is None:
         return
     if not [j for j in searches.search_jobs(s, search.id) if j.status == JobStatus.RUNNING and j.run_id != run_id]:
-        searches.close_sitting(search, SearchStatus.FAILED, f"The worker (pid {pid}) died during the search; "
-                                                            "resume continues with the time left.")
+        close_sitting(search, SearchStatus.FAILED, f"The worker (pid {pid}) died during the search; resume continues "
+                                                   "with the time left.")
