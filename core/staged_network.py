@@ -17,6 +17,7 @@ from torch import nn
 
 
 class StagedNetwork(nn.Module):
+    stage_names: tuple[str, ...]  # "stage0", "stage1" ..: the entry points of the backbone's stages
     entry_points: tuple[str, ...]
     parameter_group_names: tuple[str, ...]
     classifier: nn.Module
