@@ -14,8 +14,8 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from core.efficientnet_arch import get_variant  # torch-free: the pages import this service
 from core.images import GRAYSCALE_MODES
+from core.registry import get_variant, num_stages  # torch-free: the pages import this service
 from storage import repositories as repo
 from storage.artifacts import ArtifactError, resolve_in_data_dir
 from storage.models import Artifact, Image, Job, Run, RunEvent, RunMetric, utcnow
@@ -163,6 +163,9 @@ def queue_training(
         for spec in specs:
             cfg = make_config(recipe, **{**(overrides or {}), "augment": preset,
                                           **({"finetune_epochs": epochs} if epochs else {})})
+            if cfg.unfreeze_stages > num_stages(spec):
+                raise RunError(f"unfreeze_stages must be 0..{num_stages(spec)} for {spec.name}, "
+                               f"got {cfg.unfreeze_stages}.")
             res = int(resolution or spec.resolution)
             run = Run(dataset_id=ds.id, variant=spec.name.split("@")[0], resolution=res, preset=preset,
                       status=RunStatus.QUEUED, config=asdict(cfg), batch_label=label, created_at=utcnow())
