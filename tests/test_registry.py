@@ -70,7 +70,8 @@ class ToyNet(StagedModel):
         self.entry_points = ("image", *self.stage_names, "head", "features", "embedding", "logits")
         self.parameter_group_names = ("stem", *self.stage_names, "head", "classifier")
         self.stem = conv_bn(3, STEM, 3, 2, bn_eps)
-        stages, c = [], STEM
+        stages: list[nn.Module] = []
+        c = STEM
         for out, stride in TOY_STAGES:
             stages.append(conv_bn(c, out * spec.width, 3, stride, bn_eps))
             c = out * spec.width
@@ -84,7 +85,9 @@ class ToyNet(StagedModel):
             return self.stem(x)
         if entry in self.stage_names:
             return self.stages[self.stage_names.index(entry)](x)
-        return {"head": self.head, "features": self.pool, "embedding": self.forward_head}[entry](x)
+        if entry == "head":
+            return self.head(x)
+        return self.pool(x) if entry == "features" else self.forward_head(x)
 
     def group_modules(self) -> dict[str, list[nn.Module]]:
         return {"stem": [self.stem], **{n: [s] for n, s in zip(self.stage_names, self.stages)},
