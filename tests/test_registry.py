@@ -172,7 +172,7 @@ def test_a_registered_family_gets_latency_estimates_and_recommendations(toy: Mod
                     weights={"toy1": True, "toy2": True, "lite0": True})
     keys = [c.key for c in rec.ranked]
     assert {"toy1@64", "toy2@96"} <= set(keys)
-    top1 = {c.key: c.top1 for c in rec.ranked}
+    top1 = {c.key: c.prior_top1 for c in rec.ranked}
     assert top1["toy2@96"] == 50.0 and top1["toy1@64"] == 40.0  # the family's own accuracy figures
 
 

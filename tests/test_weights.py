@@ -132,7 +132,7 @@ def test_missing_and_corrupt_files(tmp_path: Path) -> None:
 
 
 def test_unknown_variant() -> None:
-    with pytest.raises(ValueError, match="Unknown EfficientNet variant 'b8'"):
+    with pytest.raises(ValueError, match=r"Unknown model variant 'b8'\. Known variants: EfficientNet: b0, "):
         create_model("b8", 3)
 
 
