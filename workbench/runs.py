@@ -141,8 +141,11 @@ def queue_training(
     if not variants:
         raise RunError("Choose at least one variant to train.")
     specs = []
+    unfreeze = make_config(recipe, **(overrides or {})).unfreeze_stages  # the same for every variant
     for v in variants:
         spec = get_variant(v)  # UnknownVariantError names the known variants
+        if unfreeze > num_stages(spec):
+            raise RunError(f"unfreeze_stages must be 0..{num_stages(spec)} for {spec.name}, got {unfreeze}.")
         status = find_weights(spec.name.split("@")[0])
         if not status.available:
             raise WeightsError(status.location)
@@ -163,9 +166,6 @@ def queue_training(
         for spec in specs:
             cfg = make_config(recipe, **{**(overrides or {}), "augment": preset,
                                           **({"finetune_epochs": epochs} if epochs else {})})
-            if cfg.unfreeze_stages > num_stages(spec):
-                raise RunError(f"unfreeze_stages must be 0..{num_stages(spec)} for {spec.name}, "
-                               f"got {cfg.unfreeze_stages}.")
             res = int(resolution or spec.resolution)
             run = Run(dataset_id=ds.id, variant=spec.name.split("@")[0], resolution=res, preset=preset,
                       status=RunStatus.QUEUED, config=asdict(cfg), batch_label=label, created_at=utcnow())
