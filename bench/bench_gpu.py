@@ -93,9 +93,9 @@ def ort_latency(variant: str, resolution: int | None, work: Path, *, runs: int, 
     """p50/p95 of one call at each batch size, CPU provider then CUDA provider, same ONNX file."""
     import torch
 
-    from core.efficientnet import EfficientNet, get_variant
     from core.latency import LatencyError, Spec, measure_side_by_side, ort_providers, provider_words
     from core.onnx_export import export_onnx
+    from core.registry import create_model, get_variant
     from core.train.robustness import DeviceError
 
     v = get_variant(variant)
@@ -103,8 +103,7 @@ def ort_latency(variant: str, resolution: int | None, work: Path, *, runs: int, 
         v = v.at_resolution(resolution)
     path = work / f"{variant}_{v.resolution}.onnx"
     torch.manual_seed(0)
-    export_onnx(EfficientNet(v, num_classes=len(CLASSES), padding="same" if v.is_lite else "symmetric").eval(),
-                path, v.resolution)
+    export_onnx(create_model(v, len(CLASSES), weights="none").model.eval(), path, v.resolution)
     rows: list[dict[str, Any]] = []
     for device in ("cpu", "cuda"):
         try:

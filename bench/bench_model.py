@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from core.efficientnet import EfficientNet  # noqa: E402
 from core.latency import machine_id  # noqa: E402
+from core.registry import build_network  # noqa: E402
 
 RES = 224
 
@@ -29,7 +29,7 @@ def pair(variant: str) -> tuple[torch.nn.Module, torch.nn.Module]:
 
     lite = variant.startswith("lite")
     ref = timm.create_model(("tf_efficientnet_" if lite else "efficientnet_") + variant)
-    ours = EfficientNet(variant, 1000, padding="same" if lite else "symmetric", bn_eps=1e-3 if lite else 1e-5)
+    ours = build_network(variant, 1000, "same" if lite else "symmetric", 1e-3 if lite else 1e-5)
     ours.load_state_dict(ref.state_dict())
     return ours, ref
 

@@ -24,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.devices import CALIBRATION_SET, CPU_SPEEDUP_ASSUMED, fit_throughput, measure_points, run_features  # noqa: E402
-from core.efficientnet import get_variant  # noqa: E402
 from core.latency import machine_id  # noqa: E402
+from core.registry import get_variant  # noqa: E402
 
 BENCH_VARIANTS = ("b0", "b1", "b2", "b3", "lite0", "lite1", "lite2")
 TARGET_MDAPE = 20.0

@@ -1,4 +1,4 @@
-"""Workbench engine: EfficientNet family, weights, ingest, recommender, training, evaluation, export.
+"""Workbench engine: model registry and families, weights, ingest, recommender, training, evaluation, export.
 
 Never imports streamlit or storage; reports progress through callbacks.
 """

@@ -16,7 +16,6 @@ This module never imports storage or the UI: measurements are cached through any
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
@@ -31,7 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from core.efficientnet import VariantSpec, count_cost, get_variant, scaled_arch
+from core.registry import ModelVariant, count_cost, create_model, get_variant, traffic_elements
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 BYTES_PER: dict[str, int] = {"fp32": 4, "fp16": 2, "int8": 1}
@@ -60,42 +59,18 @@ class RunFeatures:
         return asdict(self)
 
 
-@lru_cache(maxsize=512)
-def _traffic_elements(variant: VariantSpec, resolution: int) -> int:
-    """Activation elements written by the ops ONNX Runtime does not fuse into a convolution.
-
-    BatchNorm folds into the conv and Lite's ReLU6 (Clip) fuses with it, so a Lite block writes
-    three tensors. SiLU is Sigmoid + Mul (two more tensors each) and squeeze-excitation reads the
-    tensor for the pool and writes it again for the gate, which is the B family's extra traffic.
-    """
-    arch = scaled_arch(variant)
-    act = 0 if variant.is_lite else 2  # extra tensors per activation: sigmoid output, product
-    h = math.ceil(resolution / 2)
-    total = 3 * resolution * resolution + arch.stem_channels * h * h * (1 + act)
-    for b in arch.blocks:
-        hin = h
-        h = math.ceil(h / b.stride)
-        if b.block == "ir":
-            total += b.mid_channels * hin * hin * (1 + act)
-        total += b.mid_channels * h * h * (1 + act)
-        if b.se_channels:
-            total += 2 * b.mid_channels * h * h  # pool read + gated copy
-        total += b.out_channels * h * h * (2 if b.has_skip else 1)  # projection (+ residual add)
-    total += arch.head_channels * h * h * (1 + act)
-    return total
-
-
-def run_features(variant: str | VariantSpec, resolution: int | None = None) -> RunFeatures:
+def run_features(variant: str | ModelVariant, resolution: int | None = None) -> RunFeatures:
     v = get_variant(variant)
     res = int(resolution or v.resolution)
     return _run_features(v.at_resolution(res), res)
 
 
 @lru_cache(maxsize=1024)
-def _run_features(v: VariantSpec, res: int) -> RunFeatures:
+def _run_features(v: ModelVariant, res: int) -> RunFeatures:
     gmacs = count_cost(v, res).gmacs
-    # x2: every written element is read at least once by the next op; x4 bytes at fp32.
-    traffic = _traffic_elements(v, res) * 2 * 4 / 1e9
+    # x2: every written element is read at least once by the next op; x4 bytes at fp32 (the
+    # family's cost model counts the activation elements a forward pass writes).
+    traffic = traffic_elements(v, res) * 2 * 4 / 1e9
     return RunFeatures(gmacs=gmacs, traffic_gb=traffic)
 
 
@@ -135,7 +110,7 @@ class DeviceProfile:
     calibration: tuple[dict[str, Any], ...] = ()  # the points a calibrated profile was fitted to
     origin: str = "built-in"
 
-    def predict_ms(self, variant: str | VariantSpec, resolution: int | None = None,
+    def predict_ms(self, variant: str | ModelVariant, resolution: int | None = None,
                    precision: str = "fp32") -> float:
         return self.throughput.predict_ms(run_features(variant, resolution), precision)
 
@@ -445,7 +420,6 @@ def _exported(key: str) -> Path:
 
     import torch
 
-    from core.efficientnet import EfficientNet
     from core.onnx_export import export_onnx
 
     if _EXPORT_DIR is None:
@@ -455,7 +429,7 @@ def _exported(key: str) -> Path:
     path = _EXPORT_DIR / f"{key.replace('@', '_')}.onnx"
     if not path.is_file():
         torch.manual_seed(0)
-        model = EfficientNet(v, num_classes=1000, padding="same" if v.is_lite else "symmetric")
+        model = create_model(v, 1000, weights="none").model  # the family's own padding convention
         export_onnx(model, path, v.resolution)
     return path
 

@@ -11,7 +11,6 @@ state dicts load without renaming; the classes here are our own. Named entry poi
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -39,6 +38,7 @@ from core.efficientnet_arch import (
     make_divisible,
     scaled_arch,
 )
+from core.staged import StagedModel
 
 Padding = Literal["symmetric", "same"]
 
@@ -185,12 +185,16 @@ class DepthwiseSeparable(nn.Module):
 # --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------
-class EfficientNet(nn.Module):
-    """EfficientNet with a transfer-learning API.
+class EfficientNet(StagedModel):
+    """EfficientNet with the transfer-learning API of ``core.staged.StagedModel``.
 
     ``padding='same'`` and ``bn_eps=1e-3`` reproduce TF-ported weights (tf_* and Lite);
     ``padding='symmetric'`` and ``bn_eps=1e-5`` timm's PyTorch-trained ``efficientnet_b*``.
     """
+
+    stage_names = STAGE_NAMES
+    entry_points = ENTRY_POINTS
+    parameter_group_names = PARAMETER_GROUPS
 
     def __init__(
         self,
@@ -241,7 +245,7 @@ class EfficientNet(nn.Module):
                 nn.init.uniform_(m.weight, -r, r)
                 nn.init.zeros_(m.bias)
 
-    # -- transfer-learning API --------------------------------------------------------------
+    # -- the parts (core.staged.StagedModel runs, freezes and caches through them) -----------
     def _run_segment(self, entry: str, x: torch.Tensor) -> torch.Tensor:
         """The part from ``entry`` to the next entry point."""
         if entry == "image":
@@ -256,93 +260,14 @@ class EfficientNet(nn.Module):
             return self.forward_head(x)
         raise ValueError(f"Nothing runs after {entry!r}")
 
-    def forward_between(self, x: torch.Tensor, entry: str, stop: str) -> torch.Tensor:
-        """Run from entry point ``entry`` (``x`` is the tensor arriving there) up to ``stop``."""
-        start, end = entry_position(entry), entry_position(stop)
-        if end < start:
-            raise ValueError(f"Cannot run backwards from {entry!r} to the earlier point {stop!r}.")
-        for name in ENTRY_POINTS[start:end]:
-            x = self._run_segment(name, x)
-        return x
-
-    def forward_from(self, entry: str, x: torch.Tensor) -> torch.Tensor:
-        """Logits from the tensor arriving at ``entry`` (timm's idiom): what a partly frozen,
-        partly cached network trains through. ``forward_from("image", x)`` is ``forward(x)``."""
-        return self.forward_between(x, entry, "logits")
-
-    def forward_intermediates(self, x: torch.Tensor, points: Sequence[str],
-                              entry: str = "image") -> list[torch.Tensor]:
-        """The tensors at the named ``points`` (in the order asked), from ``x`` arriving at
-        ``entry``; stops at the last point asked for (nothing above it runs)."""
-        wanted = {entry_position(p) for p in points}
-        start = entry_position(entry)
-        if min(wanted) < start:
-            raise ValueError(f"Points {list(points)} include one before the entry {entry!r}.")
-        found: dict[int, torch.Tensor] = {start: x}
-        for pos in range(start, max(wanted)):
-            x = self._run_segment(ENTRY_POINTS[pos], x)
-            found[pos + 1] = x
-        return [found[entry_position(p)] for p in points]
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Last feature map (N, num_features, H/32, W/32): what Grad-CAM looks at."""
-        return self.forward_between(x, "image", "features")
-
-    def pool(self, features: torch.Tensor) -> torch.Tensor:
-        return features.mean((2, 3))
-
-    def forward_embedding(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled embedding (N, num_features): what a frozen-backbone head trains on."""
-        return self.forward_between(x, "image", "embedding")
-
-    def forward_head(self, embedding: torch.Tensor) -> torch.Tensor:
-        if self.drop_rate > 0 and self.training:
-            embedding = F.dropout(embedding, self.drop_rate, True)
-        return self.classifier(embedding)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_between(x, "image", "logits")
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a fresh linear layer for `num_classes` classes."""
-        self.num_classes = num_classes
-        self.classifier = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
-
-    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Named groups, input to output: 'stem', 'stage0'..'stage6', 'head' (conv_head+bn2), 'classifier'."""
-        groups: dict[str, list[nn.Parameter]] = {
-            "stem": [*self.conv_stem.parameters(), *self.bn1.parameters()]
-        }
-        for name, stage in zip(STAGE_NAMES, self.blocks):
-            groups[name] = list(stage.parameters())
-        groups["head"] = [*self.conv_head.parameters(), *self.bn2.parameters()]
-        groups["classifier"] = list(self.classifier.parameters())
-        return groups
-
     def group_modules(self) -> dict[str, list[nn.Module]]:
-        """Modules per parameter group (to put frozen BatchNorms in eval mode)."""
+        """Modules per parameter group: 'stem', 'stage0'..'stage6', 'head' (conv_head+bn2), 'classifier'."""
         mods: dict[str, list[nn.Module]] = {"stem": [self.conv_stem, self.bn1]}
         for name, stage in zip(STAGE_NAMES, self.blocks):
             mods[name] = [stage]
         mods["head"] = [self.conv_head, self.bn2]
         mods["classifier"] = [self.classifier]
         return mods
-
-    def group_state_prefixes(self, groups: Sequence[str]) -> tuple[str, ...]:
-        """State-dict key prefixes of the named groups (weights and BatchNorm buffers)."""
-        table = {"stem": ("conv_stem.", "bn1."), "head": ("conv_head.", "bn2."), "classifier": ("classifier.",),
-                 **{name: (f"blocks.{i}.",) for i, name in enumerate(STAGE_NAMES)}}
-        return tuple(prefix for g in groups for prefix in table[g])
-
-    def set_trainable(self, groups: Sequence[str]) -> None:
-        """Train only the named groups; everything else is frozen."""
-        wanted = set(groups)
-        unknown = wanted - set(self.parameter_groups())
-        if unknown:
-            raise ValueError(f"Unknown parameter groups {sorted(unknown)}; known: {list(self.parameter_groups())}")
-        for name, params in self.parameter_groups().items():
-            for p in params:
-                p.requires_grad_(name in wanted)
 
 
 __all__ = [

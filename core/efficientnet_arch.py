@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from core.registry import ModelCost, UnknownVariantError
+
 Family = Literal["b", "lite"]
 
 
@@ -90,8 +92,17 @@ VARIANTS: dict[str, VariantSpec] = {
 }
 
 
-class UnknownVariantError(ValueError):
-    pass
+_PREFIXES = ("tf_efficientnet_", "efficientnet_", "efficientnet-")
+_COMPOUND = re.compile(r"(b|lite)-phi(\d+(?:\.\d+)?)")
+NAME_HELP = "at another input size 'b0@192', compound-scaled 'b-phi0.5', 'lite-phi1.5@256'"
+
+
+def parse_variant(name: str) -> VariantSpec | None:
+    """``get_variant`` for the registry: None when ``name`` is not an EfficientNet name at all."""
+    key = name.strip().lower().partition("@")[0]
+    for prefix in _PREFIXES:
+        key = key.removeprefix(prefix)
+    return get_variant(name) if key in VARIANTS or _COMPOUND.fullmatch(key) else None
 
 
 def get_variant(name: str | VariantSpec) -> VariantSpec:
@@ -103,13 +114,13 @@ def get_variant(name: str | VariantSpec) -> VariantSpec:
     key, _, res = str(name).strip().lower().partition("@")
     if res and (not res.isdigit() or int(res) < 32):
         raise UnknownVariantError(f"Bad resolution in {name!r}: expected e.g. 'b0@192' (at least 32 px).")
-    compound = re.fullmatch(r"(b|lite)-phi(\d+(?:\.\d+)?)", key)
+    compound = _COMPOUND.fullmatch(key)
     if compound:
         return compound_variant(float(compound[2]), int(res) if res else None,
                                 family="lite" if compound[1] == "lite" else "b")
     if res:
         return get_variant(key).at_resolution(int(res))
-    for prefix in ("tf_efficientnet_", "efficientnet_", "efficientnet-"):
+    for prefix in _PREFIXES:
         if key.startswith(prefix):
             key = key[len(prefix):]
     if key not in VARIANTS:
@@ -214,24 +225,6 @@ def scaled_arch(variant: str | VariantSpec) -> ScaledArch:
 # --------------------------------------------------------------------------------------------
 # Analytic cost
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelCost:
-    params: int
-    macs: int  # multiply-adds at batch 1
-    peak_activation_elements: int  # largest (input + output) pair of live tensors at batch 1
-
-    @property
-    def gmacs(self) -> float:
-        return self.macs / 1e9
-
-    def file_bytes(self, precision: str = "fp32") -> int:
-        bytes_per = {"fp32": 4, "fp16": 2, "int8": 1}[precision]
-        return self.params * bytes_per
-
-    def activation_bytes(self, precision: str = "fp32") -> int:
-        return self.peak_activation_elements * {"fp32": 4, "fp16": 2, "int8": 1}[precision]
-
-
 def count_cost(variant: str | VariantSpec, resolution: int | None = None, num_classes: int = 1000) -> ModelCost:
     """Parameters, multiply-adds and peak activation size, computed from the architecture alone."""
     v = get_variant(variant)

@@ -1,4 +1,4 @@
-"""Export our EfficientNet to ONNX with a dynamic batch axis and metadata in the file.
+"""Export a model (any registered family) to ONNX with a dynamic batch axis and metadata in the file.
 
 The one ONNX writer in the project: the recommender's latency probes, the run's automatic
 fp32 export and the deploy bundle all call ``export_onnx``.

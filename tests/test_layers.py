@@ -8,6 +8,8 @@
   a lazy import hides a cycle from Python, not from the design);
 * no file of ``workbench/`` exceeds ``MAX_LINES``;
 * no test module imports another: shared builders live in ``tests/builders.py``;
+* model families are reached through ``core.registry`` only: outside the registry and a family's own
+  modules, nothing imports ``core.efficientnet*`` or asks ``is_lite``;
 * status words are spelled only in ``workbench/status.py`` and ``core/status.py``: anywhere else
   in the product a string equal to one of them is a breach (a word shown for a status, the value
   of a dict keyed by status members, is a display word and allowed).
@@ -90,6 +92,39 @@ def test_the_job_queue_knows_none_of_its_clients() -> None:
 @pytest.mark.parametrize("path", CORE_FILES, ids=lambda p: str(p.relative_to(REPO_ROOT)))
 def test_core_is_independent_of_ui_storage_and_services(path: Path) -> None:
     assert not breaches(path, ["streamlit", "storage", "workbench"])
+
+
+# --- model families: reached through the registry only ------------------------------------------------
+FAMILY_MODULES = ["core.efficientnet", "core.efficientnet_arch", "core.efficientnet_family"]
+FAMILY_FILES = {REPO_ROOT / "core" / f"{m.rpartition('.')[2]}.py" for m in FAMILY_MODULES}
+REGISTRY_CLIENTS = sorted(p for p in [*CORE_FILES, *WORKBENCH_FILES, *PAGES, *(REPO_ROOT / "bench").glob("*.py")]
+                          if p not in FAMILY_FILES and "bundle_template" not in p.parts)
+
+
+def asks_is_lite(path: Path) -> list[str]:
+    """``file:line`` for each use of the name ``is_lite`` (attribute, variable or definition)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        name = (node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name)
+                else node.name if isinstance(node, ast.FunctionDef) else None)
+        if name == "is_lite":
+            found.append(f"{path.name}:{node.lineno}")
+    return found
+
+
+def test_the_family_scans_find_a_breach(tmp_path: Path) -> None:
+    # The family's own record imports its architecture and asks is_lite: both scans see it.
+    assert breaches(REPO_ROOT / "core" / "efficientnet_family.py", FAMILY_MODULES)
+    assert asks_is_lite(REPO_ROOT / "core" / "efficientnet_family.py")
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f(v):\n    return 'same' if v.is_lite else 'symmetric'\n")
+    assert asks_is_lite(probe) == ["probe.py:2"]
+
+
+@pytest.mark.parametrize("path", REGISTRY_CLIENTS, ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_model_families_are_reached_through_the_registry(path: Path) -> None:
+    assert not breaches(path, FAMILY_MODULES), "ask core.registry instead of importing a family's module"
+    assert not asks_is_lite(path), "a family's conventions belong in its ModelFamily record, not an is_lite branch"
 
 
 def workbench_import_graph() -> dict[str, set[str]]:

@@ -241,9 +241,10 @@ def test_trials_sharing_variant_and_views_reuse_the_cache_with_identical_results
     # With the same views, a stored cache gives the very tensors a fresh one would (views are seeded).
     key = next(iter(store._caches))
     entries = list(store._caches[key][1])
-    one_view = store.lookup(key, entries, 1, len(train_s), lambda x, _s, _e: x)
+    one_view = store.lookup(key, entries, 1, len(train_s), lambda x, _s, _e: x, entries.index)
     assert one_view is not None and all(len(tr) == len(train_s) for tr, _ in one_view.values())
-    assert store.lookup(key, entries, 3, len(train_s), lambda x, _s, _e: x) is None  # more views: recompute
+    # More views than stored: recompute.
+    assert store.lookup(key, entries, 3, len(train_s), lambda x, _s, _e: x, entries.index) is None
     third = train(train_s, ["a", "b"], "lite0", tmp_path / "r3", cfg, resolution=64, val_samples=val)
     def strip(history: list[dict]) -> list[dict]:
         return [{k: v for k, v in h.items() if k not in ("epoch_seconds", "images_per_s")} for h in history]

@@ -9,16 +9,14 @@ import torch
 from PIL import Image
 
 from core.efficientnet import EfficientNet
+from core.efficientnet_family import TIMM_CHECKPOINTS, WEIGHT_PACKAGES, lukemelas_to_ours
 from core.preprocessing import Preprocessing, preprocess
 from core.weights import (
-    TIMM_CHECKPOINTS,
-    WEIGHT_PACKAGES,
     WeightsError,
     check_hub,
     create_model,
     find_weights,
     load_weights_into,
-    lukemelas_to_ours,
     read_weight_file,
     verify_package_file,
     weight_sources,
@@ -134,7 +132,7 @@ def test_missing_and_corrupt_files(tmp_path: Path) -> None:
 
 
 def test_unknown_variant() -> None:
-    with pytest.raises(ValueError, match="Unknown EfficientNet variant 'b8'"):
+    with pytest.raises(ValueError, match=r"Unknown model variant 'b8'\. Known variants: EfficientNet: b0, "):
         create_model("b8", 3)
 
 

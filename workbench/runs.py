@@ -14,8 +14,8 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from core.efficientnet_arch import get_variant  # torch-free: the pages import this service
 from core.images import GRAYSCALE_MODES
+from core.registry import get_variant, num_stages  # torch-free: the pages import this service
 from storage import repositories as repo
 from storage.artifacts import ArtifactError, resolve_in_data_dir
 from storage.models import Artifact, Image, Job, Run, RunEvent, RunMetric, utcnow
@@ -141,8 +141,11 @@ def queue_training(
     if not variants:
         raise RunError("Choose at least one variant to train.")
     specs = []
+    unfreeze = make_config(recipe, **(overrides or {})).unfreeze_stages  # the same for every variant
     for v in variants:
         spec = get_variant(v)  # UnknownVariantError names the known variants
+        if unfreeze > num_stages(spec):
+            raise RunError(f"unfreeze_stages must be 0..{num_stages(spec)} for {spec.name}, got {unfreeze}.")
         status = find_weights(spec.name.split("@")[0])
         if not status.available:
             raise WeightsError(status.location)

@@ -178,9 +178,9 @@ class TrainChoices:  # what the Train page offers, from core's registries (pages
 
 def train_choices() -> TrainChoices:
     from core.augment import PRESETS
-    from core.efficientnet import VARIANTS
+    from core.registry import all_variants
     from core.train import RECIPES
-    return TrainChoices(tuple(VARIANTS), tuple(RECIPES), tuple(PRESETS))
+    return TrainChoices(tuple(all_variants()), tuple(RECIPES), tuple(PRESETS))
 
 
 def default_preset(dataset_id: int) -> str | None:
@@ -261,7 +261,7 @@ class LeaderboardRow:
 @functools.lru_cache(maxsize=512)
 def model_params(variant: str, resolution: int, num_classes: int) -> int | None:
     """Parameter count of a variant with a ``num_classes`` head; None for an unknown variant."""
-    from core.efficientnet import count_cost
+    from core.registry import count_cost
 
     try:
         return count_cost(variant, resolution, num_classes).params

@@ -1,4 +1,4 @@
-"""Fine-tuning engine: staged transfer learning for EfficientNet, fast on a small CPU.
+"""Fine-tuning engine: staged transfer learning for any registered model family, fast on a small CPU.
 
 ``train()`` reads as its steps: check the samples, pick the imbalance policy, create the
 model, restore a resumed run, decode the images, plan and fill the frozen-prefix feature
@@ -35,9 +35,10 @@ from torch import nn
 
 from core.augment import Augmenter
 from core.data import DataError, Sample, load_images
-from core.efficientnet import EfficientNet
 from core.metrics import validation_metrics
 from core.preprocessing import Preprocessing
+from core.registry import create_model
+from core.staged import StagedModel
 from core.status import TrainEnd
 from core.train import distributed
 from core.train.callbacks import Callback, Progress, TrainingCancelled, TrainingError
@@ -58,7 +59,6 @@ from core.train.phase_runner import planned_steps, run_phases
 from core.train.phases import Tail, plan_phases
 from core.train.robustness import is_oom_error, resolve_device, retry_on_oom
 from core.train.runner import Runner, TrainResult
-from core.weights import create_model
 
 
 def train(
@@ -107,7 +107,7 @@ def _train(train_samples: SampleList, classes: Sequence[str], variant: str, run_
     distributed.broadcast_state(model)  # every rank starts from rank 0's weights
     # After restore_run (a resumed run's summary is the checkpoint's): this attempt's process count.
     run.summary.update(world_size=distributed.world(), backend=distributed.backend())
-    phases = plan_phases(cfg)
+    phases = plan_phases(cfg, model)
     if resume_state.start_phase >= len(phases):
         run.log("All phases already finished; nothing to train.")
     images_key = (repr(pre), tuple(s.path for s in samples), tuple(s.path for s in vals))
@@ -146,7 +146,7 @@ def _set_up_device(run: Runner, rank_device: torch.device | None) -> tuple[torch
 
 
 def _create_seeded_model(variant: str, base_variant: str, resolution: int | None,
-                         run: Runner) -> tuple[EfficientNet, Preprocessing]:
+                         run: Runner) -> tuple[StagedModel, Preprocessing]:
     """Seed every RNG, then create the model with ImageNet weights and a zero-initialised head."""
     cfg = run.cfg
     random.seed(cfg.seed)
@@ -163,7 +163,7 @@ def _create_seeded_model(variant: str, base_variant: str, resolution: int | None
     return model, loaded.preprocessing
 
 
-def _place_model(model: EfficientNet, device: torch.device, amp: bool) -> tuple[torch.dtype | None, bool]:
+def _place_model(model: StagedModel, device: torch.device, amp: bool) -> tuple[torch.dtype | None, bool]:
     """Move the model to ``device``; on CUDA channels-last memory and (``amp``) bf16/fp16 autocast."""
     model.to(device)
     channels_last = device.type == "cuda"
@@ -191,7 +191,7 @@ def _decode_images(run: Runner, pre: Preprocessing, samples: list[Sample], vals:
     return imgs_tr, imgs_va
 
 
-def _prepare_context(run: Runner, model: EfficientNet, pre: Preprocessing, variant: str, device: torch.device,
+def _prepare_context(run: Runner, model: StagedModel, pre: Preprocessing, variant: str, device: torch.device,
                      threads: int, samples: list[Sample], vals: list[Sample], balance: str,
                      store: FeatureStore | None = None, images_key: tuple = ()) -> TrainContext:
     """Model on its device, images decoded (or shared), losses built: everything the phases share."""

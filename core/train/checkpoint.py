@@ -15,15 +15,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.efficientnet import EfficientNet, get_variant
 from core.preprocessing import Preprocessing
+from core.registry import build_network, get_variant
+from core.staged import StagedModel
 from core.train.callbacks import TrainingError
 from core.train.runner import Runner
 
 
 @dataclass
 class TrainedModel:
-    model: EfficientNet  # eval mode, on CPU
+    model: StagedModel  # eval mode, on CPU
     preprocessing: Preprocessing
     classes: list[str]
     variant: str
@@ -66,7 +67,7 @@ def load_trained_model(path: str | Path, device: str = "cpu") -> TrainedModel:
     """Rebuild the trained network from ``best.pt`` / ``last.pt``: eval mode, weights loaded."""
     ckpt = load_checkpoint(path)
     v = get_variant(ckpt["variant"]).at_resolution(int(ckpt["resolution"]))
-    model = EfficientNet(v, int(ckpt["num_classes"]), ckpt["padding"], float(ckpt["bn_eps"]))
+    model = build_network(v, int(ckpt["num_classes"]), ckpt["padding"], float(ckpt["bn_eps"]))
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
     meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "scheduler", "rng", "ema")}
@@ -78,7 +79,7 @@ def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def checkpoint_common(model: EfficientNet, run: Runner, variant: str, pre: Preprocessing,
+def checkpoint_common(model: StagedModel, run: Runner, variant: str, pre: Preprocessing,
                       epoch: int, phase: str) -> dict[str, Any]:
     """What best.pt and last.pt share: the run's identity, record and RNG state at this moment."""
     return {"epoch": epoch, "phase": phase, "config": asdict(run.cfg), "variant": variant,
@@ -111,7 +112,7 @@ class ResumeState:
         return ckpt is not None and phase_index == int(ckpt["phase_index"]) and not ckpt.get("phase_done")
 
 
-def restore_run(run: Runner, model: EfficientNet, pre: Preprocessing, variant: str) -> ResumeState:
+def restore_run(run: Runner, model: StagedModel, pre: Preprocessing, variant: str) -> ResumeState:
     """Load ``last.pt`` into the model and the run record; replay its epochs to the callback."""
     path = run.last_path
     if not path.is_file():

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from core.augment import Augmenter
-from core.efficientnet import EfficientNet
 from core.preprocessing import Preprocessing
+from core.staged import StagedModel
 from core.train.config import TrainConfig
 from core.train.runner import Runner
 
@@ -17,7 +17,7 @@ from core.train.runner import Runner
 @dataclass
 class TrainContext:
     run: Runner
-    model: EfficientNet
+    model: StagedModel
     pre: Preprocessing
     variant: str  # base variant name, as checkpoints store it ("lite0", not "lite0@160")
     device: torch.device

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from core.augment import view_seed
-from core.efficientnet import EfficientNet, entry_position
 from core.preprocessing import normalize
+from core.staged import StagedModel
 from core.train import distributed
 from core.train.callbacks import Progress, TrainingCancelled, TrainingError
 from core.train.config import TrainConfig
@@ -34,7 +34,7 @@ PrefixFn = Callable[[np.ndarray], list[torch.Tensor]]
 Cache = dict[str, tuple[torch.Tensor, torch.Tensor]]  # entry -> (train views, val)
 
 
-def activation_mb(model: EfficientNet, entry: str, resolution: int) -> float:
+def activation_mb(model: StagedModel, entry: str, resolution: int) -> float:
     """fp32 MB per cached view of one image at ``entry``."""
     with torch.inference_mode():
         was = model.training
@@ -48,7 +48,7 @@ def activation_mb(model: EfficientNet, entry: str, resolution: int) -> float:
 class FrozenPrefix(nn.Module):
     """Frozen part of ``model``: image -> activations at each of ``entries`` (an exportable module)."""
 
-    def __init__(self, model: EfficientNet, entries: Sequence[str]):
+    def __init__(self, model: StagedModel, entries: Sequence[str]):
         super().__init__()
         self.model, self.entries = model, list(entries)
 
@@ -95,7 +95,7 @@ def _torch_prefix(prefix: FrozenPrefix, device: torch.device, log: Callable[[str
     return run_torch
 
 
-def prefix_runner(model: EfficientNet, entries: Sequence[str], resolution: int, cfg: TrainConfig,
+def prefix_runner(model: StagedModel, entries: Sequence[str], resolution: int, cfg: TrainConfig,
                   device: torch.device, threads: int, run: Runner) -> tuple[PrefixFn, str]:
     """A function (N, 3, R, R) float32 array -> activations at ``entries``, and its backend name.
 
@@ -127,17 +127,17 @@ class CachePlan:
         return self.phases[self.start_phase:]
 
 
-def _lowest_cached_entry(remaining: Sequence[PhaseSpec]) -> str:
+def _lowest_cached_entry(model: StagedModel, remaining: Sequence[PhaseSpec]) -> str:
     cached = [p.entry for p in remaining if p.entry != "image"]
     if any(p.entry == "image" for p in remaining) or not cached:
         return "embedding"  # only the head phase can use a cache then
-    return min(cached, key=entry_position)
+    return min(cached, key=model.entry_position)
 
 
 def plan_cache(ctx: TrainContext, phases: list[PhaseSpec], start_phase: int) -> CachePlan:
     """Which entry points to cache for the phases still to run, within ``cache_max_mb``."""
     cfg, run = ctx.cfg, ctx.run
-    entry = _lowest_cached_entry(phases[start_phase:])
+    entry = _lowest_cached_entry(ctx.model, phases[start_phase:])
     est_mb = activation_mb(ctx.model, entry, ctx.pre.resolution) * ctx.num_train * cfg.cache_views
     if est_mb > cfg.cache_max_mb and entry != "embedding":
         run.log(f"Cached activations at {entry} would need {est_mb:.0f} MB (> cache_max_mb "
@@ -148,7 +148,7 @@ def plan_cache(ctx: TrainContext, phases: list[PhaseSpec], start_phase: int) -> 
     wanted = [p.entry for p in phases[start_phase:] if p.entry != "image"]
     # One frozen pass gives the cached entry and, when a remaining phase trains on pooled
     # embeddings, those too (the frozen top is still at its ImageNet weights then).
-    entries = sorted({entry, *wanted}, key=entry_position) if wanted else []
+    entries = sorted({entry, *wanted}, key=ctx.model.entry_position) if wanted else []
     return CachePlan(phases, start_phase, entry, entries)
 
 
@@ -228,7 +228,8 @@ def fill_cache(ctx: TrainContext, plan: CachePlan, store: FeatureStore | None = 
     if store is not None:
         def derive(x: torch.Tensor, source: str, entry: str) -> torch.Tensor:
             return derive_activations(ctx.model, x, source, entry, ctx.device)
-        shared = store.lookup(key, plan.entries, ctx.cfg.cache_views, ctx.num_train, derive)
+        shared = store.lookup(key, plan.entries, ctx.cfg.cache_views, ctx.num_train, derive,
+                              ctx.model.entry_position)
         if shared is not None:
             run.summary.update(cache_seconds=round(time.perf_counter() - t_cache, 2), cache_reused=True,
                                cache_backend="shared")
@@ -246,7 +247,7 @@ def fill_cache(ctx: TrainContext, plan: CachePlan, store: FeatureStore | None = 
     return caches
 
 
-def derive_activations(model: EfficientNet, cached: torch.Tensor, cached_entry: str, entry: str,
+def derive_activations(model: StagedModel, cached: torch.Tensor, cached_entry: str, entry: str,
                        device: torch.device, batch_size: int = 256) -> torch.Tensor:
     """Activations at ``entry`` from activations cached at an earlier ``cached_entry`` (frozen layers)."""
     if cached_entry == entry:
@@ -335,18 +336,20 @@ class FeatureStore:
         return value
 
     def lookup(self, key: tuple[Any, ...], entries: Sequence[str], views: int, num_train: int,
-               derive: Callable[[torch.Tensor, str, str], torch.Tensor]) -> Cache | None:
-        """The activations at ``entries`` for ``views`` views, from a stored cache, or None."""
+               derive: Callable[[torch.Tensor, str, str], torch.Tensor],
+               position: Callable[[str], int]) -> Cache | None:
+        """The activations at ``entries`` for ``views`` views, from a stored cache, or None
+        (``position``: an entry point's place along the network, the model's ``entry_position``)."""
         stored = self._caches.get(key)
         if stored is None or stored[0] < views:
             return None
         have = stored[1]
         out: Cache = {}
         for e in entries:
-            earlier = [s for s in have if entry_position(s) <= entry_position(e)]
+            earlier = [s for s in have if position(s) <= position(e)]
             if not earlier:
                 return None
-            source = max(earlier, key=entry_position)
+            source = max(earlier, key=position)
             tr, va = have[source]
             tr = tr[: views * num_train]
             out[e] = (derive(tr, source, e), derive(va, source, e))

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.efficientnet import EfficientNet
 from core.metrics import sensitivity_at_specificity, validation_metrics
+from core.staged import StagedModel
 from core.train import distributed
 from core.train.callbacks import Callback, TrainingCancelled
 from core.train.config import TrainConfig
@@ -41,19 +41,19 @@ class WarmupCosine:
 class ModelEma:
     """Exponential moving average of the trainable groups' weights (and BN buffers)."""
 
-    def __init__(self, model: EfficientNet, groups: Sequence[str], decay: float):
+    def __init__(self, model: StagedModel, groups: Sequence[str], decay: float):
         self.decay = decay
         prefixes = model.group_state_prefixes(groups)
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()
                        if k.startswith(prefixes) and v.dtype.is_floating_point}
 
     @torch.no_grad()
-    def update(self, model: EfficientNet) -> None:
+    def update(self, model: StagedModel) -> None:
         sd = model.state_dict()
         for k, v in self.shadow.items():
             v.mul_(self.decay).add_(sd[k].detach(), alpha=1 - self.decay)
 
-    def swap(self, model: EfficientNet) -> None:
+    def swap(self, model: StagedModel) -> None:
         """Exchange model weights and EMA weights (call twice to restore)."""
         sd = model.state_dict()
         with torch.no_grad():
@@ -92,7 +92,7 @@ class StepContext:
     scaler: torch.amp.GradScaler | None = None
     amp_dtype: torch.dtype | None = None
     ema: ModelEma | None = None
-    model: EfficientNet | None = None
+    model: StagedModel | None = None
     progress: Callable[[int, int, float, float], None] | None = None  # (step, total, loss, lr)
     log: Callable[[str], None] = print
     channels_last: bool = False
@@ -218,7 +218,7 @@ class PhaseOptim:
     scaler: torch.amp.GradScaler | None
 
     @classmethod
-    def create(cls, model: EfficientNet, phase: PhaseSpec, cfg: TrainConfig, steps_per_epoch: int,
+    def create(cls, model: StagedModel, phase: PhaseSpec, cfg: TrainConfig, steps_per_epoch: int,
                amp_dtype: torch.dtype | None) -> PhaseOptim:
         groups = param_groups(model, phase.groups, phase.lr, cfg.layer_decay, cfg.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=phase.lr)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.efficientnet import NUM_STAGES, PARAMETER_GROUPS, STAGE_NAMES, EfficientNet, entry_position, group_entry
+from core.staged import StagedModel
 from core.train.config import TrainConfig
 
 
@@ -30,25 +30,26 @@ class PhaseSpec:
     batch_size: int
 
 
-def finetune_groups(unfreeze_stages: int) -> list[str]:
-    """The top ``unfreeze_stages`` stages, the conv head and the classifier."""
-    return [*STAGE_NAMES[NUM_STAGES - unfreeze_stages:], "head", "classifier"]
+def finetune_groups(model: StagedModel, unfreeze_stages: int) -> list[str]:
+    """The top ``unfreeze_stages`` stages and every group above them (EfficientNet: conv head, classifier)."""
+    return model.top_groups(unfreeze_stages)
 
 
-def first_entry(groups: Sequence[str]) -> str:
+def first_entry(model: StagedModel, groups: Sequence[str]) -> str:
     """Where the trainable part starts: the input of the lowest trainable group."""
-    return min((group_entry(g) for g in groups), key=entry_position)
+    return min((model.group_entry(g) for g in groups), key=model.entry_position)
 
 
-def plan_phases(cfg: TrainConfig) -> list[PhaseSpec]:
+def plan_phases(cfg: TrainConfig, model: StagedModel) -> list[PhaseSpec]:
+    """The phases ``cfg`` asks for, in the parts ``model`` is made of."""
     head = PhaseSpec("head", cfg.head_epochs, ("classifier",), "embedding", cfg.lr_head, cfg.head_batch_size)
     if cfg.strategy == "head":
         return [head]
     if cfg.strategy == "full":
-        full = PhaseSpec("full", cfg.finetune_epochs, PARAMETER_GROUPS, "image", cfg.lr, cfg.batch_size)
+        full = PhaseSpec("full", cfg.finetune_epochs, model.parameter_group_names, "image", cfg.lr, cfg.batch_size)
         return [p for p in (head, full) if p.epochs > 0]
-    groups = tuple(finetune_groups(cfg.unfreeze_stages))
-    entry = first_entry(groups) if cfg.cache_activations else "image"
+    groups = tuple(finetune_groups(model, cfg.unfreeze_stages))
+    entry = first_entry(model, groups) if cfg.cache_activations else "image"
     ft = PhaseSpec("finetune", cfg.finetune_epochs, groups, entry, cfg.lr, cfg.batch_size)
     return [p for p in (head, ft) if p.epochs > 0]
 
@@ -56,16 +57,16 @@ def plan_phases(cfg: TrainConfig) -> list[PhaseSpec]:
 class Tail(nn.Module):
     """The part of ``model`` from ``entry`` to the logits (shares the model's parameters)."""
 
-    def __init__(self, model: EfficientNet, entry: str):
+    def __init__(self, model: StagedModel, entry: str):
         super().__init__()
-        entry_position(entry)  # fail early on an unknown name
+        model.entry_position(entry)  # fail early on an unknown name
         self.model, self.entry = model, entry
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_from(self.entry, x)
 
 
-def set_train_mode(model: EfficientNet, trainable: Sequence[str], train_bn: bool = True) -> None:
+def set_train_mode(model: StagedModel, trainable: Sequence[str], train_bn: bool = True) -> None:
     """Train mode for trainable groups only: frozen BatchNorms keep their ImageNet statistics.
 
     ``train_bn=False``: trainable groups' BatchNorms stay in eval mode too (affine still learns).
@@ -83,14 +84,14 @@ def set_train_mode(model: EfficientNet, trainable: Sequence[str], train_bn: bool
     model.training = "classifier" in trainable
 
 
-def param_groups(model: EfficientNet, groups: Sequence[str], lr: float, layer_decay: float,
+def param_groups(model: StagedModel, groups: Sequence[str], lr: float, layer_decay: float,
                  weight_decay: float) -> list[dict[str, Any]]:
     """Layer-wise learning-rate decay: the classifier gets ``lr``, each group below it ``* decay``.
 
     No weight decay on BatchNorm parameters and biases (1-d tensors), as in the reference scripts.
     """
     named = model.parameter_groups()
-    ordered = [g for g in reversed(PARAMETER_GROUPS) if g in groups]
+    ordered = [g for g in reversed(model.parameter_group_names) if g in groups]
     out: list[dict[str, Any]] = []
     for depth, g in enumerate(ordered):
         g_lr = lr * (layer_decay ** depth)
