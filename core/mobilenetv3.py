@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from core.efficientnet import BatchNormAct2d, DepthwiseSeparable, MBConv, Padding, SqueezeExcite, conv2d
-from core.mobilenetv3_arch import Activation, MobileBlockSpec, VariantSpec, get_variant, scaled_arch
+from core.mobilenetv3_arch import TIMM_CHECKPOINTS, Activation, MobileBlockSpec, VariantSpec, get_variant, scaled_arch
 from core.preprocessing import Preprocessing
-from core.staged_network import StagedNetwork
+from core.staged import StagedModel
 from core.weights import WeightsError, WeightSource, preprocessing_from_timm, timm_pretrained_cfg
 
 ACTIVATIONS: dict[Activation, type[nn.Module]] = {"RE": nn.ReLU, "HS": nn.Hardswish}
@@ -85,8 +85,8 @@ class ConvBnAct(nn.Module):
 # --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------
-class MobileNetV3(StagedNetwork):
-    """MobileNetV3 with the transfer-learning API of ``core.staged_network``.
+class MobileNetV3(StagedModel):
+    """MobileNetV3 with the transfer-learning API of ``core.staged``.
 
     ``padding='same'`` and ``bn_eps=1e-3`` reproduce TF-ported weights (timm's tf_*);
     ``padding='symmetric'`` and ``bn_eps=1e-5`` timm's PyTorch-trained ``mobilenetv3_*``.
@@ -166,12 +166,6 @@ class MobileNetV3(StagedNetwork):
 # --------------------------------------------------------------------------------------------
 # The timm checkpoint each named variant starts from. timm trained no PyTorch Large 0.75
 # (its mobilenetv3_large_075 is "untrained"), so that one is the TensorFlow port.
-TIMM_CHECKPOINTS: dict[str, str] = {
-    "mobilenetv3_large_100": "mobilenetv3_large_100.ra_in1k",
-    "mobilenetv3_large_075": "tf_mobilenetv3_large_075.in1k",
-    "mobilenetv3_small_100": "mobilenetv3_small_100.lamb_in1k",
-    "mobilenetv3_small_075": "mobilenetv3_small_075.lamb_in1k",
-}
 
 
 @cache

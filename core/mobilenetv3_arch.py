@@ -82,6 +82,11 @@ class VariantSpec:
     resolution: int
     dropout: float
 
+    @property
+    def family(self) -> str:
+        """The line within the family along which accuracy is interpolated (Large or Small)."""
+        return f"mobilenetv3-{self.size}"
+
     def at_resolution(self, resolution: int) -> VariantSpec:
         """The same network fed a different input size (weights are resolution-independent)."""
         name = self.name if resolution == self.resolution else f"{self.name}@{resolution}"
@@ -96,6 +101,15 @@ _TABLE: dict[str, tuple[Size, float, int, float]] = {  # (size, width, resolutio
 }
 VARIANTS: dict[str, VariantSpec] = {n: VariantSpec(n, *v) for n, v in _TABLE.items()}
 
+
+# The timm checkpoint each named variant starts from. timm trained no PyTorch Large 0.75
+# (its mobilenetv3_large_075 is "untrained"), so that one is the TensorFlow port.
+TIMM_CHECKPOINTS: dict[str, str] = {
+    "mobilenetv3_large_100": "mobilenetv3_large_100.ra_in1k",
+    "mobilenetv3_large_075": "tf_mobilenetv3_large_075.in1k",
+    "mobilenetv3_small_100": "mobilenetv3_small_100.lamb_in1k",
+    "mobilenetv3_small_075": "mobilenetv3_small_075.lamb_in1k",
+}
 
 def get_variant(name: str | VariantSpec) -> VariantSpec:
     """Look up a named variant ('mobilenetv3_large_100' ...), optionally at another input size:

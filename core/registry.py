@@ -26,7 +26,7 @@ Padding = Literal["symmetric", "same"]
 RGB = tuple[float, float, float]
 
 # The modules that register the built-in families when imported (a new family adds its line).
-BUILTIN_FAMILIES: tuple[str, ...] = ("core.efficientnet_family",)
+BUILTIN_FAMILIES: tuple[str, ...] = ("core.efficientnet_family", "core.mobilenetv3_family")
 
 
 class UnknownVariantError(ValueError):

@@ -9,6 +9,7 @@ only, so a family with another number of stages trains the same way.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,6 +43,22 @@ class StagedModel(nn.Module):
     def group_modules(self) -> dict[str, list[nn.Module]]:
         """Modules per parameter group, input to output (to freeze them and put frozen BatchNorms in eval mode)."""
         raise NotImplementedError
+
+    def init_weights(self) -> None:
+        """timm's EfficientNet-family init: He-normal over fan-out, BatchNorm at identity."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+                nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                bound = 1.0 / math.sqrt(m.weight.shape[0])
+                nn.init.uniform_(m.weight, -bound, bound)
+                nn.init.zeros_(m.bias)
 
     # -- names ------------------------------------------------------------------------------
     def entry_position(self, entry: str) -> int:

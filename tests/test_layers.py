@@ -95,7 +95,8 @@ def test_core_is_independent_of_ui_storage_and_services(path: Path) -> None:
 
 
 # --- model families: reached through the registry only ------------------------------------------------
-FAMILY_MODULES = ["core.efficientnet", "core.efficientnet_arch", "core.efficientnet_family"]
+FAMILY_MODULES = ["core.efficientnet", "core.efficientnet_arch", "core.efficientnet_family",
+                  "core.mobilenetv3", "core.mobilenetv3_arch", "core.mobilenetv3_family"]
 FAMILY_FILES = {REPO_ROOT / "core" / f"{m.rpartition('.')[2]}.py" for m in FAMILY_MODULES}
 REGISTRY_CLIENTS = sorted(p for p in [*CORE_FILES, *WORKBENCH_FILES, *PAGES, *(REPO_ROOT / "bench").glob("*.py")]
                           if p not in FAMILY_FILES and "bundle_template" not in p.parts)

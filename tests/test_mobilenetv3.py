@@ -237,3 +237,44 @@ def test_weight_sources_come_from_timms_own_configs() -> None:
     assert weight_sources("mobilenetv3_small_100")[0].padding == "symmetric"
     pre = finetune_preprocessing("mobilenetv3_small_100@160")
     assert (pre.resolution, pre.crop_pct, pre.interpolation) == (160, 1.0, "bicubic")
+
+
+# --- through the registry: training, export, verification and the recommender, unchanged --------
+def test_mobilenetv3_trains_exports_and_verifies_through_the_registry(tmp_path: Path) -> None:
+    """A few training steps from a weights file the test makes (timm's own module, saved), then
+    the ONNX export verified against PyTorch on images: the same code paths as lite0."""
+    from builders import write_images
+
+    from core import registry
+    from core.export import export_fp32, load_trained, verify_onnx
+    from core.train import make_config, train
+
+    name = "mobilenetv3_small_075"
+    weights = tmp_path / "imagenet.pth"
+    torch.manual_seed(0)
+    torch.save(timm.create_model(name, pretrained=False).state_dict(), weights)
+    assert registry.family_of(registry.get_variant(name)).name == "mobilenetv3"
+    samples = write_images(tmp_path / "data", [8, 8], size=48)
+    cfg = make_config("quick", weights=str(weights), head_epochs=1, finetune_epochs=1, unfreeze_stages=2,
+                      batch_size=8, head_batch_size=16, num_threads=1, val_fraction=0.25)
+    result = train(samples, ["class0", "class1"], name, tmp_path / "run", cfg, resolution=64)
+    assert [h["epoch"] for h in result.history] == [1, 2] and result.best_path.is_file()
+    trained = load_trained(result.best_path)
+    assert type(trained.model).__name__ == "MobileNetV3" and trained.model.variant.name.startswith(name)
+    onnx_path = export_fp32(trained.model, tmp_path / "model.onnx", trained.preprocessing, ["class0", "class1"],
+                            name)
+    check = verify_onnx(trained.model, onnx_path, [Path(p) for p, _ in samples[:6]], trained.preprocessing)
+    assert check.passed and check.n_images == 6 and check.top1_agreement == 1.0, check.reason
+
+
+def test_the_recommender_and_device_profiles_rank_mobilenetv3_unchanged() -> None:
+    from core import registry
+    from core.devices import get_profile
+    from core.recommend import Budget, recommend
+
+    small, large = registry.get_variant("mobilenetv3_small_100"), registry.get_variant("mobilenetv3_large_100")
+    device = get_profile("rpi4")
+    assert device.predict_ms(small) < device.predict_ms(large)
+    assert registry.count_cost(small).params < registry.count_cost(large).params
+    ranked = recommend(Budget(device="rpi4")).ranked
+    assert {c.base for c in ranked} >= {"mobilenetv3_small_100", "mobilenetv3_large_100"}
