@@ -93,8 +93,7 @@ def search_panel() -> None:
                        "coloured dots are the best choice for their speed (the Pareto front).")
         shown = ui.plain_rows(search_words.trial_rows(info))
         for row, t in zip(shown, info.trials):  # the test split is small: its figures come with their range
-            row["Test accuracy 95 % range"] = views.percent_range(*t.test_accuracy_range) or "—" \
-                if t.test_accuracy_range else "—"
+            row["Test accuracy 95 % range"] = views.percent_range(*t.test_accuracy_range or (None, None)) or "—"
         st.dataframe(pd.DataFrame(shown), hide_index=True, width="stretch")
     if info.winner_run_id:
         _winner(info)
@@ -104,16 +103,16 @@ def _winner(info: searches.SearchInfo) -> None:
     w = next((t for t in info.trials if t.run_id == info.winner_run_id), None)
     if w is None:
         return
-    lat = info.summary.get("winner_latency", {})
+    summary = views.search_summary(info.summary)
     with st.container(border=True):
         st.markdown(f"### Winner: {w.model} (run {w.run_id})")
         m1, m2, m3 = st.columns(3)
-        rng = {"lo": w.test_accuracy_range[0], "hi": w.test_accuracy_range[1]} if w.test_accuracy_range else None
-        m1.metric("Test accuracy", views.with_range(rng, w.test_accuracy) or "—",
+        m1.metric("Test accuracy", views.value_with_range(w.test_accuracy, w.test_accuracy_range) or "—",
                   help="Share of the held-out test images it classified correctly (it never saw them); the range "
                        "is where the true figure lies with 95 % confidence, given how few test images there are.")
         m2.metric("Validation score", ui.fmt_num(w.value), help=info.objective_label)
-        m3.metric("Time per image", ui.fmt_num(lat.get("p50_ms"), 1) + " ms", help=lat.get("source", ""))
+        m3.metric("Time per image", ui.fmt_num(summary.winner_latency_ms, 1) + " ms",
+                  help=summary.winner_latency_source)
         cmp = info.versus_start
         if cmp is not None:  # a small validation split can crown a challenger that is no better
             (st.info if cmp.within_noise else st.caption)(cmp.sentence())

@@ -62,16 +62,14 @@ def ingest_progress() -> None:
     dismissed = st.session_state.setdefault("dismissed_jobs", set())
     jobs = views.ingest_jobs_to_show(dismissed)
     for j in jobs:
-        p = j.progress
         label = f"**{j.name}** ({j.filename})"
         if j.active:
-            total, done = p.get("total") or 0, p.get("done") or 0
-            frac = done / total if total else 0.0
-            st.progress(frac, text=f"{label}: {p.get('phase') or j.status} — {done} / {total or '?'} files")
+            frac = j.done / j.total if j.total else 0.0
+            st.progress(frac, text=f"{label}: {j.phase or j.status} — {j.done} / {j.total or '?'} files")
             continue
         c1, c2 = st.columns([6, 1])
         if j.status == JobStatus.SUCCEEDED:
-            c1.success(f"{label}: ingested {p.get('done', 0)} images.", icon=":material/check_circle:")
+            c1.success(f"{label}: ingested {j.done} images.", icon=":material/check_circle:")
         else:
             c1.error(f"{label}: {j.error or 'it stopped without saying why'}")
         if c2.button("Dismiss", key=f"dismiss{j.id}"):
@@ -91,7 +89,7 @@ items = ui.datasets_or_stop("No datasets yet: upload a zip above.")
 st.subheader("Your datasets")
 st.dataframe(
     pd.DataFrame([{"name": d.name, "images": d.num_images, "classes": d.num_classes,
-                   "warnings": len(d.health.get("warnings", [])), "created": d.created_at,
+                   "warnings": len(views.health_view(d).warnings), "created": d.created_at,
                    "source": d.source.rsplit("/", 1)[-1]} for d in items]),
     hide_index=True, width="stretch",
 )
@@ -106,24 +104,23 @@ elif st.session_state.get("_newest_dataset_seen") != newest.id:
     st.session_state["dataset_choice"] = newest.name
 choice = st.selectbox("Dataset", names, index=names.index(newest.name), key="dataset_choice")
 ds = next(d for d in items if d.name == choice)
-h = ds.health or {}
+h = views.health_view(ds)
+dups = h.duplicates
 
 c = st.columns(5)
 c[0].metric("Images", ds.num_images)
 c[1].metric("Classes", ds.num_classes)
-c[2].metric("Imbalance", f"{h.get('imbalance_ratio') or 1:.1f}×",
+c[2].metric("Imbalance", f"{h.imbalance_ratio:.1f}×",
             help="How many times more images the largest class has than the smallest (1× = balanced).")
-dups = h.get("duplicates", {})
-c[3].metric("Duplicate groups", dups.get("exact_groups", 0) + dups.get("near_groups", 0),
+c[3].metric("Duplicate groups", dups.total_groups,
             help="Sets of images that are the same picture: identical files, or copies resized or re-saved.")
 c[4].metric("Skipped files", len(ds.skipped), help="Files that could not be read as images.")
-kind = h.get("image_kind") or {}
-if kind:
-    st.caption(f"These look like: **{kind.get('label')}** ({kind.get('reason')}). You can change this on the "
+if h.image_kind.kind:
+    st.caption(f"These look like: **{h.image_kind.label}** ({h.image_kind.reason}). You can change this on the "
                "Train page; it chooses the augmentation and resolution.")
-for w in h.get("warnings", []):
+for w in h.warnings:
     st.warning(w, icon=":material/warning:")
-if not h.get("warnings"):
+if not h.warnings:
     st.success("No problems found.", icon=":material/check_circle:")
 
 tab_split, tab_dups, tab_shortcuts, tab_fix, tab_samples, tab_sizes, tab_skipped, tab_delete = st.tabs(
@@ -132,7 +129,7 @@ tab_split, tab_dups, tab_shortcuts, tab_fix, tab_samples, tab_sizes, tab_skipped
 
 with tab_split:
     rows = [{"class": cls, "split": split, "images": n}
-            for split, counts in (h.get("split_counts") or {}).items() for cls, n in counts.items()]
+            for split, counts in h.split_counts.items() for cls, n in counts.items()]
     if rows:
         df = pd.DataFrame(rows)
         st.altair_chart(
@@ -151,50 +148,47 @@ with tab_split:
             st.json(cfg, expanded=False)
 
 with tab_dups:
-    groups = [("exact", g) for g in dups.get("exact", [])] + [("near", g) for g in dups.get("near", [])]
+    groups = dups.groups
     if not groups:
         st.success("No exact or near-duplicate images.")
     else:
         checked = (" and confirmed pixel by pixel (similarity at least "
-                   f"{dups.get('near_min_correlation', 0.95):.0%})") if dups.get("pixel_checked") else ""
-        st.caption(f"{dups.get('exact_groups', 0)} groups of identical files and {dups.get('near_groups', 0)} groups "
+                   f"{dups.near_min_correlation:.0%})") if dups.pixel_checked else ""
+        st.caption(f"{dups.exact_groups} groups of identical files and {dups.near_groups} groups "
                    f"of near copies (found by a picture fingerprint{checked}). Groups that span train, val and "
                    "test (leakage: the test score would be too good) and groups with different labels come first.")
         offset, limit = ui.paginate(len(groups), 10, key="dup_page")
         page = groups[offset:offset + limit]
-        paths = views.store_paths_for(ds.id, [f["sha256"] for _, g in page for f in g["files"][:6]])
-        for kind, g in page:
-            flags = (" · **leakage across splits**" if g["cross_split"] else "") + \
-                    (" · **conflicting labels**" if g["label_conflict"] else "")
-            what = "Identical files" if kind == "exact" else "Near copies"
-            st.markdown(f"{what} · {g['size']} files · in {', '.join(g['splits'])}{flags}")
-            ui.thumbnail_grid([views.ImageSample(paths[f["sha256"]],
-                                                 f"{f['label']} · {f['split']} · {f['name'].rsplit('/', 1)[-1]}")
-                               for f in g["files"][:6] if f["sha256"] in paths], columns=6, size=110)
+        paths = views.store_paths_for(ds.id, [f.sha256 for g in page for f in g.files[:6]])
+        for g in page:
+            flags = (" · **leakage across splits**" if g.cross_split else "") + \
+                    (" · **conflicting labels**" if g.label_conflict else "")
+            what = "Identical files" if g.kind == "exact" else "Near copies"
+            st.markdown(f"{what} · {g.size} files · in {', '.join(g.splits)}{flags}")
+            ui.thumbnail_grid([views.ImageSample(paths[f.sha256], f.caption) for f in g.files[:6] if f.sha256 in paths],
+                              columns=6, size=110)
 
 with tab_shortcuts:
-    sc = h.get("shortcuts") or {}
-    per = sc.get("per_class") or {}
-    if per:
+    sc = h.shortcuts
+    if sc.per_class:
         st.caption("What each class's images look like. If one of these alone tells the classes apart, a model "
                    "may learn it instead of what matters (a shortcut); the warnings above say so.")
         st.dataframe(pd.DataFrame([{
-            "class": cls, "images": r["images"], "typical width (px)": r["median_width"],
-            "typical height (px)": r["median_height"], "width / height": r["median_aspect"],
-            "brightness (0-255)": f"{r['median_brightness']:.0f}" if "median_brightness" in r else "—",
-            "colourfulness (0-255)": f"{r['median_saturation']:.0f}" if "median_saturation" in r else "—",
-            "file formats": ", ".join(f"{k} {v}" for k, v in r["formats"].items())} for cls, r in per.items()]),
+            "class": r.label, "images": r.images, "typical width (px)": r.median_width,
+            "typical height (px)": r.median_height, "width / height": r.median_aspect,
+            "brightness (0-255)": ui.fmt_num(r.median_brightness, 0),
+            "colourfulness (0-255)": ui.fmt_num(r.median_saturation, 0),
+            "file formats": ", ".join(f"{k} {v}" for k, v in r.formats.items())} for r in sc.per_class]),
             hide_index=True, width="stretch")
-    factors = sc.get("factors") or []
-    if factors:
+    if sc.factors:
         with st.expander("How well each detail alone predicts the class (details)"):
-            st.dataframe(pd.DataFrame([{"detail": f["label"], "correct from this alone": f"{f['accuracy']:.0%}",
-                                        "warning": "yes" if f["warn"] else "no"} for f in factors]),
+            st.dataframe(pd.DataFrame([{"detail": f.label, "correct from this alone": f"{f.accuracy:.0%}",
+                                        "warning": "yes" if f.warn else "no"} for f in sc.factors]),
                          hide_index=True, width="stretch")
-            st.caption(f"Always guessing the largest class: {sc.get('baseline', 0):.0%} correct. Each detail is "
-                       f"checked with a small decision tree and {sc.get('folds', 5)}-fold cross-validation.")
-    elif sc.get("reason"):
-        st.caption(f"Not checked: {sc['reason']}.")
+            st.caption(f"Always guessing the largest class: {sc.baseline:.0%} correct. Each detail is "
+                       f"checked with a small decision tree and {sc.folds}-fold cross-validation.")
+    elif sc.reason:
+        st.caption(f"Not checked: {sc.reason}.")
 
 
 def fixed(result: dataset_fixes.FixResult) -> None:
@@ -218,14 +212,14 @@ with tab_fix:
     left, right = st.columns(2)
     with left:
         st.markdown("**Duplicate images**")
-        st.caption(f"{dups.get('exact_groups', 0)} group(s) of identical files; one image of each is kept "
+        st.caption(f"{dups.exact_groups} group(s) of identical files; one image of each is kept "
                    "(the one in train if any).")
         if st.button("Remove duplicate copies", icon=":material/filter_none:", key="fix_duplicates",
-                     disabled=not dups.get("exact_groups")):
+                     disabled=not dups.exact_groups):
             with ui.errors("Could not remove the duplicates"):
                 fixed(dataset_fixes.drop_exact_duplicates(ds.id, by=by_page))
     with right:
-        leaking = dups.get("exact_cross_split_groups", 0) + dups.get("near_cross_split_groups", 0)
+        leaking = dups.leaking_groups
         st.markdown("**Leakage between splits**")
         st.caption(f"{leaking} group(s) of identical or near-identical images sit in more than one split.")
         mode = st.radio("How", list(dataset_fixes.LEAKAGE_MODES), key="fix_leak_mode", horizontal=True,
@@ -271,19 +265,17 @@ with tab_samples:
         st.caption(f"Showing the first 30 of {len(ds.classes)} classes.")
 
 with tab_sizes:
-    sizes = h.get("sizes", {})
-    if sizes:
-        names_ = {"width": "width (px)", "height": "height (px)", "aspect_ratio": "width / height"}
+    sizes = h.sizes
+    if sizes.spreads:
         cols_ = {"p0": "smallest", "p5": "5 %", "p25": "25 %", "p50": "middle", "p75": "75 %", "p95": "95 %",
                  "p100": "largest"}
-        table_ = pd.DataFrame({names_[k]: sizes[k] for k in names_ if sizes.get(k)}).T.rename(columns=cols_)
+        table_ = pd.DataFrame(sizes.spreads).T.rename(columns=cols_)
         st.dataframe(table_.round(2), width="stretch")
         st.caption("Columns: the size below which that share of the images falls (middle = half of them).")
-        st.caption(f"{sizes.get('smaller_than_input', 0)} images are smaller than {sizes.get('input_size')} px "
+        st.caption(f"{sizes.smaller_than_input} images are smaller than {sizes.input_size} px "
                    "on their short side.")
-    modes = h.get("modes", {})
-    if modes:
-        st.altair_chart(alt.Chart(pd.DataFrame({"mode": list(modes), "images": list(modes.values())}))
+    if h.modes:
+        st.altair_chart(alt.Chart(pd.DataFrame({"mode": list(h.modes), "images": list(h.modes.values())}))
                         .mark_bar().encode(x="images:Q", y=alt.Y("mode:N", title="colour mode")), width="stretch")
         st.caption("Colour modes: RGB = colour, L = grayscale, RGBA = colour with transparency, DICOM = scanner file.")
 

@@ -36,60 +36,59 @@ with ui.errors("Could not load the evaluation"):
         st.info("This run has no evaluation yet. Runs are evaluated automatically when training finishes; "
                 "if it just finished, wait a few seconds, or press “Evaluate again”.", icon=":material/hourglass_top:")
         st.stop()
-    m = ev.metrics
-    cal = m.get("calibration", {})
+    mv = views.metrics_view(ev.metrics)
+    m = mv.raw  # the wording helpers turn the whole record into sentences
     c = st.columns(5)
-    c[0].metric("Accuracy", ui.fmt_num(m.get("accuracy")), help=ui.METRIC_HELP["accuracy"])
-    c[1].metric("Balanced accuracy", ui.fmt_num(m.get("balanced_accuracy")), help=wording.HELP["balanced_accuracy"])
-    c[2].metric("Macro-F1", ui.fmt_num(m.get("macro_f1")), help=ui.METRIC_HELP["macro_f1"])
-    c[3].metric("Macro ROC-AUC", ui.fmt_num(m.get("macro_roc_auc")), help=wording.HELP["macro_roc_auc"])
-    c[4].metric("Calibration error", ui.fmt_num((cal.get("before") or {}).get("ece")), help=ui.METRIC_HELP["ece"],
-                delta=None if not cal.get("after") else
-                f"{cal['after']['ece'] - cal['before']['ece']:+.3f} after adjustment", delta_color="inverse")
+    c[0].metric("Accuracy", ui.fmt_num(mv.accuracy), help=ui.METRIC_HELP["accuracy"])
+    c[1].metric("Balanced accuracy", ui.fmt_num(mv.balanced_accuracy), help=wording.HELP["balanced_accuracy"])
+    c[2].metric("Macro-F1", ui.fmt_num(mv.macro_f1), help=ui.METRIC_HELP["macro_f1"])
+    c[3].metric("Macro ROC-AUC", ui.fmt_num(mv.macro_roc_auc), help=wording.HELP["macro_roc_auc"])
+    c[4].metric("Calibration error", ui.fmt_num(mv.ece), help=ui.METRIC_HELP["ece"],
+                delta=None if mv.ece_change is None else f"{mv.ece_change:+.3f} after adjustment",
+                delta_color="inverse")
     found = wording.found_sentences(m)  # many classes: one click away, not a wall of text
     with st.expander("How many of each class were found") if len(found) > 8 else st.container():
         st.markdown("\n".join(f"- {line}" for line in found))
     if two_class := wording.sensitivity_specificity(m):
         st.markdown(two_class, help=f"{wording.HELP['sensitivity']} {wording.HELP['specificity']}")
-    iv = m.get("intervals") or {}
-    if iv:
-        st.markdown(f"**Accuracy {views.with_range(iv['accuracy'])}** · macro-F1 {views.with_range(iv['macro_f1'])} "
-                    f"— measured on {iv['n']} test images; on more images like these it would most likely fall "
-                    "inside the range.")
-    st.caption(f"{m.get('n', 'No')} test images · evaluated {ev.created_at:%Y-%m-%d %H:%M} UTC"
+    acc_iv, f1_iv = mv.accuracy_interval, mv.macro_f1_interval
+    if acc_iv and f1_iv:
+        st.markdown(f"**Accuracy {acc_iv.text}** · macro-F1 {f1_iv.text} "
+                    f"— measured on {mv.interval_images} test images; on more images like these it would most likely "
+                    "fall inside the range.")
+    st.caption(f"{mv.test_images or 'No'} test images · evaluated {ev.created_at:%Y-%m-%d %H:%M} UTC"
                + (" · with test-time augmentation" if ev.tta else ""))
     leakage = dataset_fixes.leakage_free_sentence(m)
     if leakage:
         st.warning(leakage, icon=":material/content_copy:")
-    effect = m.get("tta_effect")
-    if effect:
-        st.caption(wording.tta_sentence(effect))
+    if mv.tta_effect:
+        st.caption(wording.tta_sentence(mv.tta_effect))
 
     tab_metrics, tab_cm, tab_curves, tab_cal, tab_errors = st.tabs(
         ["Metrics", "Confusion matrix", "ROC & PR", "Calibration", "Misclassified & Grad-CAM"])
     plots = artifacts.evaluation_plots(run_id, ev.id)
     with tab_metrics:
-        per_class = pd.DataFrame(wording.per_class_table(m, views.per_class_ranges(m) if iv else ()))
+        per_class = pd.DataFrame(wording.per_class_table(m, mv.per_class_ranges))
         st.dataframe(per_class, hide_index=True, width="stretch", column_config={
             k: st.column_config.Column(help=wording.HELP[h]) for k, h in (
                 ("found (recall)", "recall"), ("precision", "precision"), ("F1", "f1"), ("ROC-AUC", "roc_auc"),
                 ("average precision", "average_precision"))})
         with st.expander("What these scores mean"):
             st.markdown("\n".join(f"- {wording.HELP[k]}" for k in ("recall", "precision", "f1", "average_precision")))
-        if top_k := wording.top_k_sentence(m.get("top_k")):
+        if top_k := wording.top_k_sentence(mv.top_k):
             st.caption(top_k)
-        if op_sentence := wording.operating_point_sentence(m.get("operating_point")):
+        if op_sentence := wording.operating_point_sentence(mv.operating_point):
             st.caption(op_sentence)
-        if iv:
+        if acc_iv and f1_iv:
             with st.expander("How the 95 % ranges are computed"):
-                st.markdown(f"- Accuracy and per-class recall: {iv['accuracy']['method']} interval.\n"
-                            f"- Macro-F1: {iv['macro_f1']['method']} of the {iv['n']} test images.\n"
+                st.markdown(f"- Accuracy and per-class recall: {acc_iv.method} interval.\n"
+                            f"- Macro-F1: {f1_iv.method} of the {mv.interval_images} test images.\n"
                             "- A range says how much the figure could move on another set of images like these; "
                             "two runs whose ranges overlap may not really differ.")
     with tab_cm:
-        classes = m.get("classes", [])
+        classes = list(mv.classes)
         normalized = st.toggle("Normalise by true class", value=True, key="cm_norm")
-        cm = m.get("confusion_matrix_normalized" if normalized else "confusion_matrix", [])
+        cm = mv.confusion_normalized if normalized else mv.confusion
         if cm and len(classes) <= 60:
             cells = pd.DataFrame([{"true": classes[i], "predicted": classes[j], "value": v}
                                   for i, row in enumerate(cm) for j, v in enumerate(row)])
@@ -115,10 +114,10 @@ with ui.errors("Could not load the evaluation"):
     with tab_cal:
         ui.show_plot(plots, "reliability", "Reliability diagram", width="content")
         st.caption(ui.METRIC_HELP["ece"])
-        if cal_sentence := wording.calibration_sentence(cal):
+        if cal_sentence := wording.calibration_sentence(mv.calibration):
             st.caption(cal_sentence)
     with tab_errors:
-        wrong = m.get("misclassified", [])
+        wrong = mv.misclassified
         if not wrong:
             st.success("No misclassified test images.")
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from workbench import actions, artifacts, ui
+from workbench import actions, artifacts, ui, views
 from workbench.status import JobKind
 
 ui.header("Export", "A zip you can deploy anywhere ONNX Runtime runs, verified against PyTorch on the test split.")
@@ -43,14 +43,14 @@ with ui.errors("Could not list the run's files"):
         st.caption("No ONNX export yet: it is made automatically after training, or by building a bundle.")
     else:
         a = fp32[-1]
-        ver = a.meta.get("verification") or {}
+        ver = views.verification_view(a.meta)
         if a.status == "ok":
             st.success(f"Verified: the exported model gives the same answers as the trained one on all "
-                       f"{ver.get('n_images', '?')} test images ({ver.get('top1_agreement', float('nan')):.0%} "
+                       f"{ver.images or '?'} test images ({ver.top1_agreement:.0%} "
                        "identical top answers).", icon=":material/verified:")
             with st.expander("Verification details"):
-                st.caption(f"Largest difference in raw scores {ver.get('max_abs_logit_diff', float('nan')):.1e} "
-                           f"(allowed {ver.get('tolerance', float('nan')):.0e}); ONNX Runtime against PyTorch.")
+                st.caption(f"Largest difference in raw scores {ver.max_abs_logit_diff:.1e} "
+                           f"(allowed {ver.tolerance:.0e}); ONNX Runtime against PyTorch.")
         else:
             st.error(f"The fp32 ONNX model is not offered: {a.status}")
     bundles = [a for a in arts if a.kind == "bundle"]
@@ -59,18 +59,13 @@ with ui.errors("Could not list the run's files"):
         st.caption("No bundle yet: choose precisions above and build one.")
     numbered = list(enumerate(bundles, start=1))  # numbered per run: "your first bundle"
     for n, b in reversed(numbered[-5:]):
-        meta = b.meta
+        bundle = views.bundle_view(b.meta)
         with st.container(border=True):
-            models = ", ".join(meta.get("files", []))
+            models = ", ".join(bundle.files)
             st.markdown(f"**Your {ui.ordinal(n)} bundle** for this model · {ui.fmt_bytes(b.bytes)} · "
                         f"built {b.created_at:%Y-%m-%d %H:%M} UTC" + (f" · files: {models}" if models else ""))
-            variants = meta.get("variants") or {}
-            if variants:
-                # Nested records (the measuring conditions) go to the technical details, not the table.
-                rows = ui.plain_rows([{"precision": name, **{k: v for k, v in vals.items()
-                                                             if k != "file" and not isinstance(v, (dict, list))}}
-                                      for name, vals in variants.items()])
-                st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+            if bundle.rows:  # nested records (the measuring conditions) go to the technical details
+                st.dataframe(pd.DataFrame(ui.plain_rows(list(bundle.rows))), hide_index=True, width="stretch")
                 with st.expander("What these columns mean"):
                     helps = ("latency_p50", "latency_p95", "throughput")
                     st.markdown("\n".join(f"- {ui.METRIC_HELP[k]}" for k in helps)
@@ -78,9 +73,7 @@ with ui.errors("Could not list the run's files"):
                                   "model (0 = no loss).")
             with st.expander("Technical details"):
                 st.caption(f"Artifact id {b.id}")
-                for name, vals in variants.items():
-                    cond = vals.get("conditions")
-                    if isinstance(cond, dict):
-                        st.caption(f"{name} timed with " + ", ".join(f"{ui.field_label(k).lower()} {ui.plain_cell(v)}"
-                                                                     for k, v in cond.items()))
+                for name, cond in bundle.conditions.items():
+                    st.caption(f"{name} timed with " + ", ".join(f"{ui.field_label(k).lower()} {ui.plain_cell(v)}"
+                                                                 for k, v in cond.items()))
             ui.download_button(b.id, "Download bundle", f"workbench-run{run_id}-bundle{n}.zip", key=f"dl{b.id}")

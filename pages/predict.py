@@ -41,46 +41,44 @@ def results() -> None:
     if j is None:
         return
     if j.active:
-        st.progress(j.fraction, text=f"Predicting: {j.progress.get('phase', '…')}")
+        st.progress(j.fraction, text=f"Predicting: {j.phase or '…'}")
         return
     if j.status == JobStatus.FAILED:
         st.error(f"Prediction failed: {j.error}")
         return
-    cal = j.payload.get("calibration") or {}
-    if cal.get("confidence"):
-        st.caption(cal["confidence"])
-    if cal.get("calibrated") and cal.get("temperature"):
+    pv = views.prediction_view(j)
+    if pv.confidence:
+        st.caption(pv.confidence)
+    if pv.temperature:
         with st.expander("How the confidences were adjusted (expert detail)"):
-            note = cal.get("note") or "fitted on the validation images"
-            st.caption(f"Temperature {cal['temperature']:.2f} ({note}).")
-    if decision := wording.decision_sentence(cal):
+            st.caption(f"Temperature {pv.temperature:.2f} ({pv.calibration_note}).")
+    if decision := wording.decision_sentence(pv.calibration):
         st.caption(decision)
-    for r in j.payload.get("results", []):
+    for r in pv.answers:
         with st.container(border=True):
             left, right = st.columns([1, 2])
-            if r.get("error"):
-                st.error(f"{r['name']}: {r['error']}")
+            if r.error:
+                st.error(f"{r.name}: {r.error}")
                 continue
             with left:
-                if r.get("overlay"):
-                    st.image(r["overlay"], caption=f"Grad-CAM for {r['top'][0]['class']}", width=224)
+                if r.overlay and r.top:
+                    st.image(r.overlay, caption=f"Grad-CAM for {r.top[0].label}", width=224)
             with right:
-                if r.get("outside_training_data"):  # no silent class: the answer is kept one click away
-                    st.warning(f"**{r['name']}**: {OUTSIDE_TRAINING_DATA}")
+                if r.outside_training_data or not r.top:  # no silent class: the answer is kept one click away
+                    st.warning(f"**{r.name}**: {OUTSIDE_TRAINING_DATA}")
                     detail = st.expander("The model's answer anyway (expert detail)")
                 else:
-                    best = r["top"][0]
-                    st.markdown(f"**{r['name']}** → **{best['class']}** ({wording.percent(best['p'], 1)})")
+                    best = r.top[0]
+                    st.markdown(f"**{r.name}** → **{best.label}** ({wording.percent(best.p, 1)})")
                     detail = st.container()
                 with detail:
-                    if r.get("decision") is not None:
-                        st.markdown(f"Decision: **{r['decision']}** ({cal.get('positive_class')} "
-                                    f"{wording.percent(r['p_positive'], 1)}, threshold "
-                                    f"{wording.percent(cal['threshold'], 1)})")
-                    for t in r["top"]:
-                        st.progress(t["p"], text=f"{t['class']}: {wording.percent(t['p'], 1)}")
-                    if familiar := wording.familiarity_sentence(r.get("ood_score"), cal.get("ood_threshold")):
+                    if r.decision is not None and r.p_positive is not None and pv.threshold is not None:
+                        st.markdown(f"Decision: **{r.decision}** ({pv.positive_class} "
+                                    f"{wording.percent(r.p_positive, 1)}, threshold "
+                                    f"{wording.percent(pv.threshold, 1)})")
+                    for t in r.top:
+                        st.progress(t.p, text=f"{t.label}: {wording.percent(t.p, 1)}")
+                    if familiar := wording.familiarity_sentence(r.ood_score, pv.ood_threshold):
                         st.caption(familiar)
-
 
 results()

@@ -54,7 +54,7 @@ def measure_status() -> None:
         return
     if j.active:
         waiting = "queued: starts when the training lane is free (timings taken during a training would be off)"
-        st.progress(j.fraction, text=f"Measuring on this machine: {j.progress.get('phase') or waiting}")
+        st.progress(j.fraction, text=f"Measuring on this machine: {j.phase or waiting}")
     elif j.status == JobStatus.FAILED:
         st.error(f"The measurement failed: {j.error}")
     else:
@@ -62,8 +62,7 @@ def measure_status() -> None:
             st.session_state["measure_applied"] = job_id
             ui.cached_recommendation.clear()
             st.rerun()
-        measured = j.payload.get("measured") or []
-        st.success(f"Measured on this machine: {', '.join(measured) or 'nothing new'}. Rows whose latency "
+        st.success(f"Measured on this machine: {', '.join(j.measured) or 'nothing new'}. Rows whose latency "
                    "comes from 'measured' use these figures; the others use a fit to all measurements.")
 
 

@@ -19,8 +19,9 @@ qp = st.query_params
 names = [d.name for d in items]
 ds_name = st.selectbox("Dataset", names, index=len(names) - 1, key="train_dataset")
 ds = next(d for d in items if d.name == ds_name)
+health = views.health_view(ds)
 st.caption(f"{ds.num_images} images · {ds.num_classes} classes · "
-           + " · ".join(f"{s} {sum(c.values())}" for s, c in (ds.health.get("split_counts") or {}).items()))
+           + " · ".join(f"{s} {n}" for s, n in health.split_totals.items()))
 
 kinds = suggestions.image_kind_labels()
 guessed = suggestions.guessed_image_kind(ds)
@@ -32,7 +33,7 @@ kind = st.selectbox("What are these images?", kind_names, key=f"train_kind_{ds.i
                          "is wrong.")
 advice = suggestions.training_suggestion(ds, kind)
 if guessed and kind == guessed:
-    st.caption(f"Guessed from the images: {(ds.health.get('image_kind') or {}).get('reason', '')}.")
+    st.caption(f"Guessed from the images: {health.image_kind.reason}.")
 with st.expander("Why these settings"):
     for reason in advice.reasons:
         st.markdown(f"- {reason}")
@@ -93,7 +94,6 @@ def progress_panel() -> None:
     for lr in live:
         r = lr.run
         with st.container(border=True):
-            p = r.progress or {}
             head, buttons = st.columns([5, 2])
             head.markdown(f"**Run #{r.id}** · {r.dataset} · `{r.variant}@{r.resolution}` · "
                           f"{r.preset} · {ui.status_label(r.status)}")
@@ -108,26 +108,22 @@ def progress_panel() -> None:
                         runs.resume_run(r.id)
                         st.toast(f"Resuming run #{r.id}…")
             if lr.active:
-                frac = float(p.get("fraction") or 0.0)
-                text = ui.progress_text(p) + (f" · about {ui.fmt_seconds(p['eta_s'])} left"
-                                              if p.get("eta_s") is not None else "")
-                st.progress(min(max(frac, 0.0), 1.0), text=text)
+                text = ui.progress_text(r.progress or {}) + (f" · about {ui.fmt_seconds(lr.eta_s)} left"
+                                                             if lr.eta_s is not None else "")
+                st.progress(lr.fraction, text=text)
             elif r.status == RunStatus.FAILED:
                 st.error(r.error or "Training stopped without saying why.")
             else:
-                sm = r.summary
+                sm = lr.summary
                 bits = []
-                if sm.get("test_accuracy") is not None:  # with its 95 % range: the test split is small
-                    rng = ({"lo": sm["test_accuracy_lo"], "hi": sm["test_accuracy_hi"]}
-                           if sm.get("test_accuracy_lo") is not None and sm.get("test_accuracy_hi") is not None
-                           else None)
-                    bits.append(f"test accuracy {views.with_range(rng, sm['test_accuracy'])}")
-                if sm.get("test_macro_f1") is not None:
-                    bits.append(f"macro-F1 {sm['test_macro_f1']:.2f}")
-                if sm.get("latency_ms_p50") is not None:
-                    bits.append(f"{sm['latency_ms_p50']:.0f} ms per image")
+                if sm.test_accuracy is not None:  # with its 95 % range: the test split is small
+                    bits.append(f"test accuracy {sm.test_accuracy_text}")
+                if sm.test_macro_f1 is not None:
+                    bits.append(f"macro-F1 {sm.test_macro_f1:.2f}")
+                if sm.latency_ms is not None:
+                    bits.append(f"{sm.latency_ms:.0f} ms per image")
                 st.caption(" · ".join(bits + [f"trained in {ui.fmt_seconds(r.train_seconds)}"]))
-            for loss in r.summary.get("worker_losses", []):  # workers that died under it, and who took over
+            for loss in lr.summary.worker_losses:  # workers that died under it, and who took over
                 line = describe_worker_loss(loss)
                 st.caption(f":material/sync_problem: {line[:1].upper()}{line[1:]}")
             curves = pd.DataFrame(views.run_curves([r.id]))

@@ -10,6 +10,8 @@
 * no test module imports another: shared builders live in ``tests/builders.py``;
 * model families are reached through ``core.registry`` only: outside the registry and a family's own
   modules, nothing imports ``core.efficientnet*`` or asks ``is_lite``;
+* pages read stored records (health reports, run summaries, metrics, job results) through the typed
+  views of ``workbench.views``, never by string key;
 * status words are spelled only in ``workbench/status.py`` and ``core/status.py``: anywhere else
   in the product a string equal to one of them is a breach (a word shown for a status, the value
   of a dict keyed by status members, is a display word and allowed).
@@ -174,7 +176,8 @@ def test_the_cycle_finder_reports_a_cycle() -> None:
 
 def test_workbench_modules_import_each_other_without_cycles() -> None:
     graph = workbench_import_graph()
-    assert "workbench.views" in graph and "workbench.runs" in graph["workbench.views"]  # the graph is real
+    assert "workbench.views.runs" in graph and "workbench.runs" in graph["workbench.views.runs"]  # the graph is real
+    assert "workbench.views.runs" in graph["workbench.views"]  # the package re-exports its modules
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
@@ -261,3 +264,75 @@ def test_no_test_module_imports_another(path: Path) -> None:
     found = [f"{path.name}:{imp.line} imports {imp.module}" for imp in imports(path)
              if imp.module.split(".")[0].startswith("test_")]
     assert not found, "move what is shared to tests/builders.py: " + "; ".join(found)
+
+
+# --- pages read typed views, not dictionary keys ---------------------------------------------
+# Receivers a page may index by a string: Streamlit's own state, help-text tables, and values a page
+# builds or a service computes live (not a stored record). Anything else indexed by a literal key is
+# a stored record read around its view: add a field to the view in workbench/views/ instead.
+KEYED_ANYWHERE = {
+    "st.session_state": "Streamlit's session state: the page's own keys",
+    "st.query_params": "the URL's query parameters", "qp": "st.query_params, named short",
+    "ui.METRIC_HELP": "help text per metric (a constant table)", "wording.HELP": "help text (a constant table)",
+}
+KEYED_IN_PAGE = {
+    ("auto.py", "d"): "device profiles from ui.cached_devices (the recommender's list, not a stored record)",
+    ("recommend.py", "d"): "device profiles from ui.cached_devices",
+    ("recommend.py", "devices"): "device profiles by name",
+    ("recommend.py", "rec"): "the recommender's live answer (ui.cached_recommendation), computed per request",
+    ("recommend.py", "best"): "the recommended candidate of that answer",
+    ("recommend.py", "cnd"): "a candidate of that answer", ("recommend.py", "x"): "a candidate of that answer",
+    ("recommend.py", "ch"): "one budget check of a candidate",
+    ("recommend.py", "budget"): "the budget dict views.recommend_budget built from this page's form",
+    ("train.py", "w"): "a row of ui.weights_table (which weights are on disk)",
+    ("train.py", "curves"): "a column of a pandas DataFrame of views.run_curves",
+    ("runs.py", "curves"): "a column of a pandas DataFrame of views.run_curves",
+    ("runs.py", "pts"): "a column of a pandas DataFrame of views.run_points",
+}
+
+
+def receiver(node: ast.expr) -> str:
+    """The dotted name a lookup starts from: ``cal["after"]["ece"]`` -> "cal", ``st.session_state`` itself."""
+    while isinstance(node, (ast.Subscript, ast.Call)):
+        node = node.value if isinstance(node, ast.Subscript) else node.func
+    return ast.unparse(node)
+
+
+def keyed_lookups(source: str, page: str) -> list[str]:
+    """``page:line receiver["key"]`` for each ``x.get("key")`` call and ``x["key"]`` read not allowed above."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+                and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            target, key = node.func.value, node.args[0].value
+        elif (isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load)
+              and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str)):
+            target, key = node.value, node.slice.value
+        else:
+            continue
+        name = receiver(target)
+        if name not in KEYED_ANYWHERE and (page, name) not in KEYED_IN_PAGE:
+            found.append(f"{page}:{node.lineno} {name}[{key!r}]")
+    return sorted(found)
+
+
+def test_the_keyed_lookup_scan_finds_dictionary_reads() -> None:
+    source = ("h = ds.health\nsc = h.get('shortcuts') or {}\nx = sm['test_accuracy']\nsm['n'] = 1\n"
+              "st.session_state.get('k')\nm = ev.metrics['calibration']['before']\ncurves['metric']\n")
+    assert keyed_lookups(source, "evaluate.py") == [
+        "evaluate.py:2 h['shortcuts']", "evaluate.py:3 sm['test_accuracy']", "evaluate.py:6 ev.metrics['before']",
+        "evaluate.py:6 ev.metrics['calibration']", "evaluate.py:7 curves['metric']"]
+    assert keyed_lookups("curves['metric']", "train.py") == []  # allowed where it is listed
+
+
+@pytest.mark.parametrize("path", PAGES, ids=lambda p: f"pages/{p.name}")
+def test_pages_read_stored_records_through_typed_views(path: Path) -> None:
+    assert not keyed_lookups(path.read_text(), path.name)
+
+
+def test_every_keyed_lookup_exception_is_still_used() -> None:
+    used = {(p.name, receiver(n.value if isinstance(n, ast.Subscript) else n.func.value))  # type: ignore[attr-defined]
+            for p in PAGES for n in ast.walk(ast.parse(p.read_text()))
+            if (isinstance(n, ast.Subscript) and isinstance(n.slice, ast.Constant))
+            or (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "get")}
+    assert not set(KEYED_IN_PAGE) - used, "listed exceptions no page needs any more: remove them"
