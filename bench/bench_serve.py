@@ -15,7 +15,9 @@ loopback port, then measures, ``--seconds`` each:
 
 Every phase appends one JSON line to OUT_DIR/results_serve.jsonl (the raw figures); the table in
 OUT_DIR/results_serve.md is then rewritten from every line of that file (nothing typed by hand).
-Micro-batching of concurrent requests is not implemented, so it is not measured here.
+Last, with the server stopped, ``ONNX Runtime alone, batch 32``: the images/s of the bundle's
+model run directly at 32 images a call (decoding excluded), the most that micro-batching of
+concurrent requests could reach; compare it with the N-clients rows (one image per request).
 """
 from __future__ import annotations
 
@@ -128,6 +130,32 @@ def sender(tally: Tally, payloads: list[list[tuple[str, bytes]]], offset: int) -
     return loop
 
 
+def ort_ceiling(bundle: str, image: Path, seconds: float, batch: int = 32) -> dict[str, Any]:
+    """Images/s of ONNX Runtime alone on the bundle's model at ``batch`` images a call (the same
+    session options as the server, decoding excluded): what micro-batching could at most reach."""
+    from core.bundle import open_bundle
+    from core.images import load_rgb
+    from core.onnx_files import model_session
+    from core.preprocessing import preprocess
+
+    b = open_bundle(bundle, allow_unsigned=True)
+    sess = model_session(b.model)
+    x = np.stack([preprocess(load_rgb(image), b.preprocessing)] * batch)
+    name = sess.get_inputs()[0].name
+    sess.run(None, {name: x})  # warm-up
+    times: list[float] = []
+    stop_at = time.perf_counter() + seconds
+    while time.perf_counter() < stop_at:
+        t0 = time.perf_counter()
+        sess.run(None, {name: x})
+        times.append(time.perf_counter() - t0)
+    ms = np.array(times) * 1000
+    return {"phase": f"ONNX Runtime alone, batch {batch} (the ceiling; images/s)", "clients": 0, "ok": len(times),
+            "busy_503": 0, "errors": 0, "elapsed_s": round(float(sum(times)), 2),
+            "requests_per_s": round(batch * len(times) / sum(times), 1), "p50_ms": round(float(np.median(ms)), 1),
+            "p95_ms": round(float(np.percentile(ms, 95)), 1), "max_ms": round(float(ms.max()), 1)}
+
+
 def write_table(jsonl: Path, md: Path) -> None:
     rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
     lines = [
@@ -216,6 +244,8 @@ def main() -> int:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+    if results:  # the server is gone: ONNX Runtime alone on the same model, for comparison
+        results.append(ort_ceiling(args.bundle, files[0], args.seconds))
     load_after = os.getloadavg()
     with open(jsonl, "a") as f:
         for r in results:

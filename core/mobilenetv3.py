@@ -94,7 +94,7 @@ class MobileNetV3(StagedModel):
 
     def __init__(
         self,
-        variant: str | VariantSpec = "mobilenetv3_large_100",
+        variant: str | VariantSpec = "mobilenetv3-large-100",
         num_classes: int = 1000,
         padding: Padding = "symmetric",
         bn_eps: float = 1e-5,
@@ -165,7 +165,7 @@ class MobileNetV3(StagedModel):
 # Weights
 # --------------------------------------------------------------------------------------------
 # The timm checkpoint each named variant starts from. timm trained no PyTorch Large 0.75
-# (its mobilenetv3_large_075 is "untrained"), so that one is the TensorFlow port.
+# (its mobilenetv3-large-075 is "untrained"), so that one is the TensorFlow port.
 
 
 @cache

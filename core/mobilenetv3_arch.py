@@ -94,32 +94,33 @@ class VariantSpec:
 
 
 _TABLE: dict[str, tuple[Size, float, int, float]] = {  # (size, width, resolution, dropout)
-    "mobilenetv3_large_100": ("large", 1.0, 224, 0.2),
-    "mobilenetv3_large_075": ("large", 0.75, 224, 0.2),
-    "mobilenetv3_small_100": ("small", 1.0, 224, 0.2),
-    "mobilenetv3_small_075": ("small", 0.75, 224, 0.2),
+    "mobilenetv3-large-100": ("large", 1.0, 224, 0.2),
+    "mobilenetv3-large-075": ("large", 0.75, 224, 0.2),
+    "mobilenetv3-small-100": ("small", 1.0, 224, 0.2),
+    "mobilenetv3-small-075": ("small", 0.75, 224, 0.2),
 }
 VARIANTS: dict[str, VariantSpec] = {n: VariantSpec(n, *v) for n, v in _TABLE.items()}
 
 
 # The timm checkpoint each named variant starts from. timm trained no PyTorch Large 0.75
-# (its mobilenetv3_large_075 is "untrained"), so that one is the TensorFlow port.
+# (its mobilenetv3-large-075 is "untrained"), so that one is the TensorFlow port.
 TIMM_CHECKPOINTS: dict[str, str] = {
-    "mobilenetv3_large_100": "mobilenetv3_large_100.ra_in1k",
-    "mobilenetv3_large_075": "tf_mobilenetv3_large_075.in1k",
-    "mobilenetv3_small_100": "mobilenetv3_small_100.lamb_in1k",
-    "mobilenetv3_small_075": "mobilenetv3_small_075.lamb_in1k",
+    "mobilenetv3-large-100": "mobilenetv3_large_100.ra_in1k",
+    "mobilenetv3-large-075": "tf_mobilenetv3_large_075.in1k",
+    "mobilenetv3-small-100": "mobilenetv3_small_100.lamb_in1k",
+    "mobilenetv3-small-075": "mobilenetv3_small_075.lamb_in1k",
 }
 
 def get_variant(name: str | VariantSpec) -> VariantSpec:
-    """Look up a named variant ('mobilenetv3_large_100' ...), optionally at another input size:
-    'mobilenetv3_small_075@160'."""
+    """Look up a named variant ('mobilenetv3-large-100' ...), optionally at another input size:
+    'mobilenetv3-small-075@160'."""
     if isinstance(name, VariantSpec):
         return name
     key, _, res = str(name).strip().lower().partition("@")
+    key = key.replace("_", "-")  # timm's spelling (mobilenetv3_large_100) names the same network
     if res and (not res.isdigit() or int(res) < 32):
         raise UnknownVariantError(
-            f"Bad resolution in {name!r}: expected e.g. 'mobilenetv3_large_100@192' (at least 32 px).")
+            f"Bad resolution in {name!r}: expected e.g. 'mobilenetv3-large-100@192' (at least 32 px).")
     if key not in VARIANTS:
         raise UnknownVariantError(f"Unknown MobileNetV3 variant {name!r}. Known variants: {', '.join(VARIANTS)}.")
     return VARIANTS[key].at_resolution(int(res)) if res else VARIANTS[key]

@@ -17,20 +17,20 @@ from core.registry import Conventions, ModelFamily, Padding, UnknownVariantError
 
 # ImageNet top-1 of the published models (Howard et al. 2019, "Searching for MobileNetV3", table 3).
 IMAGENET_TOP1: dict[str, tuple[float, str]] = {
-    "mobilenetv3_large_100": (75.2, "Howard et al. 2019, table 3"),
-    "mobilenetv3_large_075": (73.3, "Howard et al. 2019, table 3"),
-    "mobilenetv3_small_100": (67.4, "Howard et al. 2019, table 3"),
-    "mobilenetv3_small_075": (65.4, "Howard et al. 2019, table 3"),
+    "mobilenetv3-large-100": (75.2, "Howard et al. 2019, table 3"),
+    "mobilenetv3-large-075": (73.3, "Howard et al. 2019, table 3"),
+    "mobilenetv3-small-100": (67.4, "Howard et al. 2019, table 3"),
+    "mobilenetv3-small-075": (65.4, "Howard et al. 2019, table 3"),
 }
 
 
 def _parse(name: str) -> VariantSpec | None:
-    """The spec of a MobileNetV3 name ('mobilenetv3_small_075', '...@160'); None for other names."""
-    if str(name).strip().lower().partition("@")[0] not in VARIANTS:
+    """The spec of a MobileNetV3 name ('mobilenetv3-small-075', '...@160'); None for other names."""
+    if str(name).strip().lower().partition("@")[0].replace("_", "-") not in VARIANTS:
         return None
     try:
         return get_variant(name)
-    except ValueError as e:  # ours but malformed ('mobilenetv3_large_100@abc')
+    except ValueError as e:  # ours but malformed ('mobilenetv3-large-100@abc')
         raise UnknownVariantError(str(e)) from None
 
 
@@ -78,7 +78,7 @@ MOBILENETV3 = register_family(ModelFamily(
     spec_type=VariantSpec,
     variants=VARIANTS,
     parse=_parse,
-    name_help="'mobilenetv3_large_100@192' (another input size)",
+    name_help="'mobilenetv3-large-100@192' (another input size)",
     build=_build,
     num_stages=lambda spec: scaled_arch(spec).num_stages,
     conventions=_conventions,

@@ -5,7 +5,7 @@ its named variants and how it reads a variant name, how it builds the network, w
 ImageNet weights come from, its preprocessing conventions and its cost model. The recommender,
 search, training, checkpoints, export, device profiles and views ask this module
 (``get_variant``, ``family_of``, ``create_model``, ``count_cost`` ...) and never import a family's
-own modules, so adding a family is: write its modules, add it to ``BUILTIN_FAMILIES``.
+own modules, so adding a family is: write its modules (its record in ``core/<name>_family.py``).
 
 Like timm's ``register_model`` / ``create_model``, but typed: a family is a frozen dataclass, not
 string-keyed dicts of callables. Torch-free at import (the pages use ``get_variant``).
@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 Padding = Literal["symmetric", "same"]
 RGB = tuple[float, float, float]
 
-# The modules that register the built-in families when imported (a new family adds its line).
-BUILTIN_FAMILIES: tuple[str, ...] = ("core.efficientnet_family", "core.mobilenetv3_family")
+# A family's record lives in ``core/<name>_family.py`` and registers itself when imported; the
+# registry imports every such module (``builtin_families``), so adding a family edits no list here.
+FAMILY_MODULE_SUFFIX = "_family"
 
 
 class UnknownVariantError(ValueError):
@@ -172,11 +173,21 @@ def unregister_family(name: str) -> None:
     _FAMILIES.pop(name, None)
 
 
+def builtin_families() -> tuple[str, ...]:
+    """The modules ``core/*_family.py``, in name order (EfficientNet first)."""
+    import pkgutil
+
+    import core
+
+    return tuple(sorted(f"core.{m.name}" for m in pkgutil.iter_modules(core.__path__)
+                        if m.name.endswith(FAMILY_MODULE_SUFFIX)))
+
+
 def families() -> tuple[ModelFamily, ...]:
     global _builtins_loaded
     if not _builtins_loaded:
         _builtins_loaded = True
-        for module in BUILTIN_FAMILIES:
+        for module in builtin_families():
             importlib.import_module(module)  # registers itself
     return tuple(_FAMILIES.values())
 
@@ -253,7 +264,8 @@ def create_model(variant: str | ModelVariant, num_classes: int = 1000, weights: 
 
 
 __all__ = [
-    "BUILTIN_FAMILIES", "Conventions", "ModelCost", "ModelFamily", "ModelVariant", "Padding", "UnknownVariantError",
+    "FAMILY_MODULE_SUFFIX", "Conventions", "ModelCost", "ModelFamily", "ModelVariant", "Padding", "UnknownVariantError",
+    "builtin_families",
     "WeightCatalogue", "WeightPackage", "WeightsError", "all_variants", "build_network", "count_cost", "create_model",
     "families", "family_of", "get_variant", "num_stages", "register_family", "traffic_elements", "unregister_family",
 ]

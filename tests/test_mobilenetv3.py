@@ -29,17 +29,22 @@ from core.weights import WeightsError, read_weight_file
 
 timm = pytest.importorskip("timm")
 
-TF_PORT = ("mobilenetv3_large_075", "tf_mobilenetv3_large_075", "same", 1e-3)
+TF_PORT = ("mobilenetv3-large-075", "tf_mobilenetv3_large_075", "same", 1e-3)
 # (our variant, timm architecture, padding, BN eps): each named variant as timm's PyTorch model,
 # and the TensorFlow port that TIMM_CHECKPOINTS picks for Large 0.75.
 PARITY_CASES = [(v, v, "symmetric", 1e-5) for v in VARIANTS] + [TF_PORT]
+
+
+def timm_create(arch: str) -> nn.Module:
+    """timm's own module, random init; timm spells our 'mobilenetv3-small-075' with underscores."""
+    return timm.create_model(arch.replace("-", "_"), pretrained=False)
 
 
 def timm_model(arch: str, seed: int) -> nn.Module:
     """timm's model (in eval mode) with every tensor random (biases, BN statistics and scales too,
     which timm's init leaves at zero and one), so that the parity check exercises all of them."""
     torch.manual_seed(seed)
-    model = timm.create_model(arch, pretrained=False).eval()
+    model = timm_create(arch).eval()
     state = model.state_dict()  # its tensors share the model's storage: filled in place below
     g = torch.Generator().manual_seed(seed)
     for key, t in state.items():
@@ -109,8 +114,8 @@ def count_macs(model: nn.Module, size: int) -> int:
 
 def test_the_cost_is_the_published_one() -> None:
     # Howard et al. 2019, table 3: MAdds (millions) and parameters (millions), width 1.0 and 0.75.
-    published = {"mobilenetv3_large_100": (219, 5.4), "mobilenetv3_large_075": (155, 4.0),
-                 "mobilenetv3_small_100": (56, 2.5), "mobilenetv3_small_075": (44, 2.0)}
+    published = {"mobilenetv3-large-100": (219, 5.4), "mobilenetv3-large-075": (155, 4.0),
+                 "mobilenetv3-small-100": (56, 2.5), "mobilenetv3-small-075": (44, 2.0)}
     for variant, (madds, params) in published.items():
         cost = count_cost(variant)
         assert abs(cost.macs / 1e6 - madds) < 3 and abs(cost.params / 1e6 - params) < 0.1, variant
@@ -118,11 +123,11 @@ def test_the_cost_is_the_published_one() -> None:
 
 def test_widths_are_derived_from_the_paper_tables() -> None:
     # At width 1.0 every expanded size is the paper's; at 0.75 each is rounded to a multiple of 8.
-    for variant, table in (("mobilenetv3_large_100", LARGE_STAGES), ("mobilenetv3_small_100", SMALL_STAGES)):
+    for variant, table in (("mobilenetv3-large-100", LARGE_STAGES), ("mobilenetv3-small-100", SMALL_STAGES)):
         arch = scaled_arch(variant)
         assert [b.mid_channels for b in arch.blocks] == [row.exp_size for stage in table for row in stage]
         assert [b.out_channels for b in arch.blocks] == [row.out_channels for stage in table for row in stage]
-    small = scaled_arch("mobilenetv3_small_075")
+    small = scaled_arch("mobilenetv3-small-075")
     assert small.stage_channels() == [16, 24, 32, 40, 72] and small.last_channels == 432
     assert all(b.mid_channels % 8 == 0 and b.se_channels % 8 == 0 for b in small.blocks)
 
@@ -132,13 +137,13 @@ def first_misfit(ours: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) 
 
 
 @pytest.mark.parametrize(("file_variant", "model_variant"), [
-    ("mobilenetv3_large_100", "mobilenetv3_large_075"),
-    ("mobilenetv3_small_075", "mobilenetv3_small_100"),
-    ("mobilenetv3_small_100", "mobilenetv3_large_100"),
+    ("mobilenetv3-large-100", "mobilenetv3-large-075"),
+    ("mobilenetv3-small-075", "mobilenetv3-small-100"),
+    ("mobilenetv3-small-100", "mobilenetv3-large-100"),
 ])
 def test_a_state_dict_of_another_variant_is_refused_naming_the_first_misfit(
         tmp_path: Path, file_variant: str, model_variant: str) -> None:
-    torch.save(timm.create_model(file_variant, pretrained=False).state_dict(), tmp_path / "other.pth")
+    torch.save(timm_create(file_variant).state_dict(), tmp_path / "other.pth")
     given = read_weight_file(tmp_path / "other.pth")
     model = MobileNetV3(model_variant)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -151,7 +156,7 @@ def test_a_state_dict_of_another_variant_is_refused_naming_the_first_misfit(
 
 
 def test_missing_extra_and_non_tensor_entries_are_named() -> None:
-    model = MobileNetV3("mobilenetv3_small_075")
+    model = MobileNetV3("mobilenetv3-small-075")
     state = dict(model.state_dict())
     del state["blocks.0.0.se.conv_reduce.bias"]
     with pytest.raises(WeightsError, match=r"no tensor 'blocks\.0\.0\.se\.conv_reduce\.bias' \(shape \(8,\)\)"):
@@ -160,20 +165,20 @@ def test_missing_extra_and_non_tensor_entries_are_named() -> None:
     with pytest.raises(WeightsError, match=r"'conv_head\.bias' has a value that is not a tensor in the file"):
         load_timm_state_dict(model, state)
     state = {**model.state_dict(), "blocks.9.0.conv.weight": torch.zeros(1)}
-    with pytest.raises(WeightsError, match=r"tensor 'blocks\.9\.0\.conv\.weight' that mobilenetv3_small_075 does not"):
+    with pytest.raises(WeightsError, match=r"tensor 'blocks\.9\.0\.conv\.weight' that mobilenetv3-small-075 does not"):
         load_timm_state_dict(model, state)
 
 
 def test_a_model_for_other_classes_takes_the_backbone_and_keeps_its_head() -> None:
-    state = timm_weights("mobilenetv3_small_075", seed=3)
-    model = MobileNetV3("mobilenetv3_small_075", num_classes=3)
+    state = timm_weights("mobilenetv3-small-075", seed=3)
+    model = MobileNetV3("mobilenetv3-small-075", num_classes=3)
     head = model.classifier.state_dict()["weight"].clone()
     load_timm_state_dict(model, {"state_dict": {f"module.{k}": v for k, v in state.items()}})
     assert torch.equal(model.conv_head.weight, state["conv_head.weight"])
     assert torch.equal(model.classifier.state_dict()["weight"], head)
 
 
-@pytest.mark.parametrize("variant", ["mobilenetv3_large_075", "mobilenetv3_small_100"])
+@pytest.mark.parametrize("variant", ["mobilenetv3-large-075", "mobilenetv3-small-100"])
 def test_every_entry_point_continues_to_the_same_logits(variant: str) -> None:
     model = MobileNetV3(variant, num_classes=5).eval()
     load_timm_state_dict(model, timm_weights(variant, seed=4))  # backbone only: the head has 5 classes
@@ -191,7 +196,7 @@ def test_every_entry_point_continues_to_the_same_logits(variant: str) -> None:
 
 
 def test_parameter_groups_and_state_prefixes_cover_the_model_once() -> None:
-    model = MobileNetV3("mobilenetv3_small_100", num_classes=4)
+    model = MobileNetV3("mobilenetv3-small-100", num_classes=4)
     groups = model.parameter_groups()
     assert tuple(groups) == model.parameter_group_names == ("stem", "stage0", "stage1", "stage2", "stage3", "stage4",
                                                            "head", "classifier")
@@ -209,7 +214,7 @@ def test_parameter_groups_and_state_prefixes_cover_the_model_once() -> None:
 
 
 def test_bad_names_are_refused_in_plain_words() -> None:
-    model = MobileNetV3("mobilenetv3_small_075")
+    model = MobileNetV3("mobilenetv3-small-075")
     with pytest.raises(ValueError, match=r"Unknown entry point 'stage5'; known: image, stage0"):
         model.forward_from("stage5", torch.zeros(1))
     with pytest.raises(ValueError, match=r"Unknown parameter groups \['stage9'\]"):
@@ -217,10 +222,10 @@ def test_bad_names_are_refused_in_plain_words() -> None:
     with pytest.raises(ValueError, match="Cannot run backwards from 'features' to the earlier point 'head'"):
         model.forward_between(torch.zeros(1), "features", "head")
     with pytest.raises(UnknownVariantError, match=r"Unknown MobileNetV3 variant 'mobilenetv3_large_050'.*"
-                                                  r"mobilenetv3_small_075"):
+                                                  r"mobilenetv3-small-075"):
         get_variant("mobilenetv3_large_050")
-    with pytest.raises(UnknownVariantError, match="Bad resolution in 'mobilenetv3_small_100@16'"):
-        get_variant("mobilenetv3_small_100@16")
+    with pytest.raises(UnknownVariantError, match="Bad resolution in 'mobilenetv3-small-100@16'"):
+        get_variant("mobilenetv3-small-100@16")
     assert get_variant("MobileNetV3_Small_100@160").resolution == 160
 
 
@@ -232,10 +237,10 @@ def test_weight_sources_come_from_timms_own_configs() -> None:
         assert source.kind == "hub" and source.name == checkpoint == cfg.hf_hub_id.removeprefix("timm/")
         assert (source.preprocessing.mean, source.preprocessing.std) == (tuple(cfg.mean), tuple(cfg.std))
         assert source.preprocessing.interpolation == cfg.interpolation
-    large_075 = weight_sources("mobilenetv3_large_075")[0]
+    large_075 = weight_sources("mobilenetv3-large-075")[0]
     assert (large_075.padding, large_075.bn_eps, large_075.preprocessing.mean) == ("same", 1e-3, (0.5, 0.5, 0.5))
-    assert weight_sources("mobilenetv3_small_100")[0].padding == "symmetric"
-    pre = finetune_preprocessing("mobilenetv3_small_100@160")
+    assert weight_sources("mobilenetv3-small-100")[0].padding == "symmetric"
+    pre = finetune_preprocessing("mobilenetv3-small-100@160")
     assert (pre.resolution, pre.crop_pct, pre.interpolation) == (160, 1.0, "bicubic")
 
 
@@ -249,10 +254,10 @@ def test_mobilenetv3_trains_exports_and_verifies_through_the_registry(tmp_path: 
     from core.export import export_fp32, load_trained, verify_onnx
     from core.train import make_config, train
 
-    name = "mobilenetv3_small_075"
+    name = "mobilenetv3-small-075"
     weights = tmp_path / "imagenet.pth"
     torch.manual_seed(0)
-    torch.save(timm.create_model(name, pretrained=False).state_dict(), weights)
+    torch.save(timm_create(name).state_dict(), weights)
     assert registry.family_of(registry.get_variant(name)).name == "mobilenetv3"
     samples = write_images(tmp_path / "data", [8, 8], size=48)
     cfg = make_config("quick", weights=str(weights), head_epochs=1, finetune_epochs=1, unfreeze_stages=2,
@@ -265,6 +270,19 @@ def test_mobilenetv3_trains_exports_and_verifies_through_the_registry(tmp_path: 
                             name)
     check = verify_onnx(trained.model, onnx_path, [Path(p) for p, _ in samples[:6]], trained.preprocessing)
     assert check.passed and check.n_images == 6 and check.top1_agreement == 1.0, check.reason
+    # The deploy bundle, opened and run as `workbench predict` does.
+    import zipfile
+
+    from core.bundle import BundlePredictor, open_bundle
+    from core.export import build_bundle
+
+    info = {"classes": ["class0", "class1"], "variant": name, "run_id": 1, "preprocessing": trained.preprocessing}
+    bundle = build_bundle(tmp_path / "bundle.zip", {"model.onnx": onnx_path}, info)
+    with zipfile.ZipFile(bundle) as zf:
+        assert "MobileNetV3" in zf.read("README.md").decode()  # the model card names the family
+    rows = BundlePredictor.from_bundle(open_bundle(bundle)).predict([Path(p) for p, _ in samples[:2]])
+    assert [r.path.name for r in rows] == [Path(p).name for p, _ in samples[:2]]
+    assert all(r.label in ("class0", "class1") and 0.5 <= r.confidence <= 1.0 for r in rows)
 
 
 def test_the_recommender_and_device_profiles_rank_mobilenetv3_unchanged() -> None:
@@ -272,9 +290,9 @@ def test_the_recommender_and_device_profiles_rank_mobilenetv3_unchanged() -> Non
     from core.devices import get_profile
     from core.recommend import Budget, recommend
 
-    small, large = registry.get_variant("mobilenetv3_small_100"), registry.get_variant("mobilenetv3_large_100")
+    small, large = registry.get_variant("mobilenetv3-small-100"), registry.get_variant("mobilenetv3-large-100")
     device = get_profile("rpi4")
     assert device.predict_ms(small) < device.predict_ms(large)
     assert registry.count_cost(small).params < registry.count_cost(large).params
     ranked = recommend(Budget(device="rpi4")).ranked
-    assert {c.base for c in ranked} >= {"mobilenetv3_small_100", "mobilenetv3_large_100"}
+    assert {c.base for c in ranked} >= {"mobilenetv3-small-100", "mobilenetv3-large-100"}
