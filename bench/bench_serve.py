@@ -1,7 +1,7 @@
 """Loopback load test of `workbench serve`: a normal request's latency beside a maximal one, and
 requests/s with several clients. Every phase is bounded in time; only 127.0.0.1 is used.
 
-    python bench/bench_serve.py BUNDLE.zip [--seconds 20] [--clients 4 8] [--out-dir bench] [SERVE OPTIONS]
+    python bench/bench_serve.py BUNDLE.zip|lite0 [--seconds 20] [--clients 4 8] [--out-dir bench] [SERVE OPTIONS]
 
 Run it on an idle machine. It records the load average before the server starts, starts
 `workbench serve BUNDLE` (any unknown option, e.g. ``--workers 1``, is passed to it) on a free
@@ -156,6 +156,19 @@ def ort_ceiling(bundle: str, image: Path, seconds: float, batch: int = 32) -> di
             "p95_ms": round(float(np.percentile(ms, 95)), 1), "max_ms": round(float(ms.max()), 1)}
 
 
+def imagenet_bundle(out_dir: Path, variant: str = "lite0") -> Path:
+    """A bundle of ``variant`` at its default size with its ImageNet backbone and a 3-class head,
+    built by the product's own exporter: what a user's trained bundle costs to serve (the head's
+    weights change no timing)."""
+    from core.export import build_bundle, export_fp32
+    from core.registry import create_model
+
+    lm = create_model(variant, 3, weights="auto")
+    onnx = export_fp32(lm.model.eval(), out_dir / f"{variant}.onnx", lm.preprocessing, ["a", "b", "c"], variant)
+    info = {"classes": ["a", "b", "c"], "variant": variant, "run_id": None, "preprocessing": lm.preprocessing}
+    return build_bundle(out_dir / f"{variant}-imagenet-bundle.zip", {"model.onnx": onnx}, info)
+
+
 def write_table(jsonl: Path, md: Path) -> None:
     rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
     lines = [
@@ -181,7 +194,7 @@ def write_table(jsonl: Path, md: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("bundle")
+    ap.add_argument("bundle", help="a bundle zip, or 'lite0' to build lite0 at 224 px with its ImageNet backbone")
     ap.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
     ap.add_argument("--clients", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--heavy-images", type=int, default=4)
@@ -200,6 +213,10 @@ def main() -> int:
     heavy = heavy_images(files[0], args.heavy_images, args.heavy_side)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not args.bundle.endswith(".zip") and not Path(args.bundle).exists():
+        import tempfile
+
+        args.bundle = str(imagenet_bundle(Path(tempfile.mkdtemp(prefix="bench-serve-")), args.bundle))
     jsonl, md = out_dir / "results_serve.jsonl", out_dir / "results_serve.md"
 
     load_before = os.getloadavg()  # before the server starts: is this machine idle?
