@@ -296,3 +296,16 @@ def test_the_recommender_and_device_profiles_rank_mobilenetv3_unchanged() -> Non
     assert registry.count_cost(small).params < registry.count_cost(large).params
     ranked = recommend(Budget(device="rpi4")).ranked
     assert {c.base for c in ranked} >= {"mobilenetv3-small-100", "mobilenetv3-large-100"}
+
+
+def test_the_auto_search_space_takes_mobilenetv3_when_its_weights_are_there() -> None:
+    """The search's space is every registered variant with reachable weights that fits the budget."""
+    from core.recommend import Budget
+    from core.search import architecture_space
+
+    space = architecture_space(Budget(device="this-machine"), [(500, 375)] * 20,
+                               weights={"mobilenetv3-small-100": True, "mobilenetv3-large-100": True, "lite0": True})
+    models = {c.variant.split("@")[0] for c in space.choices}
+    assert models == {"mobilenetv3-small-100", "mobilenetv3-large-100", "lite0"}, models
+    without = architecture_space(Budget(device="this-machine"), [(500, 375)] * 20, weights={"lite0": True})
+    assert {c.variant.split("@")[0] for c in without.choices} == {"lite0"}
