@@ -7,6 +7,7 @@ is 2e-2), identical validation accuracy and macro-F1, losses within 1e-5.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -20,8 +21,9 @@ import pytest
 import torch
 
 from core.data import DataError
+from core.registry import create_model
 from core.train import Callback, TrainingError, load_checkpoint, make_config, train
-from core.train.distributed import plan_device
+from core.train.distributed import plan_device, synced_batchnorm
 from core.train.robustness import DeviceError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,6 +140,52 @@ def test_more_processes_than_one_need_the_launcher(beans: dict[str, Any], tmp_pa
     with pytest.raises(TrainingError, match="started as one process.*--processes 2"):
         train(beans["samples"], beans["classes"], "lite0", tmp_path, make_config("quick", processes=2),
               resolution=96, val_samples=beans["val"])
+
+
+def test_cpu_processes_refuse_trainable_batchnorm_when_queued() -> None:
+    # torch's SyncBatchNorm raises "expected input tensor to be on GPU" on CPU (checked, torch 2.14).
+    with pytest.raises(ValueError, match="CPU processes cannot keep trainable BatchNorm statistics in step"):
+        make_config("thorough", processes=2, device="cpu")
+    # Fixed BatchNorm statistics (quick, default) or no BatchNorm trained (head only): allowed.
+    for cfg in (make_config("quick", processes=2, device="cpu"),
+                make_config("thorough", processes=2, device="cpu", strategy="head")):
+        assert not cfg.trains_batchnorm
+
+
+def test_auto_device_on_cpu_refuses_trainable_batchnorm_at_start(beans: dict[str, Any], tmp_path: Path) -> None:
+    """--device auto settles on CPU processes only when the run starts: both processes refuse there."""
+    spec = {**beans, "config": {**CONFIG, "processes": 2, "train_bn": True}, "run_dir": str(tmp_path / "run"),
+            "out_dir": str(tmp_path)}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    proc = torchrun(["tests/ddp_train_entry.py", str(tmp_path / "spec.json")],
+                    env={"CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    for r in (0, 1):
+        out = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert out["status"] == "failed" and "synchronises them across processes on GPUs only" in out["message"]
+
+
+def test_synced_batchnorm_stands_in_for_the_model_layers_and_gives_them_back() -> None:
+    """The GPU path's layer swap (the synchronisation itself needs 2 GPUs): outside a process group a
+    SyncBatchNorm computes as BatchNorm, so the swapped model must compute, and update its running
+    statistics, exactly as the plain one; afterwards the model has its own layers and keys again."""
+    plain = create_model("lite0", 3, weights="none", resolution=64).model.train()
+    swapped = copy.deepcopy(plain)
+    layers = {n: type(m) for n, m in swapped.named_modules()}
+    keys = list(swapped.state_dict())
+    x = torch.randn(4, 3, 64, 64)
+    with synced_batchnorm(swapped, enabled=True):
+        norms = [m for m in swapped.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+        assert list(swapped.state_dict()) == keys
+        torch.manual_seed(1)  # the same dropout and stochastic-depth draws for both
+        out = swapped(x)
+    torch.manual_seed(1)
+    assert torch.allclose(out, plain(x), atol=1e-5)  # activations kept, same normalisation
+    assert {n: type(m) for n, m in swapped.named_modules()} == layers and list(swapped.state_dict()) == keys
+    for k, v in plain.state_dict().items():  # the stand-ins updated the model's own running statistics
+        assert torch.allclose(swapped.state_dict()[k].float(), v.float(), atol=1e-6), k
+    assert swapped.state_dict()["bn1.num_batches_tracked"].item() == 1
 
 
 @pytest.mark.parametrize(("device", "gpus", "expected"), [

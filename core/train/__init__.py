@@ -87,7 +87,7 @@ def train(
     """
     cfg = config or TrainConfig()
     cfg.validate()
-    with distributed.joined(cfg.processes, cfg.device) as rank_device:
+    with distributed.joined(cfg.processes, cfg.device, cfg.trains_batchnorm) as rank_device:
         # Only rank 0 reports (and writes checkpoints: phase_runner).
         cb = (callback or Callback()) if distributed.is_main() else Callback()
         return _train(train_samples, classes, variant, Path(run_dir), cfg, resolution, val_samples, cb, resume,
@@ -122,7 +122,10 @@ def _train(train_samples: SampleList, classes: Sequence[str], variant: str, run_
         # Restore the RNG streams only now: decoding and caching above must not shift them
         # (resumed dropout masks must equal the uninterrupted run's).
         set_rng_state(resume_state.checkpoint["rng"])
-    with distributed.global_batch_dropout(model):  # every rank on one RNG stream, as one process
+    # Every rank on one RNG stream, and (GPU processes, trainable BatchNorm) on the global batch's
+    # BatchNorm statistics: as one process.
+    with (distributed.global_batch_dropout(model),
+          distributed.synced_batchnorm(model, distributed.backend() == "nccl" and cfg.trains_batchnorm)):
         epochs_run = run_phases(ctx, plan, caches, resume_state)
     return _result(run, epochs_run)
 

@@ -6,6 +6,14 @@ from typing import Any, Literal
 
 from core.augment import PRESETS
 
+# Why a CPU run with trainable BatchNorm is refused (TrainConfig.validate for --device cpu, and
+# ``joined`` when "auto" settles on CPU processes): torch's SyncBatchNorm runs on GPUs only.
+CPU_BATCHNORM_REFUSAL = (
+    "Data-parallel training on CPU processes cannot keep trainable BatchNorm statistics in step: PyTorch "
+    "synchronises them across processes on GPUs only, so each process would normalise with, and learn, "
+    "the statistics of its own share of the batch. Use --processes 1, train on GPUs (--device cuda), or "
+    "keep BatchNorm statistics fixed (the quick or default recipe, or train_bn=False).")
+
 
 @dataclass
 class TrainConfig:
@@ -86,8 +94,15 @@ class TrainConfig:
         if not isinstance(self.processes, int) or self.processes < 1:
             raise ValueError(f"processes must be a whole number of 1 or more (1: no data-parallel training), "
                              f"got {self.processes!r}")
+        if self.processes > 1 and self.device == "cpu" and self.trains_batchnorm:
+            raise ValueError(CPU_BATCHNORM_REFUSAL)
         if self.on_missing not in ("fail", "skip"):
             raise ValueError(f"on_missing must be fail or skip, got {self.on_missing!r}")
+
+    @property
+    def trains_batchnorm(self) -> bool:
+        """BatchNorm statistics come from the training batches in some phase (the head phase has none)."""
+        return self.train_bn and self.strategy != "head"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:

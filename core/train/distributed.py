@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from core.train.callbacks import TrainingError
+from core.train.config import CPU_BATCHNORM_REFUSAL
 from core.train.robustness import DeviceError, check_device_name, resolve_device
 
 
@@ -70,16 +71,20 @@ def _check_launch(launch: Launch, processes: int) -> None:
 
 
 @contextmanager
-def joined(processes: int, device: str) -> Iterator[torch.device | None]:
+def joined(processes: int, device: str, trains_batchnorm: bool = False) -> Iterator[torch.device | None]:
     """The process group for one run (yields this process's device), or nothing for one process.
 
-    Yields None for a one-process run: the caller resolves its device as usual."""
+    Yields None for a one-process run: the caller resolves its device as usual.
+    ``trains_batchnorm``: BatchNorm layers train (statistics from the batch), which CPU
+    processes cannot synchronise: refused there with CPU_BATCHNORM_REFUSAL."""
     launch = launch_from_env()
     if processes <= 1 and launch.world == 1:
         yield None
         return
     _check_launch(launch, processes)
     kind = plan_device(device, processes, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if kind == "cpu" and trains_batchnorm:
+        raise TrainingError(CPU_BATCHNORM_REFUSAL)
     dev = torch.device("cpu") if kind == "cpu" else resolve_device(f"cuda:{launch.local_rank}")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -254,3 +259,51 @@ def broadcast_state(module: nn.Module) -> None:
             buf = t.to(dev)
             dist.broadcast(buf, src=0)
             t.copy_(buf.to(t.device))
+
+
+class _SyncBatchNormAct(nn.SyncBatchNorm):
+    """SyncBatchNorm followed by the activation of the BatchNorm-plus-activation layer it stands for."""
+
+    act: nn.Module
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.act(super().forward(input))
+
+
+def _synced(bn: nn.BatchNorm2d) -> nn.SyncBatchNorm:
+    """A SyncBatchNorm sharing ``bn``'s parameters and buffers (updates reach ``bn``); its activation kept."""
+    act = getattr(bn, "act", None)
+    sync: nn.SyncBatchNorm = (_SyncBatchNormAct if act is not None else nn.SyncBatchNorm)(
+        bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    if act is not None:
+        sync.act = act
+    # Attribute assignment of the same tensors: state-dict keys and storage stay the model's own.
+    sync.weight, sync.bias = bn.weight, bn.bias
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        setattr(sync, name, getattr(bn, name))
+    sync.train(bn.training)
+    return sync
+
+
+@contextmanager
+def synced_batchnorm(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Every BatchNorm2d of ``model`` as a SyncBatchNorm for the block (``enabled``), then the originals back.
+
+    In train mode a SyncBatchNorm normalises with, and tracks, the statistics of the whole global
+    batch (all processes), as one process would. torch's ``convert_sync_batchnorm`` is not used:
+    it would drop the activation of a BatchNorm-plus-activation layer and leave the model converted.
+    The stand-ins share the originals' parameters and buffers, so the optimiser, weight EMA and
+    every checkpoint (same state-dict keys) see the normal model; afterwards its layer types are
+    the normal ones again, for export and ONNX."""
+    if not enabled:
+        yield
+        return
+    originals = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    for name, bn in originals:
+        model.set_submodule(name, _synced(bn))
+    try:
+        yield
+    finally:
+        for name, bn in originals:
+            bn.train(model.get_submodule(name).training)
+            model.set_submodule(name, bn)
