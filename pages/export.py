@@ -9,7 +9,8 @@ from workbench.status import JobKind
 
 ui.header("Export", "A zip you can deploy anywhere ONNX Runtime runs, verified against PyTorch on the test split.")
 
-run_id = ui.pick_finished_run_or_stop("Run", key="export_run")
+run_id = ui.pick_finished_run_or_stop(  # nothing chosen: the best run (by validation) of the newest dataset
+    "Run", key="export_run", default=views.default_predict_run(views.newest_dataset_id()))
 
 with st.form("export_form"):
     st.markdown("**Extra, smaller copies of the model** — the full-precision model (fp32) is always included "

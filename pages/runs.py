@@ -9,9 +9,11 @@ from workbench import datasets, runs, suggestions, ui, views, wording
 from workbench.status import RunStatus
 
 # Chart column headers, from the read model's field names.
-COLUMNS = {"macro_f1": "macro-F1", "latency_ms": "latency ms", "size_mb": "size MB"}
+COLUMNS = {"accuracy": "validation accuracy", "macro_f1": "validation macro-F1", "latency_ms": "latency ms",
+           "size_mb": "size MB", "test_accuracy": "test accuracy", "test_macro_f1": "test macro-F1"}
 
-ui.header("Runs", "Every training run, measured the same way: test metrics, ONNX Runtime latency and size.")
+ui.header("Runs", "Every training run, measured the same way: ranked by validation score, reported on the "
+          "held-out test images, with ONNX Runtime latency and size.")
 ds_filter = None
 with ui.errors("Could not list datasets"):
     ds_names = {d.id: d.name for d in datasets.list_datasets()}
@@ -25,6 +27,8 @@ with ui.errors("Could not list datasets"):
 c1, c2, c3, c4 = st.columns([2, 1, 2, 1])
 sort = c1.selectbox("Sort by", list(views.LEADERBOARD_SORTS), key="runs_sort")
 descending = c2.toggle("Descending", value=sort not in views.ASCENDING_BY_DEFAULT, key=f"runs_desc_{sort}")
+if sort in views.TEST_SORTS:  # allowed, but the page says why it is not the default
+    st.warning(wording.CHOOSE_BY_VALIDATION, icon=":material/visibility_off:")
 statuses = c3.multiselect("Status", [str(s) for s in RunStatus], key="runs_status")
 page_size = c4.selectbox("Rows", [25, 50, 100], key="runs_rows")
 
@@ -41,9 +45,10 @@ with ui.errors("Could not read the runs"):
     event = st.dataframe(
         df, hide_index=True, width="stretch", on_select="rerun", selection_mode="multi-row", key="runs_table",
         column_config={
-            "macro-F1": st.column_config.NumberColumn(format="%.3f", help=ui.METRIC_HELP["macro_f1"]),
-            "accuracy": st.column_config.NumberColumn(format="%.3f", help=ui.METRIC_HELP["accuracy"]),
+            "validation macro-F1": st.column_config.NumberColumn(format="%.3f", help=wording.HELP["val_macro_f1"]),
             "validation accuracy": st.column_config.NumberColumn(format="%.3f", help=wording.HELP["val_accuracy"]),
+            "test macro-F1": st.column_config.NumberColumn(format="%.3f", help=ui.METRIC_HELP["macro_f1"]),
+            "test accuracy": st.column_config.NumberColumn(format="%.3f", help=ui.METRIC_HELP["accuracy"]),
             "latency ms": st.column_config.NumberColumn(format="%.2f", help=ui.METRIC_HELP["latency_p50"]),
             "size MB": st.column_config.NumberColumn(format="%.1f"),
             "parameters (millions)": st.column_config.NumberColumn(format="%.2f", help=ui.METRIC_HELP["params"]),
@@ -51,7 +56,7 @@ with ui.errors("Could not read the runs"):
         },
     )
     st.caption(f"Runs {offset + 1}–{offset + len(rows)} of {total}. Select rows to overlay their curves below. "
-               "**Macro-F1** and **accuracy** are measured on the test images (1 = every image right); "
+               f"{wording.CHOOSE_BY_VALIDATION} Macro-F1 and accuracy run from 0 to 1 (1 = every image right); "
                "**latency** is the typical time the model takes per image on this machine "
                "(on its processor or its graphics card: see 'latency measured on').")
     selected = [rows[i].run for i in event.selection.rows] if event and event.selection else []
@@ -67,22 +72,24 @@ st.subheader("Accuracy vs latency")
 with ui.errors("Could not draw the accuracy-vs-latency chart"):
     points = views.run_points(dataset_id=ds_filter)
     if not points:
-        st.caption("Finished, evaluated runs appear here.")
+        st.caption("Finished, measured runs appear here.")
     else:
         pts = pd.DataFrame(points).rename(columns=COLUMNS)
         front = views.pareto_front(points)
         pts["Pareto front"] = pts["run"].isin(front)
         base = alt.Chart(pts).encode(
             x=alt.X("latency ms:Q", title="typical time per image (ms)"),
-            y=alt.Y("accuracy:Q", title="test accuracy", scale=alt.Scale(zero=False)))
+            y=alt.Y("validation accuracy:Q", title="validation accuracy", scale=alt.Scale(zero=False)))
         dots = base.mark_circle(size=90).encode(
             color=alt.Color("Pareto front:N", scale=alt.Scale(domain=[True, False], range=["#d62728", "#9e9e9e"])),
-            tooltip=["run", "model", "accuracy", "macro-F1", "latency ms", "size MB"])
+            tooltip=["run", "model", "validation accuracy", "validation macro-F1", "test accuracy", "test macro-F1",
+                     "latency ms", "size MB"])
         line = alt.Chart(pts[pts["Pareto front"]].sort_values("latency ms")).mark_line(
-            color="#d62728", strokeDash=[4, 3]).encode(x="latency ms:Q", y="accuracy:Q")
+            color="#d62728", strokeDash=[4, 3]).encode(x="latency ms:Q", y="validation accuracy:Q")
         st.altair_chart(line + dots, width="stretch")
         st.caption(f"Red: the Pareto front ({len(front)} run{'s' if len(front) != 1 else ''}) — no other run is both "
-                   "faster and more accurate.")
+                   "faster and more accurate on the validation images. The test figures are in the tooltip: "
+                   f"{wording.CHOOSE_BY_VALIDATION}")
 
 st.subheader("Training curves")
 if not selected:

@@ -336,3 +336,38 @@ def test_every_keyed_lookup_exception_is_still_used() -> None:
             if (isinstance(n, ast.Subscript) and isinstance(n.slice, ast.Constant))
             or (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "get")}
     assert not set(KEYED_IN_PAGE) - used, "listed exceptions no page needs any more: remove them"
+
+
+# Validation chooses, test reports (issue 25): a function of the read models that picks a default, sorts,
+# ranks or names the best may not read a test figure ("test_..." key or attribute).
+CHOOSER = ("default", "sort", "best", "pareto", "rank")
+VIEW_FILES = sorted((WORKBENCH / "views").glob("*.py"))
+
+
+def chooser_test_reads(source: str, name: str) -> list[str]:
+    """``file:line key`` for each ``test_...`` string or attribute read inside a choosing function."""
+    found = []
+    for fn in ast.walk(ast.parse(source)):
+        if isinstance(fn, ast.FunctionDef) and any(word in fn.name.lower() for word in CHOOSER):
+            for node in ast.walk(fn):
+                key = (node.value if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                       else node.attr if isinstance(node, ast.Attribute) else "")
+                if key.startswith("test_"):
+                    found.append(f"{name}:{node.lineno} {fn.name} reads {key}")
+    return sorted(set(found))
+
+
+def test_the_chooser_scan_finds_a_test_figure() -> None:
+    # The Predict default as it was before issue 25: it ranked by the test macro-F1.
+    old = ("def default_predict_run(rows):\n    def rank(row):\n        return summary_view(row[1]).test_macro_f1\n"
+           "    return max(rows, key=rank)\n\ndef report(sm):\n    return sm['test_accuracy']\n")
+    assert chooser_test_reads(old, "runs.py") == ["runs.py:3 default_predict_run reads test_macro_f1",
+                                                  "runs.py:3 rank reads test_macro_f1"]
+    assert chooser_test_reads("def sort_key(sm):\n    return sm.get('test_accuracy')\n", "x.py") == [
+        "x.py:2 sort_key reads test_accuracy"]
+
+
+@pytest.mark.parametrize("path", VIEW_FILES, ids=lambda p: f"workbench/views/{p.name}")
+def test_no_default_sort_or_best_reads_a_test_figure(path: Path) -> None:
+    assert not chooser_test_reads(path.read_text(), path.name), (
+        "validation chooses, test reports: rank by Run.best_metrics, never by a test_ figure")

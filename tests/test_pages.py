@@ -365,7 +365,9 @@ def _insert_runs(n: int) -> None:
             run = Run(dataset_id=ds.id, variant=["lite0", "lite1", "b0"][i % 3], resolution=224, preset="field",
                       status="succeeded", train_seconds=30.0 + i, config={"recipe": "quick"},
                       summary={"test_accuracy": 0.5 + (i % 50) / 100, "test_macro_f1": 0.4 + (i % 50) / 100,
-                               "latency_ms_p50": 5.0 + (i * 7) % 40, "onnx_mb": 13.0 + i % 3})
+                               "latency_ms_p50": 5.0 + (i * 7) % 40, "onnx_mb": 13.0 + i % 3},
+                      # validation ranks the runs the other way round from test
+                      best_metrics={"accuracy": 0.99 - (i % 50) / 100, "macro_f1": 0.95 - (i % 50) / 100})
             s.add(run)
             s.flush()
             for e in range(1, 4):
@@ -374,15 +376,20 @@ def _insert_runs(n: int) -> None:
 
 
 def test_runs_leaderboard_paginates_sorts_and_marks_the_front(data_dir: Path) -> None:
+    from workbench import wording
+
     _insert_runs(130)
     t0 = time.monotonic()
     at = open_page("runs")
     assert_clean(at)
     first = at.dataframe[0].value
     assert len(first) == 25
-    assert list(first["macro-F1"]) == sorted(first["macro-F1"], reverse=True)
-    assert {"macro-F1", "accuracy", "latency ms", "size MB", "parameters (millions)", "training time"} <= set(
-        first.columns)
+    # Validation chooses, test reports: the default order is validation macro-F1, not the test figure.
+    assert at.selectbox(key="runs_sort").value == "validation macro-F1"
+    assert list(first["validation macro-F1"]) == sorted(first["validation macro-F1"], reverse=True)
+    assert list(first["test macro-F1"]) == sorted(first["test macro-F1"])  # the two rankings disagree here
+    assert {"validation macro-F1", "validation accuracy", "test macro-F1", "test accuracy", "latency ms", "size MB",
+            "parameters (millions)", "training time"} <= set(first.columns)
     assert first["parameters (millions)"].between(3, 6).all()  # lite0/lite1/b0 with a 2-class head
     assert all(re.fullmatch(r"\d+ (s|min)", t) for t in first["training time"])  # "2 min", not 129.0
     assert set(first["latency measured on"]) == {"CPU"}  # figures stored before providers were recorded
@@ -395,6 +402,11 @@ def test_runs_leaderboard_paginates_sorts_and_marks_the_front(data_dir: Path) ->
     at.run()
     print(f"runs page with 130 runs, rerun: {time.monotonic() - t1:.2f} s")
     assert time.monotonic() - t1 < 5
+    assert wording.CHOOSE_BY_VALIDATION in " ".join(c.value for c in at.caption) and not at.warning
+    at.selectbox(key="runs_sort").select("test macro-F1").run()  # still possible, with the reason shown
+    by_test = at.dataframe[0].value["test macro-F1"]
+    assert list(by_test) == sorted(by_test, reverse=True)
+    assert [w.value for w in at.warning] == [wording.CHOOSE_BY_VALIDATION]
     at.selectbox(key="runs_sort").select("latency ms").run()
     lat = at.dataframe[0].value["latency ms"]
     assert list(lat) == sorted(lat) and lat.iloc[0] == 5.0  # ascending by default for latency

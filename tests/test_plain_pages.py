@@ -141,15 +141,18 @@ def test_sensible_defaults(data_dir: Path) -> None:
         new = repo.add_dataset(s, name="new", source="b.zip", classes=["a", "b"], health={}, split_config={},
                                skipped=[], num_images=0)
         ids = {}
-        for key, ds, f1, status in [("best", old, 0.9, "succeeded"), ("exported", old, 0.8, "succeeded"),
-                                    ("failed", old, 0.99, "failed"), ("other", new, 0.95, "succeeded")]:
+        # (validation macro-F1, test macro-F1): the runs with the best test score are never the default
+        for key, ds, (f1, test), status in [
+                ("best", old, (0.9, 0.7), "succeeded"), ("exported", old, (0.8, 0.6), "succeeded"),
+                ("test_best", old, (0.85, 0.99), "succeeded"), ("failed", old, (0.99, 0.99), "failed"),
+                ("other", new, (0.95, 0.5), "succeeded"), ("other_test_best", new, (0.6, 0.97), "succeeded")]:
             run = Run(dataset_id=ds.id, variant="lite0", resolution=224, preset="field", status=status,
-                      config={}, summary={"test_macro_f1": f1})
+                      config={}, summary={"test_macro_f1": test}, best_metrics={"macro_f1": f1})
             s.add(run)
             s.flush()
             ids[key] = run.id
         old_id, new_id = old.id, new.id
-    assert views.default_predict_run(old_id) == ids["best"]  # nothing exported yet: the best score
+    assert views.default_predict_run(old_id) == ids["best"]  # nothing exported yet: the best validation score
     with sm.begin() as s:
         s.add(Artifact(run_id=ids["exported"], kind="bundle", path="x.zip", sha256="0" * 64, bytes=1))
     assert views.default_predict_run(old_id) == ids["exported"]  # an exported model beats a better unexported one
@@ -165,9 +168,12 @@ def test_sensible_defaults(data_dir: Path) -> None:
     assert at.selectbox(key=f"predict_run_{old_id}").value == ids["exported"]
     at = open_page("runs")
     assert at.selectbox(key="runs_dataset").value == new_id
-    assert set(at.dataframe[0].value["run"]) == {ids["other"]}  # one dataset's runs, not all on one front
+    table = at.dataframe[0].value  # one dataset's runs, not all on one front; validation first
+    assert list(table["run"]) == [ids["other"], ids["other_test_best"]]
     at = open_page("evaluate")
-    assert at.selectbox(key="eval_run").value == ids["other"]  # the best run of the newest dataset
+    assert at.selectbox(key="eval_run").value == ids["other"]  # the best run (by validation) of the newest dataset
+    at = open_page("export")
+    assert at.selectbox(key="export_run").value == ids["other"]  # not the newest, not the best test score
     at = open_page("datasets")
     assert at.selectbox(key="dataset_choice").value == "new"
     with sm.begin() as s:  # a second upload: the page follows it
@@ -237,8 +243,9 @@ def test_scores_tables_and_times_in_plain_words() -> None:
                          size_mb=13.4863, params_m=3.37357, train_seconds=539.9, batch=None,
                          created=datetime(2026, 1, 1))
     (table,) = wording.leaderboard_table([row])
-    assert table["training time"] == "9 min" and table["batch"] == "—" and table["accuracy 95 % range"] == "—"
-    assert (table["macro-F1"], table["latency ms"], table["size MB"]) == (0.912, 1.5, 13.5)
+    assert table["training time"] == "9 min" and table["batch"] == "—"
+    assert (table["test macro-F1"], table["latency ms"], table["size MB"]) == (0.912, 1.5, 13.5)
+    assert table["validation macro-F1"] is None and table["test accuracy 95 % range"] == "—"
     assert wording.duration(3599.0) == "1 h 00 min" and wording.duration(None) == "—"
     assert [wording.percent(x) for x in (0.9487, 1.0, 0.0, 0.9991, 0.999999, 1e-7, None)] == [
         "95 %", "100 %", "0 %", "99.9 %", "over 99.99 %", "under 0.01 %", "—"]

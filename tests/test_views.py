@@ -118,7 +118,9 @@ def test_stored_run_summaries_read_as_typed_fields_and_old_rows_get_nones(data_d
         ds = repo.add_dataset(s, name="pets", source="pets.zip", classes=["a", "b"], health={}, split_config={},
                               skipped=[], num_images=0)
         rows = [Run(dataset_id=ds.id, variant="lite0", resolution=224, preset="field", status=RunStatus.SUCCEEDED,
-                    config={}, summary=sm) for sm in summaries]
+                    config={}, summary=sm, best_metrics=best or None)
+                for sm, best in zip(summaries, [{"accuracy": 0.92, "macro_f1": 0.9}, {"accuracy": 0.8}, {}],
+                                    strict=True)]
         s.add_all(rows)
         s.flush()
         ids = [r.id for r in rows]
@@ -135,7 +137,46 @@ def test_stored_run_summaries_read_as_typed_fields_and_old_rows_get_nones(data_d
     assert table[ids[0]].accuracy_range == "80–96 %" and table[ids[1]].accuracy_range == ""
     assert table[ids[1]].test_accuracy == 0.75 and table[ids[2]].test_accuracy is None
     assert [p.run for p in views.run_points()] == [ids[0]]
-    assert views.default_predict_run() == ids[0]  # the best macro-F1; the empty summary ranks last
+    assert views.default_predict_run() == ids[0]  # the best validation macro-F1; no best metrics ranks last
+    assert (table[ids[0]].val_macro_f1, table[ids[1]].val_macro_f1, table[ids[2]].val_accuracy) == (0.9, None, None)
+
+
+def test_validation_chooses_and_test_reports_in_every_default(data_dir: Path) -> None:
+    """Stored runs whose validation and test rankings disagree: the leaderboard's default order, the
+    Pareto front and the model pages open on follow validation; sorting by test stays possible."""
+    from storage import repositories as repo
+    from storage.db import get_sessionmaker
+    from storage.models import Run
+    from workbench.settings import get_settings
+
+    # name: (validation macro-F1, validation accuracy, test macro-F1, test accuracy, latency ms)
+    figures = {"val_best": (0.90, 0.91, 0.70, 0.72, 10.0), "test_2nd": (0.80, 0.82, 0.95, 0.96, 10.0),
+               "test_best": (0.70, 0.75, 0.99, 0.99, 20.0)}
+    with get_sessionmaker(get_settings().database_url).begin() as s:
+        ds = repo.add_dataset(s, name="pets", source="pets.zip", classes=["a", "b"], health={}, split_config={},
+                              skipped=[], num_images=0)
+        rows = {name: Run(dataset_id=ds.id, variant="lite0", resolution=224, preset="field",
+                          status=RunStatus.SUCCEEDED, config={}, best_metrics={"macro_f1": vf, "accuracy": va},
+                          summary={"test_macro_f1": tf, "test_accuracy": ta, "latency_ms_p50": ms})
+                for name, (vf, va, tf, ta, ms) in figures.items()}
+        s.add_all(rows.values())
+        s.flush()
+        ids = {name: r.id for name, r in rows.items()}
+        ds_id = ds.id
+    by_val, by_test = [ids["val_best"], ids["test_2nd"], ids["test_best"]], [ids["test_best"], ids["test_2nd"],
+                                                                            ids["val_best"]]
+    assert views.DEFAULT_SORT not in views.TEST_SORTS == {"test macro-F1", "test accuracy"}
+    assert [r.run for r in views.runs_table()] == by_val  # the default sort
+    assert [r.run for r in views.runs_table(sort=views.DEFAULT_SORT, dataset_id=ds_id)] == by_val
+    assert [r.run for r in views.runs_table(sort="validation accuracy")] == by_val
+    assert [r.run for r in views.runs_table(sort="test macro-F1")] == by_test  # still there, when asked for
+    assert [r.run for r in views.runs_table(sort="test accuracy")] == by_test
+    points = views.run_points(ds_id)
+    assert {p.run: (p.accuracy, p.test_accuracy) for p in points} == {
+        ids[n]: (f[1], f[3]) for n, f in figures.items()}
+    # On validation the best run is also among the fastest: it alone is the front (on test it would be two others).
+    assert views.pareto_front(points) == {ids["val_best"]}
+    assert views.default_predict_run(ds_id) == views.default_predict_run() == ids["val_best"]
 
 
 def real_metrics(with_validation: bool) -> dict[str, Any]:

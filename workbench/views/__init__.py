@@ -49,7 +49,9 @@ from workbench.views.evaluations import (
 )
 from workbench.views.leaderboard import (
     ASCENDING_BY_DEFAULT,
+    DEFAULT_SORT,
     LEADERBOARD_SORTS,
+    TEST_SORTS,
     CurvePoint,
     LeaderboardRow,
     RunPoint,
@@ -79,14 +81,14 @@ from workbench.views.runs import (
 from workbench.views.searches import SearchSummaryView, search_summary
 
 __all__ = [
-    "ASCENDING_BY_DEFAULT", "INGEST_SHOWN_FOR", "LEADERBOARD_SORTS", "BundleView", "ClassLook", "CurvePoint",
-    "DuplicateFile", "DuplicateGroup", "Duplicates", "Guess", "HealthView", "ImageAnswer", "ImageKind", "ImageSample",
-    "ImportChoices", "Interval", "JobView", "LeaderboardRow", "LiveRun", "MetricsView", "OverviewCounts",
-    "PredictionView", "RunPoint", "SearchSummaryView", "Shortcuts", "Sizes", "SummaryView", "TrainChoices",
-    "Verification", "_leaderboard_row", "bundle_view", "count_runs", "dataset_sample", "default_predict_run",
-    "health_view", "import_choices", "ingest_jobs_to_show", "job", "leaderboard_margin", "live_runs", "metrics_view",
-    "model_params", "newest_dataset_id", "overview_counts", "pareto_front", "per_class_ranges", "percent_range",
-    "prediction_view", "recent_jobs", "recommend_budget", "reconcile_runs", "run_choices", "run_curves", "run_points",
-    "runs_table", "search_summary", "store_paths_for", "summary_value", "summary_view", "train_choices",
-    "value_with_range", "verification_view", "with_range",
+    "ASCENDING_BY_DEFAULT", "DEFAULT_SORT", "INGEST_SHOWN_FOR", "LEADERBOARD_SORTS", "BundleView", "ClassLook",
+    "CurvePoint", "DuplicateFile", "DuplicateGroup", "Duplicates", "Guess", "HealthView", "ImageAnswer",
+    "ImageKind", "ImageSample", "ImportChoices", "Interval", "JobView", "LeaderboardRow", "LiveRun", "MetricsView",
+    "OverviewCounts", "PredictionView", "RunPoint", "SearchSummaryView", "Shortcuts", "Sizes", "SummaryView",
+    "TEST_SORTS", "TrainChoices", "Verification", "_leaderboard_row", "bundle_view", "count_runs", "dataset_sample",
+    "default_predict_run", "health_view", "import_choices", "ingest_jobs_to_show", "job", "leaderboard_margin",
+    "live_runs", "metrics_view", "model_params", "newest_dataset_id", "overview_counts", "pareto_front",
+    "per_class_ranges", "percent_range", "prediction_view", "recent_jobs", "recommend_budget", "reconcile_runs",
+    "run_choices", "run_curves", "run_points", "runs_table", "search_summary", "store_paths_for", "summary_value",
+    "summary_view", "train_choices", "value_with_range", "verification_view", "with_range",
 ]

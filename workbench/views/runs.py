@@ -114,18 +114,18 @@ def newest_dataset_id() -> int | None:
 
 def default_predict_run(dataset: int | None = None) -> int | None:
     """The model Predict opens on: among the succeeded runs of ``dataset`` (all when None),
-    an exported one (a bundle was built) before one that was not, then the best test macro-F1,
-    then the newest."""
+    an exported one (a bundle was built) before one that was not, then the best validation macro-F1
+    (never the test one: the test split is the held-out report), then the newest."""
     where = [Run.status == RunStatus.SUCCEEDED] + ([Run.dataset_id == dataset] if dataset is not None else [])
     with _db()() as s:
-        rows = s.execute(select(Run.id, Run.summary).where(*where).order_by(Run.id.desc()).limit(2000)).all()
+        rows = s.execute(select(Run.id, Run.best_metrics).where(*where).order_by(Run.id.desc()).limit(2000)).all()
         exported = set(s.scalars(select(Artifact.run_id).where(Artifact.kind == "bundle",
                                                                Artifact.run_id.in_([r for r, _ in rows]))).all())
     if not rows:
         return None
 
     def rank(row: tuple[int, Any]) -> tuple[bool, float, int]:
-        f1 = summary_view(row[1]).test_macro_f1
+        f1 = number((row[1] or {}).get("macro_f1"))
         return (row[0] in exported, f1 if f1 is not None else -1.0, row[0])
 
     return max(rows, key=rank)[0]
