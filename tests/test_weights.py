@@ -134,7 +134,7 @@ def test_missing_and_corrupt_files(tmp_path: Path) -> None:
 def test_unknown_variant() -> None:
     with pytest.raises(ValueError, match=r"Unknown model variant 'b8'\. Known variants: ") as err:
         create_model("b8", 3)
-    assert "EfficientNet: b0, " in str(err.value) and "MobileNetV3: mobilenetv3_large_100" in str(err.value)
+    assert "EfficientNet: b0, " in str(err.value) and "MobileNetV3: mobilenetv3-large-100" in str(err.value)
 
 
 def test_preprocessing_round_trip() -> None:
