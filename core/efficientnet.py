@@ -228,22 +228,7 @@ class EfficientNet(StagedModel):
         self.num_features = self.arch.head_channels
         self.classifier: nn.Module = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
         self.num_classes = num_classes
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-                nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                r = 1.0 / math.sqrt(m.weight.shape[0])
-                nn.init.uniform_(m.weight, -r, r)
-                nn.init.zeros_(m.bias)
+        self.init_weights()  # timm's (core.staged.StagedModel)
 
     # -- the parts (core.staged.StagedModel runs, freezes and caches through them) -----------
     def _run_segment(self, entry: str, x: torch.Tensor) -> torch.Tensor:
