@@ -11,24 +11,21 @@ at), "embedding" (pooled, then timm's ``conv_head`` + hard-swish: MobileNetV3 po
 its head conv), "logits". Parameter groups: "stem", "stage0"..,
 "head" (the last 1x1 conv and ``conv_head``), "classifier".
 
-Weights: a timm checkpoint per named variant (``TIMM_CHECKPOINTS``, on the Hugging Face hub),
-or a local .pth / .safetensors file, loaded by ``load_timm_state_dict``.
+Weights: a timm checkpoint per named variant (``core.mobilenetv3_arch.TIMM_CHECKPOINTS``, on the
+Hugging Face hub), or a local .pth / .safetensors file, found and loaded by ``core.weights`` like
+every family's.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from functools import cache
-from typing import Any
 
 import torch
 from torch import nn
 
 from core.efficientnet import BatchNormAct2d, DepthwiseSeparable, MBConv, Padding, SqueezeExcite, conv2d
-from core.mobilenetv3_arch import TIMM_CHECKPOINTS, Activation, MobileBlockSpec, VariantSpec, get_variant, scaled_arch
-from core.preprocessing import Preprocessing
+from core.mobilenetv3_arch import Activation, MobileBlockSpec, VariantSpec, get_variant, scaled_arch
 from core.staged import StagedModel
-from core.weights import WeightsError, WeightSource, preprocessing_from_timm, timm_pretrained_cfg
 
 ACTIVATIONS: dict[Activation, type[nn.Module]] = {"RE": nn.ReLU, "HS": nn.Hardswish}
 
@@ -161,70 +158,6 @@ class MobileNetV3(StagedModel):
         return tuple(prefix for g in groups for prefix in table[g])
 
 
-# --------------------------------------------------------------------------------------------
-# Weights
-# --------------------------------------------------------------------------------------------
-# The timm checkpoint each named variant starts from. timm trained no PyTorch Large 0.75
-# (its mobilenetv3-large-075 is "untrained"), so that one is the TensorFlow port.
-
-
-@cache
-def weight_sources(variant: str) -> tuple[WeightSource, ...]:
-    """Where a named variant's ImageNet weights come from (the timm hub checkpoint), with the
-    padding, BN eps and preprocessing they were trained with (read from timm's own config)."""
-    v = get_variant(variant)
-    checkpoint = TIMM_CHECKPOINTS[v.name.split("@")[0]]
-    cfg = timm_pretrained_cfg(checkpoint)
-    # timm's tf_* models are TensorFlow ports: TF "same" padding and TF's BN eps.
-    padding: Padding = "same" if checkpoint.startswith("tf_") else "symmetric"
-    eps = 1e-3 if padding == "same" else 1e-5
-    hub_name = str(cfg["hf_hub_id"]).removeprefix("timm/")
-    return (WeightSource(v.name.split("@")[0], "hub", hub_name, padding, eps, preprocessing_from_timm(cfg)),)
-
-
-def finetune_preprocessing(variant: str | VariantSpec, resolution: int | None = None) -> Preprocessing:
-    """The input a variant's ImageNet weights expect, for fine-tuning: the whole image resized
-    (crop_pct 1.0: objects near the border stay in) with the weights' interpolation and mean/std."""
-    v = get_variant(variant)
-    pre = weight_sources(v.name.split("@")[0])[0].preprocessing
-    return Preprocessing(int(resolution or v.resolution), 1.0, pre.interpolation, pre.mean, pre.std)
-
-
-def load_timm_state_dict(model: MobileNetV3, state_dict: dict[str, Any], *,
-                         load_classifier: bool | None = None) -> None:
-    """Load a timm-layout state dict into ``model``, checking every tensor's shape first.
-
-    The classifier is loaded only when its shape matches (``load_classifier=None``): a model
-    built for 3 classes takes the ImageNet backbone and keeps its fresh head.
-    """
-    if isinstance(state_dict.get("state_dict"), dict):  # a training checkpoint wrapping the weights
-        state_dict = state_dict["state_dict"]
-    given = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    ours = model.state_dict()
-    name = model.variant.name
-    head = [k for k in ours if k.startswith("classifier.")]
-    if load_classifier is None:
-        load_classifier = all(k in given and tuple(given[k].shape) == tuple(ours[k].shape) for k in head)
-    for key, tensor in ours.items():
-        if key in head and not load_classifier:
-            continue
-        if key not in given:
-            raise WeightsError(f"Weight file has no tensor {key!r} (shape {tuple(tensor.shape)}) that {name} needs: "
-                               "it is for another architecture.")
-        found = getattr(given[key], "shape", None)
-        if found is None or tuple(found) != tuple(tensor.shape):
-            shape = "a value that is not a tensor" if found is None else f"shape {tuple(found)}"
-            raise WeightsError(f"Weight file does not fit {name}: first mismatching tensor {key!r} has {shape} "
-                               f"in the file but shape {tuple(tensor.shape)} in the model.")
-    extra = next((k for k in given if k not in ours and not k.startswith("classifier.")), None)
-    if extra is not None:
-        raise WeightsError(f"Weight file has tensor {extra!r} that {name} does not have: "
-                           "it is for another architecture.")
-    model.load_state_dict({k: v for k, v in given.items() if k in ours and (load_classifier or k not in head)},
-                          strict=False)
-
-
 __all__ = [
     "ACTIVATIONS", "HardSqueezeExcite", "InvertedResidual", "DepthwiseSeparableBlock", "ConvBnAct", "MobileNetV3",
-    "TIMM_CHECKPOINTS", "weight_sources", "finetune_preprocessing", "load_timm_state_dict",
 ]

@@ -121,8 +121,13 @@ def load_weights_into(model: StagedModel, state_dict: dict[str, torch.Tensor], *
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
     ours = model.state_dict()
     classifier_keys = {k for k in ours if k.startswith("classifier.")}
+
+    def shape(key: str) -> tuple[int, ...] | None:  # None: the file holds something that is not a tensor
+        found = getattr(state_dict[key], "shape", None)
+        return None if found is None else tuple(found)
+
     if load_classifier is None:
-        load_classifier = all(k in state_dict and state_dict[k].shape == ours[k].shape for k in classifier_keys)
+        load_classifier = all(k in state_dict and shape(k) == tuple(ours[k].shape) for k in classifier_keys)
     for key, tensor in ours.items():
         if key in classifier_keys and not load_classifier:
             continue
@@ -131,10 +136,11 @@ def load_weights_into(model: StagedModel, state_dict: dict[str, torch.Tensor], *
                 f"Weight file has no tensor {key!r} (shape {tuple(tensor.shape)}) that "
                 f"{model.variant.name} needs: it is for another architecture."
             )
-        if state_dict[key].shape != tensor.shape:
+        if shape(key) != tuple(tensor.shape):
+            found = "a value that is not a tensor" if shape(key) is None else f"shape {shape(key)}"
             raise WeightsError(
-                f"Weight file does not fit {model.variant.name}: first mismatching tensor {key!r} has shape "
-                f"{tuple(state_dict[key].shape)} in the file but {tuple(tensor.shape)} in the model."
+                f"Weight file does not fit {model.variant.name}: first mismatching tensor {key!r} has {found} "
+                f"in the file but {tuple(tensor.shape)} in the model."
             )
     extra = [k for k in state_dict if k not in ours and not k.startswith("classifier.")]
     if extra:
@@ -371,10 +377,14 @@ def create_model(
 
     model = family.build(v, num_classes, padding or src.padding, bn_eps or src.bn_eps, drop_path_rate)
     load_weights_into(model, sd)
-    # Fine-tuning input: the whole image resized (crop_pct 1.0: lesions near the border stay in),
-    # with the normalisation these weights were trained with.
-    pre = Preprocessing(res, 1.0, src.preprocessing.interpolation, src.preprocessing.mean, src.preprocessing.std)
-    return LoadedModel(model, pre, desc)
+    return LoadedModel(model, finetune_preprocessing(src, res), desc)
+
+
+def finetune_preprocessing(source: WeightSource, resolution: int) -> Preprocessing:
+    """The input for fine-tuning from ``source``'s weights: the whole image resized (crop_pct 1.0:
+    lesions near the border stay in), with the interpolation and normalisation they were trained with."""
+    pre = source.preprocessing
+    return Preprocessing(resolution, 1.0, pre.interpolation, pre.mean, pre.std)
 
 
 def _file_conventions(v: ModelVariant, padding: Literal["symmetric", "same"] | None,

@@ -8,24 +8,24 @@ import torch
 from torch import nn
 
 from core.efficientnet import Padding
-from core.mobilenetv3 import (
-    TIMM_CHECKPOINTS,
-    HardSqueezeExcite,
-    MobileNetV3,
-    finetune_preprocessing,
-    load_timm_state_dict,
-    weight_sources,
-)
+from core.mobilenetv3 import HardSqueezeExcite, MobileNetV3
 from core.mobilenetv3_arch import (
     LARGE_STAGES,
     SMALL_STAGES,
+    TIMM_CHECKPOINTS,
     VARIANTS,
     UnknownVariantError,
     count_cost,
     get_variant,
     scaled_arch,
 )
-from core.weights import WeightsError, read_weight_file
+from core.weights import (
+    WeightsError,
+    finetune_preprocessing,
+    load_weights_into,
+    read_weight_file,
+    weight_sources,
+)
 
 timm = pytest.importorskip("timm")
 
@@ -71,7 +71,7 @@ def test_logits_equal_timm_through_a_weight_file(tmp_path: Path, variant: str, a
     torch.save(state, tmp_path / "weights.pth")
     ours = MobileNetV3(variant, padding=padding, bn_eps=eps).eval()
     assert set(ours.state_dict()) == set(state)  # timm's names, nothing renamed
-    load_timm_state_dict(ours, read_weight_file(tmp_path / "weights.pth"))
+    load_weights_into(ours, read_weight_file(tmp_path / "weights.pth"))
     torch.manual_seed(2)
     for size in (224, 160):
         x = torch.randn(2, 3, size, size)
@@ -149,7 +149,7 @@ def test_a_state_dict_of_another_variant_is_refused_naming_the_first_misfit(
     before = {k: v.clone() for k, v in model.state_dict().items()}
     misfit = first_misfit(model.state_dict(), given)
     with pytest.raises(WeightsError, match=model_variant) as err:
-        load_timm_state_dict(model, given)
+        load_weights_into(model, given)
     assert repr(misfit) in str(err.value)
     assert "first mismatching tensor" in str(err.value) or "has no tensor" in str(err.value)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing half-loaded
@@ -160,20 +160,20 @@ def test_missing_extra_and_non_tensor_entries_are_named() -> None:
     state = dict(model.state_dict())
     del state["blocks.0.0.se.conv_reduce.bias"]
     with pytest.raises(WeightsError, match=r"no tensor 'blocks\.0\.0\.se\.conv_reduce\.bias' \(shape \(8,\)\)"):
-        load_timm_state_dict(model, state)
+        load_weights_into(model, state)
     state = {**model.state_dict(), "conv_head.bias": [0.0] * 1024}
     with pytest.raises(WeightsError, match=r"'conv_head\.bias' has a value that is not a tensor in the file"):
-        load_timm_state_dict(model, state)
+        load_weights_into(model, state)
     state = {**model.state_dict(), "blocks.9.0.conv.weight": torch.zeros(1)}
     with pytest.raises(WeightsError, match=r"tensor 'blocks\.9\.0\.conv\.weight' that mobilenetv3-small-075 does not"):
-        load_timm_state_dict(model, state)
+        load_weights_into(model, state)
 
 
 def test_a_model_for_other_classes_takes_the_backbone_and_keeps_its_head() -> None:
     state = timm_weights("mobilenetv3-small-075", seed=3)
     model = MobileNetV3("mobilenetv3-small-075", num_classes=3)
     head = model.classifier.state_dict()["weight"].clone()
-    load_timm_state_dict(model, {"state_dict": {f"module.{k}": v for k, v in state.items()}})
+    load_weights_into(model, {"state_dict": {f"module.{k}": v for k, v in state.items()}})
     assert torch.equal(model.conv_head.weight, state["conv_head.weight"])
     assert torch.equal(model.classifier.state_dict()["weight"], head)
 
@@ -181,7 +181,7 @@ def test_a_model_for_other_classes_takes_the_backbone_and_keeps_its_head() -> No
 @pytest.mark.parametrize("variant", ["mobilenetv3-large-075", "mobilenetv3-small-100"])
 def test_every_entry_point_continues_to_the_same_logits(variant: str) -> None:
     model = MobileNetV3(variant, num_classes=5).eval()
-    load_timm_state_dict(model, timm_weights(variant, seed=4))  # backbone only: the head has 5 classes
+    load_weights_into(model, timm_weights(variant, seed=4))  # backbone only: the head has 5 classes
     x = torch.randn(2, 3, 96, 96)
     entries = [e for e in model.entry_points if e != "logits"]
     with torch.no_grad():
@@ -240,7 +240,7 @@ def test_weight_sources_come_from_timms_own_configs() -> None:
     large_075 = weight_sources("mobilenetv3-large-075")[0]
     assert (large_075.padding, large_075.bn_eps, large_075.preprocessing.mean) == ("same", 1e-3, (0.5, 0.5, 0.5))
     assert weight_sources("mobilenetv3-small-100")[0].padding == "symmetric"
-    pre = finetune_preprocessing("mobilenetv3-small-100@160")
+    pre = finetune_preprocessing(weight_sources("mobilenetv3-small-100")[0], 160)
     assert (pre.resolution, pre.crop_pct, pre.interpolation) == (160, 1.0, "bicubic")
 
 
