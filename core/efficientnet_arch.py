@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -225,52 +226,64 @@ def scaled_arch(variant: str | VariantSpec) -> ScaledArch:
 # --------------------------------------------------------------------------------------------
 # Analytic cost
 # --------------------------------------------------------------------------------------------
+@dataclass
+class CostTally:
+    """Parameters, multiply-adds (batch 1) and the largest pair of live tensors, layer by layer."""
+
+    params: int = 0
+    macs: int = 0
+    peak: int = 0
+
+    def conv(self, cin: int, cout: int, k: int, hw_out: int, groups: int = 1, bias: bool = False) -> None:
+        w = cout * (cin // groups) * k * k
+        self.params += w + (cout if bias else 0)
+        self.macs += w * hw_out
+
+    def conv_bn(self, cin: int, cout: int, k: int, hw_out: int, groups: int = 1) -> None:
+        self.conv(cin, cout, k, hw_out, groups)
+        self.params += 2 * cout  # BN scale and shift (folded into the conv on export)
+
+    def live(self, elements: int) -> None:
+        self.peak = max(self.peak, elements)
+
+    def classifier(self, features: int, num_classes: int) -> None:
+        if num_classes:
+            self.params += features * num_classes + num_classes
+            self.macs += features * num_classes
+
+    def cost(self) -> ModelCost:
+        return ModelCost(params=self.params, macs=self.macs, peak_activation_elements=self.peak)
+
+
+def count_stem_and_blocks(t: CostTally, stem_channels: int, blocks: Sequence[BlockSpec], res: int) -> int:
+    """The 3x3 stride-2 stem and the MBConv / depthwise-separable blocks (EfficientNet's and
+    MobileNetV3's alike) into ``t``; returns the side of the last feature map."""
+    h = math.ceil(res / 2)  # symmetric padding of an odd kernel: ceil(size / stride)
+    t.conv_bn(3, stem_channels, 3, h * h)
+    t.live(3 * res * res + stem_channels * h * h)
+    for b in blocks:
+        hin, h = h, math.ceil(h / b.stride)
+        c = b.mid_channels
+        if b.block == "ir":
+            t.conv_bn(b.in_channels, c, 1, hin * hin)
+            t.live((b.in_channels + c) * hin * hin)
+        t.conv_bn(c, c, b.kernel, h * h, groups=c)
+        t.live(c * hin * hin + c * h * h)
+        if b.se_channels:
+            t.conv(c, b.se_channels, 1, 1, bias=True)
+            t.conv(b.se_channels, c, 1, 1, bias=True)
+            t.macs += c * h * h  # the gating multiply
+        t.conv_bn(c, b.out_channels, 1, h * h)
+        t.live((c + b.out_channels) * h * h)
+    return h
+
+
 def count_cost(variant: str | VariantSpec, resolution: int | None = None, num_classes: int = 1000) -> ModelCost:
     """Parameters, multiply-adds and peak activation size, computed from the architecture alone."""
     v = get_variant(variant)
     arch = scaled_arch(v)
-    res = int(resolution or v.resolution)
-    params = macs = 0
-    peak = 0
-
-    def conv(cin: int, cout: int, k: int, hw_out: int, groups: int = 1, bias: bool = False) -> None:
-        nonlocal params, macs
-        w = cout * (cin // groups) * k * k
-        params += w + (cout if bias else 0)
-        macs += w * hw_out
-
-    def bn(c: int) -> None:
-        nonlocal params
-        params += 2 * c
-
-    def out_size(size: int, stride: int) -> int:
-        return math.ceil(size / stride)  # same as symmetric padding for odd kernels
-
-    h = out_size(res, 2)
-    conv(3, arch.stem_channels, 3, h * h)
-    bn(arch.stem_channels)
-    peak = 3 * res * res + arch.stem_channels * h * h
-    for b in arch.blocks:
-        hin = h
-        h = out_size(h, b.stride)
-        if b.block == "ir":
-            conv(b.in_channels, b.mid_channels, 1, hin * hin)
-            bn(b.mid_channels)
-            peak = max(peak, (b.in_channels + b.mid_channels) * hin * hin)
-        c = b.mid_channels
-        conv(c, c, b.kernel, h * h, groups=c)
-        bn(c)
-        peak = max(peak, c * hin * hin + c * h * h)
-        if b.se_channels:
-            conv(c, b.se_channels, 1, 1, bias=True)
-            conv(b.se_channels, c, 1, 1, bias=True)
-            macs += c * h * h  # the gating multiply
-        conv(c, b.out_channels, 1, h * h)
-        bn(b.out_channels)
-        peak = max(peak, (c + b.out_channels) * h * h)
-    conv(arch.blocks[-1].out_channels, arch.head_channels, 1, h * h)
-    bn(arch.head_channels)
-    if num_classes:
-        params += arch.head_channels * num_classes + num_classes
-        macs += arch.head_channels * num_classes
-    return ModelCost(params=params, macs=macs, peak_activation_elements=peak)
+    t = CostTally()
+    h = count_stem_and_blocks(t, arch.stem_channels, arch.blocks, int(resolution or v.resolution))
+    t.conv_bn(arch.blocks[-1].out_channels, arch.head_channels, 1, h * h)
+    t.classifier(arch.head_channels, num_classes)
+    return t.cost()

@@ -8,11 +8,17 @@ Every scaled channel count is derived with ``make_divisible``, never typed in. N
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from core.efficientnet_arch import BlockSpec, ModelCost, UnknownVariantError, make_divisible
+from core.efficientnet_arch import (
+    BlockSpec,
+    CostTally,
+    ModelCost,
+    UnknownVariantError,
+    count_stem_and_blocks,
+    make_divisible,
+)
 
 Size = Literal["large", "small"]
 Activation = Literal["RE", "HS"]  # the paper's ReLU and hard-swish
@@ -182,45 +188,14 @@ def count_cost(variant: str | VariantSpec, resolution: int | None = None, num_cl
     """Parameters, multiply-adds and peak activation size, computed from the architecture alone."""
     v = get_variant(variant)
     arch = scaled_arch(v)
-    res = int(resolution or v.resolution)
-    params = macs = 0
-
-    def conv(cin: int, cout: int, k: int, hw_out: int, groups: int = 1, bias: bool = False) -> None:
-        nonlocal params, macs
-        w = cout * (cin // groups) * k * k
-        params += w + (cout if bias else 0)
-        macs += w * hw_out
-
-    def conv_bn(cin: int, cout: int, k: int, hw_out: int, groups: int = 1) -> None:
-        nonlocal params
-        conv(cin, cout, k, hw_out, groups)
-        params += 2 * cout  # BN scale and shift
-
-    h = math.ceil(res / 2)  # symmetric padding of an odd kernel: ceil(size / stride)
-    conv_bn(3, arch.stem_channels, 3, h * h)
-    peak = 3 * res * res + arch.stem_channels * h * h
-    for b in arch.blocks:
-        hin, h = h, math.ceil(h / b.stride)
-        c = b.mid_channels
-        if b.block == "ir":
-            conv_bn(b.in_channels, c, 1, hin * hin)
-            peak = max(peak, (b.in_channels + c) * hin * hin)
-        conv_bn(c, c, b.kernel, h * h, groups=c)
-        peak = max(peak, c * hin * hin + c * h * h)
-        if b.se_channels:
-            conv(c, b.se_channels, 1, 1, bias=True)
-            conv(b.se_channels, c, 1, 1, bias=True)
-            macs += c * h * h  # the gating multiply
-        conv_bn(c, b.out_channels, 1, h * h)
-        peak = max(peak, (c + b.out_channels) * h * h)
-    conv_bn(arch.blocks[-1].out_channels, arch.last_channels, 1, h * h)
-    peak = max(peak, (arch.blocks[-1].out_channels + arch.last_channels) * h * h)
+    t = CostTally()
+    h = count_stem_and_blocks(t, arch.stem_channels, arch.blocks, int(resolution or v.resolution))
+    t.conv_bn(arch.blocks[-1].out_channels, arch.last_channels, 1, h * h)
+    t.live((arch.blocks[-1].out_channels + arch.last_channels) * h * h)
     # MobileNetV3's "efficient head": pool first, then a 1x1 conv with bias and no BN.
-    conv(arch.last_channels, arch.head_hidden, 1, 1, bias=True)
-    if num_classes:
-        params += arch.head_hidden * num_classes + num_classes
-        macs += arch.head_hidden * num_classes
-    return ModelCost(params=params, macs=macs, peak_activation_elements=peak)
+    t.conv(arch.last_channels, arch.head_hidden, 1, 1, bias=True)
+    t.classifier(arch.head_hidden, num_classes)
+    return t.cost()
 
 
 __all__ = [

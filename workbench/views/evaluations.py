@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from workbench.views.common import count, number, record, with_range
+from workbench.views.common import count, number, record, value_with_range, with_range
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,8 @@ class Interval:  # a 95 % range of one figure on the test split
     @property
     def text(self) -> str:
         """ "94.5 % (95 % range 89–97 %)"."""
-        return with_range({"value": self.value, "lo": self.lo, "hi": self.hi})
+        bounds = (self.lo, self.hi) if self.lo is not None and self.hi is not None else None
+        return value_with_range(self.value, bounds)
 
 
 def _interval(d: Any) -> Interval:
